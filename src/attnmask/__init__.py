@@ -1,0 +1,44 @@
+"""attnmask: describe an attention mask, see it, measure it, run attention with it.
+
+The pipeline::
+
+    parse(text) -> Mask -> Mask.compile(shape) -> BlockLayout -> attention / render / analyze
+
+    >>> import attnmask as am
+    >>> m = am.causal & (am.sliding(256) | am.sink(4))
+    >>> m == am.parse("causal & (sliding(256) | sink(4))")
+    True
+"""
+
+from __future__ import annotations
+
+from .errors import DenseTooLargeError, MaskError, MaskSyntaxError, MaskValueError
+from .language import parse
+from .layout import BlockLayout, clear_cache
+from .masks import (Mask, band, causal, chunked, cols, diagonal, dilated, document, from_mask_mod, full,
+                    none, prefix_lm, rows, sink, sliding, strided)
+
+__version__ = "0.1.0"
+
+SIGNATURE = "causal - (rows(36, 64, 8) - diagonal)"
+"""The mask of the picture the project started from (length 64)."""
+
+
+def __getattr__(name):
+    # Heavier parts load on first use, so `import attnmask` stays light.
+    if name == "attention":
+        from .engines import attention
+        return attention
+    if name == "render":
+        from .render import render
+        return render
+    if name in ("analyze", "AnalysisReport", "plot_analysis"):
+        from . import analysis
+        return getattr(analysis, name)
+    raise AttributeError(f"module 'attnmask' has no attribute {name!r}")
+
+
+__all__ = ["Mask", "BlockLayout", "MaskError", "MaskSyntaxError", "MaskValueError", "DenseTooLargeError",
+           "parse", "clear_cache", "from_mask_mod", "full", "none", "causal", "diagonal", "band", "sliding",
+           "sink", "prefix_lm", "chunked", "dilated", "strided", "document", "rows", "cols", "attention",
+           "render", "analyze", "plot_analysis", "SIGNATURE"]

@@ -1,0 +1,625 @@
+"""The structural compiler: a Mask and a shape -> exact tile states, in ~linear time.
+
+The grid of tiles is (query block ``qb``) x (key block ``c``). For every query
+block the compiler keeps a partition of the key-block axis into *pieces*
+``[c0, c1)`` with one state each: 0 empty, 1 partial, 2 full, 3 unknown. A
+partial or unknown piece also carries a *residual*: the simplest sub-expression
+that decides the piece (on a tile where ``a`` is full, ``a & b`` is just ``b``).
+All piece arrays are flat numpy vectors sorted by (qb, c0), so every step is a
+handful of vectorised passes over O(number of pieces), never over N^2 cells.
+
+How each kind of subtree is classified exactly:
+
+* ``q``/``k``/``d`` classes (any boolean combination of primitives that depend
+  only on q, only on k, or only on q - k) are evaluated once on a 1-D axis
+  (length Lq, Lk or Lq + Lk). A tile covers a contiguous range of that axis, so
+  prefix sums answer "any attended? all attended?" exactly. For ``d`` a tile's
+  diagonal window slides with ``c``; only runs of the 1-D array longer than a
+  window can hold a constant tile, which gives closed-form key-block ranges.
+* ``seg`` (``chunked``, ``document``): segment boundaries give, per query
+  block, the key range it can see and where that range is full, analytically.
+* operators combine piece lists by merging breakpoints; when both sides are
+  partial the result is *unknown* with the combined residual.
+* unknown pieces are resolved at the end: by the 1-D route when the residual is
+  a pure class, otherwise by evaluating the residual densely on just those
+  tiles (opaque ``mask_mod`` leaves and rare cross-class combinations).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .masks import (CLASS_CONST, CLASS_D, CLASS_K, CLASS_OPAQUE, CLASS_Q, CLASS_SEG, Complement,
+                    Difference, Intersection, Mask, Primitive, Union)
+
+EMPTY, PARTIAL, FULL, UNKNOWN = 0, 1, 2, 3
+_I64 = np.int64
+
+# Cells evaluated per batch when tiles must be checked densely.
+_DENSE_BATCH_CELLS = 1 << 22
+
+
+@dataclass
+class Grid:
+    """The shape being compiled: lengths, offset and block sizes."""
+
+    q_len: int
+    kv_len: int
+    q_offset: int
+    block_q: int
+    block_k: int
+
+    @property
+    def n_q_blocks(self) -> int:
+        return -(-self.q_len // self.block_q)
+
+    @property
+    def n_kv_blocks(self) -> int:
+        return -(-self.kv_len // self.block_k)
+
+    def q_bounds(self, qb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Positions [qs, qe) of query blocks ``qb``."""
+        r0 = qb * self.block_q
+        r1 = np.minimum(r0 + self.block_q, self.q_len)
+        return r0 + self.q_offset, r1 + self.q_offset
+
+    def k_bounds(self, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Key positions [ks, ke) of key blocks ``c``."""
+        ks = c * self.block_k
+        return ks, np.minimum(ks + self.block_k, self.kv_len)
+
+
+@dataclass
+class Pieces:
+    """Flat arrays, sorted by (qb, c0): piece i covers key blocks [c0, c1) of row qb."""
+
+    qb: np.ndarray
+    c0: np.ndarray
+    c1: np.ndarray
+    state: np.ndarray   # int8
+    res: np.ndarray     # int32 residual id (-1: none)
+
+    def __len__(self) -> int:
+        return len(self.qb)
+
+    def take(self, idx) -> "Pieces":
+        return Pieces(self.qb[idx], self.c0[idx], self.c1[idx], self.state[idx], self.res[idx])
+
+    @staticmethod
+    def concat(parts: list["Pieces"]) -> "Pieces":
+        return Pieces(*(np.concatenate([getattr(p, f) for p in parts])
+                        for f in ("qb", "c0", "c1", "state", "res")))
+
+
+class Residuals:
+    """Interning table: residual masks <-> small integer ids."""
+
+    def __init__(self):
+        self.masks: list[Mask] = []
+        self.ids: dict[Mask, int] = {}
+
+    def id(self, mask: Mask) -> int:
+        i = self.ids.get(mask)
+        if i is None:
+            i = len(self.masks)
+            self.masks.append(mask)
+            self.ids[mask] = i
+        return i
+
+
+def _sort_key(grid: Grid, qb: np.ndarray, c: np.ndarray) -> np.ndarray:
+    return qb.astype(_I64) * (grid.n_kv_blocks + 1) + c
+
+
+def _sorted(grid: Grid, p: Pieces) -> Pieces:
+    order = np.argsort(_sort_key(grid, p.qb, p.c0), kind="stable")
+    return p.take(order)
+
+
+def _coalesce(grid: Grid, p: Pieces) -> Pieces:
+    """Merge neighbouring pieces of the same row with equal state and residual."""
+    if len(p) <= 1:
+        return p
+    same = ((p.qb[1:] == p.qb[:-1]) & (p.c0[1:] == p.c1[:-1]) &
+            (p.state[1:] == p.state[:-1]) & (p.res[1:] == p.res[:-1]))
+    if not same.any():
+        return p
+    starts = np.flatnonzero(np.concatenate(([True], ~same)))
+    ends = np.concatenate((starts[1:], [len(p)])) - 1
+    return Pieces(p.qb[starts], p.c0[starts], p.c1[ends], p.state[starts], p.res[starts])
+
+
+def _assemble(grid: Grid, regions: Pieces, seg_region: np.ndarray, seg_c0: np.ndarray,
+              seg_c1: np.ndarray, seg_state: np.ndarray, seg_res: np.ndarray,
+              gap_state: int, gap_res: int) -> Pieces:
+    """Pieces covering each region: the given disjoint segments plus filled gaps.
+
+    ``seg_region`` indexes ``regions``; segments must lie inside their region.
+    """
+    keep = seg_c1 > seg_c0
+    seg_region, seg_c0, seg_c1 = seg_region[keep], seg_c0[keep], seg_c1[keep]
+    seg_state, seg_res = seg_state[keep], seg_res[keep]
+    order = np.lexsort((seg_c0, seg_region))
+    seg_region, seg_c0, seg_c1 = seg_region[order], seg_c0[order], seg_c1[order]
+    seg_state, seg_res = seg_state[order], seg_res[order]
+    n = len(seg_region)
+    # gap before each segment: from the previous segment's end (same region) or region start
+    prev_end = np.empty(n, dtype=_I64)
+    if n:
+        prev_end[0] = regions.c0[seg_region[0]]
+        same_region = seg_region[1:] == seg_region[:-1]
+        prev_end[1:] = np.where(same_region, seg_c1[:-1], regions.c0[seg_region[1:]])
+    # gap after the last segment of each region, and regions without segments
+    last_end = regions.c0.copy()
+    if n:
+        is_last = np.ones(n, dtype=bool)
+        is_last[:-1] = seg_region[1:] != seg_region[:-1]
+        last_end[seg_region[is_last]] = seg_c1[is_last]
+    gap_region = np.concatenate((seg_region, np.arange(len(regions))))
+    gap_c0 = np.concatenate((prev_end, last_end))
+    gap_c1 = np.concatenate((seg_c0, regions.c1))
+    gkeep = gap_c1 > gap_c0
+    m = int(gkeep.sum())
+    out_region = np.concatenate((seg_region, gap_region[gkeep]))
+    out = Pieces(
+        regions.qb[out_region],
+        np.concatenate((seg_c0, gap_c0[gkeep])),
+        np.concatenate((seg_c1, gap_c1[gkeep])),
+        np.concatenate((seg_state.astype(np.int8), np.full(m, gap_state, dtype=np.int8))),
+        np.concatenate((seg_res.astype(np.int32), np.full(m, gap_res, dtype=np.int32))),
+    )
+    return _coalesce(grid, _sorted(grid, out))
+
+
+def _states_from_counts(count: np.ndarray, total: np.ndarray) -> np.ndarray:
+    return np.where(count == 0, EMPTY, np.where(count == total, FULL, PARTIAL)).astype(np.int8)
+
+
+def _runs_1d(values: np.ndarray):
+    """Run-length encode a 1-D array: (starts, ends, values)."""
+    if len(values) == 0:
+        return np.zeros(0, _I64), np.zeros(0, _I64), values[:0]
+    change = np.flatnonzero(values[1:] != values[:-1]) + 1
+    starts = np.concatenate(([0], change)).astype(_I64)
+    ends = np.concatenate((change, [len(values)])).astype(_I64)
+    return starts, ends, values[starts]
+
+
+def _expand_pairs(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For ranges [lo_i, hi_i): (owner index i, value) for every value in every range."""
+    n = np.maximum(hi - lo, 0)
+    owner = np.repeat(np.arange(len(lo)), n)
+    if len(owner) == 0:
+        return owner.astype(_I64), np.zeros(0, _I64)
+    first = np.repeat(np.cumsum(n) - n, n)
+    return owner.astype(_I64), np.repeat(lo, n) + (np.arange(len(owner)) - first)
+
+
+# ---------------------------------------------------------------------------
+# 1-D evaluation of pure classes
+# ---------------------------------------------------------------------------
+
+class Axis1D:
+    """A pure q/k/d subtree evaluated on its 1-D axis, with prefix sums."""
+
+    def __init__(self, mask: Mask, cls: str, grid: Grid):
+        self.cls = cls
+        if cls == CLASS_Q:
+            self.lo = grid.q_offset
+            pos = torch.arange(grid.q_offset, grid.q_offset + grid.q_len, dtype=torch.int64)
+            vals = mask.evaluate(pos, torch.zeros(1, dtype=torch.int64))
+        elif cls == CLASS_K:
+            self.lo = 0
+            pos = torch.arange(grid.kv_len, dtype=torch.int64)
+            vals = mask.evaluate(torch.zeros(1, dtype=torch.int64), pos)
+        else:  # d = q - k
+            self.lo = grid.q_offset - grid.kv_len + 1
+            pos = torch.arange(self.lo, grid.q_offset + grid.q_len, dtype=torch.int64)
+            vals = mask.evaluate(pos, torch.zeros(1, dtype=torch.int64))
+        self.values = vals.numpy().astype(np.int8)
+        self.n = len(self.values)
+        self.csum = np.zeros(self.n + 1, dtype=_I64)
+        np.cumsum(self.values, out=self.csum[1:])
+        if cls == CLASS_D:
+            self.csum_d = np.zeros(self.n + 1, dtype=_I64)
+            np.cumsum(self.values * (np.arange(self.n, dtype=_I64) + self.lo), out=self.csum_d[1:])
+
+    def count(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Attended values at axis positions [a, b] (inclusive), clipped to the axis."""
+        i0 = np.clip(a - self.lo, 0, self.n)
+        i1 = np.clip(b + 1 - self.lo, 0, self.n)
+        return np.where(i1 > i0, self.csum[np.maximum(i1, i0)] - self.csum[i0], 0)
+
+    def _sum_d(self, a, b):
+        """sum of d over attended d in [a, b] (inclusive)."""
+        i0 = np.clip(a - self.lo, 0, self.n)
+        i1 = np.clip(b + 1 - self.lo, 0, self.n)
+        return np.where(i1 > i0, self.csum_d[np.maximum(i1, i0)] - self.csum_d[i0], 0)
+
+    def count_rect(self, qs, qe, ks, ke) -> np.ndarray:
+        """Exact attended cells in rectangles of positions [qs, qe) x [ks, ke)."""
+        h = qe - qs
+        w = ke - ks
+        if self.cls == CLASS_Q:
+            return self.count(qs, qe - 1) * w
+        if self.cls == CLASS_K:
+            return self.count(ks, ke - 1) * h
+        # Cells with q - k = d number m(d) = min(d - dlo + 1, dhi - d + 1, h, w):
+        # a trapezoid. Sum attended d weighted by m(d) in three linear pieces.
+        dlo = qs - (ke - 1)
+        dhi = (qe - 1) - ks
+        mn = np.minimum(h, w)
+        rise_end = dlo + mn - 2          # d in [dlo, rise_end]: m = d - dlo + 1 (< mn)
+        fall_start = dhi - mn + 2        # d in [fall_start, dhi]: m = dhi - d + 1 (< mn)
+        total = (self._sum_d(dlo, rise_end) - (dlo - 1) * self.count(dlo, rise_end))
+        total += mn * self.count(rise_end + 1, fall_start - 1)
+        total += (dhi + 1) * self.count(fall_start, dhi) - self._sum_d(fall_start, dhi)
+        return total
+
+
+# ---------------------------------------------------------------------------
+# classifiers: each takes regions (Pieces used as (qb, c0, c1)) and returns
+# pieces that partition exactly those regions
+# ---------------------------------------------------------------------------
+
+class Compiler:
+    def __init__(self, grid: Grid):
+        self.grid = grid
+        self.residuals = Residuals()
+        self._axis_cache: dict[Mask, Axis1D] = {}
+        self.dense_tiles = 0  # tiles that had to be evaluated cell by cell
+
+    def axis(self, mask: Mask, cls: str) -> Axis1D:
+        ax = self._axis_cache.get(mask)
+        if ax is None:
+            ax = self._axis_cache[mask] = Axis1D(mask, cls, self.grid)
+        return ax
+
+    # -- entry point --
+    def run(self, mask: Mask) -> Pieces:
+        g = self.grid
+        nqb = g.n_q_blocks
+        regions = Pieces(np.arange(nqb, dtype=_I64), np.zeros(nqb, _I64), np.full(nqb, g.n_kv_blocks, _I64),
+                         np.zeros(nqb, np.int8), np.full(nqb, -1, np.int32))
+        pieces = self.classify(mask, regions)
+        return self.resolve(pieces)
+
+    def classify(self, mask: Mask, regions: Pieces) -> Pieces:
+        cls = mask.structure_class()
+        if cls == CLASS_CONST:
+            full = bool(mask.evaluate(torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))[0])
+            return self._uniform(regions, FULL if full else EMPTY, -1)
+        if cls == CLASS_Q:
+            return self._classify_q(mask, regions)
+        if cls == CLASS_K:
+            return self._classify_k(mask, regions)
+        if cls == CLASS_D:
+            return self._classify_d(mask, regions)
+        if cls == CLASS_SEG and isinstance(mask, Primitive):
+            return self._classify_seg(mask, regions)
+        if cls == CLASS_OPAQUE:
+            return self._uniform(regions, UNKNOWN, self.residuals.id(mask))
+        if isinstance(mask, Primitive) and mask.name == "prefix_lm":
+            # k <= q or k < p: a d-class part and a k-class part.
+            from .masks import causal, sink
+            return self.classify(causal | sink(mask.args[0]), regions)
+        if isinstance(mask, Complement):
+            return self._complement(self.classify(mask.inner, regions))
+        if isinstance(mask, (Union, Intersection)):
+            op = "|" if isinstance(mask, Union) else "&"
+            out = self.classify(mask.parts[0], regions)
+            for part in mask.parts[1:]:
+                out = self._combine(op, out, self.classify(part, regions))
+            return out
+        if isinstance(mask, Difference):
+            return self._combine("-", self.classify(mask.left, regions), self.classify(mask.right, regions))
+        raise AssertionError(f"cannot classify {mask!r}")  # pragma: no cover
+
+    # -- leaves --
+    def _uniform(self, regions: Pieces, state: int, res: int) -> Pieces:
+        return Pieces(regions.qb, regions.c0, regions.c1, np.full(len(regions), state, np.int8),
+                      np.full(len(regions), res if state in (PARTIAL, UNKNOWN) else -1, np.int32))
+
+    def _classify_q(self, mask: Mask, regions: Pieces) -> Pieces:
+        ax = self.axis(mask, CLASS_Q)
+        qs, qe = self.grid.q_bounds(regions.qb)
+        state = _states_from_counts(ax.count(qs, qe - 1), qe - qs)
+        rid = self.residuals.id(mask)
+        return Pieces(regions.qb, regions.c0, regions.c1, state,
+                      np.where(state == PARTIAL, rid, -1).astype(np.int32))
+
+    def _classify_k(self, mask: Mask, regions: Pieces) -> Pieces:
+        g = self.grid
+        ax = self.axis(mask, CLASS_K)
+        c = np.arange(g.n_kv_blocks, dtype=_I64)
+        ks, ke = g.k_bounds(c)
+        col_state = _states_from_counts(ax.count(ks, ke - 1), ke - ks)
+        rs, re, rv = _runs_1d(col_state)
+        # runs overlapping each region
+        i0 = np.searchsorted(re, regions.c0, side="right")
+        i1 = np.searchsorted(rs, regions.c1, side="left")
+        owner, run = _expand_pairs(i0, i1)
+        c0 = np.maximum(rs[run], regions.c0[owner])
+        c1 = np.minimum(re[run], regions.c1[owner])
+        st = rv[run]
+        rid = self.residuals.id(mask)
+        return Pieces(regions.qb[owner], c0, c1, st, np.where(st == PARTIAL, rid, -1).astype(np.int32))
+
+    def _classify_d(self, mask: Mask, regions: Pieces) -> Pieces:
+        g = self.grid
+        ax = self.axis(mask, CLASS_D)
+        rid = self.residuals.id(mask)
+        bk = g.block_k
+        qs, qe = g.q_bounds(regions.qb)
+        n_full_k = g.kv_len // bk   # key blocks of full size; a shorter last one is checked apart
+        # Runs of the d-array (absolute d, inclusive ends) that can contain a tile's window.
+        rs, re, rv = _runs_1d(ax.values)
+        a_run = rs + ax.lo
+        b_run = re - 1 + ax.lo
+        min_window = int((qe - qs).min()) + bk - 1 if len(regions) else 0
+        long = (re - rs) >= min_window
+        a_run, b_run, rv = a_run[long], b_run[long], rv[long]
+        # Runs overlapping each region's d-range.
+        lo_c = regions.c0
+        hi_c = np.minimum(regions.c1, n_full_k)      # only full-size blocks here
+        d_min = qs - np.minimum(hi_c * bk, g.kv_len) + 1
+        d_max = qe - 1 - lo_c * bk
+        i0 = np.searchsorted(b_run, d_min, side="left")
+        i1 = np.searchsorted(a_run, d_max, side="right")
+        owner, run = _expand_pairs(i0, np.where(hi_c > lo_c, i1, i0))
+        # window of tile c is [qs - (c+1) bk + 1, qe - 1 - c bk]; inside run [A, B] iff
+        # ceil((qe - 1 - B) / bk) <= c <= floor((qs + 1 - A - bk) / bk)
+        o_qs, o_qe = qs[owner], qe[owner]
+        c_lo = -((-(o_qe - 1 - b_run[run])) // bk)
+        c_hi = (o_qs + 1 - a_run[run] - bk) // bk + 1
+        c_lo = np.maximum(c_lo, lo_c[owner])
+        c_hi = np.minimum(c_hi, hi_c[owner])
+        seg_state = np.where(rv[run] == 1, FULL, EMPTY).astype(np.int8)
+        seg_region, seg_c0, seg_c1 = owner, c_lo, c_hi
+        seg_res = np.full(len(owner), -1, np.int32)
+        # The shorter last key block: check its window directly.
+        if g.kv_len % bk:
+            last = g.n_kv_blocks - 1
+            has_last = (regions.c0 <= last) & (regions.c1 > last)
+            idx = np.flatnonzero(has_last)
+            ks = last * bk
+            cnt = ax.count(qs[idx] - (g.kv_len - 1), qe[idx] - 1 - ks)
+            width = (qe[idx] - 1 - ks) - (qs[idx] - (g.kv_len - 1)) + 1
+            st = _states_from_counts(cnt, width)
+            seg_region = np.concatenate((seg_region, idx))
+            seg_c0 = np.concatenate((seg_c0, np.full(len(idx), last, _I64)))
+            seg_c1 = np.concatenate((seg_c1, np.full(len(idx), last + 1, _I64)))
+            seg_state = np.concatenate((seg_state, st))
+            seg_res = np.concatenate((seg_res, np.where(st == PARTIAL, rid, -1).astype(np.int32)))
+        # Whatever no run covers sees both values: partial.
+        return _assemble(g, regions, seg_region, seg_c0, seg_c1, seg_state, seg_res, PARTIAL, rid)
+
+    def _segments(self, prim: Primitive):
+        """(segment_of(pos) -> ids, start(ids), end(ids), real-position range)."""
+        if prim.name == "chunked":
+            c = prim.args[0]
+            return (lambda x: x // c), (lambda s: s * c), (lambda s: (s + 1) * c), None
+        ends = np.cumsum(np.asarray(prim.args, dtype=_I64))
+        starts = ends - np.asarray(prim.args, dtype=_I64)
+        return ((lambda x: np.searchsorted(ends, x, side="right")), (lambda s: starts[s]),
+                (lambda s: ends[s]), (0, int(ends[-1])))
+
+    def _classify_seg(self, prim: Primitive, regions: Pieces) -> Pieces:
+        g = self.grid
+        bk = g.block_k
+        seg_of, seg_start, seg_end, real = self._segments(prim)
+        qs, qe = g.q_bounds(regions.qb)
+        if real is None:
+            rq0, rq1 = qs, qe
+        else:
+            rq0, rq1 = np.maximum(qs, real[0]), np.minimum(qe, real[1])
+        has_rows = rq1 > rq0
+        padded = (rq0 > qs) | (rq1 < qe)
+        safe0 = np.where(has_rows, rq0, 0 if real is None else real[0])
+        safe1 = np.where(has_rows, rq1 - 1, 0 if real is None else real[0])
+        sa, sb = seg_of(safe0), seg_of(safe1)
+        key_lo = np.clip(seg_start(sa), 0, g.kv_len)
+        key_hi = np.clip(seg_end(sb), 0, g.kv_len)
+        has_keys = has_rows & (key_hi > key_lo)
+        touch0 = key_lo // bk
+        touch1 = -(-key_hi // bk)
+        single = (sa == sb) & ~padded
+        full0 = -(-key_lo // bk)
+        full1 = np.where(key_hi == g.kv_len, g.n_kv_blocks, key_hi // bk)
+        full1 = np.maximum(full1, full0)
+        full0 = np.where(single, full0, touch1)
+        full1 = np.where(single, full1, touch1)
+        # three candidate segments per region: partial head, full middle, partial tail
+        r = np.arange(len(regions))
+        clip = lambda x: np.clip(x, regions.c0, regions.c1)  # noqa: E731
+        head = (clip(touch0), clip(np.minimum(full0, touch1)))
+        mid = (clip(full0), clip(full1))
+        tail = (clip(np.maximum(full1, touch0)), clip(touch1))
+        rid = self.residuals.id(prim)
+        seg_region = np.concatenate((r, r, r))
+        keep = np.concatenate((has_keys, has_keys, has_keys))
+        seg_c0 = np.concatenate((head[0], mid[0], tail[0]))
+        seg_c1 = np.concatenate((head[1], mid[1], tail[1]))
+        n = len(r)
+        seg_state = np.concatenate((np.full(n, PARTIAL), np.full(n, FULL), np.full(n, PARTIAL))).astype(np.int8)
+        seg_res = np.where(seg_state == PARTIAL, rid, -1).astype(np.int32)
+        return _assemble(g, regions, seg_region[keep], seg_c0[keep], seg_c1[keep], seg_state[keep],
+                         seg_res[keep], EMPTY, -1)
+
+    # -- operators --
+    def _complement(self, p: Pieces) -> Pieces:
+        state = p.state.copy()
+        state[p.state == EMPTY] = FULL
+        state[p.state == FULL] = EMPTY
+        res = p.res.copy()
+        for rid in np.unique(p.res[p.res >= 0]):
+            res[p.res == rid] = self.residuals.id(~self.residuals.masks[rid])
+        res[(state == EMPTY) | (state == FULL)] = -1
+        return Pieces(p.qb, p.c0, p.c1, state, res)
+
+    def _combine(self, op: str, a: Pieces, b: Pieces) -> Pieces:
+        g = self.grid
+        ka = _sort_key(g, a.qb, a.c0)
+        kb = _sort_key(g, b.qb, b.c0)
+        starts = np.union1d(ka, kb)
+        ia = np.searchsorted(ka, starts, side="right") - 1
+        ib = np.searchsorted(kb, starts, side="right") - 1
+        qb = a.qb[ia]
+        c0 = starts - qb * (g.n_kv_blocks + 1)
+        c1 = np.minimum(a.c1[ia], b.c1[ib])
+        sa, sb = a.state[ia], b.state[ib]
+        ra, rb = a.res[ia], b.res[ib]
+        E, P, F, U = EMPTY, PARTIAL, FULL, UNKNOWN
+        state = np.full(len(starts), U, np.int8)
+        res = np.full(len(starts), -1, np.int32)
+        # Where one side is constant the other side passes through (maybe negated);
+        # where both sides are undecided the result is unknown with a joint residual.
+        if op == "&":
+            state[(sa == E) | (sb == E)] = E
+            pass_b = (sa == F) & (sb != E)
+            pass_a = (sb == F) & (sa != E) & ~pass_b
+        elif op == "|":
+            state[(sa == F) | (sb == F)] = F
+            pass_b = (sa == E) & (sb != F)
+            pass_a = (sb == E) & (sa != F) & ~pass_b
+        else:  # a - b
+            state[(sa == E) | (sb == F)] = E
+            pass_a = (sb == E) & (sa != E)
+            pass_b = np.zeros_like(pass_a)
+            negate_b = (sa == F) & (sb != F) & (sb != E)
+            state[(sa == F) & (sb == E)] = F
+        state[pass_a] = sa[pass_a]
+        res[pass_a] = ra[pass_a]
+        state[pass_b] = sb[pass_b]
+        res[pass_b] = rb[pass_b]
+        if op == "-":
+            state[negate_b] = sb[negate_b]
+            for rid in np.unique(rb[negate_b]):
+                sel = negate_b & (rb == rid)
+                res[sel] = self.residuals.id(~self.residuals.masks[rid])
+        both = (state == U) & (res == -1)
+        if both.any():
+            pairs = np.stack((ra[both], rb[both]), axis=1)
+            uniq, inverse = np.unique(pairs, axis=0, return_inverse=True)
+            joint = np.empty(len(uniq), np.int32)
+            for i, (x, y) in enumerate(uniq):
+                ma, mb = self.residuals.masks[x], self.residuals.masks[y]
+                joint[i] = self.residuals.id(ma & mb if op == "&" else ma | mb if op == "|" else ma - mb)
+            res[both] = joint[inverse.reshape(-1)]
+        return _coalesce(g, Pieces(qb, c0, c1, state, res))
+
+    # -- resolution of unknown pieces --
+    def resolve(self, p: Pieces) -> Pieces:
+        unknown = p.state == UNKNOWN
+        if not unknown.any():
+            return p
+        keep = p.take(~unknown)
+        parts = [keep]
+        u = p.take(unknown)
+        for rid in np.unique(u.res):
+            sel = u.take(u.res == rid)
+            residual = self.residuals.masks[rid]
+            cls = residual.structure_class()
+            if cls in (CLASS_Q, CLASS_K, CLASS_D) or (cls == CLASS_SEG and isinstance(residual, Primitive)):
+                parts.append(self.classify(residual, Pieces(sel.qb, sel.c0, sel.c1, sel.state, sel.res)))
+            else:
+                parts.append(self._resolve_dense(residual, rid, sel))
+        return _coalesce(self.grid, _sorted(self.grid, Pieces.concat(parts)))
+
+    def _resolve_dense(self, residual: Mask, rid: int, sel: Pieces) -> Pieces:
+        g = self.grid
+        owner, c = _expand_pairs(sel.c0, sel.c1)
+        qb = sel.qb[owner]
+        counts = tile_counts_dense(residual, g, qb, c)
+        self.dense_tiles += len(c)
+        qs, qe = g.q_bounds(qb)
+        ks, ke = g.k_bounds(c)
+        state = _states_from_counts(counts, (qe - qs) * (ke - ks))
+        return Pieces(qb, c, c + 1, state, np.where(state == PARTIAL, rid, -1).astype(np.int32))
+
+
+def tile_counts_dense(mask: Mask, grid: Grid, qb: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Attended cells of tiles (qb[i], c[i]) by evaluating every cell, in bounded batches."""
+    out = np.zeros(len(c), dtype=_I64)
+    if len(c) == 0:
+        return out
+    bq, bk = grid.block_q, grid.block_k
+    per_batch = max(1, _DENSE_BATCH_CELLS // (bq * bk))
+    ar_q = torch.arange(bq, dtype=torch.int64)
+    ar_k = torch.arange(bk, dtype=torch.int64)
+    for i in range(0, len(c), per_batch):
+        tq = torch.from_numpy(qb[i:i + per_batch])
+        tc = torch.from_numpy(c[i:i + per_batch])
+        rows = tq[:, None] * bq + ar_q[None, :]                     # [T, bq] row index
+        keys = tc[:, None] * bk + ar_k[None, :]                     # [T, bk] key index
+        valid = (rows < grid.q_len)[:, :, None] & (keys < grid.kv_len)[:, None, :]
+        m = mask.evaluate((rows + grid.q_offset)[:, :, None], keys[:, None, :]) & valid
+        out[i:i + per_batch] = m.sum(dim=(1, 2)).numpy()
+    return out
+
+
+def count_pieces(compiler: Compiler, p: Pieces) -> np.ndarray:
+    """Exact attended cells of every piece (full: its area; partial: via its residual)."""
+    g = compiler.grid
+    qs, qe = g.q_bounds(p.qb)
+    ks = p.c0 * g.block_k
+    ke = np.minimum(p.c1 * g.block_k, g.kv_len)
+    out = np.where(p.state == FULL, (qe - qs) * (ke - ks), 0).astype(_I64)
+    partial = p.state == PARTIAL
+    for rid in np.unique(p.res[partial]):
+        sel = np.flatnonzero(partial & (p.res == rid))
+        out[sel] = count_rects(compiler, compiler.residuals.masks[rid], qs[sel], qe[sel], ks[sel], ke[sel],
+                               p.take(sel))
+    return out
+
+
+def count_rects(compiler: Compiler, mask: Mask, qs, qe, ks, ke, pieces: Pieces) -> np.ndarray:
+    """Attended cells of mask in rectangles [qs, qe) x [ks, ke) (positions)."""
+    cls = mask.structure_class()
+    area = (qe - qs) * (ke - ks)
+    if cls in (CLASS_Q, CLASS_K, CLASS_D):
+        return compiler.axis(mask, cls).count_rect(qs, qe, ks, ke)
+    if cls == CLASS_CONST:
+        full = bool(mask.evaluate(torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))[0])
+        return area if full else np.zeros_like(area)
+    if isinstance(mask, Complement):
+        return area - count_rects(compiler, mask.inner, qs, qe, ks, ke, pieces)
+    if cls == CLASS_SEG and isinstance(mask, Primitive):
+        return _count_seg(compiler, mask, qs, qe, ks, ke)
+    # Anything else: cell by cell over the pieces' tiles.
+    g = compiler.grid
+    owner, c = _expand_pairs(pieces.c0, pieces.c1)
+    per_tile = tile_counts_dense(mask, g, pieces.qb[owner], c)
+    return np.bincount(owner, weights=per_tile, minlength=len(pieces)).astype(_I64)
+
+
+def _count_seg(compiler: Compiler, prim: Primitive, qs, qe, ks, ke) -> np.ndarray:
+    seg_of, seg_start, seg_end, real = compiler._segments(prim)
+    if real is not None:
+        qs, qe = np.maximum(qs, real[0]), np.minimum(qe, real[1])
+        ks, ke = np.maximum(ks, real[0]), np.minimum(ke, real[1])
+    ok = (qe > qs) & (ke > ks)
+    qs, qe = np.where(ok, qs, 0), np.where(ok, qe, 1)
+    ks, ke = np.where(ok, ks, 0), np.where(ok, ke, 1)
+    s_lo = np.maximum(seg_of(qs), seg_of(ks))
+    s_hi = np.minimum(seg_of(qe - 1), seg_of(ke - 1))
+    ok &= s_hi >= s_lo
+
+    def overlap(s, a, b):
+        return np.maximum(np.minimum(b, seg_end(s)) - np.maximum(a, seg_start(s)), 0)
+
+    lo_safe = np.where(ok, s_lo, seg_of(qs))
+    hi_safe = np.where(ok, s_hi, seg_of(qs))
+    total = overlap(lo_safe, qs, qe) * overlap(lo_safe, ks, ke)
+    total += np.where(hi_safe > lo_safe, overlap(hi_safe, qs, qe) * overlap(hi_safe, ks, ke), 0)
+    inner = np.maximum(hi_safe - lo_safe - 1, 0)
+    if prim.name == "chunked":
+        total += inner * prim.args[0] ** 2
+    else:
+        lens = np.asarray(prim.args, dtype=_I64)
+        sq = np.concatenate(([0], np.cumsum(lens * lens)))
+        total += np.where(inner > 0, sq[np.minimum(hi_safe, len(lens))] - sq[np.minimum(lo_safe + 1, len(lens))], 0)
+    return np.where(ok, total, 0)

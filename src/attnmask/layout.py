@@ -1,0 +1,339 @@
+"""BlockLayout: the exact, compact tile map that engines, renderers and analysis consume.
+
+See :class:`BlockLayout` for the fields and how to rebuild the dense mask from them.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import OrderedDict
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .compiler import EMPTY, FULL, PARTIAL, Compiler, Grid, Pieces, count_pieces, tile_counts_dense
+from .errors import DenseTooLargeError, MaskValueError
+from .masks import DEFAULT_DENSE_LIMIT, Mask, make_mask_mod, resolve_shape
+
+_CACHE_SIZE = 64
+_cache: "OrderedDict[tuple, BlockLayout]" = OrderedDict()
+
+
+def _block_pair(block_size) -> tuple[int, int]:
+    if isinstance(block_size, (tuple, list)):
+        if len(block_size) != 2:
+            raise MaskValueError(f"block_size must be an int or a (query, key) pair, got {block_size!r}")
+        pair = tuple(block_size)
+    else:
+        pair = (block_size, block_size)
+    out = []
+    for b in pair:
+        if isinstance(b, bool) or not hasattr(b, "__index__"):
+            raise MaskValueError(f"block_size must be whole numbers, got {block_size!r}")
+        b = operator.index(b)
+        if b < 1:
+            raise MaskValueError(f"block_size must be >= 1, got {b}")
+        out.append(b)
+    return out[0], out[1]
+
+
+def compile_layout(mask: Mask, q_len: int, kv_len: int | None = None, *, block_size=128,
+                   q_offset: int | None = None) -> "BlockLayout":
+    """Compile ``mask`` for a shape; results are cached by (mask, shape, blocks)."""
+    if not isinstance(mask, Mask):
+        raise MaskValueError(f"compile needs a Mask, got {type(mask).__name__}")
+    q_len, kv_len, q_offset = resolve_shape(q_len, kv_len, q_offset)
+    bq, bk = _block_pair(block_size)
+    key = (mask, q_len, kv_len, q_offset, bq, bk)
+    hit = _cache.get(key)
+    if hit is not None:
+        _cache.move_to_end(key)
+        return hit
+    grid = Grid(q_len, kv_len, q_offset, bq, bk)
+    compiler = Compiler(grid)
+    pieces = compiler.run(mask)
+    layout = BlockLayout(mask, grid, compiler, pieces)
+    _cache[key] = layout
+    if len(_cache) > _CACHE_SIZE:
+        _cache.popitem(last=False)
+    return layout
+
+
+def clear_cache() -> None:
+    """Forget every cached layout (benchmarks call this to time first compiles)."""
+    _cache.clear()
+
+
+class BlockLayout:
+    """The exact tile map of a mask at one shape, stored as runs of key blocks.
+
+    The score matrix ``[q_len, kv_len]`` is cut into tiles of ``block_q`` query
+    rows by ``block_k`` keys; the last row of tiles and the last column may be
+    shorter and count only positions that exist. Each tile is *empty* (no pair
+    attended), *full* (every pair attended) or *partial* (some of each). Only
+    non-empty tiles are stored, as maximal runs of consecutive key blocks with
+    the same state, per query block, in CSR form:
+
+    ``run_ptr``   int64 ``[n_q_blocks + 1]``: runs of query block ``i`` are
+                  ``run_ptr[i]:run_ptr[i + 1]`` (sorted by key block).
+    ``run_start`` int64 ``[n_runs]``: first key block of the run.
+    ``run_end``   int64 ``[n_runs]``: one past its last key block.
+    ``run_state`` int8  ``[n_runs]``: 1 partial, 2 full.
+
+    Memory is O(runs): a causal mask has two runs per query block, whatever the
+    length. To rebuild the dense mask: start from all False; for each run,
+    set its rectangle of rows ``[i * block_q, (i + 1) * block_q)`` x keys
+    ``[run_start * block_k, run_end * block_k)`` (clipped to the lengths) to
+    True if full, or to ``mask.evaluate`` of those positions if partial
+    (query row r is position ``q_offset + r``). :meth:`to_dense` does exactly this.
+
+        >>> import attnmask as am
+        >>> lay = (am.causal & am.sliding(256)).compile(1024, block_size=128)
+        >>> lay.runs(3)
+        [(1, 2, 'partial'), (2, 3, 'full'), (3, 4, 'partial')]
+        >>> lay.attended_pairs() == int(am.sliding(256).to_dense(1024).sum())
+        True
+    """
+
+    def __init__(self, mask: Mask, grid: Grid, compiler: Compiler, pieces: Pieces):
+        self.mask = mask
+        self._grid = grid
+        self._compiler = compiler
+        self._pieces = pieces      # every piece, exact states, residuals for counting
+        nz = pieces.state != EMPTY
+        runs = Pieces(pieces.qb[nz], pieces.c0[nz], pieces.c1[nz], pieces.state[nz],
+                      np.zeros(int(nz.sum()), np.int32))
+        # Runs merge neighbours of equal state even if their residuals differ.
+        from .compiler import _coalesce
+        runs = _coalesce(grid, runs)
+        self.run_start = torch.from_numpy(runs.c0.astype(np.int64))
+        self.run_end = torch.from_numpy(runs.c1.astype(np.int64))
+        self.run_state = torch.from_numpy(runs.state.astype(np.int8))
+        ptr = np.zeros(grid.n_q_blocks + 1, dtype=np.int64)
+        np.cumsum(np.bincount(runs.qb, minlength=grid.n_q_blocks), out=ptr[1:])
+        self.run_ptr = torch.from_numpy(ptr)
+        self._run_qb = runs.qb
+        self._pairs: int | None = None
+
+    # -- shape --
+    @property
+    def q_len(self) -> int:
+        return self._grid.q_len
+
+    @property
+    def kv_len(self) -> int:
+        return self._grid.kv_len
+
+    @property
+    def q_offset(self) -> int:
+        return self._grid.q_offset
+
+    @property
+    def block_q(self) -> int:
+        return self._grid.block_q
+
+    @property
+    def block_k(self) -> int:
+        return self._grid.block_k
+
+    @property
+    def block_size(self) -> tuple[int, int]:
+        return (self._grid.block_q, self._grid.block_k)
+
+    @property
+    def n_q_blocks(self) -> int:
+        return self._grid.n_q_blocks
+
+    @property
+    def n_kv_blocks(self) -> int:
+        return self._grid.n_kv_blocks
+
+    @property
+    def n_runs(self) -> int:
+        return len(self.run_start)
+
+    @property
+    def dense_tiles_evaluated(self) -> int:
+        """Tiles the compiler had to check cell by cell (opaque or cross-class residuals)."""
+        return self._compiler.dense_tiles
+
+    def __repr__(self) -> str:
+        c = self.counts()
+        return (f"BlockLayout({str(self.mask)!r}, q_len={self.q_len}, kv_len={self.kv_len}, "
+                f"q_offset={self.q_offset}, block_size={self.block_size}, full={c['full']}, "
+                f"partial={c['partial']}, empty={c['empty']})")
+
+    # -- counts --
+    def counts(self) -> dict[str, int]:
+        """Number of empty, partial and full tiles."""
+        length = (self.run_end - self.run_start).numpy()
+        state = self.run_state.numpy()
+        full = int(length[state == FULL].sum())
+        partial = int(length[state == PARTIAL].sum())
+        return {"empty": self.n_q_blocks * self.n_kv_blocks - full - partial, "partial": partial, "full": full}
+
+    @property
+    def blocks_full(self) -> int:
+        return self.counts()["full"]
+
+    @property
+    def blocks_partial(self) -> int:
+        return self.counts()["partial"]
+
+    @property
+    def blocks_empty(self) -> int:
+        return self.counts()["empty"]
+
+    def attended_pairs(self) -> int:
+        """Exact number of attended (query, key) pairs, from structure (no dense matrix)."""
+        if self._pairs is None:
+            self._pairs = int(count_pieces(self._compiler, self._pieces).sum())
+        return self._pairs
+
+    @property
+    def density(self) -> float:
+        """attended pairs / (q_len * kv_len)."""
+        return self.attended_pairs() / (self.q_len * self.kv_len)
+
+    # -- iteration for engines --
+    def runs(self, q_block: int) -> list[tuple[int, int, str]]:
+        """Runs of query block ``q_block`` as (first key block, end key block, state)."""
+        a, b = int(self.run_ptr[q_block]), int(self.run_ptr[q_block + 1])
+        names = {PARTIAL: "partial", FULL: "full"}
+        return [(int(s), int(e), names[int(t)]) for s, e, t in
+                zip(self.run_start[a:b], self.run_end[a:b], self.run_state[a:b])]
+
+    def iter_runs(self) -> Iterator[tuple[int, int, int, int]]:
+        """Every run as (q_block, first key block, end key block, state)."""
+        qb, s, e, t = self._run_qb, self.run_start.numpy(), self.run_end.numpy(), self.run_state.numpy()
+        for i in range(len(s)):
+            yield int(qb[i]), int(s[i]), int(e[i]), int(t[i])
+
+    def run_q_blocks(self) -> torch.Tensor:
+        """int64 [n_runs]: the query block of each run."""
+        return torch.from_numpy(self._run_qb.astype(np.int64))
+
+    def tiles(self, state: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q_block, key_block) int64 vectors of every non-empty tile, or of one state.
+
+        Materialises one entry per tile: O(non-empty tiles).
+        """
+        from .compiler import _expand_pairs
+        sel = np.ones(self.n_runs, bool) if state is None else (self.run_state.numpy() == state)
+        owner, c = _expand_pairs(self.run_start.numpy()[sel], self.run_end.numpy()[sel])
+        return torch.from_numpy(self._run_qb[sel][owner].astype(np.int64)), torch.from_numpy(c)
+
+    def tile_masks(self, q_blocks: torch.Tensor, kv_blocks: torch.Tensor) -> torch.Tensor:
+        """bool ``[T, block_q, block_k]``: the mask on tiles (q_blocks[i], kv_blocks[i]).
+
+        Rows or keys past the lengths (in short last blocks) are False.
+        """
+        q_blocks = torch.as_tensor(q_blocks, dtype=torch.int64)
+        kv_blocks = torch.as_tensor(kv_blocks, dtype=torch.int64)
+        bq, bk = self.block_size
+        rows = q_blocks[:, None] * bq + torch.arange(bq)[None, :]
+        keys = kv_blocks[:, None] * bk + torch.arange(bk)[None, :]
+        valid = (rows < self.q_len)[:, :, None] & (keys < self.kv_len)[:, None, :]
+        return self.mask.evaluate((rows + self.q_offset)[:, :, None], keys[:, None, :]) & valid
+
+    def tile_counts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(q_block, key_block, attended cells) for every non-empty tile, exactly.
+
+        Used for block-level pictures: cell value = count / tile area.
+        """
+        from .compiler import _expand_pairs
+        p = self._pieces.take(self._pieces.state != EMPTY)
+        owner, c = _expand_pairs(p.c0, p.c1)
+        tiles = Pieces(p.qb[owner], c, c + 1, p.state[owner], p.res[owner])
+        counts = count_pieces(self._compiler, tiles)
+        return torch.from_numpy(tiles.qb.astype(np.int64)), torch.from_numpy(c), torch.from_numpy(counts)
+
+    # -- dense views (guarded) --
+    def block_states(self, *, limit: int = DEFAULT_DENSE_LIMIT) -> torch.Tensor:
+        """int8 ``[n_q_blocks, n_kv_blocks]``: 0 empty, 1 partial, 2 full (for inspection)."""
+        cells = self.n_q_blocks * self.n_kv_blocks
+        if cells > limit:
+            raise DenseTooLargeError(
+                f"block_states() would be {self.n_q_blocks} x {self.n_kv_blocks} = {cells:,} cells, over the "
+                f"limit of {limit:,}; iterate runs with layout.runs(i) / layout.iter_runs(), or use a "
+                f"larger block_size")
+        out = torch.zeros((self.n_q_blocks, self.n_kv_blocks), dtype=torch.int8)
+        for qb, s, e, t in self.iter_runs():
+            out[qb, s:e] = t
+        return out
+
+    def to_dense(self, *, limit: int = DEFAULT_DENSE_LIMIT) -> torch.Tensor:
+        """The exact bool ``[q_len, kv_len]`` matrix rebuilt from the runs (guarded like Mask.to_dense)."""
+        cells = self.q_len * self.kv_len
+        if cells > limit:
+            raise DenseTooLargeError(
+                f"a dense {self.q_len} x {self.kv_len} mask has {cells:,} cells, over the limit of {limit:,}; "
+                f"use the layout's runs, or attnmask.analyze(...) for exact figures")
+        bq, bk = self.block_size
+        out = torch.zeros((self.q_len, self.kv_len), dtype=torch.bool)
+        for qb, s, e, t in self.iter_runs():
+            r0, r1 = qb * bq, min((qb + 1) * bq, self.q_len)
+            k0, k1 = s * bk, min(e * bk, self.kv_len)
+            if t == FULL:
+                out[r0:r1, k0:k1] = True
+            else:
+                q = torch.arange(r0, r1, dtype=torch.int64)[:, None] + self.q_offset
+                k = torch.arange(k0, k1, dtype=torch.int64)[None, :]
+                out[r0:r1, k0:k1] = self.mask.evaluate(q, k)
+        return out
+
+    # -- FlexAttention --
+    def to_flex_block_mask(self, batch: int | None = None, heads: int | None = None, device=None):
+        """A torch ``BlockMask`` for ``flex_attention``, built from the runs (no ``create_block_mask``).
+
+        Full and partial tiles are passed separately, so FlexAttention skips
+        ``mask_mod`` on full tiles; ``mask_mod`` carries the layout's q_offset.
+        FlexAttention's own format is dense per query block: ``kv_indices`` is
+        ``[1, 1, n_q_blocks, n_kv_blocks]`` int32, i.e. (N / block)^2 entries.
+        Requires ``block_q == block_k`` as FlexAttention does on CPU.
+
+            >>> import attnmask as am
+            >>> bm = am.causal.compile(256, block_size=128).to_flex_block_mask()
+            >>> bm.shape[-2:]
+            (256, 256)
+        """
+        from torch.nn.attention.flex_attention import BlockMask
+        nqb, nkb = self.n_q_blocks, self.n_kv_blocks
+        cells = nqb * nkb
+        if cells > DEFAULT_DENSE_LIMIT // 4:
+            raise DenseTooLargeError(f"FlexAttention's BlockMask needs {cells:,} index entries here; use a larger block_size")
+        qb = self._run_qb
+        s, e, t = self.run_start.numpy(), self.run_end.numpy(), self.run_state.numpy()
+        kv_num = np.zeros(nqb, np.int32)
+        full_num = np.zeros(nqb, np.int32)
+        kv_idx = np.zeros((nqb, max(nkb, 1)), np.int32)
+        full_idx = np.zeros((nqb, max(nkb, 1)), np.int32)
+        from .compiler import _expand_pairs
+        for state, num, idx in ((PARTIAL, kv_num, kv_idx), (FULL, full_num, full_idx)):
+            sel = t == state
+            owner, c = _expand_pairs(s[sel], e[sel])
+            rows = qb[sel][owner]
+            # position of each tile within its row's list
+            if len(rows):
+                order = np.arange(len(rows))
+                first = np.searchsorted(rows, rows, side="left")
+                slot = order - first
+                idx[rows, slot] = c
+                np.add.at(num, rows, 1)
+        dev = torch.device("cpu") if device is None else torch.device(device)
+        as_t = lambda x: torch.from_numpy(x).to(dev)[None, None]  # noqa: E731
+        return BlockMask.from_kv_blocks(
+            as_t(kv_num), as_t(kv_idx), as_t(full_num), as_t(full_idx),
+            BLOCK_SIZE=self.block_size, mask_mod=make_mask_mod(self.mask, self.q_offset),
+            seq_lengths=(self.q_len, self.kv_len))
+
+    def _check_lengths(self, q_len: int, kv_len: int) -> None:
+        if (q_len, kv_len) != (self.q_len, self.kv_len):
+            raise MaskValueError(
+                f"layout was compiled for q_len={self.q_len}, kv_len={self.kv_len} but the inputs have "
+                f"q_len={q_len}, kv_len={kv_len}; recompile with mask.compile({q_len}, {kv_len}, "
+                f"block_size={self.block_size})")
+
+
+__all__ = ["BlockLayout", "compile_layout", "clear_cache", "tile_counts_dense"]

@@ -1,0 +1,673 @@
+"""Masks as immutable values: primitives, operators and their exact meaning.
+
+A :class:`Mask` is a small expression tree. Leaves are the primitives of the
+language (``causal``, ``sliding(w)``, ...) or an opaque FlexAttention
+``mask_mod``; inner nodes are ``|``, ``&``, ``-`` and ``~``. Trees are frozen
+dataclasses, so equality and hashing are structural and masks can key caches.
+
+The single source of truth for semantics is :meth:`Mask.evaluate`: given
+broadcastable int64 tensors of query positions ``q`` and key positions ``k`` it
+returns where q attends to k. ``to_dense``, ``mask_mod`` and the compiler's 1-D
+evaluations all go through it. The compiler additionally needs to know the
+*structure class* of each subtree (does it depend on q only, k only, q - k only,
+...), which each primitive declares.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+
+from .errors import DenseTooLargeError, MaskValueError
+
+#: Largest parameter or length the library accepts. Positions are int64, and
+#: products such as ``w * d`` must not overflow.
+MAX_PARAM = 2**31 - 1
+
+#: Largest nesting depth of an expression. Deeper trees are refused so that no
+#: recursive walk (printing, hashing, compiling) can hit Python's stack limit.
+MAX_DEPTH = 200
+
+#: Default cap on the number of cells a dense result may have.
+DEFAULT_DENSE_LIMIT = 2**30
+
+# Structure classes used by the compiler (see compiler.py):
+#   "const": does not depend on q or k        "q": depends on q only
+#   "k": depends on k only                    "d": depends on q - k only
+#   "seg": same-segment predicate             "opaque": user mask_mod
+#   "mixed": anything else (combinations across classes)
+CLASS_CONST, CLASS_Q, CLASS_K, CLASS_D, CLASS_SEG, CLASS_OPAQUE, CLASS_MIXED = (
+    "const", "q", "k", "d", "seg", "opaque", "mixed")
+
+# Precedence levels for printing, loosest first, as Python binds them.
+_PREC_OR, _PREC_AND, _PREC_SUB, _PREC_NOT, _PREC_ATOM = 1, 2, 3, 4, 5
+
+
+class Mask:
+    """An attention mask: an immutable, hashable expression of the language.
+
+    Build masks from the primitives and operators; ``str()`` gives canonical
+    text that :func:`attnmask.parse` reads back to an equal mask::
+
+        >>> import attnmask as am
+        >>> m = am.causal & (am.sliding(256) | am.sink(4))
+        >>> str(m)
+        'causal & (sliding(256) | sink(4))'
+        >>> am.parse(str(m)) == m
+        True
+        >>> am.causal.to_dense(3).int().tolist()
+        [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    """
+
+    __slots__ = ()
+    depth: int
+
+    # ----- operators -------------------------------------------------------
+    def __or__(self, other: "Mask") -> "Mask":
+        return Union.of(self, _as_mask(other, "|"))
+
+    def __and__(self, other: "Mask") -> "Mask":
+        return Intersection.of(self, _as_mask(other, "&"))
+
+    def __sub__(self, other: "Mask") -> "Mask":
+        return Difference(self, _as_mask(other, "-"))
+
+    def __invert__(self) -> "Mask":
+        return Complement(self)
+
+    # ----- text ------------------------------------------------------------
+    def _prec(self) -> int:
+        raise NotImplementedError
+
+    def _text(self) -> str:
+        raise NotImplementedError
+
+    def __str__(self) -> str:
+        return self._text()
+
+    def __repr__(self) -> str:
+        return f"Mask({self._text()!r})"
+
+    # ----- semantics -------------------------------------------------------
+    def evaluate(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Where query position ``q`` attends key position ``k``.
+
+        ``q`` and ``k`` are broadcastable int64 tensors of *positions*; the
+        result is a bool tensor of (at least) their broadcast shape.
+
+            >>> import torch, attnmask as am
+            >>> am.sliding(2).evaluate(torch.tensor([3]), torch.arange(5)).tolist()
+            [False, False, True, True, False]
+        """
+        out = self._eval(q, k)
+        shape = torch.broadcast_shapes(q.shape, k.shape, out.shape)
+        return out.expand(shape)
+
+    def _eval(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def structure_class(self) -> str:
+        """The compiler's structure class of this subtree (see module doc)."""
+        raise NotImplementedError
+
+    def children(self) -> tuple["Mask", ...]:
+        return ()
+
+    @property
+    def mask_mod(self) -> Callable:
+        """A FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``.
+
+        Made only of tensor operations, so ``create_block_mask`` and
+        ``torch.compile`` can trace it. ``q_idx`` is taken as the query
+        *position* (q_offset 0); ``BlockLayout.to_flex_block_mask`` attaches a
+        mask_mod with the layout's q_offset built in.
+
+            >>> import torch, attnmask as am
+            >>> am.causal.mask_mod(0, 0, torch.tensor(2), torch.tensor(3))
+            tensor(False)
+        """
+        return make_mask_mod(self, 0)
+
+    def to_dense(self, q_len: int, kv_len: int | None = None, *, q_offset: int | None = None,
+                 limit: int = DEFAULT_DENSE_LIMIT) -> torch.Tensor:
+        """The exact mask as ``torch.bool [q_len, kv_len]``.
+
+        Query row ``i`` is position ``q_offset + i`` (default
+        ``kv_len - q_len``); key column ``j`` is position ``j``. Built in
+        bounded row tiles, so peak memory is the result plus a few MB. Results
+        with more than ``limit`` cells (default 2**30) are refused: use
+        ``compile()`` for a block layout or ``attnmask.analyze()`` for figures.
+
+            >>> import attnmask as am
+            >>> am.sliding(2).to_dense(2, 4).int().tolist()   # q_offset = 2
+            [[0, 1, 1, 0], [0, 0, 1, 1]]
+        """
+        q_len, kv_len, q_offset = resolve_shape(q_len, kv_len, q_offset)
+        cells = q_len * kv_len
+        if cells > limit:
+            raise DenseTooLargeError(
+                f"a dense {q_len} x {kv_len} mask has {cells:,} cells, over the limit of {limit:,}; "
+                f"use mask.compile(...) for a block layout or attnmask.analyze(...) for exact figures "
+                f"(or pass limit= to allow it)")
+        out = torch.empty((q_len, kv_len), dtype=torch.bool)
+        k = torch.arange(kv_len, dtype=torch.int64)[None, :]
+        rows_per_tile = max(1, (1 << 21) // max(kv_len, 1))
+        for r0 in range(0, q_len, rows_per_tile):
+            r1 = min(q_len, r0 + rows_per_tile)
+            q = torch.arange(q_offset + r0, q_offset + r1, dtype=torch.int64)[:, None]
+            out[r0:r1] = self.evaluate(q, k)
+        return out
+
+    def compile(self, q_len: int, kv_len: int | None = None, *, block_size: int | tuple[int, int] = 128,
+                q_offset: int | None = None):
+        """Compile to an exact :class:`attnmask.BlockLayout` (cached).
+
+            >>> import attnmask as am
+            >>> layout = am.causal.compile(1000, block_size=128)
+            >>> layout.counts()
+            {'empty': 28, 'partial': 8, 'full': 28}
+        """
+        from .layout import compile_layout
+        return compile_layout(self, q_len, kv_len, block_size=block_size, q_offset=q_offset)
+
+    def _repr_png_(self):  # Jupyter display hook: a mask shows itself as its heatmap
+        from .render import repr_png
+        return repr_png(self)
+
+
+def _as_mask(other, op: str) -> Mask:
+    if isinstance(other, Mask):
+        return other
+    raise MaskValueError(f"cannot combine a Mask with {type(other).__name__} using '{op}'; "
+                         f"both operands must be masks")
+
+
+def _depth_checked(depth: int) -> int:
+    if depth > MAX_DEPTH:
+        raise MaskValueError(f"mask expression nests more than {MAX_DEPTH} levels deep; "
+                             f"simplify it (document(...) and rows(a, b, s) cover many repeated parts)")
+    return depth
+
+
+# ---------------------------------------------------------------------------
+# primitives
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Spec:
+    params: tuple[str, ...]          # parameter names, for messages
+    min_args: int
+    max_args: int | None             # None: any number (document)
+    cls: str                         # structure class
+    signature: str                   # how it is written, for messages
+
+
+SPECS: dict[str, _Spec] = {
+    "full": _Spec((), 0, 0, CLASS_CONST, "full"),
+    "none": _Spec((), 0, 0, CLASS_CONST, "none"),
+    "causal": _Spec((), 0, 0, CLASS_D, "causal"),
+    "diagonal": _Spec((), 0, 0, CLASS_D, "diagonal"),
+    "band": _Spec(("l", "r"), 2, 2, CLASS_D, "band(l, r)"),
+    "sliding": _Spec(("w",), 1, 1, CLASS_D, "sliding(w)"),
+    "sink": _Spec(("n",), 1, 1, CLASS_K, "sink(n)"),
+    "prefix_lm": _Spec(("p",), 1, 1, CLASS_MIXED, "prefix_lm(p)"),
+    "chunked": _Spec(("c",), 1, 1, CLASS_SEG, "chunked(c)"),
+    "dilated": _Spec(("w", "d"), 2, 2, CLASS_D, "dilated(w, d)"),
+    "strided": _Spec(("s",), 1, 1, CLASS_D, "strided(s)"),
+    "document": _Spec(("n1",), 1, None, CLASS_SEG, "document(n1, n2, ...)"),
+    "rows": _Spec(("a", "b", "s"), 1, 3, CLASS_Q, "rows(a, b=a+1, s=1)"),
+    "cols": _Spec(("a", "b", "s"), 1, 3, CLASS_K, "cols(a, b=a+1, s=1)"),
+}
+
+PRIMITIVE_NAMES = tuple(SPECS)
+
+
+def _check_int(name: str, pname: str, value) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise MaskValueError(f"{SPECS[name].signature} needs whole numbers, got {pname}={value!r}")
+    value = operator.index(value)
+    if abs(value) > MAX_PARAM:
+        raise MaskValueError(f"{SPECS[name].signature}: {pname}={value} is too large (limit {MAX_PARAM})")
+    return value
+
+
+def _normalize(name: str, args: tuple) -> tuple[int, ...]:
+    """Validate parameters and fill defaults, so equal masks compare equal."""
+    spec = SPECS[name]
+    n = len(args)
+    if n < spec.min_args or (spec.max_args is not None and n > spec.max_args):
+        if spec.max_args == 0:
+            raise MaskValueError(f"{name} takes no parameters, got {n}")
+        if spec.max_args is None:
+            raise MaskValueError(f"{spec.signature} needs at least {spec.min_args} parameter, got {n}")
+        want = (str(spec.min_args) if spec.min_args == spec.max_args
+                else f"{spec.min_args} to {spec.max_args}")
+        raise MaskValueError(f"{spec.signature} takes {want} parameters, got {n}")
+    if name == "document":
+        vals = tuple(_check_int(name, f"n{i + 1}", a) for i, a in enumerate(args))
+        for i, v in enumerate(vals):
+            if v < 1:
+                raise MaskValueError(f"document(n1, n2, ...) needs every ni >= 1, got n{i + 1}={v}")
+        return vals
+    vals = tuple(_check_int(name, spec.params[i], a) for i, a in enumerate(args))
+    if name in ("rows", "cols"):
+        a = vals[0]
+        b = vals[1] if n > 1 else a + 1
+        s = vals[2] if n > 2 else 1
+        if a < 0:
+            raise MaskValueError(f"{spec.signature} needs a >= 0, got a={a}")
+        if b < a:
+            raise MaskValueError(f"{spec.signature} needs b >= a, got a={a}, b={b}")
+        if s < 1:
+            raise MaskValueError(f"{spec.signature} needs s >= 1, got s={s}")
+        return (a, b, s)
+    minimum = {"band": 0, "sliding": 1, "sink": 0, "prefix_lm": 0, "chunked": 1,
+               "dilated": 1, "strided": 1}.get(name)
+    for pname, v in zip(spec.params, vals):
+        if minimum is not None and v < minimum:
+            raise MaskValueError(f"{spec.signature} needs {pname} >= {minimum}, got {pname}={v}")
+    return vals
+
+
+@dataclass(frozen=True, repr=False)
+class Primitive(Mask):
+    """A primitive of the language, e.g. ``Primitive('sliding', (256,))``."""
+
+    name: str
+    args: tuple[int, ...] = ()
+    depth: int = field(default=1, compare=False, hash=False)
+
+    def __post_init__(self):
+        if self.name not in SPECS:
+            raise MaskValueError(f"unknown primitive {self.name!r}")
+        object.__setattr__(self, "args", _normalize(self.name, tuple(self.args)))
+
+    def _prec(self) -> int:
+        return _PREC_ATOM
+
+    def _text(self) -> str:
+        name, args = self.name, self.args
+        if not SPECS[name].params:
+            return name
+        if name in ("rows", "cols"):
+            a, b, s = args
+            args = (a,) if (s == 1 and b == a + 1) else ((a, b) if s == 1 else (a, b, s))
+        return f"{name}({', '.join(str(a) for a in args)})"
+
+    def structure_class(self) -> str:
+        return SPECS[self.name].cls
+
+    def _eval(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        name, a = self.name, self.args
+        if name == "full":
+            return torch.ones_like(q - k, dtype=torch.bool)
+        if name == "none":
+            return torch.zeros_like(q - k, dtype=torch.bool)
+        if name == "causal":
+            return k <= q
+        if name == "diagonal":
+            return k == q
+        if name == "band":
+            return (k >= q - a[0]) & (k <= q + a[1])
+        if name == "sliding":
+            return (k > q - a[0]) & (k <= q)
+        if name == "sink":
+            return k < a[0]
+        if name == "prefix_lm":
+            return (k <= q) | (k < a[0])
+        if name == "chunked":
+            return torch.div(q, a[0], rounding_mode="floor") == torch.div(k, a[0], rounding_mode="floor")
+        if name == "dilated":
+            d = q - k
+            return (d >= 0) & (d < a[0] * a[1]) & (torch.remainder(d, a[1]) == 0)
+        if name == "strided":
+            return torch.remainder(q - k, a[0]) == 0
+        if name == "document":
+            ends = self.segment_ends()
+            total = int(ends[-1])
+            # searchsorted on a clamped copy keeps indices valid for padding.
+            qs = torch.searchsorted(ends, q.clamp(0, total - 1).contiguous(), right=True)
+            ks = torch.searchsorted(ends, k.clamp(0, total - 1).contiguous(), right=True)
+            inside = (q >= 0) & (q < total) & (k >= 0) & (k < total)
+            return inside & (qs == ks)
+        if name == "rows":
+            lo, hi, s = a
+            return (q >= lo) & (q < hi) & (torch.remainder(q - lo, s) == 0)
+        if name == "cols":
+            lo, hi, s = a
+            return (k >= lo) & (k < hi) & (torch.remainder(k - lo, s) == 0)
+        raise AssertionError(name)  # pragma: no cover
+
+    def segment_ends(self) -> torch.Tensor:
+        """For ``document``: int64 exclusive end position of each segment."""
+        return torch.tensor(self.args, dtype=torch.int64).cumsum(0)
+
+
+# ---------------------------------------------------------------------------
+# operators
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, repr=False)
+class Union(Mask):
+    """``a | b | ...``: attended where any part attends (left chains are flat)."""
+
+    parts: tuple[Mask, ...]
+    depth: int = field(default=1, compare=False, hash=False)
+
+    @staticmethod
+    def of(a: Mask, b: Mask) -> "Union":
+        parts = (a.parts if isinstance(a, Union) else (a,)) + (b,)
+        return Union(parts, _depth_checked(1 + max(p.depth for p in parts)))
+
+    def _prec(self) -> int:
+        return _PREC_OR
+
+    def _text(self) -> str:
+        return " | ".join(_child_text(p, _PREC_OR, first=i == 0) for i, p in enumerate(self.parts))
+
+    def children(self):
+        return self.parts
+
+    def structure_class(self) -> str:
+        return _combine_classes(self.parts)
+
+    def _eval(self, q, k):
+        out = self.parts[0]._eval(q, k)
+        for p in self.parts[1:]:
+            out = out | p._eval(q, k)
+        return out
+
+
+@dataclass(frozen=True, repr=False)
+class Intersection(Mask):
+    """``a & b & ...``: attended where every part attends (left chains are flat)."""
+
+    parts: tuple[Mask, ...]
+    depth: int = field(default=1, compare=False, hash=False)
+
+    @staticmethod
+    def of(a: Mask, b: Mask) -> "Intersection":
+        parts = (a.parts if isinstance(a, Intersection) else (a,)) + (b,)
+        return Intersection(parts, _depth_checked(1 + max(p.depth for p in parts)))
+
+    def _prec(self) -> int:
+        return _PREC_AND
+
+    def _text(self) -> str:
+        return " & ".join(_child_text(p, _PREC_AND, first=i == 0) for i, p in enumerate(self.parts))
+
+    def children(self):
+        return self.parts
+
+    def structure_class(self) -> str:
+        return _combine_classes(self.parts)
+
+    def _eval(self, q, k):
+        out = self.parts[0]._eval(q, k)
+        for p in self.parts[1:]:
+            out = out & p._eval(q, k)
+        return out
+
+
+@dataclass(frozen=True, repr=False)
+class Difference(Mask):
+    """``a - b``: attended where ``a`` attends and ``b`` does not."""
+
+    left: Mask
+    right: Mask
+    depth: int = field(default=0, compare=False, hash=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "depth", _depth_checked(1 + max(self.left.depth, self.right.depth)))
+
+    def _prec(self) -> int:
+        return _PREC_SUB
+
+    def _text(self) -> str:
+        return f"{_child_text(self.left, _PREC_SUB, first=True)} - {_child_text(self.right, _PREC_SUB, first=False)}"
+
+    def children(self):
+        return (self.left, self.right)
+
+    def structure_class(self) -> str:
+        return _combine_classes((self.left, self.right))
+
+    def _eval(self, q, k):
+        return self.left._eval(q, k) & ~self.right._eval(q, k)
+
+
+@dataclass(frozen=True, repr=False)
+class Complement(Mask):
+    """``~a``: attended where ``a`` does not attend."""
+
+    inner: Mask
+    depth: int = field(default=0, compare=False, hash=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "depth", _depth_checked(1 + self.inner.depth))
+
+    def _prec(self) -> int:
+        return _PREC_NOT
+
+    def _text(self) -> str:
+        inner = self.inner._text()
+        return f"~{inner}" if self.inner._prec() >= _PREC_NOT else f"~({inner})"
+
+    def children(self):
+        return (self.inner,)
+
+    def structure_class(self) -> str:
+        c = self.inner.structure_class()
+        # The complement of a same-segment predicate is no longer one.
+        return CLASS_MIXED if c == CLASS_SEG else c
+
+    def _eval(self, q, k):
+        return ~self.inner._eval(q, k)
+
+
+def _child_text(child: Mask, prec: int, first: bool) -> str:
+    # Left operands need parentheses only when they bind more loosely; right
+    # operands also when they bind equally (all binary operators are
+    # left-associative, as in Python).
+    text = child._text()
+    cp = child._prec()
+    if cp < prec or (cp == prec and not first):
+        return f"({text})"
+    return text
+
+
+def _combine_classes(parts) -> str:
+    classes = {p.structure_class() for p in parts}
+    classes.discard(CLASS_CONST)
+    if not classes:
+        return CLASS_CONST
+    if len(classes) == 1:
+        (c,) = classes
+        if c in (CLASS_Q, CLASS_K, CLASS_D):
+            return c
+    return CLASS_MIXED
+
+
+# ---------------------------------------------------------------------------
+# user predicates
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, repr=False, eq=False)
+class MaskMod(Mask):
+    """A FlexAttention ``mask_mod`` wrapped as a Mask (see :func:`from_mask_mod`).
+
+    Equal only to itself (functions have no structural equality). ``str()``
+    shows ``<name>``, which the parser does not read back.
+    """
+
+    fn: Callable
+    name: str
+    depth: int = field(default=1, compare=False, hash=False)
+
+    def __eq__(self, other):
+        return isinstance(other, MaskMod) and other.fn is self.fn and other.name == self.name
+
+    def __hash__(self):
+        return hash((id(self.fn), self.name))
+
+    def _prec(self) -> int:
+        return _PREC_ATOM
+
+    def _text(self) -> str:
+        return f"<{self.name}>"
+
+    def structure_class(self) -> str:
+        return CLASS_OPAQUE
+
+    def _eval(self, q, k):
+        zero = torch.zeros((), dtype=torch.int64)
+        out = self.fn(zero, zero, q, k)
+        if not isinstance(out, torch.Tensor):
+            out = torch.tensor(bool(out))
+        if out.dtype != torch.bool:
+            raise MaskValueError(f"mask_mod {self.name!r} returned {out.dtype}, expected a bool tensor")
+        return out
+
+
+def from_mask_mod(fn: Callable, name: str | None = None) -> Mask:
+    """Turn any FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` into a Mask.
+
+    The function is called with position tensors (b = h = 0) and must use
+    tensor operations that broadcast. It works everywhere a Mask does; the
+    compiler evaluates it only on tiles the rest of the expression leaves
+    undecided. ``str()`` shows ``<name>``, which cannot be parsed back.
+
+        >>> import attnmask as am
+        >>> even = am.from_mask_mod(lambda b, h, q, k: (k % 2 == 0) & (k <= q), "even_causal")
+        >>> (even & am.sliding(3)).to_dense(4).int().tolist()
+        [[1, 0, 0, 0], [1, 0, 0, 0], [1, 0, 1, 0], [0, 0, 1, 0]]
+    """
+    if not callable(fn):
+        raise MaskValueError(f"from_mask_mod needs a callable mask_mod(b, h, q_idx, kv_idx), got {type(fn).__name__}")
+    if name is None:
+        name = getattr(fn, "__name__", "mask_mod")
+    if not isinstance(name, str) or not name:
+        raise MaskValueError(f"from_mask_mod needs a non-empty name, got {name!r}")
+    return MaskMod(fn, name)
+
+
+def make_mask_mod(mask: Mask, q_offset: int) -> Callable:
+    """A FlexAttention mask_mod for ``mask`` with query row i at q_offset + i."""
+    if q_offset == 0:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return mask._eval(q_idx, kv_idx)
+    else:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return mask._eval(q_idx + q_offset, kv_idx)
+    mask_mod.__name__ = f"attnmask_{_safe_name(str(mask))}"
+    return mask_mod
+
+
+def _safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text)[:60]
+
+
+# ---------------------------------------------------------------------------
+# shapes
+# ---------------------------------------------------------------------------
+
+def check_length(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise MaskValueError(f"{name} must be a whole number, got {value!r}")
+    value = operator.index(value)
+    if value < minimum:
+        raise MaskValueError(f"{name} must be >= {minimum}, got {value}")
+    if value > MAX_PARAM:
+        raise MaskValueError(f"{name}={value} is too large (limit {MAX_PARAM})")
+    return value
+
+
+def resolve_shape(q_len, kv_len=None, q_offset=None) -> tuple[int, int, int]:
+    """Validate lengths; fill kv_len = q_len and q_offset = kv_len - q_len."""
+    q_len = check_length("q_len", q_len)
+    kv_len = q_len if kv_len is None else check_length("kv_len", kv_len)
+    if q_offset is None:
+        q_offset = kv_len - q_len
+    else:
+        if isinstance(q_offset, bool) or not hasattr(q_offset, "__index__"):
+            raise MaskValueError(f"q_offset must be a whole number, got {q_offset!r}")
+        q_offset = operator.index(q_offset)
+        if abs(q_offset) > MAX_PARAM:
+            raise MaskValueError(f"q_offset={q_offset} is too large (limit {MAX_PARAM})")
+    return q_len, kv_len, q_offset
+
+
+# ---------------------------------------------------------------------------
+# the constants and functions that mirror the language
+# ---------------------------------------------------------------------------
+
+full = Primitive("full")
+none = Primitive("none")
+causal = Primitive("causal")
+diagonal = Primitive("diagonal")
+
+
+def band(l: int, r: int) -> Mask:
+    """``q - l <= k <= q + r``.  >>> str(band(2, 0))  -> 'band(2, 0)'"""
+    return Primitive("band", (l, r))
+
+
+def sliding(w: int) -> Mask:
+    """The last ``w`` positions, itself included: ``q - w < k <= q``."""
+    return Primitive("sliding", (w,))
+
+
+def sink(n: int) -> Mask:
+    """The first ``n`` keys: ``k < n``."""
+    return Primitive("sink", (n,))
+
+
+def prefix_lm(p: int) -> Mask:
+    """Causal plus a bidirectional prefix: ``k <= q or k < p``."""
+    return Primitive("prefix_lm", (p,))
+
+
+def chunked(c: int) -> Mask:
+    """Same chunk of ``c`` positions: ``q // c == k // c``."""
+    return Primitive("chunked", (c,))
+
+
+def dilated(w: int, d: int) -> Mask:
+    """``w`` keys spaced ``d`` apart, itself included."""
+    return Primitive("dilated", (w, d))
+
+
+def strided(s: int) -> Mask:
+    """``(q - k) % s == 0``."""
+    return Primitive("strided", (s,))
+
+
+def document(*lengths: int) -> Mask:
+    """Packed documents of the given lengths; positions past their sum are padding."""
+    if len(lengths) == 1 and isinstance(lengths[0], (list, tuple)):
+        lengths = tuple(lengths[0])
+    return Primitive("document", tuple(lengths))
+
+
+def rows(a: int, b: int | None = None, s: int = 1) -> Mask:
+    """Query rows ``a <= q < b`` with ``(q - a) % s == 0`` (any key)."""
+    return Primitive("rows", (a, a + 1 if b is None else b, s))
+
+
+def cols(a: int, b: int | None = None, s: int = 1) -> Mask:
+    """Key columns ``a <= k < b`` with ``(k - a) % s == 0`` (any query)."""
+    return Primitive("cols", (a, a + 1 if b is None else b, s))
+
+
+FUNCTIONS = {"band": band, "sliding": sliding, "sink": sink, "prefix_lm": prefix_lm,
+             "chunked": chunked, "dilated": dilated, "strided": strided, "document": document,
+             "rows": rows, "cols": cols}
+CONSTANTS = {"full": full, "none": none, "causal": causal, "diagonal": diagonal}
+
+__all__ = ["Mask", "Primitive", "Union", "Intersection", "Difference", "Complement", "MaskMod",
+           "from_mask_mod", "full", "none", "causal", "diagonal", "band", "sliding", "sink",
+           "prefix_lm", "chunked", "dilated", "strided", "document", "rows", "cols",
+           "resolve_shape"]

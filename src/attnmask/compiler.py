@@ -219,13 +219,32 @@ class Axis1D:
             self.lo = grid.q_offset - grid.kv_len + 1
             pos = torch.arange(self.lo, grid.q_offset + grid.q_len, dtype=torch.int64)
             vals = mask.evaluate(pos, torch.zeros(1, dtype=torch.int64))
-        self.values = vals.numpy().astype(np.int8)
+        self.values = vals.numpy().view(np.int8)
         self.n = len(self.values)
-        self.csum = np.zeros(self.n + 1, dtype=_I64)
-        np.cumsum(self.values, out=self.csum[1:])
-        if cls == CLASS_D:
-            self.csum_d = np.zeros(self.n + 1, dtype=_I64)
-            np.cumsum(self.values * (np.arange(self.n, dtype=_I64) + self.lo), out=self.csum_d[1:])
+        self._csum: np.ndarray | None = None
+        self._csum_d: np.ndarray | None = None
+
+    # Prefix sums are built on first use: classification of d-class masks
+    # needs only the run-length encoding, counting needs the sums.
+    @property
+    def csum(self) -> np.ndarray:
+        if self._csum is None:
+            self._csum = np.zeros(self.n + 1, dtype=_I64)
+            np.cumsum(self.values, out=self._csum[1:])
+        return self._csum
+
+    @property
+    def csum_d(self) -> np.ndarray:
+        if self._csum_d is None:
+            self._csum_d = np.zeros(self.n + 1, dtype=_I64)
+            np.cumsum(self.values * (np.arange(self.n, dtype=_I64) + self.lo), out=self._csum_d[1:])
+        return self._csum_d
+
+    def runs(self):
+        """Run-length encoding of the values (cached)."""
+        if not hasattr(self, "_runs"):
+            self._runs = _runs_1d(self.values)
+        return self._runs
 
     def count(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Attended values at axis positions [a, b] (inclusive), clipped to the axis."""
@@ -356,7 +375,7 @@ class Compiler:
         qs, qe = g.q_bounds(regions.qb)
         n_full_k = g.kv_len // bk   # key blocks of full size; a shorter last one is checked apart
         # Runs of the d-array (absolute d, inclusive ends) that can contain a tile's window.
-        rs, re, rv = _runs_1d(ax.values)
+        rs, re, rv = ax.runs()
         a_run = rs + ax.lo
         b_run = re - 1 + ax.lo
         min_window = int((qe - qs).min()) + bk - 1 if len(regions) else 0

@@ -103,8 +103,7 @@ class Mask:
             [False, False, True, True, False]
         """
         out = self._eval(q, k)
-        shape = torch.broadcast_shapes(q.shape, k.shape, out.shape)
-        return out.expand(shape)
+        return out.expand(_broadcast_shape(q.shape, k.shape, out.shape))
 
     def _eval(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -176,6 +175,19 @@ class Mask:
     def _repr_png_(self):  # Jupyter display hook: a mask shows itself as its heatmap
         from .render import repr_png
         return repr_png(self)
+
+
+def _broadcast_shape(*shapes) -> tuple[int, ...]:
+    # torch.broadcast_shapes imports sympy on first use (~0.3 s); this is the rule.
+    ndim = max(len(s) for s in shapes)
+    out = [1] * ndim
+    for s in shapes:
+        for i, n in enumerate(s, start=ndim - len(s)):
+            if n != 1:
+                if out[i] not in (1, n):
+                    raise MaskValueError(f"position tensors of shapes {[tuple(x) for x in shapes]} do not broadcast")
+                out[i] = n
+    return tuple(out)
 
 
 def _as_mask(other, op: str) -> Mask:

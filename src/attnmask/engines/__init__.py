@@ -1,0 +1,1 @@
+"""Attention engines: exact masked attention from a Mask or a compiled BlockLayout."""

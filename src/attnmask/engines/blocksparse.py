@@ -226,17 +226,18 @@ def _is_exact_causal(layout: BlockLayout, blocks, masks) -> bool:
 
 
 def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine partial attentions over disjoint key sets through their LSE (float32)."""
-    lses = torch.stack([l for _, l in parts])                           # [P, ..., rows]
+    """Combine partial attentions over disjoint key sets through their LSE (float32, or float64 inputs in float64)."""
+    acc = torch.float64 if parts[0][1].dtype == torch.float64 else torch.float32
+    lses = torch.stack([l for _, l in parts]).to(acc)                   # [P, ..., rows]
     m = lses.amax(0)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     w = torch.exp(lses - m)                                             # exp(-inf) = 0 for empty parts
     s = w.sum(0)
-    out = parts[0][0].float() * w[0].unsqueeze(-1)
+    out = parts[0][0].to(acc) * w[0].unsqueeze(-1)
     for i in range(1, len(parts)):
-        out.add_(parts[i][0].float() * w[i].unsqueeze(-1))
+        out.add_(parts[i][0].to(acc) * w[i].unsqueeze(-1))
     # Rows with no key anywhere: s == 0 -> out 0 / tiny = 0, lse = log 0 = -inf.
-    out.div_(s.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1))
+    out.div_(s.clamp_min(torch.finfo(acc).tiny).unsqueeze(-1))
     return out, m + torch.log(s)
 
 

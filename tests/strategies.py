@@ -1,0 +1,294 @@
+"""Hypothesis strategies for masks, lengths, shapes and offsets, plus a naive oracle.
+
+Masks are generated as small *specs* (plain tuples, independent of the
+library's internals) and turned into :class:`attnmask.Mask` values through the
+public Python API only. The same spec feeds :func:`naive`, a per-element
+evaluator written straight from the table in PRODUCT.md ("The mask language")
+with Python ints, so tests can hold ``Mask.to_dense`` / ``mask_mod`` /
+``compile`` to the normative semantics without trusting ``Mask.evaluate``.
+
+Spec grammar::
+
+    ("prim", name, args)     # args exactly as passed to am.<name>(*args); () for constants
+    ("mod", name)            # a from_mask_mod leaf from MOD_LEAVES
+    ("or", a, b) | ("and", a, b) | ("sub", a, b) | ("not", a)
+
+Example::
+
+    >>> from hypothesis import given
+    >>> from strategies import masks, shapes   # tests/ is on sys.path under pytest
+    >>> @given(masks(), shapes())
+    ... def test_something(mask, shape): ...
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from hypothesis import strategies as st
+
+import attnmask as am
+
+#: Largest parameter the library accepts (int32 range); used as an edge value.
+MAX_PARAM = 2**31 - 1
+
+#: Every primitive of the language, in the order of the PRODUCT.md table.
+PRIMITIVES = ("full", "none", "causal", "diagonal", "band", "sliding", "sink", "prefix_lm",
+              "chunked", "dilated", "strided", "document", "rows", "cols")
+CONSTANT_NAMES = ("full", "none", "causal", "diagonal")
+
+Spec = tuple
+
+# ---------------------------------------------------------------------------
+# the naive oracle: PRODUCT.md's table, one (q, k) pair at a time
+# ---------------------------------------------------------------------------
+
+
+def _segment(lengths: tuple[int, ...], x: int) -> int | None:
+    """Index of the document segment holding position x, or None (padding/negative)."""
+    start = 0
+    for i, n in enumerate(lengths):
+        if start <= x < start + n:
+            return i
+        start += n
+    return None
+
+
+def naive_primitive(name: str, args: tuple[int, ...], q: int, k: int) -> bool:
+    """Does query position q attend key position k under primitive ``name(*args)``?"""
+    if name == "full":
+        return True
+    if name == "none":
+        return False
+    if name == "causal":
+        return k <= q
+    if name == "diagonal":
+        return k == q
+    if name == "band":
+        l, r = args
+        return q - l <= k <= q + r
+    if name == "sliding":
+        (w,) = args
+        return q - w < k <= q
+    if name == "sink":
+        (n,) = args
+        return k < n
+    if name == "prefix_lm":
+        (p,) = args
+        return k <= q or k < p
+    if name == "chunked":
+        (c,) = args
+        return q // c == k // c
+    if name == "dilated":
+        w, d = args
+        return 0 <= q - k < w * d and (q - k) % d == 0
+    if name == "strided":
+        (s,) = args
+        return (q - k) % s == 0
+    if name == "document":
+        sq, sk = _segment(args, q), _segment(args, k)
+        return sq is not None and sq == sk
+    if name in ("rows", "cols"):
+        a = args[0]
+        b = args[1] if len(args) > 1 else a + 1
+        s = args[2] if len(args) > 2 else 1
+        x = q if name == "rows" else k
+        return a <= x < b and (x - a) % s == 0
+    raise AssertionError(f"unknown primitive {name}")
+
+
+# from_mask_mod leaves: fixed module-level functions so that the wrapped Masks
+# are the same objects (MaskMod equality is identity of the function).
+def _even_keys(b, h, q_idx, kv_idx):
+    return kv_idx % 2 == 0
+
+
+def _near(b, h, q_idx, kv_idx):
+    return (q_idx - kv_idx).abs() <= 2
+
+
+def _sum_mod3(b, h, q_idx, kv_idx):
+    return (q_idx + kv_idx) % 3 == 0
+
+
+#: name -> (Mask made by am.from_mask_mod, the same predicate on Python ints)
+MOD_LEAVES: dict[str, tuple[am.Mask, Callable[[int, int], bool]]] = {
+    "even_keys": (am.from_mask_mod(_even_keys, "even_keys"), lambda q, k: k % 2 == 0),
+    "near": (am.from_mask_mod(_near, "near"), lambda q, k: abs(q - k) <= 2),
+    "sum_mod3": (am.from_mask_mod(_sum_mod3, "sum_mod3"), lambda q, k: (q + k) % 3 == 0),
+}
+
+
+def naive(spec: Spec, q: int, k: int) -> bool:
+    """The oracle for a whole spec tree at one (q, k) pair."""
+    kind = spec[0]
+    if kind == "prim":
+        return naive_primitive(spec[1], spec[2], q, k)
+    if kind == "mod":
+        return MOD_LEAVES[spec[1]][1](q, k)
+    if kind == "or":
+        return naive(spec[1], q, k) or naive(spec[2], q, k)
+    if kind == "and":
+        return naive(spec[1], q, k) and naive(spec[2], q, k)
+    if kind == "sub":
+        return naive(spec[1], q, k) and not naive(spec[2], q, k)
+    if kind == "not":
+        return not naive(spec[1], q, k)
+    raise AssertionError(f"bad spec {spec!r}")
+
+
+def naive_dense(spec: Spec, q_len: int, kv_len: int | None = None,
+                q_offset: int | None = None) -> torch.Tensor:
+    """bool [q_len, kv_len] built cell by cell: row i is position q_offset + i, column j is j."""
+    kv_len = q_len if kv_len is None else kv_len
+    q_offset = kv_len - q_len if q_offset is None else q_offset
+    cells = [[naive(spec, q_offset + i, j) for j in range(kv_len)] for i in range(q_len)]
+    return torch.tensor(cells, dtype=torch.bool).reshape(q_len, kv_len)
+
+
+# ---------------------------------------------------------------------------
+# specs -> masks and text
+# ---------------------------------------------------------------------------
+
+def build(spec: Spec) -> am.Mask:
+    """The Mask of a spec, built with the public Python API (constants, functions, operators)."""
+    kind = spec[0]
+    if kind == "prim":
+        name, args = spec[1], spec[2]
+        return getattr(am, name) if name in CONSTANT_NAMES else getattr(am, name)(*args)
+    if kind == "mod":
+        return MOD_LEAVES[spec[1]][0]
+    if kind == "or":
+        return build(spec[1]) | build(spec[2])
+    if kind == "and":
+        return build(spec[1]) & build(spec[2])
+    if kind == "sub":
+        return build(spec[1]) - build(spec[2])
+    if kind == "not":
+        return ~build(spec[1])
+    raise AssertionError(f"bad spec {spec!r}")
+
+
+def full_text(spec: Spec) -> str:
+    """Language text with every operation parenthesised (mirrors how Python built it)."""
+    kind = spec[0]
+    if kind == "prim":
+        name, args = spec[1], spec[2]
+        return name if name in CONSTANT_NAMES else f"{name}({', '.join(map(str, args))})"
+    if kind == "mod":
+        raise ValueError("from_mask_mod leaves have no language text")
+    if kind == "not":
+        return f"(~{full_text(spec[1])})"
+    op = {"or": "|", "and": "&", "sub": "-"}[kind]
+    return f"({full_text(spec[1])} {op} {full_text(spec[2])})"
+
+
+def has_mod(spec: Spec) -> bool:
+    """Whether a spec contains a from_mask_mod leaf (such masks cannot be parsed back)."""
+    if spec[0] == "mod":
+        return True
+    if spec[0] == "prim":
+        return False
+    return any(has_mod(s) for s in spec[1:])
+
+
+# ---------------------------------------------------------------------------
+# strategies
+# ---------------------------------------------------------------------------
+
+def small_ints(lo: int, hi: int = 40) -> st.SearchStrategy[int]:
+    """Whole numbers in [lo, hi], shrinking towards lo, with the edge values weighted in."""
+    return st.one_of(st.sampled_from(sorted({lo, lo + 1, hi})), st.integers(lo, hi))
+
+
+def _param(lo: int, *, huge: bool = True) -> st.SearchStrategy[int]:
+    # Mostly values comparable to test lengths (so masks are neither all-in nor
+    # all-out), sometimes the largest accepted value.
+    base = small_ints(lo, 40)
+    return st.one_of(base, st.just(MAX_PARAM)) if huge else base
+
+
+def _rows_cols_args() -> st.SearchStrategy[tuple[int, ...]]:
+    """(a,), (a, b) or (a, b, s) with 0 <= a <= b, s >= 1: exercises the defaults b = a + 1, s = 1."""
+    @st.composite
+    def gen(draw):
+        a = draw(small_ints(0, 40))
+        n = draw(st.integers(1, 3))
+        if n == 1:
+            return (a,)
+        b = a + draw(small_ints(0, 40))
+        if n == 2:
+            return (a, b)
+        return (a, b, draw(small_ints(1, 12)))
+    return gen()
+
+
+def primitive_args(name: str) -> st.SearchStrategy[tuple[int, ...]]:
+    """Valid parameters of one primitive, edge values included."""
+    if name in CONSTANT_NAMES:
+        return st.just(())
+    if name == "band":
+        return st.tuples(_param(0), _param(0))
+    if name in ("sliding",):
+        return st.tuples(_param(1))
+    if name in ("sink", "prefix_lm"):
+        return st.tuples(_param(0))
+    if name in ("chunked", "strided"):
+        return st.tuples(_param(1))
+    if name == "dilated":
+        return st.tuples(_param(1), st.one_of(small_ints(1, 12), st.just(MAX_PARAM)))
+    if name == "document":
+        # Sums both below and above typical lengths, so padding is exercised.
+        return st.lists(small_ints(1, 12), min_size=1, max_size=6).map(tuple)
+    if name in ("rows", "cols"):
+        return _rows_cols_args()
+    raise AssertionError(name)
+
+
+def primitive_specs(names: tuple[str, ...] = PRIMITIVES) -> st.SearchStrategy[Spec]:
+    """A ("prim", name, args) spec for any of ``names`` (all primitives by default)."""
+    return st.sampled_from(names).flatmap(
+        lambda n: primitive_args(n).map(lambda a, n=n: ("prim", n, a)))
+
+
+def mask_specs(*, max_leaves: int = 8, mask_mods: bool = False) -> st.SearchStrategy[Spec]:
+    """Random expression specs over every primitive and every operator."""
+    leaves = primitive_specs()
+    if mask_mods:
+        leaves = st.one_of(leaves, st.sampled_from(sorted(MOD_LEAVES)).map(lambda n: ("mod", n)))
+
+    def extend(children):
+        return st.one_of(
+            st.tuples(st.sampled_from(("or", "and", "sub")), children, children),
+            st.tuples(st.just("not"), children),
+        )
+    return st.recursive(leaves, extend, max_leaves=max_leaves)
+
+
+def masks(*, max_leaves: int = 8, mask_mods: bool = False) -> st.SearchStrategy[am.Mask]:
+    """Random Masks built with the Python API (see :func:`mask_specs`)."""
+    return mask_specs(max_leaves=max_leaves, mask_mods=mask_mods).map(build)
+
+
+def lengths(max_len: int = 24) -> st.SearchStrategy[int]:
+    """Sequence lengths in [1, max_len], 1 and small lengths favoured."""
+    return small_ints(1, max_len)
+
+
+def shapes(max_len: int = 24, max_offset: int = 30) -> st.SearchStrategy[tuple[int, int | None, int | None]]:
+    """(q_len, kv_len or None, q_offset or None): square or not, default or explicit offset.
+
+    Non-square shapes include q_len > kv_len, where the default offset
+    kv_len - q_len is negative; explicit offsets may be negative too.
+    """
+    return st.tuples(lengths(max_len),
+                     st.one_of(st.none(), lengths(max_len)),
+                     st.one_of(st.none(), st.integers(-max_offset, max_offset)))
+
+
+def resolved(shape: tuple[int, int | None, int | None]) -> tuple[int, int, int]:
+    """Fill the documented defaults: kv_len = q_len, q_offset = kv_len - q_len."""
+    q_len, kv_len, q_offset = shape
+    kv_len = q_len if kv_len is None else kv_len
+    return q_len, kv_len, (kv_len - q_len if q_offset is None else q_offset)

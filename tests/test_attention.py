@@ -1,0 +1,317 @@
+"""Exactness, edge cases and errors of ``attnmask.attention`` against a float64 dense reference.
+
+The reference is computed here, in float64, from ``mask.to_dense`` (the
+semantics oracle), never from an engine. Every backend is held to it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnmask as am
+from attnmask.engines import attention, per_batch
+from attnmask.engines.blocksparse import blocksparse_forward
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def reference(q, k, v, allowed, scale):
+    """float64 attention; allowed is bool broadcastable to [B, H, Lq, Lk]; kv heads expanded here."""
+    rep = q.shape[1] // k.shape[1]
+    k = k.double().repeat_interleave(rep, 1)
+    v = v.double().repeat_interleave(rep, 1)
+    s = (q.double() @ k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    return torch.exp(s - safe[..., None]) @ v, lse
+
+
+def rel_err(x, ref):
+    return float((x.double() - ref).abs().max()) / max(float(ref.abs().max()), 1e-30)
+
+
+def leaf(draw):
+    kind = draw(st.sampled_from(["causal", "full", "none", "diagonal", "band", "sliding", "sink", "prefix_lm",
+                                 "chunked", "dilated", "strided", "document", "rows", "cols"]))
+    n = st.integers(0, 70)
+    p = st.integers(1, 40)
+    if kind in ("causal", "full", "none", "diagonal"):
+        return getattr(am, kind)
+    if kind == "band":
+        return am.band(draw(n), draw(n))
+    if kind in ("sliding", "chunked", "strided"):
+        return getattr(am, kind)(draw(p))
+    if kind in ("sink", "prefix_lm"):
+        return getattr(am, kind)(draw(n))
+    if kind == "dilated":
+        return am.dilated(draw(st.integers(1, 12)), draw(st.integers(1, 6)))
+    if kind == "document":
+        return am.document(*draw(st.lists(st.integers(1, 60), min_size=1, max_size=5)))
+    a = draw(n)
+    return getattr(am, kind)(a, a + draw(n), draw(st.integers(1, 5)))
+
+
+@st.composite
+def masks(draw, depth=2):
+    if depth == 0 or draw(st.integers(0, 2)) == 0:
+        m = leaf(draw)
+    else:
+        op = draw(st.sampled_from(["|", "&", "-", "~"]))
+        a = draw(masks(depth=depth - 1))
+        if op == "~":
+            m = ~a
+        else:
+            b = draw(masks(depth=depth - 1))
+            m = {"|": a | b, "&": a & b, "-": a - b}[op]
+    return m
+
+
+@st.composite
+def problems(draw):
+    mask = draw(masks())
+    lq = draw(st.integers(1, 150))
+    lk = draw(st.sampled_from([lq, draw(st.integers(1, 200))]))
+    q_offset = draw(st.one_of(st.none(), st.integers(0, 80)))
+    hkv = draw(st.integers(1, 2))
+    h = hkv * draw(st.integers(1, 2))
+    b = draw(st.integers(1, 2))
+    d = draw(st.sampled_from([4, 16]))
+    bs = draw(st.sampled_from([16, 32, (16, 32), 128]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return mask, b, h, hkv, lq, lk, q_offset, d, bs, seed
+
+
+def tensors(b, h, hkv, lq, lk, d, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, lq, d, generator=g)
+    k = torch.randn(b, hkv, lk, d, generator=g)
+    v = torch.randn(b, hkv, lk, d, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+# -- exactness -----------------------------------------------------------------------------------
+
+
+@given(problems())
+@settings(max_examples=60)
+def test_random_masks_match_float64(problem):
+    mask, b, h, hkv, lq, lk, q_offset, d, bs, seed = problem
+    q, k, v = tensors(b, h, hkv, lq, lk, d, seed)
+    allowed = mask.to_dense(lq, lk, q_offset=q_offset)
+    ref, ref_lse = reference(q, k, v, allowed, 0.3)
+    dead = ~allowed.any(1)
+    for backend in ("blocksparse", "dense"):
+        out, lse = attention(q, k, v, mask, scale=0.3, q_offset=q_offset, enable_gqa=True, return_lse=True,
+                             backend=backend, block_size=bs)
+        assert out.dtype == torch.float32 and lse.dtype == torch.float32
+        assert out.shape == q.shape and lse.shape == (b, h, lq)
+        assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+        assert rel_err(out, ref) < 1e-5, backend
+        live = torch.isfinite(ref_lse)
+        assert torch.equal(torch.isfinite(lse), live), backend
+        if live.any():
+            assert float((lse.double() - ref_lse)[live].abs().max()) < 1e-5 * max(1.0, float(ref_lse[live].abs().max()))
+        # Rows with no allowed key: exact zeros and -inf.
+        assert torch.equal(out[:, :, dead], torch.zeros_like(out[:, :, dead]))
+        assert bool((lse[:, :, dead] == float("-inf")).all())
+
+
+@pytest.mark.parametrize("expr,lq,lk,q_offset,bs", [
+    ("causal", 300, 300, None, 128),             # the is_causal fast path
+    ("causal", 1, 1, None, 128),
+    ("causal & sliding(100)", 777, 777, None, 64),
+    ("causal & (sliding(50) | sink(4))", 400, 400, None, 32),
+    ("causal & (sliding(50) | sink(4))", 1, 3000, None, 128),   # a decoding step
+    ("document(100, 50, 77) & causal", 250, 250, None, (32, 64)),
+    ("causal - (rows(36, 64, 8) - diagonal)", 64, 64, None, 16),
+    ("dilated(8, 4)", 200, 300, 50, 32),
+    ("chunked(96) & causal", 130, 500, 370, 64),
+    ("none", 10, 10, None, 4),
+])
+def test_known_masks_match_float64(expr, lq, lk, q_offset, bs):
+    mask = am.parse(expr)
+    q, k, v = tensors(2, 4, 2, lq, lk, 32, seed=lq + lk)
+    ref, ref_lse = reference(q, k, v, mask.to_dense(lq, lk, q_offset=q_offset), 0.2)
+    out, lse = attention(q, k, v, mask, scale=0.2, q_offset=q_offset, enable_gqa=True, return_lse=True,
+                         block_size=bs)
+    assert rel_err(out, ref) < 1e-5
+    assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
+
+
+def test_float64_inputs_stay_float64_exact():
+    mask = am.causal & (am.sliding(40) | am.sink(3))
+    q, k, v = tensors(1, 2, 2, 200, 200, 8, seed=3, dtype=torch.float64)
+    ref, _ = reference(q, k, v, mask.to_dense(200), 0.5)
+    out = attention(q, k, v, mask, scale=0.5, block_size=32)
+    assert out.dtype == torch.float64
+    assert rel_err(out, ref) < 1e-12
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("expr", ["causal & (sliding(100) | sink(4))", "document(70, 200, 30) & causal",
+                                  "causal", "dilated(20, 3) | diagonal"])
+def test_half_precision_within_the_measuring_stick(dtype, expr):
+    # The fast result may not be much further from float64 than the same-dtype
+    # dense reference (fp32 accumulation, output rounded to the dtype) is.
+    mask = am.parse(expr)
+    q, k, v = tensors(1, 4, 4, 300, 300, 64, seed=11, dtype=dtype)
+    ref, _ = reference(q, k, v, mask.to_dense(300), 0.125)
+    stick = float((attention(q, k, v, mask, scale=0.125, backend="dense").double() - ref).abs().max())
+    out = attention(q, k, v, mask, scale=0.125, block_size=64)
+    assert out.dtype == dtype
+    err = float((out.double() - ref).abs().max())
+    assert err <= 2 * stick + 1e-6, (err, stick)
+
+
+def test_per_head_masks():
+    heads = [am.causal, am.causal & am.sliding(7), am.document(30, 40, 30) & am.causal, am.sink(2) | am.diagonal]
+    q, k, v = tensors(2, 4, 2, 100, 100, 16, seed=5)
+    allowed = torch.stack([m.to_dense(100) for m in heads])[None]          # [1, H, Lq, Lk]
+    ref, _ = reference(q, k, v, allowed, 0.25)
+    for backend in ("blocksparse", "dense"):
+        out = attention(q, k, v, heads, scale=0.25, enable_gqa=True, backend=backend, block_size=32)
+        assert rel_err(out, ref) < 1e-5, backend
+
+
+def test_per_batch_masks_with_per_head_lists_and_layouts():
+    docs0 = am.document(10, 60, 30) & am.causal
+    docs1 = am.document(50, 50) & am.causal
+    lay1 = docs1.compile(100, block_size=16)
+    items = [docs0, [lay1, am.causal & am.sliding(9)]]
+    q, k, v = tensors(2, 2, 1, 100, 100, 16, seed=9)
+    allowed = torch.stack([torch.stack([docs0.to_dense(100)] * 2),
+                           torch.stack([docs1.to_dense(100), (am.causal & am.sliding(9)).to_dense(100)])])
+    ref, _ = reference(q, k, v, allowed, 0.25)
+    pb = per_batch(items)
+    assert isinstance(pb, am.engines.PerBatch) and hash(pb) == hash(per_batch(items))
+    for backend in ("blocksparse", "dense"):
+        out = attention(q, k, v, pb, scale=0.25, enable_gqa=True, backend=backend, block_size=16)
+        assert rel_err(out, ref) < 1e-5, backend
+
+
+def test_block_layout_input_and_blocksparse_forward_interface():
+    mask = am.causal & am.sliding(33) - am.rows(5, 60, 7)
+    lay = mask.compile(150, 190, q_offset=20, block_size=(32, 16))
+    q, k, v = tensors(1, 4, 2, 150, 190, 16, seed=1)
+    ref, ref_lse = reference(q, k, v, mask.to_dense(150, 190, q_offset=20), 0.25)
+    out = attention(q, k, v, lay, scale=0.25, enable_gqa=True)
+    assert rel_err(out, ref) < 1e-5
+    out2, lse2 = blocksparse_forward(q, k, v, [lay], torch.zeros(1, 4, dtype=torch.int64), 0.25)
+    assert torch.equal(out, out2)
+    assert lse2.dtype == torch.float32 and torch.equal(torch.isfinite(lse2), torch.isfinite(ref_lse))
+
+
+def test_default_scale_and_q_offset():
+    mask = am.causal & am.sliding(10)
+    q, k, v = tensors(1, 1, 1, 5, 40, 8, seed=2)
+    ref, _ = reference(q, k, v, mask.to_dense(5, 40), 1 / math.sqrt(8))   # queries are the last 5 positions
+    assert rel_err(attention(q, k, v, mask), ref) < 1e-5
+
+
+def test_fully_masked_rows_are_exact_zeros_with_minus_inf_lse():
+    mask = am.causal - am.rows(10, 20) - am.rows(100, 101)
+    q, k, v = tensors(1, 2, 2, 150, 150, 16, seed=4)
+    for backend in ("blocksparse", "dense"):
+        out, lse = attention(q, k, v, mask, return_lse=True, backend=backend, block_size=32)
+        for r in list(range(10, 20)) + [100]:
+            assert torch.equal(out[:, :, r], torch.zeros_like(out[:, :, r])), (backend, r)
+            assert bool((lse[:, :, r] == float("-inf")).all()), (backend, r)
+        assert torch.isfinite(lse[:, :, 21]).all()
+    out = attention(q, k, v, am.none)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_bit_identical_on_repeat():
+    mask = am.causal & (am.sliding(70) | am.sink(4)) | am.document(100, 200) & am.causal
+    q, k, v = tensors(2, 4, 4, 300, 300, 32, seed=8)
+    a, la = attention(q, k, v, mask, return_lse=True, block_size=32)
+    am.clear_cache()          # a fresh layout and plan must give the same bits
+    b, lb = attention(q, k, v, mask, return_lse=True, block_size=32)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def test_dense_backend_gradients_match_float64():
+    mask = am.causal & am.sliding(5) - am.rows(3)
+    q, k, v = (t.requires_grad_() for t in tensors(1, 2, 2, 20, 20, 8, seed=6, dtype=torch.float64))
+    out = attention(q, k, v, mask, backend="dense")
+    out.sum().backward()
+    assert not torch.isnan(q.grad).any() and not torch.isnan(k.grad).any()
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    ref, _ = reference(q2, k2, v2, mask.to_dense(20), 1 / math.sqrt(8))
+    ref.sum().backward()
+    assert torch.allclose(q.grad, q2.grad, atol=1e-10) and torch.allclose(v.grad, v2.grad, atol=1e-10)
+
+
+def test_flex_backend_matches_float64():
+    # One tiny shape: FlexAttention compiles per shape (tens of seconds on CPU).
+    mask = am.causal & am.sliding(40) - am.rows(3, 5)
+    q, k, v = tensors(1, 2, 1, 128, 128, 16, seed=7)
+    ref, _ = reference(q, k, v, mask.to_dense(128), 0.25)
+    out = attention(q, k, v, mask, scale=0.25, enable_gqa=True, backend="flex")
+    assert rel_err(out, ref) < 1e-5
+    assert torch.equal(out[:, :, 3:5], torch.zeros_like(out[:, :, 3:5]))
+
+
+# -- errors --------------------------------------------------------------------------------------
+
+
+def test_error_messages_name_tensors_and_fixes():
+    q, k, v = tensors(1, 4, 2, 16, 16, 8, seed=0)
+    with pytest.raises(am.MaskError, match=r"q must be 4-D \[B, H, L, D\], got shape \[4, 16, 8\]"):
+        attention(q[0], k, v, am.causal)
+    with pytest.raises(am.MaskError, match="enable_gqa=True"):
+        attention(q, k, v, am.causal)
+    with pytest.raises(am.MaskError, match="multiple"):
+        attention(q[:, :3], k, v, am.causal, enable_gqa=True)
+    with pytest.raises(am.MaskError, match=r"share one dtype, got q torch.float32, k torch.bfloat16"):
+        attention(q, k.bfloat16(), v, am.causal, enable_gqa=True)
+    with pytest.raises(am.MaskError, match="float16, bfloat16, float32 or float64"):
+        attention(q.int(), k.int(), v.int(), am.causal, enable_gqa=True)
+    with pytest.raises(am.MaskError, match="one device"):
+        attention(q, k.to("meta"), v, am.causal, enable_gqa=True)
+    with pytest.raises(am.MaskError, match=r"same head dim D, got q \[1, 4, 16, 8\] and k \[1, 2, 16, 4\]"):
+        attention(q, k[..., :4], v[..., :4], am.causal, enable_gqa=True)
+    with pytest.raises(am.MaskError, match=r"k and v must have the same shape"):
+        attention(q, k, v[:, :, :5], am.causal, enable_gqa=True)
+    with pytest.raises(am.MaskError, match="unknown backend 'fast'"):
+        attention(q, k, v, am.causal, enable_gqa=True, backend="fast")
+    with pytest.raises(am.MaskError, match=r"recompile with mask.compile\(16, 16"):
+        attention(q, k, v, am.causal.compile(32), enable_gqa=True)
+    with pytest.raises(am.MaskError, match="list of 3 masks but q has 4 heads.*per_batch"):
+        attention(q, k, v, [am.causal] * 3, enable_gqa=True)
+    with pytest.raises(am.MaskError, match="per_batch holds 2 entries but q has batch size 1"):
+        attention(q, k, v, per_batch([am.causal, am.causal]), enable_gqa=True)
+    with pytest.raises(am.MaskError, match="must be a Mask"):
+        attention(q, k, v, "causal", enable_gqa=True)
+    with pytest.raises(am.MaskError, match="per_batch needs a list"):
+        per_batch(am.causal)
+
+
+def test_backend_that_cannot_run_says_why():
+    q, k, v = tensors(1, 2, 2, 16, 16, 8, seed=0)
+    with pytest.raises(am.MaskError) as info:
+        attention(q, k, v, [am.causal, am.full], backend="flex")
+    text = str(info.value)
+    assert "backend 'flex' cannot run" in text and "one mask for all" in text and "head dim" in text
+    assert "backends that can: blocksparse, dense" in text
+    big = torch.zeros(1, 1, 1, 8).expand(1, 1, 70000, 8)
+    with pytest.raises(am.MaskError, match="score matrix"):
+        attention(big, big, big, am.causal, backend="dense")
+
+
+def test_gradients_without_backward_module_raise(monkeypatch):
+    # No silent fallback: if the blocksparse backward cannot be imported, say so.
+    monkeypatch.setitem(sys.modules, "attnmask.engines.autograd", None)
+    q, k, v = tensors(1, 1, 1, 8, 8, 4, seed=0)
+    q.requires_grad_()
+    with pytest.raises(am.MaskError, match="backward is unavailable"):
+        attention(q, k, v, am.causal)
+    with torch.no_grad():
+        assert attention(q, k, v, am.causal).shape == q.shape

@@ -623,7 +623,7 @@ diagonal = Primitive("diagonal")
 
 
 def band(l: int, r: int) -> Mask:
-    """``q - l <= k <= q + r``.  >>> str(band(2, 0))  -> 'band(2, 0)'"""
+    """``q - l <= k <= q + r``: l keys back and r keys ahead."""
     return Primitive("band", (l, r))
 
 

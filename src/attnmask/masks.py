@@ -78,6 +78,16 @@ class Mask:
     def __invert__(self) -> "Mask":
         return Complement(self)
 
+    # `1 | causal` must be a MaskError too, not Python's bare TypeError.
+    def __ror__(self, other):
+        return _as_mask(other, "|") | self
+
+    def __rand__(self, other):
+        return _as_mask(other, "&") & self
+
+    def __rsub__(self, other):
+        return _as_mask(other, "-") - self
+
     # ----- text ------------------------------------------------------------
     def _prec(self) -> int:
         raise NotImplementedError
@@ -242,8 +252,15 @@ def _check_int(name: str, pname: str, value) -> int:
         raise MaskValueError(f"{SPECS[name].signature} needs whole numbers, got {pname}={value!r}")
     value = operator.index(value)
     if abs(value) > MAX_PARAM:
-        raise MaskValueError(f"{SPECS[name].signature}: {pname}={value} is too large (limit {MAX_PARAM})")
+        raise MaskValueError(f"{SPECS[name].signature}: {pname}={_short_int(value)} is too large (limit {MAX_PARAM})")
     return value
+
+
+def _short_int(value: int) -> str:
+    # str() of a 5000-digit int raises in Python >= 3.11; describe it instead.
+    if value.bit_length() < 100:
+        return str(value)
+    return f"{'-' if value < 0 else ''}<a {value.bit_length()}-bit number>"
 
 
 def _normalize(name: str, args: tuple) -> tuple[int, ...]:
@@ -591,9 +608,9 @@ def check_length(name: str, value, minimum: int = 1) -> int:
         raise MaskValueError(f"{name} must be a whole number, got {value!r}")
     value = operator.index(value)
     if value < minimum:
-        raise MaskValueError(f"{name} must be >= {minimum}, got {value}")
+        raise MaskValueError(f"{name} must be >= {minimum}, got {_short_int(value)}")
     if value > MAX_PARAM:
-        raise MaskValueError(f"{name}={value} is too large (limit {MAX_PARAM})")
+        raise MaskValueError(f"{name}={_short_int(value)} is too large (limit {MAX_PARAM})")
     return value
 
 
@@ -608,7 +625,7 @@ def resolve_shape(q_len, kv_len=None, q_offset=None) -> tuple[int, int, int]:
             raise MaskValueError(f"q_offset must be a whole number, got {q_offset!r}")
         q_offset = operator.index(q_offset)
         if abs(q_offset) > MAX_PARAM:
-            raise MaskValueError(f"q_offset={q_offset} is too large (limit {MAX_PARAM})")
+            raise MaskValueError(f"q_offset={_short_int(q_offset)} is too large (limit {MAX_PARAM})")
     return q_len, kv_len, q_offset
 
 

@@ -58,6 +58,18 @@ def test_render_formats(tmp_path, capsys, ext, magic):
     assert code == 0 and err == "" and path.read_bytes()[:len(magic)] == magic
 
 
+def test_render_several_masks_side_by_side(tmp_path, capsys):
+    path = tmp_path / "heads.png"
+    code, _, err = run(capsys, "render", "causal", "full", "--length", "16", "--size", "8", "4",
+                       "--dpi", "50", "--no-annotate", "-o", str(path))
+    assert code == 0 and err == ""
+    img = mpimg.imread(path)[..., :3]
+    h, w = img.shape[:2]
+    # the upper-right quarter of the left panel is masked (purple), of the right panel attended (yellow)
+    assert np.abs(img[int(h * 0.3), int(w * 0.38)] - PURPLE).max() < 3 / 255
+    assert np.abs(img[int(h * 0.3), int(w * 0.88)] - YELLOW).max() < 3 / 255
+
+
 def test_render_block_level_picture_matches_layout(tmp_path, capsys):
     path = tmp_path / "big.png"
     code, _, err = run(capsys, "render", "causal & (sliding(512) | sink(4))", "--length", "65536",

@@ -40,11 +40,12 @@ def _brute_fractions(dense: np.ndarray, tq: int, tk: int) -> np.ndarray:
     """Tile means by brute force over a dense matrix, short last tiles divided by their own area."""
     q, k = dense.shape
     nq, nk = -(-q // tq), -(-k // tk)
-    out = np.zeros((nq, nk))
-    for a in range(nq):
-        for b in range(nk):
-            out[a, b] = dense[a * tq:(a + 1) * tq, b * tk:(b + 1) * tk].mean()
-    return out
+    padded = np.zeros((nq * tq, nk * tk))
+    padded[:q, :k] = dense
+    sums = padded.reshape(nq, tq, nk, tk).sum(axis=(1, 3))
+    rows = np.minimum(np.arange(1, nq + 1) * tq, q) - np.arange(nq) * tq
+    cols = np.minimum(np.arange(1, nk + 1) * tk, k) - np.arange(nk) * tk
+    return sums / (rows[:, None] * cols[None, :])
 
 
 @pytest.mark.parametrize("expr, q_len, kv_len, q_offset", [

@@ -57,8 +57,12 @@ def _formatter(prog: str) -> argparse.RawDescriptionHelpFormatter:
 
 
 def _add_shape(p: argparse.ArgumentParser, *, kv: bool = True, block: bool = True,
-               block_help: str = "tile size in tokens") -> None:
-    p.add_argument("expr", metavar="EXPR", help="mask expression, e.g. 'causal & sliding(256)'")
+               block_help: str = "tile size in tokens", many: bool = False) -> None:
+    if many:
+        p.add_argument("expr", metavar="EXPR", nargs="+",
+                       help="mask expression(s), e.g. 'causal & sliding(256)'; several are drawn side by side")
+    else:
+        p.add_argument("expr", metavar="EXPR", help="mask expression, e.g. 'causal & sliding(256)'")
     p.add_argument("--length", "-n", type=_length, required=True, metavar="N",
                    help="number of queries (and keys unless --kv-length)")
     if kv:
@@ -79,6 +83,7 @@ RENDER_EPILOG = """examples:
   attnmask render "causal & (sliding(4096) | sink(4))" --length 1048576 -o million.png
   attnmask render "document(300, 500, 224)" --length 1024 -o docs.svg --title "packed documents"
   attnmask render "causal & sliding(64)" --length 16 --kv-length 512 -o decode.pdf
+  attnmask render causal "causal & sliding(16)" "chunked(16)" --length 64 -o heads.png   # side by side
 """
 SHOW_EPILOG = """examples:
   attnmask show "causal & sliding(16)" --length 64
@@ -129,7 +134,8 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
                        formatter_class=_formatter,
                        description="Token-level heatmap up to --token-limit positions a side, exact "
                                    "block-level heatmap (fraction attended per tile) beyond.")
-    _add_shape(p, block_help="tile size of a block-level picture (default: at most ~1024 cells a side)")
+    _add_shape(p, block_help="tile size of a block-level picture (default: at most ~1024 cells a side)",
+               many=True)
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="output file: .png, .svg or .pdf")
     p.add_argument("--title", default=None)
     p.add_argument("--dpi", type=_length, default=100)
@@ -215,9 +221,9 @@ def cmd_demo(args) -> int:
 def cmd_render(args) -> int:
     from .render import _check_path, render
     _check_path(args.output)  # refuse a bad extension before any work
-    mask = _mask(args.expr)
+    masks = [_mask(e) for e in args.expr]
     with _progress(f"rendering {args.length:,} positions"):
-        render(mask, args.length, kv_length=args.kv_length, q_offset=args.q_offset, block_size=args.block_size,
+        render(masks if len(masks) > 1 else masks[0], args.length, kv_length=args.kv_length, q_offset=args.q_offset, block_size=args.block_size,
                title=args.title, figsize=tuple(args.size) if args.size else None, dpi=args.dpi,
                annotate=not args.no_annotate, token_limit=args.token_limit, path=args.output)
     print(f"wrote {args.output}")

@@ -91,11 +91,11 @@ def format_position(value: int) -> str:
 
 
 def _ticks(length: int) -> list[int]:
-    """4 to 10 ticks from 0 that end exactly at ``length``."""
+    """4 to 9 ticks from 0 that end exactly at ``length`` (more would crowd long labels)."""
     steps = sorted({m * 10 ** e for e in range(0, 8) for m in (1, 2, 5)}
                    | {1 << e for e in range(0, 24)})
     for step in steps:  # prefer a step that divides the length: the last tick lands on it
-        if length % step == 0 and 4 <= length // step <= 10:
+        if length % step == 0 and 3 <= length // step <= 8:
             return list(range(0, length + 1, step))
     step = next((s for s in steps if length / s <= 8), steps[-1])
     ticks = list(range(0, length, step))

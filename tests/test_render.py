@@ -108,6 +108,13 @@ def test_block_level_cells_are_exact_tile_fractions():
         assert ax.get_xlim() == (0, q_len) and ax.get_ylim() == (q_len, 0)
 
 
+def test_explicit_block_size_gives_a_block_level_picture_even_when_short():
+    fig = render("causal", 10, block_size=4)   # 10 = 4 + 4 + 2: a short last row and column of tiles
+    got = np.asarray(fig.axes[0].images[0].get_array())
+    np.testing.assert_allclose(got, [[10 / 16, 0, 0], [1, 10 / 16, 0], [1, 1, 3 / 4]])
+    assert "4 x 4 tokens per cell" in fig.axes[0].get_title()
+
+
 def test_block_level_with_kv_length_and_offset():
     mask = am.parse("sliding(200) | sink(3)")
     dense = mask.to_dense(500, 1500, q_offset=700).numpy()
@@ -203,5 +210,7 @@ def test_terminal_colour_and_detection(monkeypatch):
     assert use_color(io.StringIO()) is False          # not a terminal
     monkeypatch.setenv("NO_COLOR", "1")
     assert use_color(Tty()) is False
+    tall = show("causal", 100_000, kv_length=64, q_offset=0, color=False, width=30).splitlines()
+    assert len(tall) <= 32 and all(len(line) <= 30 for line in tall[:-1])   # height bounded too
     with pytest.raises(am.MaskError, match="width must be"):
         show("causal", 8, width=3)

@@ -41,7 +41,12 @@ SIGNATURE_TITLE = "Context Length Attention Pattern"
 # ---------------------------------------------------------------------------
 
 def as_mask(mask: MaskLike) -> Mask:
-    """A Mask from a Mask or its text (parsed); anything else is a MaskValueError."""
+    """A Mask from a Mask or its text (parsed); anything else is a MaskValueError.
+
+        >>> import attnmask as am
+        >>> as_mask("causal & sliding(4)") == am.causal & am.sliding(4)
+        True
+    """
     if isinstance(mask, Mask):
         return mask
     if isinstance(mask, str):
@@ -57,6 +62,9 @@ def auto_tile(q_len: int, kv_len: int, cells: int = MAX_CELLS_PER_SIDE) -> int:
     Powers of two are preferred when they cost at most twice the cells of the
     exact minimum, because context lengths usually are powers of two and then
     every tile has the same area.
+
+        >>> auto_tile(1 << 20, 1 << 20), auto_tile(3000, 3000), auto_tile(64, 64)
+        (1024, 4, 1)
     """
     side = max(q_len, kv_len)
     tile = max(1, -(-side // cells))
@@ -69,6 +77,10 @@ def tile_fractions(layout) -> np.ndarray:
 
     Computed from ``layout.tile_counts()`` (O(non-empty tiles)); a short last
     row or column of tiles is divided by its real area, not the nominal one.
+
+        >>> import attnmask as am
+        >>> tile_fractions(am.causal.compile(3, block_size=2)).tolist()
+        [[0.75, 0.0], [1.0, 1.0]]
     """
     bq, bk = layout.block_size
     nqb, nkb = layout.n_q_blocks, layout.n_kv_blocks
@@ -81,7 +93,11 @@ def tile_fractions(layout) -> np.ndarray:
 
 
 def format_position(value: int) -> str:
-    """Tick text: 1048576 -> '1M', 131072 -> '128K', 100 -> '100' (binary units, as context lengths)."""
+    """Tick text in the binary units of context lengths.
+
+        >>> [format_position(n) for n in (1048576, 131072, 100)]
+        ['1M', '128K', '100']
+    """
     value = int(value)
     if value >= 1 << 20 and value % (1 << 20) == 0:
         return f"{value >> 20}M"
@@ -138,9 +154,10 @@ def draw_mask(ax: "Axes", mask: MaskLike, length: int, *, kv_length: int | None 
     """Draw the heatmap of ``mask`` on ``ax``; returns what was drawn.
 
     Token-level (one cell per pair, two viridis end colours) when both sides
-    are at most ``token_limit``; otherwise block-level from the compiled
-    layout, tiles of ``block_size`` tokens (default: chosen so the image has at
-    most ~1024 cells a side), each cell the exact attended fraction. The
+    are at most ``token_limit`` and no ``block_size`` is given; otherwise
+    block-level from the compiled layout, tiles of ``block_size`` tokens
+    (default: chosen so the image has at most ~1024 cells a side), each cell
+    the exact attended fraction. The
     result dict has ``level`` ('token' or 'block'), ``tile``, ``q_len``,
     ``kv_len``, ``q_offset`` and the ``layout`` used for figures.
 
@@ -154,7 +171,7 @@ def draw_mask(ax: "Axes", mask: MaskLike, length: int, *, kv_length: int | None 
     if isinstance(token_limit, bool) or not isinstance(token_limit, int) or token_limit < 1:
         raise MaskValueError(f"token_limit must be a whole number >= 1, got {token_limit!r}")
     purple, yellow = _viridis_ends()
-    if max(q_len, kv_len) <= token_limit:
+    if block_size is None and max(q_len, kv_len) <= token_limit:
         level = "token"
         tile = 1
         from matplotlib.colors import ListedColormap
@@ -222,7 +239,8 @@ def render(mask: MaskLike | Sequence[MaskLike], length: int, *, kv_length: int |
     ``length`` is the number of queries; ``kv_length`` (default ``length``)
     and ``q_offset`` (default ``kv_length - length``) as in ``Mask.to_dense``.
     Token-level up to ``token_limit`` positions a side, block-level beyond
-    (``block_size`` sets the tile, default at most ~1024 cells a side).
+    or whenever ``block_size`` (the tile) is given; the default tile keeps at
+    most ~1024 cells a side.
     ``annotate`` adds density and attended pairs under the title. ``path``
     saves the figure as PNG, SVG or PDF (chosen by extension). ``ax`` draws a
     single mask on an existing axes instead of a new figure.

@@ -52,7 +52,11 @@ def use_color(stream: TextIO | None = None) -> bool:
 
 
 def plain_char(fraction: float) -> str:
-    """'#' all attended, '+' at least a third, '.' some, ' ' none."""
+    """'#' all attended, '+' at least a third, '.' some, ' ' none.
+
+        >>> "".join(plain_char(f) for f in (1.0, 0.5, 0.1, 0.0))
+        '#+. '
+    """
     if fraction >= 1.0:
         return "#"
     if fraction >= 1.0 / 3.0:
@@ -100,6 +104,11 @@ def show(mask: MaskLike, length: int, *, kv_length: int | None = None, q_offset:
     cols = width if color else width - 2
     tile_k = auto_tile(kv_len, kv_len, cols)
     tile_q = tile_k if color else 2 * tile_k
+    # Many more queries than keys would make a picture taller than it is wide;
+    # stretch the query side of the tiles instead (cells are then not square).
+    max_tile_rows = 2 * cols if color else cols
+    if -(-q_len // tile_q) > max_tile_rows:
+        tile_q = auto_tile(q_len, q_len, max_tile_rows)
     layout = mask.compile(q_len, kv_len, block_size=(tile_q, tile_k), q_offset=q_offset)
     frac = tile_fractions(layout)   # [n_q_blocks, n_kv_blocks]
 
@@ -135,7 +144,12 @@ def show(mask: MaskLike, length: int, *, kv_length: int | None = None, q_offset:
 
 
 def summary_line(layout, tile_q: int | None = None, tile_k: int | None = None) -> str:
-    """``expr, q x kv, density, attended pairs, tokens per cell`` for a compiled layout."""
+    """``expr, q x kv, density, attended pairs, tokens per cell`` for a compiled layout.
+
+        >>> import attnmask as am
+        >>> summary_line(am.causal.compile(4))
+        'causal, 4 x 4, density 62.50%, 10 attended pairs'
+    """
     text = str(layout.mask)
     if len(text) > 48:
         text = text[:45] + "..."

@@ -1,0 +1,364 @@
+"""Benchmark: mask -> exact block layout, attnmask vs FlexAttention's create_block_mask.
+
+For each mask and length, side by side in one run:
+
+* attnmask: ``mask.compile(N, block_size=B)``, first compiles only
+  (``attnmask.clear_cache()`` before each timing); the median of ``--repeats``
+  runs, plus the very first compile of a fresh process ("cold").
+* FlexAttention: ``create_block_mask(mask.mask_mod, None, None, N, N,
+  device="cpu", BLOCK_SIZE=B, _compile=True)``, warm: a first call at the same
+  shape compiles it, the second call is timed.
+
+Every case runs in its own fresh subprocess, so memory figures do not leak
+between cases. Peak memory is the growth of the process's peak resident set
+(VmHWM, reset through /proc/self/clear_refs just before the measured call)
+over its resident set before the call: it sees numpy and torch allocations
+alike. For attnmask the numpy peak from ``tracemalloc`` (a separate, untimed
+compile) is shown too. create_block_mask cases over ``--cbm-max-length`` or
+that run past ``--cbm-timeout`` seconds are reported as "skipped (budget)".
+
+    python benchmarks/bench_compile.py                      # full run, writes benchmarks/results/compile.md
+    python benchmarks/bench_compile.py --lengths 4096 --no-cbm --out -   # quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+CASES = ["window_sink", "prefix_lm", "chunked", "document", "row_cut", "dilated"]
+DEFAULT_LENGTHS = [65536, 262144, 1048576]
+DOC_COUNT, DOC_SEED = 1000, 0
+
+
+def build_mask(case: str, n: int):
+    """The benchmark's mask for ``case`` at length ``n``."""
+    import attnmask as am
+    if case == "window_sink":
+        return am.causal & (am.sliding(4096) | am.sink(4))
+    if case == "prefix_lm":
+        return am.prefix_lm(65536)
+    if case == "chunked":
+        return am.causal & am.chunked(8192)
+    if case == "document":
+        import numpy as np
+        rng = np.random.default_rng(DOC_SEED)
+        cuts = np.sort(rng.choice(np.arange(1, n), DOC_COUNT - 1, replace=False))
+        lengths = np.diff(np.concatenate(([0], cuts, [n])))
+        return am.causal & am.document(*lengths.tolist())
+    if case == "row_cut":
+        return am.causal - (am.rows(1000, n, 4096) - am.diagonal)
+    if case == "dilated":
+        return am.causal & am.dilated(512, 8)
+    raise SystemExit(f"unknown case {case!r}; choose from {', '.join(CASES)}")
+
+
+def label(case: str) -> str:
+    return {"window_sink": "causal & (sliding(4096) | sink(4))", "prefix_lm": "prefix_lm(65536)",
+            "chunked": "causal & chunked(8192)", "document": f"causal & document(<{DOC_COUNT} random>)",
+            "row_cut": "causal - (rows(1000, N, 4096) - diagonal)", "dilated": "causal & dilated(512, 8)"}[case]
+
+
+# ---------------------------------------------------------------------------
+# memory probes (Linux /proc)
+# ---------------------------------------------------------------------------
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0).
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _release_freed() -> None:
+    # Hand memory freed by earlier calls back to the OS, so that a measured call
+    # that reuses it still shows up as RSS growth (a warm create_block_mask call
+    # would otherwise recycle the pages of its first call and look free).
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _measure_peak(fn) -> tuple[float, float, bool]:
+    """(seconds, peak RSS growth in MiB, whether the peak could be reset) of one call."""
+    _release_freed()
+    exact = _reset_peak()
+    before = _status_kb("VmRSS")
+    t0 = time.perf_counter()
+    fn()
+    dt = time.perf_counter() - t0
+    peak = _status_kb("VmHWM")
+    return dt, max(0, peak - before) / 1024, exact
+
+
+# ---------------------------------------------------------------------------
+# workers (one fresh process per case)
+# ---------------------------------------------------------------------------
+
+def worker_attnmask(case: str, n: int, block: int, repeats: int) -> dict:
+    import tracemalloc
+
+    import attnmask as am
+    mask = build_mask(case, n)
+    am.clear_cache()
+    # The first compile of the process: time and peak memory together.
+    holder = {}
+    cold_s, peak_mb, exact = _measure_peak(lambda: holder.setdefault("lay", mask.compile(n, block_size=block)))
+    lay = holder.pop("lay")
+    n_runs, nqb = lay.n_runs, lay.n_q_blocks
+    dense_tiles = getattr(lay, "dense_tiles_evaluated", None)
+    del lay
+    times = []
+    for _ in range(repeats):
+        am.clear_cache()
+        t0 = time.perf_counter()
+        lay = mask.compile(n, block_size=block)
+        _ = lay.n_runs
+        times.append(time.perf_counter() - t0)
+        del lay
+    am.clear_cache()
+    tracemalloc.start()
+    mask.compile(n, block_size=block)
+    _, np_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    am.clear_cache()
+    return {"median_s": statistics.median(times), "min_s": min(times), "cold_s": cold_s, "peak_mb": peak_mb,
+            "peak_exact": exact, "tracemalloc_mb": np_peak / 2**20, "n_runs": n_runs, "n_q_blocks": nqb,
+            "dense_tiles": dense_tiles}
+
+
+def worker_cbm(case: str, n: int, block: int) -> dict:
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask
+    mask = build_mask(case, n)
+    mod = mask.mask_mod
+
+    def call():
+        return create_block_mask(mod, None, None, n, n, device="cpu", BLOCK_SIZE=block, _compile=True)
+
+    t0 = time.perf_counter()
+    call()                                   # compiles create_block_mask for this shape
+    first_s = time.perf_counter() - t0
+    warm_s, peak_mb, exact = _measure_peak(call)
+    return {"warm_s": warm_s, "first_s": first_s, "peak_mb": peak_mb, "peak_exact": exact,
+            "torch": torch.__version__}
+
+
+# ---------------------------------------------------------------------------
+# driver
+# ---------------------------------------------------------------------------
+
+def run_worker(args: list[str], timeout: float) -> dict | str:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", *args]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "skipped (budget)"
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+        return f"failed: {tail[0][:80]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def fmt_ms(s: float) -> str:
+    return f"{s * 1e3:.1f} ms" if s < 10 else f"{s:.1f} s"
+
+
+def fmt_s(s: float) -> str:
+    return f"{s:.2f} s" if s < 100 else f"{s:.0f} s"
+
+
+def machine() -> str:
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = ""
+    try:
+        with open("/proc/meminfo") as f:
+            mem = f", {int(f.readline().split()[1]) / 2**20:.0f} GiB RAM"
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)),
+                   help="comma-separated context lengths (default %(default)s)")
+    p.add_argument("--cases", default=",".join(CASES), help="comma-separated cases (default: all)")
+    p.add_argument("--block", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=5, help="attnmask timings per case (median reported)")
+    p.add_argument("--cbm-max-length", type=int, default=262144,
+                   help="longest length at which create_block_mask is run (its cost grows as N^2)")
+    p.add_argument("--cbm-timeout", type=float, default=300.0,
+                   help="seconds allowed per create_block_mask case (compile + warm call)")
+    p.add_argument("--cbm-budget", type=float, default=1500.0,
+                   help="seconds allowed for all create_block_mask cases together; later ones are skipped")
+    p.add_argument("--no-cbm", action="store_true", help="skip create_block_mask entirely")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "compile.md"),
+                   help="markdown results file, or '-' for none")
+    p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+
+    if a.worker:
+        kind, case, n = a.worker[0], a.worker[1], int(a.worker[2])
+        res = worker_attnmask(case, n, a.block, a.repeats) if kind == "attnmask" else worker_cbm(case, n, a.block)
+        print(json.dumps(res))
+        return 0
+
+    lengths = [int(x) for x in a.lengths.split(",")]
+    cases = a.cases.split(",")
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        p.error(f"unknown case(s) {', '.join(unknown)}; choose from {', '.join(CASES)}")
+    started = datetime.now(timezone.utc)
+    load = os.getloadavg()
+    print(f"attnmask compile benchmark, block {a.block}, {started:%Y-%m-%d %H:%M} UTC, load {load[0]:.1f}")
+    print(f"machine: {machine()}")
+    # attnmask first (seconds in all), then create_block_mask (minutes): an
+    # interrupted run still has every attnmask figure. The results file is
+    # rewritten after every case for the same reason.
+    ours: dict = {}
+    theirs: dict = {}
+    rows = lambda: [(c, n, ours[c, n], theirs.get((c, n), "pending"))  # noqa: E731
+                    for n in lengths for c in cases if (c, n) in ours]
+    for n in lengths:
+        for case in cases:
+            ours[case, n] = run_worker(["attnmask", case, str(n), "--block", str(a.block),
+                                        "--repeats", str(a.repeats)], 600)
+            print(_row_text(case, n, ours[case, n], "pending"), flush=True)
+            _write(a, argv, started, load, rows(), lengths, final=False)
+    cbm_spent = 0.0
+    for n in lengths:
+        for case in cases:
+            if a.no_cbm:
+                theirs[case, n] = "not run (--no-cbm)"
+                continue
+            if n > a.cbm_max_length or cbm_spent >= a.cbm_budget:
+                theirs[case, n] = "skipped (budget)"
+                continue
+            t0 = time.perf_counter()
+            theirs[case, n] = run_worker(["cbm", case, str(n), "--block", str(a.block)],
+                                         min(a.cbm_timeout, a.cbm_budget - cbm_spent))
+            cbm_spent += time.perf_counter() - t0
+            print(_row_text(case, n, ours[case, n], theirs[case, n]), flush=True)
+            _write(a, argv, started, load, rows(), lengths, final=False)
+    rows = rows()
+
+    table = _table(rows)
+    verdicts = _verdicts(rows, lengths)
+    print()
+    print(table)
+    print()
+    print("\n".join(verdicts))
+    _write(a, argv, started, load, rows, lengths, final=True)
+    return 0
+
+
+def _write(a, argv, started, load, rows, lengths, final: bool) -> None:
+    table = _table(rows)
+    verdicts = _verdicts(rows, lengths)
+    if a.out != "-":
+        import torch
+        cmd = "python " + " ".join([os.path.relpath(os.path.abspath(__file__))] + (argv if argv is not None else sys.argv[1:]))
+        text = "\n".join([
+            "# Compile time: mask -> exact block layout",
+            "",
+            f"- date: {started:%Y-%m-%d %H:%M} UTC (load average at start {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f})",
+            f"- machine: {machine()}",
+            f"- torch {torch.__version__}, block size {a.block}, attnmask median of {a.repeats} first compiles",
+            f"- command: `{cmd}`",
+            "",
+            "attnmask: `mask.compile(N, block_size=B)` after `attnmask.clear_cache()`; \"cold\" is the first "
+            "compile in a fresh process. FlexAttention: `create_block_mask(mask.mask_mod, None, None, N, N, "
+            "device=\"cpu\", BLOCK_SIZE=B, _compile=True)`, second call at the same shape (warm). "
+            "Peak memory: growth of the process's peak RSS (VmHWM reset via /proc/self/clear_refs) over the "
+            "RSS before the call, each case in a fresh subprocess; \"numpy peak\" is tracemalloc's peak during "
+            "a separate compile. ratio = create_block_mask time / attnmask median time.",
+            "",
+            table,
+            "",
+            *[f"- {v}" for v in verdicts],
+            "",
+        ])
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            f.write(text + ("" if final else "\n(run in progress or interrupted: table incomplete)\n"))
+        if final:
+            print(f"\nwrote {a.out}")
+
+
+def _row_text(case, n, ours, theirs) -> str:
+    o = ours if isinstance(ours, str) else f"{fmt_ms(ours['median_s'])} (cold {fmt_ms(ours['cold_s'])}), {ours['peak_mb']:.0f} MB"
+    t = theirs if isinstance(theirs, str) else f"{fmt_s(theirs['warm_s'])}, {theirs['peak_mb']:.0f} MB"
+    return f"  {label(case):45s} N={n:>9,}  attnmask {o}  |  create_block_mask {t}"
+
+
+def _table(rows) -> str:
+    head = ("| mask | N | attnmask median | cold | attnmask peak RSS | numpy peak | runs | "
+            "create_block_mask (warm) | its peak RSS | ratio |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for case, n, ours, theirs in rows:
+        if isinstance(ours, str):
+            o = [ours, "", "", "", ""]
+        else:
+            o = [fmt_ms(ours["median_s"]), fmt_ms(ours["cold_s"]), f"{ours['peak_mb']:.1f} MB",
+                 f"{ours['tracemalloc_mb']:.1f} MB", f"{ours['n_runs']:,}"]
+        if isinstance(theirs, str):
+            t = [theirs, "", ""]
+        else:
+            ratio = theirs["warm_s"] / ours["median_s"] if not isinstance(ours, str) else float("nan")
+            t = [fmt_s(theirs["warm_s"]), f"{theirs['peak_mb']:.0f} MB", f"{ratio:,.0f}x"]
+        name = label(case).replace("|", "\\|")      # a bare | would split the markdown cell
+        lines.append(f"| `{name}` | {n:,} | " + " | ".join(o + t) + " |")
+    return "\n".join(lines)
+
+
+def _verdicts(rows, lengths) -> list[str]:
+    out = []
+    big = max(lengths)
+    for case, n, ours, theirs in rows:
+        if isinstance(ours, str):
+            out.append(f"{label(case)} at {n:,}: attnmask {ours}")
+            continue
+        if n == 1048576:
+            limit = 0.5 if case == "dilated" else 0.1
+            ok = ours["median_s"] < limit and ours["peak_mb"] < 512
+            out.append(f"target at 1M, {label(case)}: < {limit * 1e3:.0f} ms and < 512 MB: "
+                       f"{'met' if ok else 'MISSED'} ({fmt_ms(ours['median_s'])}, {ours['peak_mb']:.0f} MB)")
+        if n == 65536 and not isinstance(theirs, str):
+            ratio = theirs["warm_s"] / ours["median_s"]
+            out.append(f"target at 64K, {label(case)}: >= 100x faster than create_block_mask: "
+                       f"{'met' if ratio >= 100 else 'MISSED'} ({ratio:,.0f}x)")
+    if big < 1048576:
+        out.append(f"(lengths stopped at {big:,}: the 1M targets were not measured in this run)")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -158,6 +158,9 @@ BAD_INPUT = [
     (["show", "causal"], "required: --length"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     (["stats", "causl", "--length", "8"], "did you mean 'causal'"),
+    (["stats", "causal", "--length", "8", "--plot", "a.bmp"], "extension must be one of"),
+    (["render", "causal", "--length", "8", "--size", "0", "0", "-o", "x.png"], "between 0.5 and 100 inches"),
+    (["show", "(" * 3000 + "causal" + ")" * 3000, "--length", "8"], "nest"),   # the parser's depth limit or the CLI guard
 ]
 
 

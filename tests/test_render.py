@@ -154,6 +154,10 @@ def test_side_by_side_and_options(tmp_path):
         render("causal", 8, path=tmp_path / "x.jpg")
     with pytest.raises(am.MaskError, match="did you mean 'causal'"):
         render("casual", 8)
+    with pytest.raises(am.MaskError, match="figsize must be positive"):
+        render("causal", 8, figsize=(0, 0))
+    with pytest.raises(am.MaskError, match="dpi must be"):
+        render("causal", 8, dpi=0)
     for ext, magic in ((".svg", b"<?xml"), (".pdf", b"%PDF"), (".png", b"\x89PNG")):
         render("causal", 16, path=tmp_path / f"m{ext}")
         assert (tmp_path / f"m{ext}").read_bytes()[:len(magic)] == magic

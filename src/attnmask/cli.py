@@ -52,6 +52,16 @@ def _integer(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
 
 
+def _inches(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of inches, got {text!r}") from None
+    if not 0.5 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be between 0.5 and 100 inches, got {text}")
+    return value
+
+
 def _formatter(prog: str) -> argparse.RawDescriptionHelpFormatter:
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
@@ -139,7 +149,7 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="output file: .png, .svg or .pdf")
     p.add_argument("--title", default=None)
     p.add_argument("--dpi", type=_length, default=100)
-    p.add_argument("--size", type=float, nargs=2, default=None, metavar=("W", "H"), help="figure size in inches")
+    p.add_argument("--size", type=_inches, nargs=2, default=None, metavar=("W", "H"), help="figure size in inches")
     p.add_argument("--token-limit", type=_length, default=2048, metavar="T",
                    help="largest side drawn one cell per token (default 2048)")
     p.add_argument("--no-annotate", action="store_true", help="leave density and attended pairs out")
@@ -332,6 +342,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:  # an output path that cannot be written is bad input too
         where = f" {err.filename!r}" if getattr(err, "filename", None) else ""
         print(f"attnmask: error: cannot write{where}: {err.strerror or err}", file=sys.stderr)
+    except RecursionError:
+        # The parser limits nesting itself; this only guards the CLI contract (one line, no traceback).
+        print("attnmask: error: the expression is nested too deeply to parse; use fewer parentheses",
+              file=sys.stderr)
     except KeyboardInterrupt:
         print("attnmask: interrupted", file=sys.stderr)
         return 130

@@ -262,6 +262,15 @@ def render(mask: MaskLike | Sequence[MaskLike], length: int, *, kv_length: int |
     if ax is not None and len(masks) > 1:
         raise MaskValueError(f"ax= draws one mask, got {len(masks)}; leave ax unset for side-by-side panels")
 
+    if figsize is not None:
+        try:
+            w, h = (float(v) for v in figsize)
+        except (TypeError, ValueError):
+            raise MaskValueError(f"figsize must be (width, height) in inches, got {figsize!r}") from None
+        if not (w > 0 and h > 0):
+            raise MaskValueError(f"figsize must be positive (width, height) in inches, got {figsize!r}")
+    if isinstance(dpi, bool) or not isinstance(dpi, (int, float)) or not dpi > 0:
+        raise MaskValueError(f"dpi must be a positive number, got {dpi!r}")
     n = len(masks)
     if ax is None:
         if figsize is None:

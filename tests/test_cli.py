@@ -130,7 +130,9 @@ def test_stats_json_and_table(tmp_path, capsys):
 @pytest.mark.skipif(not HAS_BENCH, reason="attnmask.bench not written yet")
 def test_bench_help(capsys):
     code, out, _ = run(capsys, "bench", "--help")
-    assert code == 0 and "usage: attnmask bench" in out
+    assert code == 0 and "usage: attnmask bench" in out and "attnmask bench --masks" in out
+    code, out, err = run(capsys, "bench", "--masks", "slidng", "--lengths", "256", "--no-flex", "--no-extras")
+    assert code == 2 and err.count("\n") == 1 and "slidng" in err and "Traceback" not in err
 
 
 def test_bench_missing_is_one_clean_line(capsys):
@@ -180,7 +182,8 @@ def test_oversized_export_names_the_alternatives(tmp_path, capsys):
     assert code == 2 and "attnmask stats" in err and "attnmask render" in err and "1,600,000,000" in err
 
 
-@pytest.mark.parametrize("command", ["demo", "render", "show", "stats", "export"])
+@pytest.mark.parametrize("command", ["demo", "render", "show", "stats", "export"]
+                         + (["bench"] if HAS_BENCH else []))
 def test_help_of_every_subcommand_has_examples(capsys, command):
     code, out, _ = run(capsys, command, "--help")
     assert code == 0

@@ -110,7 +110,8 @@ EXPORT_EPILOG = """examples:
   python -c "import numpy; print(numpy.load('mask.npy').shape)"      # (4096, 4096), dtype bool
 """
 BENCH_EPILOG = """examples:
-  attnmask bench --help          # options of the side-by-side benchmark
+  attnmask bench --masks sliding,causal --lengths 4096 --no-flex --no-extras
+  attnmask bench --lengths 4k,8k,16k --results results.md --plot bench.png
 """
 MAIN_EPILOG = """examples:
   attnmask demo
@@ -187,7 +188,9 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     bench_help = "side-by-side attention benchmark"
     if with_bench:
         from . import bench
-        p = sub.add_parser("bench", help=bench_help, formatter_class=_formatter, epilog=BENCH_EPILOG)
+        p = sub.add_parser("bench", help=bench_help, formatter_class=_formatter, epilog=BENCH_EPILOG,
+                           description="Time attnmask against SDPA (dense mask, is_causal) and FlexAttention "
+                                       "side by side, in one process, and report the ratios.")
         bench.add_arguments(p)
     else:
         # Registered without importing the benchmark, so the other commands stay fast.

@@ -120,6 +120,8 @@ def _segments(runs: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int
 
 
 def _build_plan(layout: BlockLayout) -> Plan:
+    if _is_exact_causal(layout):
+        return Plan(weakref.ref(layout), [], [], [], True, {})
     bq, bk = layout.block_size
     q_len, kv_len = layout.q_len, layout.kv_len
     run_ptr = layout.run_ptr.tolist()
@@ -197,30 +199,42 @@ def _build_plan(layout: BlockLayout) -> Plan:
             out_calls.append(Call(k0, k1, idx, ridx))
         blocks.append((r0, r1, out_calls))
 
-    causal = _is_exact_causal(layout, blocks, masks)
-    return Plan(weakref.ref(layout), blocks, masks, row_empty, causal, {})
+    return Plan(weakref.ref(layout), blocks, masks, row_empty, False, {})
 
 
-def _is_exact_causal(layout: BlockLayout, blocks, masks) -> bool:
-    """True when the layout is exactly ``k <= q`` on a square grid (one is_causal call suffices)."""
+def _is_exact_causal(layout: BlockLayout) -> bool:
+    """True when the layout is exactly ``k <= q`` on a square grid (one is_causal call suffices).
+
+    Checked from the runs (full blocks left of the diagonal, a partial diagonal
+    block) and the diagonal tiles themselves, which must be lower triangular.
+    """
     if layout.q_len != layout.kv_len or layout.q_offset != 0 or layout.block_q != layout.block_k:
         return False
-    for r0, r1, calls in blocks:
-        # Expected: keys [0, r0) unmasked (possibly absent for the first block), then a tril diagonal.
-        if r0 > 0:
-            if len(calls) != 2 or calls[0].mask is not None or (calls[0].k0, calls[0].k1) != (0, r0):
-                return False
-        elif len(calls) != 1:
+    n = layout.n_q_blocks
+    if layout.n_runs != 2 * n - 1:
+        return False
+    qb = layout.run_q_blocks()
+    start, end, state = layout.run_start, layout.run_end, layout.run_state
+    diag = torch.ones(layout.n_runs, dtype=torch.bool)
+    diag[layout.run_ptr[1:-1]] = False          # the first run of every block but block 0 is its full prefix
+    blocks = torch.arange(n)
+    if not (torch.equal(qb[diag], blocks) and torch.equal(start[diag], blocks) and torch.equal(end[diag], blocks + 1)
+            and bool((state[diag] == _PARTIAL).all())):
+        return False
+    if n > 1:
+        pre = ~diag
+        if not (torch.equal(start[pre], torch.zeros(n - 1, dtype=torch.int64)) and torch.equal(end[pre], blocks[1:])
+                and bool((state[pre] == _FULL).all())):
             return False
-        d = calls[-1]
-        if d.mask is None:
-            if r1 - r0 != 1 or (d.k0, d.k1) != (r0, r1):
-                return False
-            continue
-        if (d.k0, d.k1) != (r0, r1):
-            return False
-        m = masks[d.mask]
-        if not torch.equal(m, torch.ones_like(m).tril_()):
+    b = layout.block_q
+    tril = torch.ones(b, b, dtype=torch.bool).tril_()
+    for i in range(0, n, _TILES_PER_EVAL):
+        ids = blocks[i:i + _TILES_PER_EVAL]
+        tm = layout.tile_masks(ids, ids)
+        # Cells past the length are False in tile_masks; compare within the valid square only.
+        valid = ((ids * b)[:, None] + torch.arange(b)[None, :]) < layout.q_len       # [T, b]
+        expect = tril[None] & valid[:, :, None] & valid[:, None, :]
+        if not torch.equal(tm, expect):
             return False
     return True
 

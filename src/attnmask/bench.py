@@ -1,0 +1,531 @@
+"""The side-by-side attention benchmark behind ``attnmask bench``.
+
+In one process, for each mask and length, it times the engines of a *mode*
+(registry ``MODES``; ``"forward"`` is built in): attnmask's blocksparse engine,
+SDPA with a dense bool mask, SDPA ``is_causal`` (the anchor of the ideal) and
+FlexAttention (compiled; compile time reported apart from the warm time).
+The ideal for a mask is ``is_causal time x attended pairs / (N(N+1)/2)``.
+It prints a table of times, ratios and distance from the ideal, saves a
+log-log plot (time against length, one line per engine) and writes a
+markdown results file with the date, machine and command. Extra checks run in
+fresh subprocesses: first call against second call, peak memory of a 128K
+sliding-window forward, and a decoding step against 1M cached keys.
+
+Each competitor is one function ``prepare(case) -> callable`` that raises
+:class:`Skip` when it does not fit; a mode is a dict of them, so other modes
+(e.g. forward + backward) can be added without touching the rest.
+
+    $ python -m attnmask.bench --masks sliding,causal --lengths 4096 --no-flex --no-extras
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+__all__ = ["add_arguments", "run_from_args", "main", "MASKS", "MODES", "Case", "Skip", "register_mode"]
+
+
+# -- masks -----------------------------------------------------------------------------------------
+
+def _doc_lengths(n: int) -> list[int]:
+    # Eight packed documents of uneven, fixed proportions (boundaries not block-aligned).
+    fracs = (0.05, 0.2, 0.1, 0.15, 0.1, 0.25, 0.05)
+    lens = [max(1, int(n * f)) for f in fracs]
+    lens.append(max(1, n - sum(lens)))
+    return lens
+
+
+def _mask_text(name: str, n: int) -> str:
+    texts = {
+        "sliding": "causal & sliding(1024)",
+        "sinks": "causal & (sliding(1024) | sink(4))",
+        "documents": "causal & document(" + ", ".join(str(x) for x in _doc_lengths(n)) + ")",
+        "chunked": "causal & chunked(2048)",
+        "signature": f"causal - (rows(1000, {n}, 4096) - diagonal)",
+        "dilated": "dilated(512, 4)",
+        "causal": "causal",
+    }
+    return texts[name]
+
+
+MASKS: dict[str, Callable[[int], str]] = {name: (lambda n, _name=name: _mask_text(_name, n)) for name in
+                                          ("sliding", "sinks", "documents", "chunked", "signature", "dilated",
+                                           "causal")}
+"""Benchmark masks by name: length -> mask text (scaled with the length where it matters)."""
+
+
+# -- cases and competitors ---------------------------------------------------------------------------
+
+class Skip(Exception):
+    """A competitor does not fit this case (memory, time or support); the message says why."""
+
+
+@dataclass
+class Case:
+    mask_name: str
+    mask_text: str
+    n: int
+    heads: int
+    dim: int
+    dtype: torch.dtype
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    args: argparse.Namespace
+    notes: dict = field(default_factory=dict)
+
+    @property
+    def mask(self):
+        from .language import parse
+        return parse(self.mask_text)
+
+
+def prep_attnmask(case: Case) -> Callable:
+    from .engines import attention
+    t0 = time.perf_counter()
+    layout = case.mask.compile(case.n, block_size=case.args.block_size)
+    case.notes["compile_ms"] = (time.perf_counter() - t0) * 1e3
+    case.notes["attended"] = layout.attended_pairs()
+    q, k, v = case.q, case.k, case.v
+    return lambda: attention(q, k, v, layout, backend="blocksparse")
+
+
+def prep_sdpa_mask(case: Case) -> Callable:
+    import torch.nn.functional as F
+    n = case.n
+    # bool mask n^2 bytes, and SDPA turns it into an additive float mask (n^2 x itemsize).
+    need = n * n * (1 + case.q.element_size())
+    if need > case.args.max_dense_gb * 2**30:
+        raise Skip(f"dense mask needs {need / 2**30:.1f} GB > --max-dense-gb {case.args.max_dense_gb}")
+    if case.notes.get("sdpa_mask_est_s", 0) > case.args.max_seconds:
+        raise Skip("estimated over --max-seconds")
+    dense = case.mask.to_dense(n, limit=n * n)
+    q, k, v = case.q, case.k, case.v
+    return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+
+
+def prep_sdpa_causal(case: Case) -> Callable:
+    import torch.nn.functional as F
+    q, k, v = case.q, case.k, case.v
+    return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def prep_flex(case: Case) -> Callable:
+    if case.args.no_flex:
+        raise Skip("--no-flex")
+    if case.n > case.args.flex_max_length:
+        raise Skip(f"length over --flex-max-length {case.args.flex_max_length} (each shape compiles anew)")
+    from .engines.flex import compiled_flex
+    block_mask = case.mask.compile(case.n, block_size=128).to_flex_block_mask()
+    fn = compiled_flex()
+    q, k, v = case.q, case.k, case.v
+    call = lambda: fn(q, k, v, block_mask=block_mask)  # noqa: E731
+    t0 = time.perf_counter()
+    call()                                   # first call compiles
+    case.notes["flex_compile_s"] = time.perf_counter() - t0
+    return call
+
+
+MODES: dict[str, dict[str, Callable[[Case], Callable]]] = {
+    "forward": {
+        "attnmask": prep_attnmask,
+        "sdpa+mask": prep_sdpa_mask,
+        "sdpa is_causal": prep_sdpa_causal,
+        "flex (warm)": prep_flex,
+    },
+}
+"""mode -> {engine label -> prepare(case) -> callable}. The first engine is attnmask's."""
+
+ANCHOR = "sdpa is_causal"
+
+
+def register_mode(name: str, engines: dict[str, Callable[[Case], Callable]]) -> None:
+    """Add a benchmark mode (e.g. forward + backward); engines as in ``MODES['forward']``."""
+    MODES[name] = engines
+
+
+# -- timing ----------------------------------------------------------------------------------------
+
+def time_call(fn: Callable, repeats: int, warmup: int = 1) -> float:
+    """Best wall time in ms over ``repeats`` calls after ``warmup`` calls (no grad)."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"Python {platform.python_version()}")
+
+
+# -- the main sweep --------------------------------------------------------------------------------
+
+def run_sweep(args, console) -> list[dict]:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    engines = MODES[args.mode]
+    dtype = getattr(torch, args.dtype)
+    rows: list[dict] = []
+    jobs = [(n, m) for n in args.lengths for m in args.masks]
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        task = progress.add_task("benchmark", total=len(jobs) * len(engines))
+        tensors = {}
+        anchor_ms: dict[int, float] = {}
+        for n, mname in jobs:
+            if n not in tensors:
+                tensors.clear()
+                g = torch.Generator().manual_seed(0)
+                tensors[n] = tuple(torch.randn(1, args.heads, n, args.dim, generator=g).to(dtype) for _ in range(3))
+            q, k, v = tensors[n]
+            case = Case(mname, MASKS[mname](n), n, args.heads, args.dim, dtype, q, k, v, args)
+            row = {"mask": mname, "text": case.mask_text, "n": n, "ms": {}, "skip": {}}
+            for label, prep in engines.items():
+                progress.update(task, description=f"N={n:>6} {mname:<10} {label:<15}")
+                if label == ANCHOR and n in anchor_ms:
+                    row["ms"][label] = anchor_ms[n]       # mask-independent: measured once per length
+                else:
+                    try:
+                        fn = prep(case)
+                        ms = time_call(fn, args.repeats)
+                        row["ms"][label] = ms
+                        if label == ANCHOR:
+                            anchor_ms[n] = ms
+                    except Skip as e:
+                        row["skip"][label] = str(e)
+                    except (RuntimeError, MemoryError) as e:   # a competitor failing must not stop the sweep
+                        row["skip"][label] = f"failed: {str(e).splitlines()[0][:80]}"
+                progress.advance(task)
+            row.update({k2: case.notes[k2] for k2 in case.notes})
+            if ANCHOR in row["ms"] and "attended" in row:
+                row["ideal_ms"] = row["ms"][ANCHOR] * row["attended"] / (n * (n + 1) / 2)
+            rows.append(row)
+    return rows
+
+
+def _fmt_ms(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.1f}" if x < 1e4 else f"{x:,.0f}"
+
+
+def table_rows(rows: list[dict], mode: str) -> tuple[list[str], list[list[str]]]:
+    labels = list(MODES[mode])
+    ours = labels[0]
+    head = ["mask", "N", "density"] + [f"{lab} ms" for lab in labels] + ["ideal ms", "/ ideal"]
+    head += [f"vs {lab}" for lab in labels[1:]] + ["flex compile s"]
+    out = []
+    for r in rows:
+        ms = r["ms"]
+        density = r.get("attended", 0) / (r["n"] * r["n"])
+        line = [r["mask"], str(r["n"]), f"{density:.3f}"]
+        line += [_fmt_ms(ms.get(lab)) if lab in ms else "skip" for lab in labels]
+        ideal = r.get("ideal_ms")
+        line += [_fmt_ms(ideal), f"{ms[ours] / ideal:.2f}x" if ideal and ours in ms else "-"]
+        for lab in labels[1:]:
+            line.append(f"{ms[lab] / ms[ours]:.1f}x" if lab in ms and ours in ms else "-")
+        line.append(f"{r['flex_compile_s']:.1f}" if "flex_compile_s" in r else "-")
+        out.append(line)
+    return head, out
+
+
+def save_plot(rows: list[dict], mode: str, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    masks = list(dict.fromkeys(r["mask"] for r in rows))
+    labels = list(MODES[mode])
+    cols = min(4, len(masks))
+    nrows = math.ceil(len(masks) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.4 * nrows), squeeze=False)
+    for ax, m in zip(axes.flat, masks):
+        sel = [r for r in rows if r["mask"] == m]
+        for lab in labels:
+            pts = [(r["n"], r["ms"][lab]) for r in sel if lab in r["ms"]]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=lab)
+        pts = [(r["n"], r["ideal_ms"]) for r in sel if "ideal_ms" in r]
+        if pts:
+            ax.plot(*zip(*pts), linestyle="--", color="gray", label="ideal")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(m)
+        ax.set_xlabel("length N")
+        ax.set_ylabel("ms")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in list(axes.flat)[len(masks):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"attention {mode}: time against length (log-log)")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- extras in fresh subprocesses --------------------------------------------------------------------
+
+_CHILD_FIRST_CALL = """
+import time, torch
+t0 = time.perf_counter()
+import attnmask as am
+n, h, d = {n}, {h}, {d}
+g = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(1, h, n, d, generator=g) for _ in range(3))
+t_import = time.perf_counter() - t0
+mask = am.parse({text!r})
+with torch.no_grad():
+    t0 = time.perf_counter(); am.attention(q, k, v, mask); first = time.perf_counter() - t0
+    t0 = time.perf_counter(); am.attention(q, k, v, mask); second = time.perf_counter() - t0
+print(first * 1e3, second * 1e3, t_import * 1e3)
+"""
+
+_CHILD_MEMORY = """
+import torch, attnmask as am
+def status(key):
+    for line in open('/proc/self/status'):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+n, h, d = {n}, {h}, {d}
+q = torch.empty(1, h, n, d).normal_(); k = torch.empty(1, h, n, d).normal_(); v = torch.empty(1, h, n, d).normal_()
+mask = am.parse({text!r})
+base = status('VmRSS:')
+with torch.no_grad():
+    out = am.attention(q, k, v, mask)
+peak = status('VmHWM:')
+print(peak - base, out.numel() * out.element_size())
+"""
+
+_CHILD_DECODE = """
+import time, torch, attnmask as am
+h, hkv, d = {h}, {hkv}, {d}
+mask = am.parse({text!r})
+res = []
+for n in {lengths}:
+    k = torch.empty(1, hkv, n, d).normal_(); v = torch.empty(1, hkv, n, d).normal_()
+    q = torch.randn(1, h, 1, d)
+    with torch.no_grad():
+        t0 = time.perf_counter(); am.attention(q, k, v, mask, enable_gqa=True); first = time.perf_counter() - t0
+        best = 1e9
+        for _ in range(20):
+            t0 = time.perf_counter(); am.attention(q, k, v, mask, enable_gqa=True); best = min(best, time.perf_counter() - t0)
+    res.append((n, first * 1e3, best * 1e3))
+    del k, v
+print(res)
+"""
+
+
+def _child(code: str, timeout: float) -> str:
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "child failed")
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def run_extras(args, console) -> dict:
+    out: dict = {}
+    h, d = args.heads, args.dim
+    n = args.first_call_length
+    text = "causal & sliding(1024)"
+    console.print(f"[bold]extras[/]: first call vs second call (fresh process, N={n}, {text})")
+    try:
+        first, second, imp = map(float, _child(_CHILD_FIRST_CALL.format(n=n, h=h, d=d, text=text), 600).split())
+        out["first_call"] = {"n": n, "mask": text, "first_ms": first, "second_ms": second, "import_ms": imp}
+    except Exception as e:  # noqa: BLE001 - report, do not abort the benchmark
+        out["first_call"] = {"error": str(e)}
+    n = args.memory_length
+    text = "causal & sliding(1024)"
+    console.print(f"[bold]extras[/]: peak memory of a forward (fresh process, N={n}, {text})")
+    try:
+        added, out_bytes = map(int, _child(_CHILD_MEMORY.format(n=n, h=h, d=d, text=text), 900).split())
+        out["memory"] = {"n": n, "mask": text, "added_mb": added / 2**20, "output_mb": out_bytes / 2**20}
+    except Exception as e:  # noqa: BLE001
+        out["memory"] = {"error": str(e)}
+    text = "causal & (sliding(4096) | sink(4))"
+    lengths = [65536, 1048576]
+    console.print(f"[bold]extras[/]: decoding step q_len=1 ({text}, keys {lengths}, {h} query heads, "
+                  f"{args.decode_kv_heads} kv heads)")
+    try:
+        res = eval(_child(_CHILD_DECODE.format(h=h, hkv=args.decode_kv_heads, d=d, text=text, lengths=lengths), 900))
+        out["decode"] = {"mask": text, "kv_heads": args.decode_kv_heads,
+                         "steps": [{"keys": a, "first_ms": b, "warm_ms": c} for a, b, c in res]}
+    except Exception as e:  # noqa: BLE001
+        out["decode"] = {"error": str(e)}
+    return out
+
+
+def extras_lines(ex: dict) -> list[str]:
+    lines = []
+    fc = ex.get("first_call", {})
+    if "first_ms" in fc:
+        lines.append(f"- First call in a fresh process (N={fc['n']}, `{fc['mask']}`): {fc['first_ms']:.1f} ms; "
+                     f"second call {fc['second_ms']:.1f} ms; difference {fc['first_ms'] - fc['second_ms']:.1f} ms "
+                     f"(import + tensors before it: {fc['import_ms']:.0f} ms).")
+    elif fc:
+        lines.append(f"- First call: failed ({fc.get('error')})")
+    mem = ex.get("memory", {})
+    if "added_mb" in mem:
+        lines.append(f"- Peak memory added by a forward (N={mem['n']}, `{mem['mask']}`, VmHWM - VmRSS before): "
+                     f"{mem['added_mb']:.0f} MB, of which the output tensor is {mem['output_mb']:.0f} MB.")
+    elif mem:
+        lines.append(f"- Memory: failed ({mem.get('error')})")
+    dec = ex.get("decode", {})
+    if "steps" in dec:
+        steps = "; ".join(f"{s['keys']:,} keys: {s['warm_ms']:.2f} ms warm (first {s['first_ms']:.1f} ms)"
+                          for s in dec["steps"])
+        lines.append(f"- Decoding step, q_len=1, `{dec['mask']}`, {dec['kv_heads']} kv head(s): {steps}.")
+    elif dec:
+        lines.append(f"- Decode: failed ({dec.get('error')})")
+    return lines
+
+
+# -- results file ------------------------------------------------------------------------------------
+
+def write_markdown(path: str, args, rows, extras, command: str, started: str, elapsed: float) -> None:
+    head, body = table_rows(rows, args.mode)
+    lines = [f"# Attention benchmark ({args.mode})", "",
+             f"- Date: {started} UTC (took {elapsed:.0f} s)",
+             f"- Machine: {_machine()}",
+             f"- Command: `{command}`",
+             f"- Shapes: B=1, H={args.heads}, D={args.dim}, {args.dtype}; times are the best of "
+             f"{args.repeats} calls after one warm-up; block size {args.block_size}.",
+             "- ideal = SDPA is_causal time x attended pairs / (N(N+1)/2); `/ ideal` is attnmask's distance "
+             "from it; `vs X` = X time / attnmask time (above 1: attnmask faster).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    skips = [(r["mask"], r["n"], lab, why) for r in rows for lab, why in r["skip"].items()]
+    if skips:
+        lines += ["", "Skipped: " + "; ".join(f"{lab} at {m} N={n} ({why})" for m, n, lab, why in skips)]
+    lines += ["", "Masks: " + "; ".join(f"{m} = `{MASKS[m](8192)}`" + (" (at N=8192)" if m in ("documents", "signature") else "")
+                                        for m in dict.fromkeys(r["mask"] for r in rows))]
+    if extras:
+        lines += ["", "## Extras", ""] + extras_lines(extras)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+# -- CLI entry points --------------------------------------------------------------------------------
+
+def _int_list(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        mult = 1
+        if part.endswith("k"):
+            part, mult = part[:-1], 1024
+        out.append(int(part) * mult)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the benchmark's options to ``parser`` (used by ``attnmask bench`` and the script)."""
+    parser.add_argument("--mode", default="forward", help="what to time: " + ", ".join(MODES) + " (default forward)")
+    parser.add_argument("--masks", default=",".join(MASKS), help="comma-separated mask names: " + ", ".join(MASKS))
+    parser.add_argument("--lengths", default="4096,8192,16384,32768", help="comma-separated lengths (4k style ok)")
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per engine (best is kept)")
+    parser.add_argument("--max-dense-gb", type=float, default=3.0, help="skip SDPA+mask above this mask memory")
+    parser.add_argument("--max-seconds", type=float, default=120.0, help="skip a competitor estimated slower")
+    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compiles take minutes)")
+    parser.add_argument("--flex-max-length", type=int, default=16384)
+    parser.add_argument("--no-extras", action="store_true", help="skip first-call, memory and decode checks")
+    parser.add_argument("--first-call-length", type=int, default=16384)
+    parser.add_argument("--memory-length", type=int, default=131072)
+    parser.add_argument("--decode-kv-heads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--results", default="benchmarks/results/attention.md", help="markdown results file ('' = none)")
+    parser.add_argument("--plot", default="docs/bench_attention.png", help="plot file ('' = none)")
+    parser.add_argument("--json", default="", help="also dump raw results as JSON here")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run the benchmark described by parsed ``args``; returns the exit status."""
+    from rich.console import Console
+    from rich.table import Table
+    from .errors import MaskValueError
+    console = Console()
+    if args.mode not in MODES:
+        raise MaskValueError(f"unknown benchmark mode {args.mode!r}; choose one of {', '.join(MODES)}")
+    args.masks = [m.strip() for m in args.masks.split(",")] if isinstance(args.masks, str) else args.masks
+    for m in args.masks:
+        if m not in MASKS:
+            raise MaskValueError(f"unknown benchmark mask {m!r}; choose from {', '.join(MASKS)}")
+    try:
+        args.lengths = _int_list(args.lengths) if isinstance(args.lengths, str) else args.lengths
+    except ValueError:
+        raise MaskValueError(f"--lengths must be comma-separated whole numbers, got {args.lengths!r}") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = " ".join(shlex.quote(a) for a in ([os.path.basename(sys.argv[0])] + sys.argv[1:]))
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    t0 = time.perf_counter()
+    console.print(f"[bold]attnmask bench[/] mode={args.mode}  {_machine()}")
+    rows = run_sweep(args, console)
+    head, body = table_rows(rows, args.mode)
+    table = Table(title=f"attention {args.mode}, H={args.heads}, D={args.dim}, {args.dtype} (ms, best of {args.repeats})")
+    for h in head:
+        table.add_column(h, justify="right" if h not in ("mask",) else "left")
+    for line in body:
+        table.add_row(*line)
+    console.print(table)
+    extras = {} if args.no_extras else run_extras(args, console)
+    for line in extras_lines(extras):
+        console.print(line)
+    if args.plot:
+        save_plot(rows, args.mode, args.plot)
+        console.print(f"plot: {args.plot}")
+    if args.results:
+        write_markdown(args.results, args, rows, extras, command, started, time.perf_counter() - t0)
+        console.print(f"results: {args.results}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "extras": extras}, f, indent=1, default=str)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m attnmask.bench [options]``."""
+    parser = argparse.ArgumentParser(prog="attnmask bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    from .errors import MaskError
+    try:
+        return run_from_args(args)
+    except MaskError as e:
+        print(f"attnmask bench: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

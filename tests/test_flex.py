@@ -62,6 +62,9 @@ CASES = [
     (am.causal & am.sliding(70), 128, 512, None, 64),
     (am.causal & am.sliding(70), 192, 320, 40, 32),
     (am.causal | am.cols(100, 260, 7), 256, 192, -64, 64),
+    # different query and key block sizes
+    (am.causal & (am.sliding(90) | am.sink(4)), 256, 256, None, (64, 32)),
+    (am.causal & am.document(100, 60, 96), 256, 384, None, (32, 128)),
 ]
 
 
@@ -71,7 +74,8 @@ def test_block_structure_matches_create_block_mask(mask, q_len, kv_len, q_offset
     ours = lay.to_flex_block_mask()
     theirs = fa.create_block_mask(offset_mask_mod(mask, lay.q_offset), None, None, q_len, kv_len,
                                   device="cpu", BLOCK_SIZE=block)
-    assert ours.BLOCK_SIZE == theirs.BLOCK_SIZE == (block, block)
+    pair = block if isinstance(block, tuple) else (block, block)
+    assert ours.BLOCK_SIZE == theirs.BLOCK_SIZE == pair
     assert tuple(ours.shape) == tuple(theirs.shape) == (1, 1, q_len, kv_len)
     assert ours.seq_lengths == theirs.seq_lengths == (q_len, kv_len)
     assert tile_sets(ours) == tile_sets(theirs)
@@ -108,6 +112,13 @@ def test_short_edge_tiles(mask, q_len, kv_len, q_offset, block):
             edge = (short_q and qb == last_q) or (short_k and kb == last_k)
             assert (kb in theirs_p[qb]) if edge else (kb in theirs_f[qb])
         assert theirs_f[qb] <= ours_f[qb]
+
+
+def test_huge_flex_block_mask_is_refused():
+    # FlexAttention's index tensors are dense per query block: (N / B)^2 entries.
+    lay = am.causal.compile(1 << 20, block_size=16)
+    with pytest.raises(am.DenseTooLargeError, match="block_size"):
+        lay.to_flex_block_mask()
 
 
 def dense_attention_fp64(q, k, v, dense: torch.Tensor) -> torch.Tensor:

@@ -394,3 +394,22 @@ def test_non_square_decode_shapes_closed_form():
     lay = am.causal.compile(N, 4096, block_size=(128, 64), q_offset=-5000)
     rows = np.arange(N, dtype=np.int64) - 5000
     assert lay.attended_pairs() == int(np.clip(rows + 1, 0, 4096).sum())
+
+
+def test_no_quadratic_structure_at_four_million_tokens():
+    # At 4M tokens and block 128 an (N/B)^2 int8 tile map would be 1 GiB; the
+    # runs of causal are 65,535 entries. tracemalloc sees the compiler's numpy
+    # buffers (not torch's), which is where a tile map would live.
+    import tracemalloc
+    n = 1 << 22
+    am.clear_cache()
+    tracemalloc.start()
+    try:
+        lay = am.causal.compile(n, block_size=128)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert lay.n_runs == 2 * lay.n_q_blocks - 1          # block 0 has only its diagonal tile
+    assert peak < 64 * 2**20, f"compiling causal at 4M tokens peaked at {peak / 2**20:.0f} MiB of numpy memory"
+    assert lay.attended_pairs() == n * (n + 1) // 2
+    am.clear_cache()

@@ -15,6 +15,9 @@ from __future__ import annotations
 from .errors import DenseTooLargeError, MaskError, MaskSyntaxError, MaskValueError
 from .language import parse
 from .layout import BlockLayout, clear_cache
+# render.py imports matplotlib only inside its functions; importing the function
+# eagerly keeps `am.render` the function even after `import attnmask.render`.
+from .render import render
 from .masks import (Mask, band, causal, chunked, cols, diagonal, dilated, document, from_mask_mod, full,
                     none, prefix_lm, rows, sink, sliding, strided)
 
@@ -29,9 +32,6 @@ def __getattr__(name):
     if name == "attention":
         from .engines import attention
         return attention
-    if name == "render":
-        from .render import render
-        return render
     if name in ("analyze", "AnalysisReport", "plot_analysis"):
         from . import analysis
         return getattr(analysis, name)

@@ -19,8 +19,8 @@ from __future__ import annotations
 import difflib
 
 from .errors import MaskError, MaskSyntaxError, MaskValueError
-from .masks import (CONSTANTS, FUNCTIONS, MAX_DEPTH, MAX_PARAM, PRIMITIVE_NAMES, SPECS, Complement,
-                    Difference, Intersection, Mask, Union)
+from .masks import (CONSTANTS, MAX_DEPTH, MAX_PARAM, PRIMITIVE_NAMES, SPECS, Complement,
+                    Difference, Intersection, Mask, Primitive, Union)
 
 _MAX_DIGITS = 12  # anything longer is over MAX_PARAM; never build huge ints
 
@@ -119,19 +119,23 @@ class _Parser:
             raise self.error(f"expected an operator (| & -) or end of text, got {self.describe(tok)}", tok)
         return m
 
+    # Chains are collected first and built once: folding `a | b | c ...` pair by
+    # pair would copy the growing tuple each time (quadratic on long inputs).
     def expr(self) -> Mask:
-        m = self.and_()
+        parts = [self.and_()]
+        tok = self.peek()
         while self.peek().kind == "|":
-            tok = self.take()
-            m = self.build(Union.of, tok, m, self.and_())
-        return m
+            self.take()
+            parts.append(self.and_())
+        return parts[0] if len(parts) == 1 else self.build(Union.chain, tok, parts)
 
     def and_(self) -> Mask:
-        m = self.sub()
+        parts = [self.sub()]
+        tok = self.peek()
         while self.peek().kind == "&":
-            tok = self.take()
-            m = self.build(Intersection.of, tok, m, self.sub())
-        return m
+            self.take()
+            parts.append(self.sub())
+        return parts[0] if len(parts) == 1 else self.build(Intersection.chain, tok, parts)
 
     def sub(self) -> Mask:
         m = self.unary()
@@ -204,7 +208,8 @@ class _Parser:
             if args:
                 raise MaskValueError(f"{name} takes no parameters, got {len(args)} (at position {tok.pos})")
             return CONSTANTS[name]
-        return self.build(FUNCTIONS[name], tok, *args)
+        # Primitive() checks the number of parameters with a MaskValueError.
+        return self.build(Primitive, tok, name, tuple(args))
 
     def integer(self) -> int:
         tok = self.take()

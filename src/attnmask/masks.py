@@ -29,7 +29,7 @@ MAX_PARAM = 2**31 - 1
 
 #: Largest nesting depth of an expression. Deeper trees are refused so that no
 #: recursive walk (printing, hashing, compiling) can hit Python's stack limit.
-MAX_DEPTH = 200
+MAX_DEPTH = 100
 
 #: Default cap on the number of cells a dense result may have.
 DEFAULT_DENSE_LIMIT = 2**30
@@ -163,7 +163,7 @@ class Mask:
                 f"(or pass limit= to allow it)")
         out = torch.empty((q_len, kv_len), dtype=torch.bool)
         k = torch.arange(kv_len, dtype=torch.int64)[None, :]
-        rows_per_tile = max(1, (1 << 21) // max(kv_len, 1))
+        rows_per_tile = max(1, (1 << 19) // max(kv_len, 1))  # int64 temporaries of ~4 MB
         for r0 in range(0, q_len, rows_per_tile):
             r1 = min(q_len, r0 + rows_per_tile)
             q = torch.arange(q_offset + r0, q_offset + r1, dtype=torch.int64)[:, None]
@@ -340,9 +340,9 @@ class Primitive(Mask):
         if name == "diagonal":
             return k == q
         if name == "band":
-            return (k >= q - a[0]) & (k <= q + a[1])
+            return (q - k <= a[0]) & (k - q <= a[1])
         if name == "sliding":
-            return (k > q - a[0]) & (k <= q)
+            return (q - k < a[0]) & (k <= q)
         if name == "sink":
             return k < a[0]
         if name == "prefix_lm":
@@ -388,7 +388,14 @@ class Union(Mask):
 
     @staticmethod
     def of(a: Mask, b: Mask) -> "Union":
-        parts = (a.parts if isinstance(a, Union) else (a,)) + (b,)
+        return Union.chain([a, b])
+
+    @staticmethod
+    def chain(parts) -> "Union":
+        """``parts[0] op parts[1] op ...`` as Python builds it (a left chain, flattened)."""
+        parts = tuple(parts)
+        if isinstance(parts[0], Union):
+            parts = parts[0].parts + parts[1:]
         return Union(parts, _depth_checked(1 + max(p.depth for p in parts)))
 
     def _prec(self) -> int:
@@ -419,7 +426,14 @@ class Intersection(Mask):
 
     @staticmethod
     def of(a: Mask, b: Mask) -> "Intersection":
-        parts = (a.parts if isinstance(a, Intersection) else (a,)) + (b,)
+        return Intersection.chain([a, b])
+
+    @staticmethod
+    def chain(parts) -> "Intersection":
+        """``parts[0] op parts[1] op ...`` as Python builds it (a left chain, flattened)."""
+        parts = tuple(parts)
+        if isinstance(parts[0], Intersection):
+            parts = parts[0].parts + parts[1:]
         return Intersection(parts, _depth_checked(1 + max(p.depth for p in parts)))
 
     def _prec(self) -> int:
@@ -585,12 +599,14 @@ def from_mask_mod(fn: Callable, name: str | None = None) -> Mask:
 
 def make_mask_mod(mask: Mask, q_offset: int) -> Callable:
     """A FlexAttention mask_mod for ``mask`` with query row i at q_offset + i."""
+    # FlexAttention may pass int32 indices; positions plus parameters (up to
+    # 2**31 - 1) must not wrap, so evaluate in int64.
     if q_offset == 0:
         def mask_mod(b, h, q_idx, kv_idx):
-            return mask._eval(q_idx, kv_idx)
+            return mask._eval(q_idx.to(torch.int64), kv_idx.to(torch.int64))
     else:
         def mask_mod(b, h, q_idx, kv_idx):
-            return mask._eval(q_idx + q_offset, kv_idx)
+            return mask._eval(q_idx.to(torch.int64) + q_offset, kv_idx.to(torch.int64))
     mask_mod.__name__ = f"attnmask_{_safe_name(str(mask))}"
     return mask_mod
 

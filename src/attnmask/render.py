@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import os
 import sys
-import types
 from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
@@ -341,17 +340,6 @@ def render_signature(path: str | os.PathLike | None = "signature.png", *, dpi: i
     return render(SIGNATURE, 64, title=SIGNATURE_TITLE, annotate=False, figsize=(6.0, 5.4), dpi=dpi,
                   path=path)
 
-
-class _CallableModule(types.ModuleType):
-    """Importing ``attnmask.render`` makes the package attribute ``am.render`` this module,
-    hiding the lazily exported function of the same name; calling the module calls
-    :func:`render`, so ``am.render(...)`` works whichever was imported first."""
-
-    def __call__(self, *args, **kwargs) -> "Figure":
-        return render(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 __all__ = ["render", "draw_mask", "repr_png", "render_signature", "tile_fractions", "auto_tile",
            "format_position", "as_mask"]

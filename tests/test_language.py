@@ -25,6 +25,7 @@ from attnmask.language import suggest_name
 from strategies import build, full_text, mask_specs, masks
 
 a, b, c = am.causal, am.sliding(4), am.sink(2)
+MAX = 2**31 - 1   # the largest parameter the library accepts
 
 # ---------------------------------------------------------------------------
 # round trips and canonical text
@@ -253,6 +254,24 @@ def test_value_error_messages(text, parts):
         am.parse(text)
     for part in parts:
         assert part in str(info.value), f"{part!r} missing from {str(info.value)!r}"
+
+
+EDGE_CALLS = [("rows", (MAX,)), ("cols", (MAX,)), ("rows", (MAX, MAX)), ("cols", (0, MAX, MAX)),
+              ("sliding", (MAX,)), ("band", (MAX, MAX)), ("dilated", (MAX, MAX)), ("document", (MAX, MAX)),
+              ("sliding", (MAX + 1,)), ("rows", (MAX + 1,)), ("sink", (0,)), ("rows", (0, 0))]
+
+
+@pytest.mark.parametrize("name,args", EDGE_CALLS, ids=[f"{n}{a}" for n, a in EDGE_CALLS])
+def test_text_and_python_agree_at_the_edges(name, args):
+    # The same call written as text or in Python is the same mask, or the same refusal.
+    def outcome(make):
+        try:
+            return make()
+        except am.MaskValueError:
+            return "MaskValueError"
+    from_text = outcome(lambda: am.parse(f"{name}({', '.join(map(str, args))})"))
+    from_python = outcome(lambda: getattr(am, name)(*args))
+    assert from_text == from_python
 
 
 def test_primitive_without_parameters_says_how_to_call_it():

@@ -40,26 +40,36 @@ _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
 @dataclass(frozen=True)
-class Call:
-    """One kernel call: query rows [r0, r1) against keys [k0, k1).
+class Op:
+    """One kernel call over ``G`` query blocks at once (strided views, no copies).
 
-    ``mask`` is None (every pair attended) or an index into ``Plan.masks``;
-    ``rows_empty`` indexes ``Plan.row_empty`` (rows with no key in this call) or is None.
+    Query rows ``r0 + g * dr + [0, rows)`` attend keys ``k0 + g * dk + [0, span)``
+    for g in ``range(G)`` (``dk`` may be 0: all blocks share the keys). ``mask``
+    indexes ``Plan.masks`` (bool ``[rows, span]``, the same for every g) or is
+    None; ``causal`` means the top-left causal mask of the kernel (rows == span);
+    ``rows_empty`` indexes ``Plan.row_empty``; ``first`` says no earlier op wrote
+    these rows (copy instead of merging).
     """
+    r0: int
+    dr: int
+    rows: int
     k0: int
-    k1: int
+    dk: int
+    span: int
+    G: int
     mask: int | None
+    causal: bool
     rows_empty: int | None
+    first: bool
 
 
 @dataclass
 class Plan:
-    """Per query block, the calls that compute it exactly (see the module docstring)."""
-    layout_ref: "weakref.ref[BlockLayout]"
-    blocks: list[tuple[int, int, list[Call]]]   # (r0, r1, calls) for every query block
-    masks: list[torch.Tensor]                   # bool [rows, keys] masks of partial calls (deduplicated)
-    row_empty: list[torch.Tensor]               # bool [rows]: rows with no key in a call
-    causal: bool                                # the whole layout is exactly causal (top-left)
+    """The ops that compute a layout exactly, in a fixed order (see the module docstring)."""
+    ops: list[Op]
+    masks: list[torch.Tensor]                   # bool [rows, span] masks of partial ops (deduplicated)
+    row_empty: list[torch.Tensor]               # bool [rows]: rows with no key in an op
+    causal: bool                                # the whole layout is exactly causal (one is_causal call)
     _typed: dict
 
     def additive(self, idx: int, dtype: torch.dtype) -> torch.Tensor:
@@ -81,8 +91,8 @@ def plan_for(layout: BlockLayout) -> Plan:
 
         >>> import attnmask as am
         >>> plan = plan_for((am.causal & am.sliding(256)).compile(1024, block_size=128))
-        >>> [(c.k0, c.k1, c.mask is not None) for c in plan.blocks[3][2]]
-        [(129, 512, True)]
+        >>> [(op.r0, op.G, op.span) for op in plan.ops]
+        [(0, 1, 128), (128, 1, 256), (256, 6, 383)]
     """
     plan = _plans.get(layout)
     if plan is None:
@@ -92,7 +102,7 @@ def plan_for(layout: BlockLayout) -> Plan:
 
 
 def _segments(runs: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int]]]:
-    """Split the runs of one query block into groups that become one kernel call each."""
+    """Split runs (of one query block) into groups that become one kernel call each."""
     groups: list[list[tuple[int, int, int]]] = []
     for run in runs:
         if groups and groups[-1][-1][1] == run[0]:
@@ -119,87 +129,178 @@ def _segments(runs: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int
     return out
 
 
+class _Builder:
+    """Assembles a Plan: tiles -> deduplicated masks -> items -> batched ops."""
+
+    def __init__(self, layout: BlockLayout):
+        self.layout = layout
+        self.bq, self.bk = layout.block_size
+        self.masks: list[torch.Tensor] = []
+        self.mask_ids: dict[bytes, int] = {}
+        self.row_empty: list[torch.Tensor] = []
+        self.row_ids: dict[bytes, int] = {}
+        self.tile_id: dict[tuple[int, int], int] = {}
+        self.tiles: list[torch.Tensor] = []
+
+    def eval_tiles(self, need: list[tuple[int, int]]) -> None:
+        """Evaluate partial tiles once (in chunks) and give identical tiles one id."""
+        seen: dict[bytes, int] = {}
+        for i in range(0, len(need), _TILES_PER_EVAL):
+            chunk = need[i:i + _TILES_PER_EVAL]
+            tm = self.layout.tile_masks(torch.tensor([c[0] for c in chunk], dtype=torch.int64),
+                                        torch.tensor([c[1] for c in chunk], dtype=torch.int64))
+            flat = tm.reshape(len(chunk), -1).numpy()
+            for j, key in enumerate(chunk):
+                digest = hashlib.blake2b(flat[j].tobytes(), digest_size=16).digest()
+                tid = seen.get(digest)
+                if tid is None:
+                    tid = seen[digest] = len(self.tiles)
+                    self.tiles.append(tm[j])
+                self.tile_id[key] = tid
+
+    def item(self, qb: int, rows: int, seg: list[tuple[int, int, int]]):
+        """(k0, span, mask id, rows-empty id) of one segment of block qb after trimming, or None if empty."""
+        bk, kv_len = self.bk, self.layout.kv_len
+        k0, k1 = seg[0][0] * bk, min(seg[-1][1] * bk, kv_len)
+        if all(t == _FULL for _, _, t in seg):
+            return k0, k1 - k0, None, None
+        m = torch.ones((rows, k1 - k0), dtype=torch.bool)
+        for s, e, t in seg:
+            if t == _PARTIAL:
+                for c in range(s, e):
+                    a, b = c * bk - k0, min((c + 1) * bk, kv_len) - k0
+                    m[:, a:b] = self.tiles[self.tile_id[(qb, c)]][:rows, :b - a]
+        cols = m.any(0).nonzero()
+        if len(cols) == 0:
+            return None
+        lo, hi = int(cols[0]), int(cols[-1]) + 1
+        m = m[:, lo:hi].contiguous()
+        if bool(m.all()):
+            return k0 + lo, hi - lo, None, None
+        key = hashlib.blake2b(m.numpy().tobytes(), digest_size=16).digest() + repr(m.shape).encode()
+        idx = self.mask_ids.get(key)
+        if idx is None:
+            idx = self.mask_ids[key] = len(self.masks)
+            self.masks.append(m)
+        ridx = None
+        empty = ~m.any(1)
+        if bool(empty.any()):
+            rkey = empty.numpy().tobytes()
+            ridx = self.row_ids.get(rkey)
+            if ridx is None:
+                ridx = self.row_ids[rkey] = len(self.row_empty)
+                self.row_empty.append(empty)
+        return k0 + lo, hi - lo, idx, ridx
+
+
 def _build_plan(layout: BlockLayout) -> Plan:
     if _is_exact_causal(layout):
-        return Plan(weakref.ref(layout), [], [], [], True, {})
+        return Plan([], [], [], True, {})
     bq, bk = layout.block_size
-    q_len, kv_len = layout.q_len, layout.kv_len
+    q_len, kv_len, nqb = layout.q_len, layout.kv_len, layout.n_q_blocks
     run_ptr = layout.run_ptr.tolist()
     starts, ends, states = layout.run_start.tolist(), layout.run_end.tolist(), layout.run_state.tolist()
+    runs = [[(starts[i], ends[i], states[i]) for i in range(run_ptr[b], run_ptr[b + 1])] for b in range(nqb)]
+    bld = _Builder(layout)
+    bld.eval_tiles([(b, c) for b in range(nqb) for s, e, t in runs[b] if t == _PARTIAL for c in range(s, e)])
 
-    # Pass 1: the calls of each query block, and the partial tiles they need.
-    raw: list[tuple[int, int, list[tuple[int, int, list[tuple[int, int, int]]]]]] = []
-    need_q: list[int] = []
-    need_k: list[int] = []
-    for qb in range(layout.n_q_blocks):
-        r0, r1 = qb * bq, min((qb + 1) * bq, q_len)
-        runs = [(starts[i], ends[i], states[i]) for i in range(run_ptr[qb], run_ptr[qb + 1])]
-        calls = []
-        for seg in _segments(runs):
-            c0, c1 = seg[0][0], seg[-1][1]
-            calls.append((c0, c1, seg))
-            for s, e, t in seg:
-                if t == _PARTIAL:
-                    need_q.extend([qb] * (e - s))
-                    need_k.extend(range(s, e))
-        raw.append((r0, r1, calls))
-
-    # Evaluate every partial tile once, in chunks (bounded memory).
-    tile_mask: dict[tuple[int, int], torch.Tensor] = {}
-    for i in range(0, len(need_q), _TILES_PER_EVAL):
-        qs = torch.tensor(need_q[i:i + _TILES_PER_EVAL], dtype=torch.int64)
-        ks = torch.tensor(need_k[i:i + _TILES_PER_EVAL], dtype=torch.int64)
-        tm = layout.tile_masks(qs, ks)
-        for j in range(len(qs)):
-            tile_mask[(need_q[i + j], need_k[i + j])] = tm[j]
-
-    # Pass 2: assemble per-call masks, trim all-false key columns at both ends,
-    # and deduplicate identical masks (a sliding window has a handful, whatever N).
-    masks: list[torch.Tensor] = []
-    mask_ids: dict[bytes, int] = {}
-    row_empty: list[torch.Tensor] = []
-    row_ids: dict[bytes, int] = {}
-    blocks = []
-    for r0, r1, calls in raw:
-        rows = r1 - r0
-        out_calls: list[Call] = []
-        for c0, c1, seg in calls:
-            k0, k1 = c0 * bk, min(c1 * bk, kv_len)
-            if all(t == _FULL for _, _, t in seg):
-                out_calls.append(Call(k0, k1, None, None))
+    # Causal regions: consecutive full-height blocks whose last run is the exact lower-triangular
+    # diagonal tile, preceded by full tiles back to the region's first diagonal column, and whose
+    # keys left of that column are identical. The triangle is one top-left is_causal call; the
+    # shared left part is one call for the whole region.
+    tril_id = None
+    if bq == bk and layout.q_offset % bk == 0:
+        tril = torch.ones(bq, bq, dtype=torch.bool).tril_()
+        for tid, t in enumerate(bld.tiles):
+            if torch.equal(t, tril):
+                tril_id = tid
+                break
+    diag_col = [-1] * nqb
+    f0 = [0] * nqb
+    if tril_id is not None:
+        for b in range(nqb):
+            c = (layout.q_offset + b * bq) // bk
+            r = runs[b]
+            if (b + 1) * bq > q_len or (c + 1) * bk > kv_len or not r or r[-1] != (c, c + 1, _PARTIAL) \
+                    or bld.tile_id[(b, c)] != tril_id:
                 continue
-            m = torch.ones((rows, k1 - k0), dtype=torch.bool)
-            for s, e, t in seg:
-                if t == _PARTIAL:
-                    for c in range(s, e):
-                        a, b = c * bk - k0, min((c + 1) * bk, kv_len) - k0
-                        m[:, a:b] = tile_mask[(r0 // bq, c)][:rows, :b - a]
-            cols = m.any(0).nonzero()
-            if len(cols) == 0:
-                continue   # the layout said partial, but these rows see nothing here
-            lo, hi = int(cols[0]), int(cols[-1]) + 1
-            m = m[:, lo:hi].contiguous()
-            k0, k1 = k0 + lo, k0 + hi
-            if bool(m.all()):
-                out_calls.append(Call(k0, k1, None, None))
-                continue
-            key = hashlib.blake2b(m.numpy().tobytes(), digest_size=16).digest() + repr(m.shape).encode()
-            idx = mask_ids.get(key)
-            if idx is None:
-                idx = mask_ids[key] = len(masks)
-                masks.append(m)
-            empty = ~m.any(1)
-            ridx = None
-            if bool(empty.any()):
-                rkey = empty.numpy().tobytes()
-                ridx = row_ids.get(rkey)
-                if ridx is None:
-                    ridx = row_ids[rkey] = len(row_empty)
-                    row_empty.append(empty)
-            out_calls.append(Call(k0, k1, idx, ridx))
-        blocks.append((r0, r1, out_calls))
+            diag_col[b] = c
+            f0[b] = r[-2][0] if len(r) >= 2 and r[-2][1] == c and r[-2][2] == _FULL else c
 
-    return Plan(weakref.ref(layout), blocks, masks, row_empty, False, {})
+    def left_sig(b: int, ca: int) -> tuple:
+        out = []
+        for s, e, t in runs[b][:-1]:
+            if s >= ca:
+                continue
+            e = min(e, ca)
+            out.append((s, e, t, tuple(bld.tile_id[(b, c)] for c in range(s, e)) if t == _PARTIAL else ()))
+        return tuple(out)
+
+    items: list[tuple[int, int, int, int, int | None, int | None]] = []   # (block, rows, k0, span, mask, empty)
+    region_ops: list[tuple] = []
+    b = 0
+    while b < nqb:
+        if diag_col[b] >= 0:
+            a, ca = b, diag_col[b]
+            sig = left_sig(b, ca)
+            j = b + 1
+            while j < nqb and diag_col[j] == ca + (j - a) and f0[j] <= ca and left_sig(j, ca) == sig:
+                j += 1
+            if j - a >= 2:
+                region_ops.append((a, j - a, ca, sig))
+                b = j
+                continue
+        rows = min((b + 1) * bq, q_len) - b * bq
+        for seg in _segments(runs[b]):
+            it = bld.item(b, rows, seg)
+            if it is not None:
+                items.append((b, rows) + it)
+        b += 1
+
+    written = [0] * nqb
+    ops: list[Op] = []
+
+    def add(op_blocks: list[int], **kw) -> None:
+        first = all(written[x] == 0 for x in op_blocks)
+        for x in op_blocks:
+            written[x] += 1
+        ops.append(Op(first=first, **kw))
+
+    for a, G, ca, sig in region_ops:
+        blocks = list(range(a, a + G))
+        add(blocks, r0=a * bq, dr=0, rows=G * bq, k0=ca * bk, dk=0, span=G * bq, G=1, mask=None, causal=True,
+            rows_empty=None)
+        # The left part, identical for every block of the region: one call with the keys shared (dk = 0).
+        left = [(s, e, t) for s, e, t, _ in sig]
+        for seg in _segments(left):
+            it = bld.item(a, bq, seg)
+            if it is not None:
+                k0, span, m, re_ = it
+                add(blocks, r0=a * bq, dr=bq, rows=bq, k0=k0, dk=0, span=span, G=G, mask=m, causal=False,
+                    rows_empty=re_)
+
+    # Generic items: batch consecutive items with equal shape and mask whose query and key starts
+    # advance by constant steps (a sliding window's interior is one call).
+    buckets: dict[tuple, list[tuple[int, int]]] = {}
+    for blk, rows, k0, span, m, re_ in items:
+        buckets.setdefault((rows, span, m, re_), []).append((blk, k0))
+    for (rows, span, m, re_), members in buckets.items():
+        i = 0
+        while i < len(members):
+            j, dr, dk = i + 1, 0, 0
+            if j < len(members) and members[j][0] != members[i][0]:
+                dr = (members[j][0] - members[i][0]) * bq
+                dk = members[j][1] - members[i][1]
+                j += 1
+                while j < len(members) and (members[j][0] - members[j - 1][0]) * bq == dr \
+                        and members[j][1] - members[j - 1][1] == dk:
+                    j += 1
+            if j - i == 1:
+                dr = dk = 0
+            add([members[x][0] for x in range(i, j)], r0=members[i][0] * bq, dr=dr, rows=rows, k0=members[i][1],
+                dk=dk, span=span, G=j - i, mask=m, causal=False, rows_empty=re_)
+            i = j
+    return Plan(ops, bld.masks, bld.row_empty, False, {})
 
 
 def _is_exact_causal(layout: BlockLayout) -> bool:
@@ -239,56 +340,86 @@ def _is_exact_causal(layout: BlockLayout) -> bool:
     return True
 
 
-def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine partial attentions over disjoint key sets through their LSE (float32, or float64 inputs in float64)."""
-    acc = torch.float64 if parts[0][1].dtype == torch.float64 else torch.float32
-    lses = torch.stack([l for _, l in parts]).to(acc)                   # [P, ..., rows]
-    m = lses.amax(0)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    w = torch.exp(lses - m)                                             # exp(-inf) = 0 for empty parts
-    s = w.sum(0)
-    out = parts[0][0].to(acc) * w[0].unsqueeze(-1)
-    for i in range(1, len(parts)):
-        out.add_(parts[i][0].to(acc) * w[i].unsqueeze(-1))
-    # Rows with no key anywhere: s == 0 -> out 0 / tiny = 0, lse = log 0 = -inf.
-    out.div_(s.clamp_min(torch.finfo(acc).tiny).unsqueeze(-1))
-    return out, m + torch.log(s)
+def _view(t: torch.Tensor, start: int, step: int, G: int, n: int) -> torch.Tensor:
+    """[Z, G, n, D] strided view of a [Z, L, D] tensor: rows start + g * step + [0, n)."""
+    sz, sl, sd = t.stride()
+    return t.as_strided((t.shape[0], G, n, t.shape[2]), (sz, step * sl, sl, sd), t.storage_offset() + start * sl)
+
+
+def _run_plan(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Execute a plan on 3-D views q [Z, Lq, D], k/v [Z, Lk, D] (k/v may have stride 0 on Z).
+
+    ``out`` [Z, Lq, D] (float32/float64 accumulator or the result itself) and ``lse``
+    [Z, Lq] start as 0 / -inf; ops either copy into them or merge by log-sum-exp.
+    """
+    neg_inf = float("-inf")
+    for op in plan.ops:
+        qs = _view(q, op.r0, op.dr, op.G, op.rows)
+        ks = _view(k, op.k0, op.dk, op.G, op.span)
+        vs = _view(v, op.k0, op.dk, op.G, op.span)
+        if op.causal:
+            o, l = _flash(qs, ks, vs, 0.0, True, scale=scale)
+        elif op.mask is None:
+            o, l = _flash(qs, ks, vs, 0.0, False, scale=scale)
+        else:
+            o, l = _flash(qs, ks, vs, 0.0, False, attn_mask=plan.additive(op.mask, q.dtype), scale=scale)
+            if op.rows_empty is not None:
+                # The kernel returns lse 0 (and zeros) for rows it saw no key for; mark them -inf.
+                l.masked_fill_(plan.row_empty[op.rows_empty], neg_inf)
+        ov = _view(out, op.r0, op.dr, op.G, op.rows)
+        lv = _view(lse.unsqueeze(-1), op.r0, op.dr, op.G, op.rows).squeeze(-1)
+        if op.first:
+            ov.copy_(o)
+            lv.copy_(l)
+            continue
+        # Merge with what earlier ops wrote for these rows (all in the accumulator's precision).
+        l = l.to(lv.dtype)
+        m = torch.maximum(lv, l)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        wa = torch.exp(lv - m)
+        wb = torch.exp(l - m)
+        s = wa + wb
+        inv = 1.0 / s.clamp_min(torch.finfo(s.dtype).tiny)
+        ov.mul_((wa * inv).unsqueeze(-1)).add_(o.to(ov.dtype) * (wb * inv).unsqueeze(-1))
+        lv.copy_(m + torch.log(s))
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor | None:
+    """[X, Y, L, D] -> [X*Y, L, D] as a view when the strides allow it (else None)."""
+    X, Y, L, D = t.shape
+    sx, sy, sl, sd = t.stride()
+    if X == 1 or sx == Y * sy:
+        return t.as_strided((X * Y, L, D), (sy, sl, sd), t.storage_offset())
+    return None
 
 
 def _forward_one_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
                         scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """q [B, H, Lq, D], k/v [B, H, Lk, D] (possibly stride-0 expanded) -> fills out, lse in place."""
+    """q [X, Y, Lq, D], k/v [X, Y, Lk, D] (possibly stride-0 expanded) -> fills out, lse in place."""
     plan = plan_for(layout)
     if plan.causal:
         o, l = _flash(q, k, v, 0.0, True, scale=scale)
         out.copy_(o)
         lse.copy_(l)
         return
-    neg_inf = float("-inf")
-    for r0, r1, calls in plan.blocks:
-        if not calls:
-            out[:, :, r0:r1].zero_()
-            lse[:, :, r0:r1].fill_(neg_inf)
-            continue
-        qs = q[:, :, r0:r1]
-        parts = []
-        for c in calls:
-            ks, vs = k[:, :, c.k0:c.k1], v[:, :, c.k0:c.k1]
-            if c.mask is None:
-                o, l = _flash(qs, ks, vs, 0.0, False, scale=scale)
-            else:
-                o, l = _flash(qs, ks, vs, 0.0, False, attn_mask=plan.additive(c.mask, q.dtype), scale=scale)
-                if c.rows_empty is not None:
-                    # The kernel returns lse 0 (and zeros) for rows it saw no key for; mark them -inf.
-                    l.masked_fill_(plan.row_empty[c.rows_empty], neg_inf)
-            parts.append((o, l))
-        if len(parts) == 1:
-            out[:, :, r0:r1] = parts[0][0]
-            lse[:, :, r0:r1] = parts[0][1]
-        else:
-            o, l = _merge(parts)
-            out[:, :, r0:r1] = o
-            lse[:, :, r0:r1] = l
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = out if out.dtype == acc_dtype else torch.empty(out.shape, dtype=acc_dtype)
+    acc.zero_()
+    acc_lse = lse if lse.dtype == acc_dtype else torch.empty(lse.shape, dtype=acc_dtype)
+    acc_lse.fill_(float("-inf"))
+    views = [_flat(t) for t in (q, k, v, acc)]
+    lflat = acc_lse.reshape(-1, acc_lse.shape[-1]) if acc_lse.is_contiguous() else None
+    if all(x is not None for x in views) and lflat is not None:
+        _run_plan(plan, *views[:3], scale, views[3], lflat)
+    else:
+        # Heads that share kv (stride 0) cannot be flattened with the batch: one x at a time.
+        for x in range(q.shape[0]):
+            _run_plan(plan, q[x], k[x], v[x], scale, acc[x], acc_lse[x])
+    if acc is not out:
+        out.copy_(acc)
+    if acc_lse is not lse:
+        lse.copy_(acc_lse)
 
 
 def blocksparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layouts: list[BlockLayout],

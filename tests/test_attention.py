@@ -131,7 +131,9 @@ def test_random_masks_match_float64(problem):
     ("causal & (sliding(50) | sink(4))", 1, 3000, None, 128),   # a decoding step
     ("document(100, 50, 77) & causal", 250, 250, None, (32, 64)),
     ("causal - (rows(36, 64, 8) - diagonal)", 64, 64, None, 16),
-    ("dilated(8, 4)", 200, 300, 50, 32),
+    ("dilated(8, 4)", 200, 300, 50, 32),           # runs as 4 strided window problems
+    ("causal & dilated(5, 3)", 77, 130, None, 16),
+    ("dilated(3, 7)", 5, 100, 3, 16),
     ("chunked(96) & causal", 130, 500, 370, 64),
     ("none", 10, 10, None, 4),
 ])
@@ -156,7 +158,8 @@ def test_float64_inputs_stay_float64_exact():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("expr", ["causal & (sliding(100) | sink(4))", "document(70, 200, 30) & causal",
-                                  "causal", "dilated(20, 3) | diagonal"])
+                                  "causal", "dilated(20, 3) | diagonal",
+                                  "dilated(30, 4)"])
 def test_half_precision_within_the_measuring_stick(dtype, expr):
     # The fast result may not be much further from float64 than the same-dtype
     # dense reference (fp32 accumulation, output rounded to the dtype) is.

@@ -394,9 +394,46 @@ def _flat(t: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
+def _dilation(mask) -> tuple[int, int] | None:
+    """(w, d) when ``mask`` is ``dilated(w, d)``, alone or intersected with ``causal`` (which it implies)."""
+    from ..masks import Intersection, Primitive
+    parts = mask.parts if isinstance(mask, Intersection) else (mask,)
+    dil = [p for p in parts if isinstance(p, Primitive) and p.name == "dilated"]
+    rest = [p for p in parts if not (isinstance(p, Primitive) and p.name in ("dilated", "causal", "full"))]
+    if len(dil) == 1 and not rest:
+        return dil[0].args[0], dil[0].args[1]
+    return None
+
+
 def _forward_one_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
                         scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """q [X, Y, Lq, D], k/v [X, Y, Lk, D] (possibly stride-0 expanded) -> fills out, lse in place."""
+    """q [X, Y, Lq, D], k/v [X, Y, Lk, D] (possibly stride-0 expanded) -> fills out, lse in place.
+
+    ``dilated(w, d)`` only pairs positions of one residue class mod d, where it is a
+    sliding window of w: it runs as d window problems on strided views (no copies),
+    so its cost is that of the w keys each row keeps, not of the w * d they span.
+    """
+    dil = _dilation(layout.mask)
+    if dil is None or dil[1] == 1:
+        _forward_plain(q, k, v, layout, scale, out, lse)
+        return
+    from ..masks import causal, sliding
+    w, d = dil
+    Lq, Lk, q_offset = layout.q_len, layout.kv_len, layout.q_offset
+    sub_mask = causal & sliding(w)
+    out.zero_()
+    lse.fill_(float("-inf"))
+    for r in range(d):
+        i0 = (r - q_offset) % d                  # first query row at a position = r (mod d)
+        if i0 >= Lq or r >= Lk:
+            continue                              # no rows, or rows with no key: zeros / -inf
+        sub = sub_mask.compile(len(range(i0, Lq, d)), len(range(r, Lk, d)), q_offset=(q_offset + i0 - r) // d,
+                               block_size=layout.block_size)
+        _forward_plain(q[:, :, i0::d], k[:, :, r::d], v[:, :, r::d], sub, scale, out[:, :, i0::d], lse[:, :, i0::d])
+
+
+def _forward_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
+                   scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
     plan = plan_for(layout)
     if plan.causal:
         o, l = _flash(q, k, v, 0.0, True, scale=scale)
@@ -409,7 +446,9 @@ def _forward_one_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     acc_lse = lse if lse.dtype == acc_dtype else torch.empty(lse.shape, dtype=acc_dtype)
     acc_lse.fill_(float("-inf"))
     views = [_flat(t) for t in (q, k, v, acc)]
-    lflat = acc_lse.reshape(-1, acc_lse.shape[-1]) if acc_lse.is_contiguous() else None
+    X, Y, L = acc_lse.shape
+    sx, sy, sl = acc_lse.stride()
+    lflat = acc_lse.as_strided((X * Y, L), (sy, sl), acc_lse.storage_offset()) if X == 1 or sx == Y * sy else None
     if all(x is not None for x in views) and lflat is not None:
         _run_plan(plan, *views[:3], scale, views[3], lflat)
     else:

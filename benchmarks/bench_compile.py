@@ -144,12 +144,21 @@ def worker_attnmask(case: str, n: int, block: int, repeats: int) -> dict:
     _, np_peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     am.clear_cache()
-    return {"median_s": statistics.median(times), "min_s": min(times), "cold_s": cold_s, "peak_mb": peak_mb,
+    digest = _states_digest(mask.compile(n, block_size=block).block_states().numpy()) if n <= 262144 else None
+    am.clear_cache()
+    return {"digest": digest, "median_s": statistics.median(times), "min_s": min(times), "cold_s": cold_s, "peak_mb": peak_mb,
             "peak_exact": exact, "tracemalloc_mb": np_peak / 2**20, "n_runs": n_runs, "n_q_blocks": nqb,
             "dense_tiles": dense_tiles}
 
 
+def _states_digest(states) -> str:
+    """A fingerprint of an int8 [q_blocks, kv_blocks] tile-state matrix, to compare the two tools."""
+    import hashlib
+    return hashlib.sha1(states.astype("int8").tobytes() + str(states.shape).encode()).hexdigest()[:16]
+
+
 def worker_cbm(case: str, n: int, block: int) -> dict:
+    import numpy as np
     import torch
     from torch.nn.attention.flex_attention import create_block_mask
     mask = build_mask(case, n)
@@ -161,8 +170,16 @@ def worker_cbm(case: str, n: int, block: int) -> dict:
     t0 = time.perf_counter()
     call()                                   # compiles create_block_mask for this shape
     first_s = time.perf_counter() - t0
-    warm_s, peak_mb, exact = _measure_peak(call)
-    return {"warm_s": warm_s, "first_s": first_s, "peak_mb": peak_mb, "peak_exact": exact,
+    holder = {}
+    warm_s, peak_mb, exact = _measure_peak(lambda: holder.setdefault("bm", call()))
+    bm = holder.pop("bm")
+    nqb, nkb = -(-n // block), -(-n // block)
+    states = np.zeros((nqb, nkb), np.int8)
+    for num, idx, state in ((bm.kv_num_blocks, bm.kv_indices, 1), (bm.full_kv_num_blocks, bm.full_kv_indices, 2)):
+        num, idx = num[0, 0].numpy(), idx[0, 0].numpy()
+        for row in range(nqb):
+            states[row, idx[row, :num[row]]] = state
+    return {"digest": _states_digest(states), "warm_s": warm_s, "first_s": first_s, "peak_mb": peak_mb, "peak_exact": exact,
             "torch": torch.__version__}
 
 
@@ -240,19 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     print(f"attnmask compile benchmark, block {a.block}, {started:%Y-%m-%d %H:%M} UTC, load {load[0]:.1f}")
     print(f"machine: {machine()}")
-    # attnmask first (seconds in all), then create_block_mask (minutes): an
-    # interrupted run still has every attnmask figure. The results file is
-    # rewritten after every case for the same reason.
+    # create_block_mask first (minutes), attnmask last (seconds), so that the
+    # attnmask figures are of the code as it is when the run ends. The results
+    # file is rewritten after every case, so an interrupted run keeps its figures.
     ours: dict = {}
     theirs: dict = {}
-    rows = lambda: [(c, n, ours[c, n], theirs.get((c, n), "pending"))  # noqa: E731
-                    for n in lengths for c in cases if (c, n) in ours]
-    for n in lengths:
-        for case in cases:
-            ours[case, n] = run_worker(["attnmask", case, str(n), "--block", str(a.block),
-                                        "--repeats", str(a.repeats)], 600)
-            print(_row_text(case, n, ours[case, n], "pending"), flush=True)
-            _write(a, argv, started, load, rows(), lengths, final=False)
+    rows = lambda: [(c, n, ours.get((c, n), "pending"), theirs.get((c, n), "pending"))  # noqa: E731
+                    for n in lengths for c in cases if (c, n) in ours or (c, n) in theirs]
     cbm_spent = 0.0
     for n in lengths:
         for case in cases:
@@ -266,6 +277,12 @@ def main(argv: list[str] | None = None) -> int:
             theirs[case, n] = run_worker(["cbm", case, str(n), "--block", str(a.block)],
                                          min(a.cbm_timeout, a.cbm_budget - cbm_spent))
             cbm_spent += time.perf_counter() - t0
+            print(_row_text(case, n, "pending", theirs[case, n]), flush=True)
+            _write(a, argv, started, load, rows(), lengths, final=False)
+    for n in lengths:
+        for case in cases:
+            ours[case, n] = run_worker(["attnmask", case, str(n), "--block", str(a.block),
+                                        "--repeats", str(a.repeats)], 600)
             print(_row_text(case, n, ours[case, n], theirs[case, n]), flush=True)
             _write(a, argv, started, load, rows(), lengths, final=False)
     rows = rows()
@@ -299,7 +316,8 @@ def _write(a, argv, started, load, rows, lengths, final: bool) -> None:
             "device=\"cpu\", BLOCK_SIZE=B, _compile=True)`, second call at the same shape (warm). "
             "Peak memory: growth of the process's peak RSS (VmHWM reset via /proc/self/clear_refs) over the "
             "RSS before the call, each case in a fresh subprocess; \"numpy peak\" is tracemalloc's peak during "
-            "a separate compile. ratio = create_block_mask time / attnmask median time.",
+            "a separate compile. ratio = create_block_mask time / attnmask median time. same tiles: attnmask's "
+            "`block_states()` equals the partial/full tiles of create_block_mask's BlockMask (compared by hash).",
             "",
             table,
             "",
@@ -320,20 +338,23 @@ def _row_text(case, n, ours, theirs) -> str:
 
 
 def _table(rows) -> str:
-    head = ("| mask | N | attnmask median | cold | attnmask peak RSS | numpy peak | runs | "
-            "create_block_mask (warm) | its peak RSS | ratio |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    head = ("| mask | N | attnmask median (min) | cold | attnmask peak RSS | numpy peak | runs | "
+            "create_block_mask (warm) | its peak RSS | ratio | same tiles |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for case, n, ours, theirs in rows:
         if isinstance(ours, str):
             o = [ours, "", "", "", ""]
         else:
-            o = [fmt_ms(ours["median_s"]), fmt_ms(ours["cold_s"]), f"{ours['peak_mb']:.1f} MB",
-                 f"{ours['tracemalloc_mb']:.1f} MB", f"{ours['n_runs']:,}"]
+            o = [f"{fmt_ms(ours['median_s'])} ({fmt_ms(ours['min_s'])})", fmt_ms(ours["cold_s"]),
+                 f"{ours['peak_mb']:.1f} MB", f"{ours['tracemalloc_mb']:.1f} MB", f"{ours['n_runs']:,}"]
         if isinstance(theirs, str):
-            t = [theirs, "", ""]
+            t = [theirs, "", "", ""]
+        elif isinstance(ours, str):
+            t = [fmt_s(theirs["warm_s"]), f"{theirs['peak_mb']:.0f} MB", "", ""]
         else:
-            ratio = theirs["warm_s"] / ours["median_s"] if not isinstance(ours, str) else float("nan")
-            t = [fmt_s(theirs["warm_s"]), f"{theirs['peak_mb']:.0f} MB", f"{ratio:,.0f}x"]
+            ratio = theirs["warm_s"] / ours["median_s"]
+            same = "?" if not ours.get("digest") else ("yes" if ours["digest"] == theirs["digest"] else "NO")
+            t = [fmt_s(theirs["warm_s"]), f"{theirs['peak_mb']:.0f} MB", f"{ratio:,.0f}x", same]
         name = label(case).replace("|", "\\|")      # a bare | would split the markdown cell
         lines.append(f"| `{name}` | {n:,} | " + " | ".join(o + t) + " |")
     return "\n".join(lines)
@@ -355,6 +376,10 @@ def _verdicts(rows, lengths) -> list[str]:
             ratio = theirs["warm_s"] / ours["median_s"]
             out.append(f"target at 64K, {label(case)}: >= 100x faster than create_block_mask: "
                        f"{'met' if ratio >= 100 else 'MISSED'} ({ratio:,.0f}x)")
+    mismatched = [f"{label(c)} at {n:,}" for c, n, o, t in rows
+                  if isinstance(o, dict) and isinstance(t, dict) and o.get("digest") and o["digest"] != t["digest"]]
+    if mismatched:
+        out.append("TILE MISMATCH with create_block_mask: " + "; ".join(mismatched))
     if big < 1048576:
         out.append(f"(lengths stopped at {big:,}: the 1M targets were not measured in this run)")
     return out

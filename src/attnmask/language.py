@@ -203,11 +203,8 @@ class _Parser:
                     raise self.error(f"expected ',' or ')' in the parameters of {name}, got {self.describe(sep)}", sep)
         else:
             self.take()
-        del open_tok
         if name in CONSTANTS:
-            if args:
-                raise MaskValueError(f"{name} takes no parameters, got {len(args)} (at position {tok.pos})")
-            return CONSTANTS[name]
+            raise self.error(f"{name} takes no parameters; write {name} without parentheses", open_tok)
         # Primitive() checks the number of parameters with a MaskValueError.
         return self.build(Primitive, tok, name, tuple(args))
 

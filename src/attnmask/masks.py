@@ -141,14 +141,15 @@ class Mask:
         return make_mask_mod(self, 0)
 
     def to_dense(self, q_len: int, kv_len: int | None = None, *, q_offset: int | None = None,
-                 limit: int = DEFAULT_DENSE_LIMIT) -> torch.Tensor:
+                 limit: int | None = DEFAULT_DENSE_LIMIT) -> torch.Tensor:
         """The exact mask as ``torch.bool [q_len, kv_len]``.
 
         Query row ``i`` is position ``q_offset + i`` (default
         ``kv_len - q_len``); key column ``j`` is position ``j``. Built in
         bounded row tiles, so peak memory is the result plus a few MB. Results
         with more than ``limit`` cells (default 2**30) are refused: use
-        ``compile()`` for a block layout or ``attnmask.analyze()`` for figures.
+        ``compile()`` for a block layout or ``attnmask.analyze()`` for figures;
+        ``limit=None`` lifts the guard.
 
             >>> import attnmask as am
             >>> am.sliding(2).to_dense(2, 4).int().tolist()   # q_offset = 2
@@ -156,7 +157,7 @@ class Mask:
         """
         q_len, kv_len, q_offset = resolve_shape(q_len, kv_len, q_offset)
         cells = q_len * kv_len
-        if cells > limit:
+        if limit is not None and cells > limit:
             raise DenseTooLargeError(
                 f"a dense {q_len} x {kv_len} mask has {cells:,} cells, over the limit of {limit:,}; "
                 f"use mask.compile(...) for a block layout or attnmask.analyze(...) for exact figures "
@@ -274,17 +275,22 @@ def _normalize(name: str, args: tuple) -> tuple[int, ...]:
             raise MaskValueError(f"{spec.signature} needs at least {spec.min_args} parameter, got {n}")
         want = (str(spec.min_args) if spec.min_args == spec.max_args
                 else f"{spec.min_args} to {spec.max_args}")
-        raise MaskValueError(f"{spec.signature} takes {want} parameters, got {n}")
+        noun = "parameter" if want == "1" else "parameters"
+        raise MaskValueError(f"{spec.signature} takes {want} {noun}, got {n}")
     if name == "document":
         vals = tuple(_check_int(name, f"n{i + 1}", a) for i, a in enumerate(args))
         for i, v in enumerate(vals):
             if v < 1:
                 raise MaskValueError(f"document(n1, n2, ...) needs every ni >= 1, got n{i + 1}={v}")
         return vals
-    vals = tuple(_check_int(name, spec.params[i], a) for i, a in enumerate(args))
+    if name in ("rows", "cols") and n == 3 and args[1] is None:   # rows(a, s=2) from Python
+        args = (args[0], None, args[2])
+        vals = (_check_int(name, "a", args[0]), None, _check_int(name, "s", args[2]))
+    else:
+        vals = tuple(_check_int(name, spec.params[i], a) for i, a in enumerate(args))
     if name in ("rows", "cols"):
         a = vals[0]
-        b = vals[1] if n > 1 else a + 1
+        b = vals[1] if n > 1 and vals[1] is not None else a + 1   # may be MAX_PARAM + 1: an exclusive end
         s = vals[2] if n > 2 else 1
         if a < 0:
             raise MaskValueError(f"{spec.signature} needs a >= 0, got a={a}")
@@ -394,9 +400,12 @@ class Union(Mask):
     def chain(parts) -> "Union":
         """``parts[0] op parts[1] op ...`` as Python builds it (a left chain, flattened)."""
         parts = tuple(parts)
+        depth = 1 + max(p.depth for p in parts)
         if isinstance(parts[0], Union):
+            # depth of the flattened chain without rescanning its (maybe long) parts
+            depth = max(parts[0].depth, 1 + max((p.depth for p in parts[1:]), default=0))
             parts = parts[0].parts + parts[1:]
-        return Union(parts, _depth_checked(1 + max(p.depth for p in parts)))
+        return Union(parts, _depth_checked(depth))
 
     def _prec(self) -> int:
         return _PREC_OR
@@ -432,9 +441,12 @@ class Intersection(Mask):
     def chain(parts) -> "Intersection":
         """``parts[0] op parts[1] op ...`` as Python builds it (a left chain, flattened)."""
         parts = tuple(parts)
+        depth = 1 + max(p.depth for p in parts)
         if isinstance(parts[0], Intersection):
+            # depth of the flattened chain without rescanning its (maybe long) parts
+            depth = max(parts[0].depth, 1 + max((p.depth for p in parts[1:]), default=0))
             parts = parts[0].parts + parts[1:]
-        return Intersection(parts, _depth_checked(1 + max(p.depth for p in parts)))
+        return Intersection(parts, _depth_checked(depth))
 
     def _prec(self) -> int:
         return _PREC_AND
@@ -697,14 +709,21 @@ def document(*lengths: int) -> Mask:
     return Primitive("document", tuple(lengths))
 
 
+def _range_args(a, b, s) -> tuple:
+    # Defaults are filled by the primitive itself, exactly as for parsed text.
+    if b is None:
+        return (a,) if s == 1 else (a, None, s)
+    return (a, b, s)
+
+
 def rows(a: int, b: int | None = None, s: int = 1) -> Mask:
-    """Query rows ``a <= q < b`` with ``(q - a) % s == 0`` (any key)."""
-    return Primitive("rows", (a, a + 1 if b is None else b, s))
+    """Query rows ``a <= q < b`` with ``(q - a) % s == 0`` (any key); b defaults to a + 1."""
+    return Primitive("rows", _range_args(a, b, s))
 
 
 def cols(a: int, b: int | None = None, s: int = 1) -> Mask:
-    """Key columns ``a <= k < b`` with ``(k - a) % s == 0`` (any query)."""
-    return Primitive("cols", (a, a + 1 if b is None else b, s))
+    """Key columns ``a <= k < b`` with ``(k - a) % s == 0`` (any query); b defaults to a + 1."""
+    return Primitive("cols", _range_args(a, b, s))
 
 
 FUNCTIONS = {"band": band, "sliding": sliding, "sink": sink, "prefix_lm": prefix_lm,

@@ -250,6 +250,20 @@ def test_every_primitive_alone(mask, shape):
     check_layout(mask, *shape)
 
 
+BIG = 2**31 - 1    # the largest parameter the language accepts
+
+
+@pytest.mark.parametrize("mask", [
+    am.sliding(BIG), am.band(BIG, BIG), am.dilated(BIG, BIG), am.dilated(3, BIG), am.strided(BIG), am.chunked(BIG),
+    am.rows(0, BIG, BIG), am.rows(BIG - 5, BIG), am.cols(0, BIG, 2), am.sink(BIG), am.prefix_lm(BIG),
+    am.document(BIG, 5), ~am.document(BIG) | am.strided(BIG - 1), am.causal & am.dilated(BIG, 2),
+])
+@pytest.mark.parametrize("shape", [(37, 53, None, 8), (20, 30, BIG, 7), (20, 30, -BIG, 16), (20, 30, BIG - 25, (4, 3))])
+def test_extreme_parameters_and_offsets(mask, shape):
+    # int64 arithmetic on w * d, q_offset + q_len, etc. must not overflow or lose exactness
+    check_layout(mask, *shape)
+
+
 # ---------------------------------------------------------------------------
 # cache
 # ---------------------------------------------------------------------------

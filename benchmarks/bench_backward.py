@@ -1,0 +1,294 @@
+"""Forward + backward benchmark of the block-sparse engine against SDPA, side by side in one run.
+
+Default case (issue 6): N=8192, H=8, D=64, float32, ``causal & sliding(1024)``.
+It times, best of ``--repeats`` after one warm-up:
+
+* attnmask forward (no grad), attnmask backward alone, attnmask forward + backward;
+* SDPA with a dense bool mask, forward + backward (the competitor of the target);
+* SDPA ``is_causal`` forward and forward + backward (the anchor of the ideal:
+  is_causal time x attended pairs / (N(N+1)/2)).
+
+and, each in a fresh subprocess, the peak memory a training step (forward +
+backward, layout compile included) adds on top of its inputs: attnmask at
+``--memory-length`` (64K by default), and attnmask vs SDPA+mask at N. torch
+allocations are invisible to tracemalloc, so the peak is the process's VmHWM
+(reset through /proc/self/clear_refs just before the step) minus its RSS
+before it. Ratios are printed against the issue's targets and written to
+``benchmarks/results/backward.md`` with the date, machine and command.
+
+    python benchmarks/bench_backward.py                       # the full run (a few minutes)
+    python benchmarks/bench_backward.py --length 2048 --memory-length 8192 --results ''   # quick look
+
+To add a forward+backward mode to ``attnmask bench`` (src/attnmask/bench.py),
+register the ``prep_*`` functions below, which take that module's ``Case``::
+
+    from bench_backward import BACKWARD_ENGINES
+    attnmask.bench.register_mode("backward", BACKWARD_ENGINES)
+
+(each callable enables grad itself, since ``time_call`` runs under no_grad).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import attnmask as am
+
+TARGETS = {"bwd_over_fwd": 3.0, "sdpa_mask_over_ours": 5.0, "memory_gb": 1.0}
+
+
+# -- one forward + backward step of each engine ----------------------------------------------------
+
+def fwd_bwd_attnmask(q, k, v, layout, dout) -> Callable[[], None]:
+    """A callable running one attnmask forward + backward (gradients into fresh leaves)."""
+    def step():
+        with torch.enable_grad():
+            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+            out = am.attention(qq, kk, vv, layout, backend="blocksparse")
+            out.backward(dout)
+    return step
+
+
+def fwd_bwd_sdpa(q, k, v, dout, *, attn_mask=None, is_causal=False) -> Callable[[], None]:
+    def step():
+        with torch.enable_grad():
+            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+            out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=attn_mask, is_causal=is_causal)
+            out.backward(dout)
+    return step
+
+
+def backward_only_attnmask(q, k, v, layout, dout, repeats: int) -> float:
+    """Best time (ms) of ``out.backward`` alone; the forward of each repeat is not timed."""
+    best = math.inf
+    for i in range(repeats + 1):
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        with torch.enable_grad():
+            out = am.attention(qq, kk, vv, layout, backend="blocksparse")
+        t0 = time.perf_counter()
+        out.backward(dout)
+        if i:                                   # the first one is the warm-up
+            best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def best_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+# -- hooks for attnmask.bench (its Case carries q, k, v, n, mask, args) -----------------------------
+
+def prep_attnmask_fwd_bwd(case) -> Callable[[], None]:
+    layout = case.mask.compile(case.n, block_size=case.args.block_size)
+    case.notes["attended"] = layout.attended_pairs()
+    return fwd_bwd_attnmask(case.q, case.k, case.v, layout, torch.randn_like(case.q))
+
+
+def prep_sdpa_mask_fwd_bwd(case) -> Callable[[], None]:
+    dense = case.mask.to_dense(case.n, limit=case.n * case.n)
+    return fwd_bwd_sdpa(case.q, case.k, case.v, torch.randn_like(case.q), attn_mask=dense)
+
+
+def prep_sdpa_causal_fwd_bwd(case) -> Callable[[], None]:
+    return fwd_bwd_sdpa(case.q, case.k, case.v, torch.randn_like(case.q), is_causal=True)
+
+
+BACKWARD_ENGINES = {"attnmask": prep_attnmask_fwd_bwd, "sdpa+mask": prep_sdpa_mask_fwd_bwd,
+                    "sdpa is_causal": prep_sdpa_causal_fwd_bwd}
+"""Engine label -> prepare(case) for ``attnmask.bench.register_mode("backward", ...)``."""
+
+
+# -- memory in a fresh process ---------------------------------------------------------------------
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(engine: str, n: int, heads: int, dim: int, mask_text: str, block_size: int) -> dict:
+    """Peak memory (MB) one training step adds on top of its inputs, in this (fresh) process."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(1, heads, n, dim, generator=g) for _ in range(4))
+    mask = am.parse(mask_text)
+    if engine == "sdpa+mask":   # the dense mask is part of that engine's cost
+        def step():
+            dense = mask.to_dense(n, limit=n * n)
+            fwd_bwd_sdpa(q, k, v, dout, attn_mask=dense)()
+    else:
+        def step():
+            layout = mask.compile(n, block_size=block_size)
+            fwd_bwd_attnmask(q, k, v, layout, dout)()
+    base = _status_kb("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                        # reset VmHWM to the current RSS
+        reset = True
+    except OSError:
+        reset = False
+    t0 = time.perf_counter()
+    step()
+    elapsed = time.perf_counter() - t0
+    peak = _status_kb("VmHWM")
+    return {"engine": engine, "n": n, "added_mb": (peak - base) / 1024, "inputs_mb": 4 * q.numel() * 4 / 2**20,
+            "hwm_reset": reset, "step_s": elapsed}
+
+
+def run_memory(engine: str, n: int, args) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", engine, "--length", str(n),
+           "--heads", str(args.heads), "--dim", str(args.dim), "--mask", args.mask,
+           "--block-size", str(args.block_size)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        return {"engine": engine, "n": n, "error": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- report ----------------------------------------------------------------------------------------
+
+def machine() -> str:
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = ""
+    try:
+        load = f", load average {os.getloadavg()[0]:.1f} at start"
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"Python {platform.python_version()}{load}")
+
+
+def verdict(ok: bool | None) -> str:
+    return "-" if ok is None else ("met" if ok else "NOT met")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--length", type=int, default=8192)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--mask", default="causal & sliding(1024)")
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--memory-length", type=int, default=65536, help="length of the memory check (0 = skip)")
+    p.add_argument("--no-sdpa-mask", action="store_true", help="skip SDPA with a dense mask")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--results", default="benchmarks/results/backward.md", help="markdown file ('' = none)")
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_child:
+        print(json.dumps(memory_child(args.memory_child, args.length, args.heads, args.dim, args.mask,
+                                      args.block_size)))
+        return 0
+
+    command = " ".join(shlex.quote(a) for a in ["python", "benchmarks/bench_backward.py"] + sys.argv[1:])
+    started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    mach = machine()
+    n, H, D = args.length, args.heads, args.dim
+    print(f"bench_backward: N={n} H={H} D={D} float32 mask {args.mask!r}\n  {mach}")
+    g = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(1, H, n, D, generator=g) for _ in range(4))
+    mask = am.parse(args.mask)
+    layout = mask.compile(n, block_size=args.block_size)
+    frac = layout.attended_pairs() / (n * (n + 1) / 2)
+
+    ms: dict[str, float | None] = {}
+    with torch.no_grad():
+        ms["attnmask fwd"] = best_ms(lambda: am.attention(q, k, v, layout, backend="blocksparse"), args.repeats)
+        ms["sdpa is_causal fwd"] = best_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                                           args.repeats)
+    ms["attnmask bwd"] = backward_only_attnmask(q, k, v, layout, dout, args.repeats)
+    ms["attnmask fwd+bwd"] = best_ms(fwd_bwd_attnmask(q, k, v, layout, dout), args.repeats)
+    ms["sdpa is_causal fwd+bwd"] = best_ms(fwd_bwd_sdpa(q, k, v, dout, is_causal=True), args.repeats)
+    ms["sdpa+mask fwd+bwd"] = None
+    if not args.no_sdpa_mask:
+        dense = mask.to_dense(n, limit=n * n)
+        ms["sdpa+mask fwd+bwd"] = best_ms(fwd_bwd_sdpa(q, k, v, dout, attn_mask=dense), args.repeats)
+        del dense
+    ideal_fb = ms["sdpa is_causal fwd+bwd"] * frac
+
+    bwd_ratio = ms["attnmask bwd"] / ms["attnmask fwd"]
+    sdpa_ratio = None if ms["sdpa+mask fwd+bwd"] is None else ms["sdpa+mask fwd+bwd"] / ms["attnmask fwd+bwd"]
+    lines = [f"| {name} | {'-' if t is None else f'{t:,.1f}'} |" for name, t in ms.items()]
+    lines.append(f"| ideal fwd+bwd (is_causal x {frac:.3f}) | {ideal_fb:,.1f} |")
+
+    mem = []
+    if args.memory_length:
+        mem.append(run_memory("attnmask", args.memory_length, args))
+    mem.append(run_memory("attnmask", n, args))
+    if not args.no_sdpa_mask:
+        mem.append(run_memory("sdpa+mask", n, args))
+    mem_lines = []
+    for m in mem:
+        if "error" in m:
+            mem_lines.append(f"| {m['engine']} | {m['n']:,} | failed: {m['error']} | | |")
+        else:
+            mem_lines.append(f"| {m['engine']} | {m['n']:,} | {m['added_mb']:,.0f} | {m['inputs_mb']:,.0f} | "
+                             f"{m['step_s']:.2f} |")
+    big = next((m for m in mem if m["engine"] == "attnmask" and m["n"] == args.memory_length and "error" not in m),
+               None)
+    mem_ok = None if big is None else big["added_mb"] < TARGETS["memory_gb"] * 1024
+
+    summary = [
+        f"- backward / forward = {bwd_ratio:.2f} (target <= {TARGETS['bwd_over_fwd']:.0f}): "
+        f"{verdict(bwd_ratio <= TARGETS['bwd_over_fwd'])}",
+        f"- SDPA+mask fwd+bwd / attnmask fwd+bwd = "
+        + ("-" if sdpa_ratio is None else f"{sdpa_ratio:.1f}x")
+        + f" (target >= {TARGETS['sdpa_mask_over_ours']:.0f}x): "
+        + verdict(None if sdpa_ratio is None else sdpa_ratio >= TARGETS["sdpa_mask_over_ours"]),
+        f"- attnmask fwd+bwd / ideal = {ms['attnmask fwd+bwd'] / ideal_fb:.2f}; "
+        f"attnmask fwd+bwd / SDPA is_causal fwd+bwd = {ms['attnmask fwd+bwd'] / ms['sdpa is_causal fwd+bwd']:.2f}",
+        "- training step at " + (f"{args.memory_length:,}" if args.memory_length else "-") + " tokens adds "
+        + ("-" if big is None else f"{big['added_mb']:,.0f} MB") + f" (target < {TARGETS['memory_gb']:.0f} GB): "
+        + verdict(mem_ok),
+    ]
+    report = "\n".join([
+        "# Backward benchmark (issue 6)", "",
+        f"- date: {started}", f"- machine: {mach}", f"- command: `{command}`",
+        f"- case: N={n:,}, H={H}, D={D}, float32, `{args.mask}`, block {args.block_size}, "
+        f"density of causal {frac:.3f}; best of {args.repeats} after a warm-up", "",
+        "| what | ms |", "|---|---|", *lines, "",
+        "Peak memory added by one training step (forward + backward, compile or dense mask included), "
+        "fresh subprocess, VmHWM - RSS before the step:", "",
+        "| engine | tokens | added MB | inputs (q, k, v, dout) MB | step s |", "|---|---|---|---|---|",
+        *mem_lines, "", "Against the targets:", "", *summary, ""])
+    print(report)
+    if args.results:
+        os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
+        with open(args.results, "w") as f:
+            f.write(report)
+        print(f"results: {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

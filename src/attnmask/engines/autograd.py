@@ -1,0 +1,304 @@
+"""Exact gradients for the block-sparse engine (the FlashAttention backward, tile range by tile range).
+
+The forward pass (:func:`~attnmask.engines.blocksparse.blocksparse_forward`)
+saves only ``q, k, v``, the output and the log-sum-exp of every query row, so
+memory stays linear in the sequence length. The backward pass walks the
+layout's runs: per query block, each maximal stretch of non-empty key tiles is
+one contiguous key range (empty tiles are never visited), with a mask only if
+the range holds partial tiles (``layout.tile_masks``; full tiles never evaluate
+the mask). For each range it recomputes the scores and applies the
+FlashAttention recipe::
+
+    P  = exp(S * scale - lse)          (S = Q K^T on the range, lse of the whole row)
+    dV += P^T dO                       dP = dO V^T
+    dS = P * (dP - delta)              delta = rowsum(dO * O)   (- dlse when lse is used)
+    dQ += dS K * scale                 dK += dS^T Q * scale
+
+Because lse and delta are those of the whole row, each key range contributes
+its exact share independently; contributions are summed in a fixed order into
+float32 buffers (float64 for float64 inputs), so gradients are bit-identical
+run to run. The work of each range is PyTorch's fused CPU flash backward kernel
+(``aten._scaled_dot_product_flash_attention_for_cpu_backward``, all batch
+elements and heads in one call), fed float32 copies of bf16/fp16 inputs so that
+every sum is accumulated in float32; when a gradient also flows into the
+returned lse, a plain-matmul version of the same recipe runs instead (the
+kernel has no input for dlse).
+
+GQA: gradients of a key/value head are summed over the query heads that share
+it. Rows with no allowed key have lse = -inf in the forward; the backward uses
+0 there, and since all their scores are masked, their P and gradients are 0.
+Double backward is not implemented and says so (:class:`MaskValueError`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import MaskValueError
+from ..layout import BlockLayout
+from .blocksparse import blocksparse_forward
+
+__all__ = ["blocksparse_attention_with_grad", "blocksparse_backward"]
+
+_FULL, _PARTIAL = 2, 1
+_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _check_inputs(q, k, v, layouts, head_layout) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise MaskValueError(f"q, k, v must be [B, H, L, D]; got shapes {list(q.shape)}, {list(k.shape)}, "
+                             f"{list(v.shape)}")
+    B, H, Lq, _ = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if Hkv == 0 or H % Hkv:
+        raise MaskValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv}) for GQA, got q "
+                             f"{list(q.shape)} and k {list(k.shape)}")
+    if tuple(head_layout.shape) != (B, H):
+        raise MaskValueError(f"head_layout must be [B, H] = [{B}, {H}], got {list(head_layout.shape)}")
+    if not layouts:
+        raise MaskValueError("layouts is empty; pass at least one compiled BlockLayout")
+    if head_layout.numel() and (int(head_layout.min()) < 0 or int(head_layout.max()) >= len(layouts)):
+        raise MaskValueError(f"head_layout indexes {len(layouts)} layouts, got values in "
+                             f"[{int(head_layout.min())}, {int(head_layout.max())}]")
+    for lay in layouts:
+        lay._check_lengths(Lq, Lk)
+
+
+@dataclass(frozen=True)
+class _Item:
+    """Query rows [r0, r1) against keys [k0, k1); ``mask`` indexes ``_Plan.masks`` or is None (all attended)."""
+
+    r0: int
+    r1: int
+    k0: int
+    k1: int
+    mask: int | None
+
+
+class _Plan:
+    """The backward's work items for one layout, in a fixed order (query block, then key).
+
+    Per query block, each maximal stretch of consecutive non-empty key blocks is
+    one item; an item gets a bool mask ``[rows, keys]`` only if it holds partial
+    tiles (from ``layout.tile_masks``; full tiles are never evaluated), trimmed
+    of all-False key columns at both ends. Identical masks are stored once (a
+    sliding window has a handful whatever the length).
+    """
+
+    def __init__(self, layout: BlockLayout):
+        bq, bk = layout.block_size
+        self.items: list[_Item] = []
+        self.masks: list[torch.Tensor] = []
+        self._additive: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        ids: dict[tuple, int] = {}
+        ptr = layout.run_ptr.tolist()
+        starts, ends, states = layout.run_start.tolist(), layout.run_end.tolist(), layout.run_state.tolist()
+        for qb in range(layout.n_q_blocks):
+            a, b = ptr[qb], ptr[qb + 1]
+            if a == b:
+                continue
+            r0, r1 = qb * bq, min((qb + 1) * bq, layout.q_len)
+            spans: list[list[int]] = []          # [first run, last run] of each contiguous stretch
+            for i in range(a, b):
+                if spans and starts[i] == ends[spans[-1][1]]:
+                    spans[-1][1] = i
+                else:
+                    spans.append([i, i])
+            partial_kbs = [c for i in range(a, b) if states[i] == _PARTIAL for c in range(starts[i], ends[i])]
+            tiles = {}
+            if partial_kbs:
+                kbs = torch.tensor(partial_kbs, dtype=torch.int64)
+                tm = layout.tile_masks(torch.full_like(kbs, qb), kbs)          # [T, bq, bk]
+                tiles = dict(zip(partial_kbs, tm))
+            for i, j in spans:
+                k0, k1 = starts[i] * bk, min(ends[j] * bk, layout.kv_len)
+                if all(states[x] == _FULL for x in range(i, j + 1)):
+                    self.items.append(_Item(r0, r1, k0, k1, None))
+                    continue
+                m = torch.ones(r1 - r0, k1 - k0, dtype=torch.bool)
+                for c, t in tiles.items():
+                    if starts[i] <= c < ends[j]:
+                        c0 = c * bk - k0
+                        c1 = min(c0 + bk, k1 - k0)
+                        m[:, c0:c1] = t[: r1 - r0, : c1 - c0]
+                cols = m.any(0).nonzero()
+                if len(cols) == 0:
+                    continue
+                lo, hi = int(cols[0]), int(cols[-1]) + 1
+                m = m[:, lo:hi].contiguous()
+                if bool(m.all()):
+                    self.items.append(_Item(r0, r1, k0 + lo, k0 + hi, None))
+                    continue
+                key = (tuple(m.shape), hashlib.blake2b(m.numpy().tobytes(), digest_size=16).digest())
+                idx = ids.get(key)
+                if idx is None:
+                    idx = ids[key] = len(self.masks)
+                    self.masks.append(m)
+                self.items.append(_Item(r0, r1, k0 + lo, k0 + hi, idx))
+
+    def additive(self, idx: int, dtype: torch.dtype) -> torch.Tensor:
+        """Mask ``idx`` as 0 / -inf in ``dtype`` (the fused kernel adds it to the scores)."""
+        hit = self._additive.get((idx, dtype))
+        if hit is None:
+            m = self.masks[idx]
+            hit = self._additive[(idx, dtype)] = torch.zeros(m.shape, dtype=dtype).masked_fill_(~m, float("-inf"))
+        return hit
+
+
+_plans: "weakref.WeakKeyDictionary[BlockLayout, _Plan]" = weakref.WeakKeyDictionary()
+
+
+def _plan(layout: BlockLayout) -> _Plan:
+    plan = _plans.get(layout)
+    if plan is None:
+        plan = _plans[layout] = _Plan(layout)
+    return plan
+
+
+def _one_layout(q, k, v, out, dout, lse0, dlse, layout: BlockLayout, scale: float, dq, dk, dv) -> None:
+    """Accumulate the gradients of one layout's heads into dq, dk, dv (all in the compute dtype).
+
+    q/out/dout [b, h, Lq, D], lse0/dlse [b, h, Lq], k/v [b, hk, Lk, D] with h a multiple of hk.
+    """
+    plan = _plan(layout)
+    if dlse is None:
+        for it in plan.items:
+            rows = (slice(None), slice(None), slice(it.r0, it.r1))
+            keys = (slice(None), slice(None), slice(it.k0, it.k1))
+            mask = None if it.mask is None else plan.additive(it.mask, q.dtype)
+            a, b, c = _flash_bwd(dout[rows], q[rows], k[keys], v[keys], out[rows], lse0[rows], 0.0, False,
+                                 attn_mask=mask, scale=scale)
+            dq[rows].add_(a), dk[keys].add_(b), dv[keys].add_(c)
+        return
+    # A gradient flows into lse: the same recipe with plain matmuls, delta shifted by dlse.
+    bsz, h, Lq, D = q.shape
+    hk = k.shape[1]
+    g = h // hk
+    delta = (dout * out).sum(-1) - dlse
+    qs = (q * scale).reshape(bsz * hk, g, Lq, D)
+    do = dout.reshape(bsz * hk, g, Lq, D)
+    l3, d3 = lse0.reshape(bsz * hk, g, Lq, 1), delta.reshape(bsz * hk, g, Lq, 1)
+    k3, v3 = k.reshape(bsz * hk, 1, -1, D), v.reshape(bsz * hk, 1, -1, D)
+    dq3, dk3, dv3 = dq.view(bsz * hk, g, Lq, D), dk.view(bsz * hk, -1, D), dv.view(bsz * hk, -1, D)
+    for it in plan.items:
+        r0, r1, k0, k1 = it.r0, it.r1, it.k0, it.k1
+        s = torch.matmul(qs[:, :, r0:r1], k3[:, :, k0:k1].transpose(-1, -2))     # [n, g, R, Ks]
+        if it.mask is not None:
+            s.masked_fill_(~plan.masks[it.mask], float("-inf"))
+        p = s.sub_(l3[:, :, r0:r1]).exp_()
+        dov = do[:, :, r0:r1]
+        dv3[:, k0:k1] += torch.matmul(p.transpose(-1, -2), dov).sum(1)
+        ds = torch.matmul(dov, v3[:, :, k0:k1].transpose(-1, -2)).sub_(d3[:, :, r0:r1]).mul_(p)
+        dq3[:, :, r0:r1] += torch.matmul(ds, k3[:, :, k0:k1]) * scale
+        dk3[:, k0:k1] += torch.matmul(ds.transpose(-1, -2), qs[:, :, r0:r1]).sum(1)
+
+
+def blocksparse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                         lse: torch.Tensor, dout: torch.Tensor, layouts: list[BlockLayout],
+                         head_layout: torch.Tensor, scale: float,
+                         dlse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of block-sparse attention, exact, in the input dtype.
+
+    q [B, H, Lq, D], k/v [B, Hkv, Lk, D], out/dout [B, H, Lq, D], lse (and the
+    optional gradient of lse, dlse) [B, H, Lq]; query head h uses key head
+    h // (H // Hkv); head_layout int64 [B, H] indexes ``layouts``. Extra memory:
+    float32 copies of the inputs when they are bf16/fp16, float32 gradient
+    buffers, and one key range's scores at a time: O((Lq + Lk) * D), no N^2.
+
+        >>> import torch, attnmask as am
+        >>> from attnmask.engines.blocksparse import blocksparse_forward
+        >>> q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
+        >>> lay, hl = am.causal.compile(64, block_size=16), torch.zeros(1, 2, dtype=torch.int64)
+        >>> out, lse = blocksparse_forward(q, k, v, [lay], hl, 0.25)
+        >>> dq, dk, dv = blocksparse_backward(q, k, v, out, lse, torch.ones_like(out), [lay], hl, 0.25)
+        >>> dq.shape, dk.shape
+        (torch.Size([1, 2, 64, 16]), torch.Size([1, 2, 64, 16]))
+    """
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = H // Hkv
+    # float64 stays float64 (gradcheck); everything else computes and accumulates in float32.
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q_, k_, v_, o_, do_ = (x.to(cd) for x in (q, k, v, out, dout))
+    lse0 = lse.to(cd).masked_fill(torch.isneginf(lse), 0.0)
+    dlse_ = None if dlse is None else dlse.to(cd).nan_to_num(0.0, 0.0, 0.0)
+    dq = torch.zeros(B, H, Lq, D, dtype=cd)
+    dk = torch.zeros(B, Hkv, Lk, D, dtype=cd)
+    dv = torch.zeros(B, Hkv, Lk, v.shape[-1], dtype=cd)
+    if q.numel() and k.numel():
+        used = torch.unique(head_layout).tolist()
+        if len(used) == 1:
+            _one_layout(q_, k_, v_, o_, do_, lse0, dlse_, layouts[used[0]], scale, dq, dk, dv)
+        else:
+            # Heads with different layouts: gather each group's heads, run it, put results back.
+            # dK/dV are first kept per *query* head (each written once), then summed over the
+            # G heads of a kv head in a fixed order, so nothing races.
+            dk_h = torch.zeros(B, H, Lk, D, dtype=cd)
+            dv_h = torch.zeros(B, H, Lk, v.shape[-1], dtype=cd)
+            for li in used:
+                bs, hs = (head_layout == li).nonzero(as_tuple=True)
+                kvh = hs // G
+                sel = lambda x, heads: x[bs, heads].unsqueeze(0)   # noqa: E731  [1, n, L, D]
+                gq, gk, gv = torch.zeros_like(sel(q_, hs)), torch.zeros_like(sel(k_, kvh)), torch.zeros_like(sel(v_, kvh))
+                _one_layout(sel(q_, hs), sel(k_, kvh), sel(v_, kvh), sel(o_, hs), sel(do_, hs),
+                            lse0[bs, hs].unsqueeze(0), None if dlse_ is None else dlse_[bs, hs].unsqueeze(0),
+                            layouts[li], scale, gq, gk, gv)
+                dq[bs, hs], dk_h[bs, hs], dv_h[bs, hs] = gq[0], gk[0], gv[0]
+            dk = dk_h.view(B, Hkv, G, Lk, D).sum(2)
+            dv = dv_h.view(B, Hkv, G, Lk, -1).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layouts, head_layout, scale):
+        # Reduced-precision inputs: the forward kernel already accumulates in float32.
+        out, lse = blocksparse_forward(q, k, v, layouts, head_layout, scale)
+        ctx.save_for_backward(q, k, v, out, lse, head_layout)
+        ctx.layouts, ctx.scale = layouts, scale
+        ctx.set_materialize_grads(False)   # an unused lse sends None: take the fused kernel path
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        if torch.is_grad_enabled():
+            raise MaskValueError(
+                "double backward through block-sparse attention is not supported (create_graph=True "
+                "asks for gradients of gradients); use am.attention(..., backend='dense') for "
+                "higher-order gradients, or call backward without create_graph")
+        q, k, v, out, lse, head_layout = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = blocksparse_backward(q, k, v, out, lse, dout, ctx.layouts, head_layout, ctx.scale, dlse)
+        return dq, dk, dv, None, None, None
+
+
+def blocksparse_attention_with_grad(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                    layouts: list[BlockLayout], head_layout: torch.Tensor,
+                                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse attention that supports ``.backward()``: returns (out, lse).
+
+    q [B, H, Lq, D], k/v [B, Hkv, Lk, D] (query head h uses key head h // (H // Hkv));
+    ``head_layout`` int64 [B, H] picks each head's layout in ``layouts``; out
+    [B, H, Lq, D] in q's dtype, lse float32 [B, H, Lq] (-inf and a zero output row
+    where a row has no allowed key). Gradients flow to q, k, v, also through lse
+    if it is used; only q, k, v, out and lse are kept for the backward.
+    First-order gradients only. ``am.attention`` calls this when gradients are needed.
+
+        >>> import torch, attnmask as am
+        >>> from attnmask.engines.autograd import blocksparse_attention_with_grad
+        >>> q, k, v = (torch.randn(1, 2, 100, 16, requires_grad=True) for _ in range(3))
+        >>> lay = (am.causal & am.sliding(32)).compile(100, block_size=32)
+        >>> hl = torch.zeros(1, 2, dtype=torch.int64)
+        >>> out, lse = blocksparse_attention_with_grad(q, k, v, [lay], hl, 0.25)
+        >>> out.sum().backward()
+        >>> q.grad.shape
+        torch.Size([1, 2, 100, 16])
+    """
+    head_layout = torch.as_tensor(head_layout, dtype=torch.int64)
+    _check_inputs(q, k, v, layouts, head_layout)
+    return _BlockSparseAttention.apply(q, k, v, list(layouts), head_layout, float(scale))

@@ -1,0 +1,315 @@
+"""The block-sparse backward: exact gradients against float64 autograd through dense attention.
+
+The reference is built here from ``mask.to_dense`` and plain PyTorch ops in
+float64, independent of the engines. Both backward paths are checked: the
+fused-kernel path (loss uses the output only) and the matmul path (a gradient
+also flows through the returned lse).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import attnmask as am
+from attnmask.engines.autograd import blocksparse_attention_with_grad, blocksparse_backward
+from strategies import masks as mask_strategy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- the float64 measuring stick --------------------------------------------------------------------
+
+def dense_reference(q, k, v, allowed, scale):
+    """softmax(q k^T * scale, masked) v with lse, in plain torch; allowed bool [B|1, H|1, Lq, Lk]."""
+    G = q.shape[1] // k.shape[1]
+    kk, vv = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
+    s = (q @ kk.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
+    return p @ vv, lse
+
+
+def allowed_of(masks, head_layout, Lq, Lk, q_offset=None):
+    dense = torch.stack([m.to_dense(Lq, Lk, q_offset=q_offset) for m in masks])
+    return dense[head_layout]                                              # [B, H, Lq, Lk]
+
+
+def weights(out, lse, seed):
+    """Random cotangents; lse's gradient is 0 on rows with lse = -inf (those rows are constant)."""
+    g = torch.Generator().manual_seed(seed)
+    w_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    w_lse = torch.randn(lse.shape, generator=g, dtype=torch.float64)
+    return w_out, w_lse
+
+
+def loss_of(out, lse, w_out, w_lse, use_lse):
+    loss = (out.double() * w_out).sum()
+    if use_lse:
+        loss = loss + (lse.double().masked_fill(torch.isneginf(lse), 0.0) * w_lse).sum()
+    return loss
+
+
+def rel_err(got, ref):
+    return float((got.detach().double() - ref.detach()).abs().max() / ref.detach().abs().max().clamp_min(1e-30))
+
+
+def check_case(B, H, Hkv, Lq, Lk, D, masks, head_layout, *, block_size, q_offset=None, use_lse=False,
+               seed=0, tol=1e-5):
+    """Gradients of blocksparse_attention_with_grad (fp32) vs float64 dense autograd."""
+    g = torch.Generator().manual_seed(seed)
+    q64, k64, v64 = (torch.randn(shape, generator=g, dtype=torch.float64)
+                     for shape in ((B, H, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, D)))
+    scale = 1.0 / math.sqrt(D)
+    allowed = allowed_of(masks, head_layout, Lq, Lk, q_offset)
+    qr, kr, vr = (t.clone().requires_grad_() for t in (q64, k64, v64))
+    out_ref, lse_ref = dense_reference(qr, kr, vr, allowed, scale)
+    w_out, w_lse = weights(out_ref, lse_ref, seed + 1)
+    ref = torch.autograd.grad(loss_of(out_ref, lse_ref, w_out, w_lse, use_lse), (qr, kr, vr))
+
+    layouts = [m.compile(Lq, Lk, block_size=block_size, q_offset=q_offset) for m in masks]
+    q, k, v = (t.float().requires_grad_() for t in (q64, k64, v64))
+    out, lse = blocksparse_attention_with_grad(q, k, v, layouts, head_layout, scale)
+    got = torch.autograd.grad(loss_of(out, lse, w_out, w_lse, use_lse), (q, k, v))
+    for name, a, b in zip("qkv", got, ref):
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        assert not torch.isnan(a).any(), f"NaN in d{name}"
+        assert rel_err(a, b) < tol, f"d{name}: relative error {rel_err(a, b):.2e} >= {tol}"
+    return got, allowed
+
+
+# -- gradients against float64 --------------------------------------------------------------------
+
+CASES = {
+    # name: (B, H, Hkv, Lq, Lk, D, masks, per-(b, h) layout index or None, block_size, q_offset)
+    "causal-sliding-sink": (1, 2, 2, 200, 200, 16, [am.causal & (am.sliding(37) | am.sink(3))], None, 32, None),
+    "signature-fully-masked-rows": (2, 2, 2, 64, 64, 8, [am.parse(am.SIGNATURE) - am.diagonal], None, 16, None),
+    "gqa": (2, 6, 2, 90, 90, 8, [am.causal & am.sliding(20)], None, 16, None),
+    "non-square-offset": (1, 2, 1, 37, 150, 8, [am.causal & am.sliding(50) | am.cols(5, 9)], None, 16, 100),
+    "decode-default-offset": (1, 2, 2, 5, 77, 8, [am.causal & am.sliding(30)], None, 8, None),
+    "q-longer-than-kv": (1, 1, 1, 60, 25, 8, [am.band(5, 3) | am.rows(0, 10)], None, 8, None),
+    "per-head": (2, 4, 2, 70, 70, 8, [am.causal & am.sliding(9), am.document(20, 30) & am.causal,
+                                      am.dilated(5, 3), am.strided(4) - am.rows(10, 40)],
+                 [[0, 1, 2, 3], [3, 3, 0, 1]], 16, None),
+    "small-rect-blocks": (1, 3, 3, 53, 53, 4, [am.chunked(7) | am.sink(2), am.prefix_lm(11) & am.causal],
+                          [[0, 1, 0]], (4, 8), None),
+    "all-masked": (1, 2, 2, 20, 20, 4, [am.none, am.causal], [[0, 1]], 8, None),
+}
+
+
+@pytest.mark.parametrize("use_lse", [False, True], ids=["out", "out+lse"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_gradients_match_float64(name, use_lse):
+    B, H, Hkv, Lq, Lk, D, masks, hl, bs, q_offset = CASES[name]
+    head_layout = torch.zeros(B, H, dtype=torch.int64) if hl is None else torch.tensor(hl).expand(B, H)
+    check_case(B, H, Hkv, Lq, Lk, D, masks, head_layout.contiguous(), block_size=bs, q_offset=q_offset,
+               use_lse=use_lse)
+
+
+@settings(max_examples=25)
+@given(masks=st.lists(mask_strategy(max_leaves=4), min_size=1, max_size=2),
+       Lq=st.integers(1, 40), Lk=st.integers(1, 40), q_offset=st.one_of(st.none(), st.integers(-10, 40)),
+       gqa=st.sampled_from([(2, 2), (4, 2), (3, 1)]), bq=st.sampled_from([1, 3, 8, 16]),
+       bk=st.sampled_from([2, 5, 8, 32]), use_lse=st.booleans(), data=st.data())
+def test_random_masks_and_shapes(masks, Lq, Lk, q_offset, gqa, bq, bk, use_lse, data):
+    H, Hkv = gqa
+    B = 2
+    hl = torch.tensor(data.draw(st.lists(st.integers(0, len(masks) - 1), min_size=B * H, max_size=B * H)))
+    check_case(B, H, Hkv, Lq, Lk, 8, masks, hl.reshape(B, H), block_size=(bq, bk), q_offset=q_offset,
+               use_lse=use_lse, seed=Lq * 41 + Lk)
+
+
+def test_fully_masked_rows_and_unseen_keys_get_zero_gradient():
+    mask = am.causal - (am.rows(10, 30, 4) - am.diagonal) - am.rows(40, 44) - am.cols(50, 52)
+    Lq = 64
+    got, allowed = check_case(1, 2, 2, Lq, Lq, 8, [mask], torch.zeros(1, 2, dtype=torch.int64), block_size=16)
+    dq, dk, dv = got
+    empty_rows = ~allowed[0, 0].any(1)
+    unseen_keys = ~allowed[0, 0].any(0)
+    assert empty_rows.sum() == 4 and unseen_keys.sum() == 2
+    assert torch.equal(dq[:, :, empty_rows], torch.zeros_like(dq[:, :, empty_rows]))
+    assert torch.equal(dk[:, :, unseen_keys], torch.zeros_like(dk[:, :, unseen_keys]))
+    assert torch.equal(dv[:, :, unseen_keys], torch.zeros_like(dv[:, :, unseen_keys]))
+
+
+# -- gradcheck in float64 ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("use_lse", [False, True], ids=["out", "out+lse"])
+@pytest.mark.parametrize("masks,hl,Hkv", [
+    ([am.causal & (am.sliding(4) | am.sink(1))], [[0, 0]], 2),
+    ([am.causal - (am.rows(3, 9, 3) - am.diagonal)], [[0, 0]], 1),      # fully masked rows, GQA
+    ([am.band(2, 1), am.document(4, 5) & am.causal], [[0, 1]], 1),       # per-head layouts sharing a kv head
+])
+def test_gradcheck_float64(masks, hl, Hkv, use_lse):
+    Lq, Lk, D = 9, 11, 3
+    layouts = [m.compile(Lq, Lk, block_size=(2, 4)) for m in masks]
+    head_layout = torch.tensor(hl)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, Lq, D, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(1, Hkv, Lk, D, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(1, Hkv, Lk, D, dtype=torch.float64, generator=g, requires_grad=True)
+
+    def f(q, k, v):
+        out, lse = blocksparse_attention_with_grad(q, k, v, layouts, head_layout, 0.7)
+        if use_lse:
+            # lse is float32 by contract, too coarse for finite differences at eps=1e-6; a zero
+            # weight on it still routes the backward through the dlse (matmul) path.
+            return out, lse.masked_fill(torch.isneginf(lse), 0.0) * 0.0
+        return out
+    # P is recomputed from the float32 lse, so gradients are exact to ~1e-7, not 1e-15.
+    assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+# -- determinism, dtypes, errors ------------------------------------------------------------------
+
+def _grads(q, k, v, layouts, hl, use_lse):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, lse = blocksparse_attention_with_grad(q, k, v, layouts, hl, 0.125)
+    loss = (out * torch.linspace(-1, 1, out.shape[-1])).sum()
+    if use_lse:
+        loss = loss + lse.masked_fill(torch.isneginf(lse), 0.0).sum()
+    loss.backward()
+    return q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("use_lse", [False, True])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_gradients_are_bit_identical_run_to_run(per_head, use_lse):
+    L = 600
+    masks = [am.causal & (am.sliding(200) | am.sink(4)), am.document(250, 350) & am.causal]
+    layouts = [m.compile(L, block_size=64) for m in masks]
+    hl = torch.tensor([[0, 1, 1, 0]] if per_head else [[0, 0, 0, 0]])
+    q, k, v = torch.randn(1, 4, L, 32), torch.randn(1, 2, L, 32), torch.randn(1, 2, L, 32)
+    first = _grads(q, k, v, layouts, hl, use_lse)
+    for _ in range(2):
+        again = _grads(q, k, v, layouts, hl, use_lse)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_accumulates_in_float32(dtype):
+    """Measuring stick: no further from float64 than dense attention computed in that dtype is."""
+    B, H, L, D = 1, 2, 300, 32
+    mask = am.causal & (am.sliding(100) | am.sink(2))
+    g = torch.Generator().manual_seed(5)
+    q64, k64, v64 = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64) for _ in range(3))
+    w = torch.randn(B, H, L, D, generator=g, dtype=torch.float64)
+    allowed = mask.to_dense(L)
+    scale = D ** -0.5
+
+    def grads(dtype_, fn):
+        q, k, v = (t.to(dtype_).clone().requires_grad_() for t in (q64, k64, v64))
+        out = fn(q, k, v)
+        (out * w.to(dtype_)).sum().backward()
+        return [t.grad for t in (q, k, v)]
+
+    ref = grads(torch.float64, lambda q, k, v: dense_reference(q, k, v, allowed, scale)[0])
+    stick = grads(dtype, lambda q, k, v: dense_reference(q, k, v, allowed, scale)[0])
+    lay = [mask.compile(L, block_size=64)]
+    hl = torch.zeros(B, H, dtype=torch.int64)
+    got = grads(dtype, lambda q, k, v: blocksparse_attention_with_grad(q, k, v, lay, hl, scale)[0])
+    for a, s, r in zip(got, stick, ref):
+        assert a.dtype == dtype and not torch.isnan(a).any()
+        assert rel_err(a, r) <= 1.5 * rel_err(s, r) + 1e-3, (rel_err(a, r), rel_err(s, r))
+
+
+def test_double_backward_says_it_is_unsupported():
+    q, k, v = (torch.randn(1, 1, 16, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    lay = [am.causal.compile(16, block_size=4)]
+    out, _ = blocksparse_attention_with_grad(q, k, v, lay, torch.zeros(1, 1, dtype=torch.int64), 0.5)
+    with pytest.raises(am.MaskError, match="double backward.*not supported.*backend='dense'"):
+        torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+    # The first-order gradient still works afterwards.
+    out, _ = blocksparse_attention_with_grad(q, k, v, lay, torch.zeros(1, 1, dtype=torch.int64), 0.5)
+    (gq,) = torch.autograd.grad(out.pow(2).sum(), q)
+    assert gq.shape == q.shape and not torch.isnan(gq).any()
+
+
+def test_bad_head_layout_is_a_mask_error():
+    q = torch.randn(1, 2, 8, 4)
+    lay = [am.causal.compile(8)]
+    with pytest.raises(am.MaskError, match=r"head_layout must be \[B, H\] = \[1, 2\], got \[1, 3\]"):
+        blocksparse_attention_with_grad(q, q, q, lay, torch.zeros(1, 3, dtype=torch.int64), 0.5)
+    with pytest.raises(am.MaskError, match="head_layout indexes 1 layouts"):
+        blocksparse_attention_with_grad(q, q, q, lay, torch.ones(1, 2, dtype=torch.int64), 0.5)
+    with pytest.raises(am.MaskError, match="recompile"):
+        blocksparse_attention_with_grad(q, q, q, [am.causal.compile(9)], torch.zeros(1, 2, dtype=torch.int64), 0.5)
+
+
+def test_backward_function_direct_matches_autograd():
+    L = 130
+    lay = [(am.causal & am.sliding(40)).compile(L, block_size=32)]
+    hl = torch.zeros(1, 2, dtype=torch.int64)
+    q, k, v = (torch.randn(1, 2, L, 16, requires_grad=True) for _ in range(3))
+    out, lse = blocksparse_attention_with_grad(q, k, v, lay, hl, 0.25)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    dq, dk, dv = blocksparse_backward(q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), dout,
+                                      lay, hl, 0.25)
+    assert torch.equal(dq, q.grad) and torch.equal(dk, k.grad) and torch.equal(dv, v.grad)
+
+
+# -- through the public entry point ---------------------------------------------------------------
+
+def _public_grads(backend, q, k, v, mask, **kw):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = am.attention(q, k, v, mask, backend=backend, **kw)
+    (out * torch.cos(torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape))).sum().backward()
+    return out, (q.grad, k.grad, v.grad)
+
+
+@pytest.mark.parametrize("kind", ["one-mask", "per-head", "per-batch", "gqa-offset", "float64"])
+def test_public_attention_blocksparse_matches_dense_backend(kind):
+    g = torch.Generator().manual_seed(11)
+    B, H, Hkv, Lq, Lk, D = 2, 4, 4, 96, 96, 16
+    kw: dict = {}
+    dtype = torch.float32
+    if kind == "one-mask":
+        mask = am.causal & (am.sliding(30) | am.sink(2))
+    elif kind == "per-head":
+        mask = [am.causal & am.sliding(10), am.causal, am.document(40, 56) & am.causal, am.parse(am.SIGNATURE)]
+    elif kind == "per-batch":
+        from attnmask.engines import per_batch
+        mask = per_batch([am.document(30, 66) & am.causal, am.document(50, 20) & am.causal])
+    elif kind == "gqa-offset":
+        Hkv, Lq = 2, 40
+        mask = am.causal & am.sliding(25)
+        kw = dict(enable_gqa=True, q_offset=50)
+    else:
+        dtype = torch.float64
+        mask = am.causal & am.sliding(7)
+    q = torch.randn(B, H, Lq, D, generator=g, dtype=dtype)
+    k, v = (torch.randn(B, Hkv, Lk, D, generator=g, dtype=dtype) for _ in range(2))
+    out_b, grads_b = _public_grads("blocksparse", q, k, v, mask, block_size=32, **kw)
+    out_d, grads_d = _public_grads("dense", q, k, v, mask, **kw)
+    # float64 gradients are limited by the forward's float32 lse (its documented contract).
+    tol = 1e-6 if dtype == torch.float64 else 1e-5
+    assert rel_err(out_b, out_d.double()) < tol
+    for a, b in zip(grads_b, grads_d):
+        assert a.dtype == dtype and rel_err(a, b.double()) < tol
+
+
+# -- the training example -------------------------------------------------------------------------
+
+def test_training_example_smoke(tmp_path):
+    """The example trains in smoke mode: finite, falling loss and a saved attention picture."""
+    out_png = tmp_path / "maps.png"
+    # Tiny shapes run fastest single-threaded (and the shared CI box is busy).
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "train_tiny_lm.py"), "--steps", "12", "--length", "64",
+         "--out", str(out_png), "--no-progress", "--log-every", "1"],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    losses = [float(line.split()[-1]) for line in proc.stdout.splitlines() if line.startswith("loss ")]
+    assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-3:]) / 3 < losses[0], losses
+    assert out_png.exists() and out_png.stat().st_size > 1000

@@ -240,7 +240,8 @@ def table_rows(rows: list[dict], mode: str) -> tuple[list[str], list[list[str]]]
     labels = list(MODES[mode])
     ours = labels[0]
     head = ["mask", "N", "density"] + [f"{lab} ms" for lab in labels] + ["ideal ms", "/ ideal"]
-    head += [f"vs {lab}" for lab in labels[1:]] + ["flex compile s"]
+    versus = [lab for lab in labels[1:] if lab != ANCHOR]
+    head += [f"vs {lab}" for lab in versus] + ["flex compile s"]
     out = []
     for r in rows:
         ms = r["ms"]
@@ -249,7 +250,7 @@ def table_rows(rows: list[dict], mode: str) -> tuple[list[str], list[list[str]]]
         line += [_fmt_ms(ms.get(lab)) if lab in ms else "skip" for lab in labels]
         ideal = r.get("ideal_ms")
         line += [_fmt_ms(ideal), f"{ms[ours] / ideal:.2f}x" if ideal and ours in ms else "-"]
-        for lab in labels[1:]:
+        for lab in versus:
             line.append(f"{ms[lab] / ms[ours]:.1f}x" if lab in ms and ours in ms else "-")
         line.append(f"{r['flex_compile_s']:.1f}" if "flex_compile_s" in r else "-")
         out.append(line)
@@ -475,6 +476,8 @@ def run_from_args(args: argparse.Namespace) -> int:
     from rich.table import Table
     from .errors import MaskValueError
     console = Console()
+    if console.width < 160:
+        console = Console(width=160)     # the table is wide; piped output defaults to 80 columns
     if args.mode not in MODES:
         raise MaskValueError(f"unknown benchmark mode {args.mode!r}; choose one of {', '.join(MODES)}")
     args.masks = [m.strip() for m in args.masks.split(",")] if isinstance(args.masks, str) else args.masks

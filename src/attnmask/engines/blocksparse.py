@@ -36,6 +36,10 @@ _SPLIT_FULL_BLOCKS = 4
 # Tiles evaluated per tile_masks call while planning (bounds the planner's memory).
 _TILES_PER_EVAL = 64
 
+# Below this many scores a call runs on one thread: waking a thread pool costs more than
+# it saves, and on a busy machine each parallel region can wait a whole scheduler slice.
+_SMALL_WORK = 1 << 18
+
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
@@ -144,6 +148,23 @@ class _Builder:
 
     def eval_tiles(self, need: list[tuple[int, int]]) -> None:
         """Evaluate partial tiles once (in chunks) and give identical tiles one id."""
+        lay, bq, bk = self.layout, self.bq, self.bk
+        if lay.mask.structure_class() in ("d", "const"):
+            # A mask of q - k alone has the same tile wherever q0 - k0 (and the clipping) agree:
+            # evaluate one tile per class (a sliding window has two, whatever the length).
+            rep: dict[tuple[int, int, int], tuple[int, int]] = {}
+            cls_of = []
+            for qb, c in need:
+                key = (lay.q_offset + qb * bq - c * bk, min(bq, lay.q_len - qb * bq), min(bk, lay.kv_len - c * bk))
+                rep.setdefault(key, (qb, c))
+                cls_of.append(key)
+            self._eval_exact(list(rep.values()))
+            for (qb, c), key in zip(need, cls_of):
+                self.tile_id[(qb, c)] = self.tile_id[rep[key]]
+            return
+        self._eval_exact(need)
+
+    def _eval_exact(self, need: list[tuple[int, int]]) -> None:
         seen: dict[bytes, int] = {}
         for i in range(0, len(need), _TILES_PER_EVAL):
             chunk = need[i:i + _TILES_PER_EVAL]
@@ -495,6 +516,22 @@ def blocksparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     if head_layout.shape != (B, H):
         raise MaskValueError(f"head_layout must be [B, H] = [{B}, {H}], got {list(head_layout.shape)}")
     used = torch.unique(head_layout).tolist()
+    # Attended pairs x heads: exact from structure, no plan needed (dilated masks never plan the original).
+    work = sum(layouts[li].attended_pairs() * int((head_layout == li).sum()) for li in used)
+    if work < _SMALL_WORK and torch.get_num_threads() > 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return _forward_groups(q, k, v, layouts, head_layout, used, scale, out, lse)
+        finally:
+            torch.set_num_threads(threads)
+    return _forward_groups(q, k, v, layouts, head_layout, used, scale, out, lse)
+
+
+def _forward_groups(q, k, v, layouts, head_layout, used, scale, out, lse):
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    rep = H // Hkv
     if len(used) == 1:
         lay = layouts[used[0]]
         if rep == 1:

@@ -281,3 +281,16 @@ def test_plot_analysis(tmp_path):
     assert len(fig.axes) >= 3
     titles = " ".join(ax.get_title() for ax in fig.axes)
     assert "KV cache" in titles and "receptive field" in titles
+
+
+def test_receptive_field_over_budget(monkeypatch):
+    # causal & strided(2): every partial tile of the new rows would need evaluating
+    monkeypatch.setattr(analysis, "RECEPTIVE_BUDGET_CELLS", 10_000)
+    with pytest.raises(analysis.AnalysisTooCostlyError, match="needs more than 10,000 cells"):
+        receptive_field("causal & strided(2)", 4096, 3)
+    r = am.analyze("causal & strided(2)", 4096, layers=3)
+    assert r.receptive_field is None and r.earliest_key is None and r.receptive_field_per_layer == ()
+    dense = am.parse("causal & strided(2)").to_dense(4096)
+    assert r.attended_pairs == int(dense.sum()) and r.kv_cache_peak == 4095   # steps t < N-1 hold all t+1 keys
+    assert "not computed" in str(r)
+    assert json.loads(json.dumps(r.to_dict()))["receptive_field"] is None

@@ -54,6 +54,11 @@ _ROW_TILE = (128, 128)
 _KEY_TILE = (16, 1)
 #: Cells evaluated per batch where structure cannot decide.
 _BATCH_CELLS = 1 << 21
+#: Most cells the receptive field may evaluate one by one (~5 s on one core);
+#: beyond it the figure is refused rather than left running for hours.
+RECEPTIVE_BUDGET_CELLS = 1 << 30
+#: Partial tiles listed at once by the receptive-field walk.
+_TILE_CHUNK = 1 << 22
 
 #: FLOPs per attended pair and head dimension: QK^T and PV, one multiply-add (2 FLOPs) each.
 FORWARD_FLOPS_PER_PAIR_DIM = 4
@@ -75,6 +80,10 @@ def _one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+class AnalysisTooCostlyError(MaskValueError):
+    """A figure would need more cell-by-cell evaluation than the budget allows."""
 
 
 # ---------------------------------------------------------------------------
@@ -146,6 +155,12 @@ def _row_counts(layout: "BlockLayout") -> np.ndarray:
     grid, comp, p = layout._grid, layout._compiler, layout._pieces
     bq, bk = grid.block_q, grid.block_k
     n = grid.q_len
+    if _countable(layout.mask):
+        # One closed-form count per row (e.g. causal & strided(s), whose
+        # partial pieces number ~N^2 / (s * block)).
+        q = np.arange(n, dtype=np.int64) + grid.q_offset
+        zero = np.zeros(n, np.int64)
+        return count_rects(comp, layout.mask, q, q + 1, zero, zero + grid.kv_len, None).astype(np.int64)
     ks = p.c0 * bk
     ke = np.minimum(p.c1 * bk, grid.kv_len)
     full = p.state == FULL
@@ -294,6 +309,7 @@ def _receptive(mask: Mask, n: int, layers: int, query: int, last: np.ndarray) ->
     size = 1
     sizes: list[int] = []
     kar = torch.arange(bk, dtype=torch.int64)
+    cells = 0
     for _ in range(layers):
         if len(new) == 0:           # fixed point: no later layer adds anything
             sizes.extend([size] * (layers - len(sizes)))
@@ -307,25 +323,39 @@ def _receptive(mask: Mask, n: int, layers: int, query: int, last: np.ndarray) ->
         np.add.at(diff, ks[full], 1)
         np.add.at(diff, ke[full], -1)
         gained = np.cumsum(diff[:n]) > 0
-        # partial tiles of these blocks, skipping those that cannot add a key
-        part = np.flatnonzero(~full)
-        t_owner, t_c = _expand_pairs(r_start[run[part]], r_end[run[part]])
-        t_blk = owner[part][t_owner]
-        # latest query that could still add each key block's missing keys
+        # Partial tiles of these blocks, skipping those that cannot add a key:
+        # reach[c] is the latest query attending a key of block c not yet in R.
         reach = np.full(n_kb * bk, -1, np.int64)
         reach[:n] = np.where(in_r | gained, -1, last)
         reach = reach.reshape(n_kb, bk).max(axis=1)
-        useful = reach[t_c] >= new[first[t_blk]]
-        t_blk, t_c = t_blk[useful], t_c[useful]
-        # (new row, tile) pairs, evaluated in bounded batches
-        p_tile, p_row = _expand_pairs(first[t_blk], rows_end[t_blk])
-        per_batch = max(1, _BATCH_CELLS // bk)
-        for i in range(0, len(p_tile), per_batch):
-            q = torch.from_numpy(new[p_row[i:i + per_batch]])[:, None]                    # [P, 1]
-            k = torch.from_numpy(t_c[p_tile[i:i + per_batch]] * bk)[:, None] + kar[None, :]  # [P, bk]
-            hit = mask.evaluate(q + layout.q_offset, k) & (k < n)
-            keys = k[hit].numpy()
-            gained[keys] = True
+        part = np.flatnonzero(~full)
+        # Tiles are listed a bounded chunk of runs at a time (a layer of a dense
+        # non-causal mask can have tens of millions of partial tiles).
+        tiles_before = np.concatenate(([0], np.cumsum(r_end[run[part]] - r_start[run[part]])))
+        lo = 0
+        while lo < len(part):
+            hi = max(lo + 1, int(np.searchsorted(tiles_before, tiles_before[lo] + _TILE_CHUNK, side="right")) - 1)
+            chunk = part[lo:hi]
+            lo = hi
+            t_owner, t_c = _expand_pairs(r_start[run[chunk]], r_end[run[chunk]])
+            t_blk = owner[chunk][t_owner]
+            useful = reach[t_c] >= new[first[t_blk]]
+            t_blk, t_c = t_blk[useful], t_c[useful]
+            pairs = int((rows_end[t_blk] - first[t_blk]).sum())
+            cells += pairs * bk
+            if cells > RECEPTIVE_BUDGET_CELLS:
+                raise AnalysisTooCostlyError(
+                    f"the receptive field of {mask} at length {n:,} through {layers} layers needs more than "
+                    f"{RECEPTIVE_BUDGET_CELLS:,} cells evaluated one by one (partial tiles with no structural "
+                    f"shortcut, reached at layer {len(sizes) + 1}); analyse a shorter length or fewer layers")
+            # (new row, tile) pairs, evaluated in bounded batches
+            p_tile, p_row = _expand_pairs(first[t_blk], rows_end[t_blk])
+            per_batch = max(1, _BATCH_CELLS // bk)
+            for i in range(0, len(p_tile), per_batch):
+                q = torch.from_numpy(new[p_row[i:i + per_batch]])[:, None]                      # [P, 1]
+                k = torch.from_numpy(t_c[p_tile[i:i + per_batch]] * bk)[:, None] + kar[None, :]  # [P, bk]
+                hit = mask.evaluate(q + layout.q_offset, k) & (k < n)
+                gained[k[hit].numpy()] = True
         added = gained & ~in_r
         new = np.flatnonzero(added)
         in_r |= added
@@ -373,8 +403,10 @@ class AnalysisReport:
     (QK^T and PV), backward = 10 x pairs x head_dim x heads (2.5x forward, as
     FlashAttention counts: QK^T recomputed, dV, dP, dQ, dK). ``causal_*`` are
     the same figures for plain causal attention at this length;
-    ``flops_ratio`` = pairs / causal pairs. ``str(report)`` is a table,
-    ``report.to_dict()`` plain JSON-safe types.
+    ``flops_ratio`` = pairs / causal pairs. ``receptive_field`` and
+    ``earliest_key`` are None (and the per-layer sizes empty) when computing
+    them would exceed :data:`RECEPTIVE_BUDGET_CELLS` cell evaluations.
+    ``str(report)`` is a table, ``report.to_dict()`` plain JSON-safe types.
     """
 
     mask: str
@@ -397,8 +429,8 @@ class AnalysisReport:
     flops_ratio: float
     kv_cache_peak: int
     kv_cache_peak_step: int
-    receptive_field: int
-    earliest_key: int
+    receptive_field: int | None
+    earliest_key: int | None
     receptive_field_per_layer: tuple[int, ...]
     row_keys_min: int
     row_keys_median: float
@@ -418,10 +450,12 @@ class AnalysisReport:
         bs = self.block_size if isinstance(self.block_size, int) else "x".join(map(str, self.block_size))
 
         def num(x) -> str:
+            if x is None:
+                return "not computed (too costly)"
             return f"{x:,}" if isinstance(x, int) else f"{x:.6g}"
 
         def ratio(a, b) -> str:
-            return f"{a / b:.4g}x" if b else "-"
+            return f"{a / b:.4g}x" if a is not None and b else ""
 
         head = f"{self.mask}  (length {n:,}, {self.layers} layer{'s' * (self.layers != 1)})"
         rows = [
@@ -496,9 +530,13 @@ def _report(mask: Mask, n: int, layers: int, block_size, head_dim: int, heads: i
     last = _last_query(mask, n)
     curve = _kv_curve(last)
     peak_step = int(np.argmax(curve))
-    sizes, earliest = _receptive(mask, n, layers, n - 1, last)
-    if layers == 0:
-        earliest = n - 1
+    try:
+        sizes, earliest = _receptive(mask, n, layers, n - 1, last)
+        if layers == 0:
+            earliest = n - 1
+        reach = sizes[-1] if sizes else 1
+    except AnalysisTooCostlyError:
+        sizes, earliest, reach = [], None, None
     rc = _row_counts(mask.compile(n, block_size=_ROW_TILE))
     bs = blocks.block_size
     return AnalysisReport(
@@ -513,7 +551,7 @@ def _report(mask: Mask, n: int, layers: int, block_size, head_dim: int, heads: i
         causal_flops_backward=BACKWARD_FLOPS_PER_PAIR_DIM * causal_pairs * per_pair,
         flops_ratio=pairs / causal_pairs,
         kv_cache_peak=int(curve[peak_step]), kv_cache_peak_step=peak_step,
-        receptive_field=sizes[-1] if sizes else 1, earliest_key=earliest,
+        receptive_field=reach, earliest_key=earliest,
         receptive_field_per_layer=tuple(sizes),
         row_keys_min=int(rc.min()), row_keys_median=float(np.median(rc)), row_keys_max=int(rc.max()),
         rows_fully_masked=int((rc == 0).sum()),
@@ -540,7 +578,10 @@ def plot_analysis(mask: MaskLike, length: int, *, layers: int = 32, block_size: 
     layers = _check_count("layers", layers, 1, MAX_LAYERS)
     from matplotlib.figure import Figure
 
-    from .render import draw_mask
+    from matplotlib.ticker import FuncFormatter
+
+    from .render import draw_mask, format_position
+    commas = FuncFormatter(lambda v, _: f"{int(round(v)):,}")
     fig = Figure(figsize=(16, 5), dpi=100, layout="constrained")
     ax_map, ax_kv, ax_rf = fig.subplots(1, 3, width_ratios=[1.15, 1, 1])
     draw_mask(ax_map, mask, n, block_size=block_size)
@@ -561,22 +602,31 @@ def plot_analysis(mask: MaskLike, length: int, *, layers: int = 32, block_size: 
     ax_kv.plot([0, n - 1], [1, n], color="0.5", linestyle="--", linewidth=1, label="causal")
     ax_kv.plot([step], [curve[step]], "o", color="#440154")
     ax_kv.annotate(f"peak {int(curve[step]):,} at step {step:,}", (step, curve[step]),
-                   textcoords="offset points", xytext=(-10, 8), ha="right", fontsize=9)
+                   textcoords="offset points", xytext=(8 if step <= n / 2 else -8, -10), va="top",
+                   ha="right" if step > n / 2 else "left", fontsize=9)
     ax_kv.set_yscale("log")
     ax_kv.set_xlim(0, n)
+    # Steps ticked at powers of two, like the heatmap's axes (1M, 512K, ...).
+    tick = 1 << max(0, (n // 8).bit_length() - 1)
+    ax_kv.set_xticks(range(0, n + 1, tick * max(1, -(-n // (8 * tick)))))
+    ax_kv.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_position(int(round(v)))))
     ax_kv.set_xlabel("decoding step t")
     ax_kv.set_ylabel("keys held in the KV cache")
     ax_kv.set_title("KV cache while decoding")
     ax_kv.legend(loc="lower right", fontsize=9)
 
     depth = np.arange(layers + 1)
+    # Linear axes show the growth per layer (a window adds w - 1 positions a layer);
+    # causal reaches all n positions after one layer, stated rather than drawn.
     ax_rf.plot(depth, [1] + sizes, marker="o", markersize=3, color="#3b528b", label="|R_l| this mask")
-    ax_rf.plot(depth, [1] + [n] * layers, color="0.5", linestyle="--", linewidth=1, label="causal")
-    ax_rf.set_yscale("log")
+    ax_rf.plot([], [], " ", label=f"causal: all {n:,} from layer 1")
+    ax_rf.set_ylim(0, max(sizes) * 1.1)
+    ax_rf.set_xlim(0, layers)
+    ax_rf.yaxis.set_major_formatter(commas)
     ax_rf.set_xlabel("layers l")
     ax_rf.set_ylabel("positions reaching the last query")
     ax_rf.set_title(f"receptive field: {sizes[-1]:,} after {layers} (earliest key {earliest:,})", fontsize=10)
-    ax_rf.legend(loc="lower right", fontsize=9)
+    ax_rf.legend(loc="best", fontsize=9)
     fig.suptitle(f"{mask}  at length {n:,}")
     if path is not None:
         fig.savefig(path)

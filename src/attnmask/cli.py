@@ -91,6 +91,7 @@ DEMO_EPILOG = """examples:
 RENDER_EPILOG = """examples:
   attnmask render "causal - (rows(36, 64, 8) - diagonal)" --length 64 -o signature.png
   attnmask render "causal & (sliding(4096) | sink(4))" --length 1048576 -o million.png
+  attnmask render "causal & (sliding(4096) | sink(4))" --length 1048576 --scale log -o million.png
   attnmask render "document(300, 500, 224)" --length 1024 -o docs.svg --title "packed documents"
   attnmask render "causal & sliding(64)" --length 16 --kv-length 512 -o decode.pdf
   attnmask render causal "causal & sliding(16)" "chunked(16)" --length 64 -o heads.png   # side by side
@@ -154,6 +155,8 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--token-limit", type=_length, default=2048, metavar="T",
                    help="largest side drawn one cell per token (default 2048)")
     p.add_argument("--no-annotate", action="store_true", help="leave density and attended pairs out")
+    p.add_argument("--scale", choices=("linear", "log"), default="linear",
+                   help="colour scale of block-level cells; log keeps sparse tiles visible (default linear)")
 
     p = sub.add_parser("show", help="show a mask's heatmap in the terminal", epilog=SHOW_EPILOG,
                        formatter_class=_formatter,
@@ -238,7 +241,8 @@ def cmd_render(args) -> int:
     with _progress(f"rendering {args.length:,} positions"):
         render(masks if len(masks) > 1 else masks[0], args.length, kv_length=args.kv_length, q_offset=args.q_offset, block_size=args.block_size,
                title=args.title, figsize=tuple(args.size) if args.size else None, dpi=args.dpi,
-               annotate=not args.no_annotate, token_limit=args.token_limit, path=args.output)
+               annotate=not args.no_annotate, token_limit=args.token_limit, path=args.output,
+               scale=args.scale)
     print(f"wrote {args.output}")
     return 0
 

@@ -149,14 +149,16 @@ def _new_figure(figsize, dpi) -> "Figure":
 
 def draw_mask(ax: "Axes", mask: MaskLike, length: int, *, kv_length: int | None = None,
               q_offset: int | None = None, block_size: int | None = None, token_limit: int = 2048,
-              colorbar: bool = True) -> dict:
+              colorbar: bool = True, scale: str = "linear") -> dict:
     """Draw the heatmap of ``mask`` on ``ax``; returns what was drawn.
 
     Token-level (one cell per pair, two viridis end colours) when both sides
     are at most ``token_limit`` and no ``block_size`` is given; otherwise
     block-level from the compiled layout, tiles of ``block_size`` tokens
     (default: chosen so the image has at most ~1024 cells a side), each cell
-    the exact attended fraction. The
+    the exact attended fraction. ``scale="log"`` colours block-level cells on
+    a log scale (empty tiles stay dark purple), so sparse tiles such as a
+    4-key sink column in 1024-key tiles stay visible. The
     result dict has ``level`` ('token' or 'block'), ``tile``, ``q_len``,
     ``kv_len``, ``q_offset`` and the ``layout`` used for figures.
 
@@ -169,6 +171,8 @@ def draw_mask(ax: "Axes", mask: MaskLike, length: int, *, kv_length: int | None 
     q_len, kv_len, q_offset = resolve_shape(length, kv_length, q_offset)
     if isinstance(token_limit, bool) or not isinstance(token_limit, int) or token_limit < 1:
         raise MaskValueError(f"token_limit must be a whole number >= 1, got {token_limit!r}")
+    if scale not in ("linear", "log"):
+        raise MaskValueError(f"scale must be 'linear' or 'log', got {scale!r}")
     purple, yellow = _viridis_ends()
     if block_size is None and max(q_len, kv_len) <= token_limit:
         level = "token"
@@ -198,13 +202,24 @@ def draw_mask(ax: "Axes", mask: MaskLike, length: int, *, kv_length: int | None 
         # axes have pixels, so a one-tile-wide band never drops out of the picture.
         # The image covers whole tiles; the view is clipped to the real lengths
         # so a short last tile is drawn at its true width.
-        im = ax.imshow(image, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="antialiased", aspect="auto",
-                       extent=(0, layout.n_kv_blocks * tile, layout.n_q_blocks * tile, 0))
+        extent = (0, layout.n_kv_blocks * tile, layout.n_q_blocks * tile, 0)
+        if scale == "log":
+            import matplotlib
+            from matplotlib.colors import LogNorm
+            positive = image[image > 0]
+            # a decade below the sparsest tile, so even that one stands out from empty purple
+            floor = min(float(positive.min()) / 10 if positive.size else 0.1, 0.1)
+            cmap = matplotlib.colormaps["viridis"].with_extremes(bad=purple, under=purple)
+            im = ax.imshow(np.ma.masked_less_equal(image, 0.0), cmap=cmap, norm=LogNorm(vmin=floor, vmax=1.0),
+                           interpolation="antialiased", aspect="auto", extent=extent)
+        else:
+            im = ax.imshow(image, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="antialiased",
+                           aspect="auto", extent=extent)
         ax.set_xlim(0, kv_len)
         ax.set_ylim(q_len, 0)
         if colorbar:
             cb = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
-            cb.set_label("fraction of attended pairs in tile")
+            cb.set_label("fraction of attended pairs in tile" + (" (log scale)" if scale == "log" else ""))
     ax.set_xlabel("Context Length")
     ax.set_ylabel("Query position")
     xt, yt = _ticks(kv_len), _ticks(q_len)
@@ -230,7 +245,7 @@ def render(mask: MaskLike | Sequence[MaskLike], length: int, *, kv_length: int |
            q_offset: int | None = None, block_size: int | None = None, title: str | None = None,
            titles: Sequence[str] | None = None, figsize: tuple[float, float] | None = None, dpi: int = 100,
            annotate: bool = True, token_limit: int = 2048, path: str | os.PathLike | None = None,
-           ax: "Axes | None" = None) -> "Figure":
+           ax: "Axes | None" = None, scale: str = "linear") -> "Figure":
     """The heatmap of a mask (or of several, side by side) as a matplotlib Figure.
 
     ``mask`` is a Mask, mask text, or a list of them (per-head or per-layer
@@ -242,7 +257,8 @@ def render(mask: MaskLike | Sequence[MaskLike], length: int, *, kv_length: int |
     most ~1024 cells a side.
     ``annotate`` adds density and attended pairs under the title. ``path``
     saves the figure as PNG, SVG or PDF (chosen by extension). ``ax`` draws a
-    single mask on an existing axes instead of a new figure.
+    single mask on an existing axes instead of a new figure. ``scale="log"``
+    colours block-level cells on a log scale (see :func:`draw_mask`).
 
         >>> import attnmask as am
         >>> fig = am.render("causal & sliding(16)", 64, title="window 16")
@@ -282,7 +298,7 @@ def render(mask: MaskLike | Sequence[MaskLike], length: int, *, kv_length: int |
 
     for i, (m, a) in enumerate(zip(masks, axes)):
         info = draw_mask(a, m, length, kv_length=kv_length, q_offset=q_offset, block_size=block_size,
-                         token_limit=token_limit)
+                         token_limit=token_limit, scale=scale)
         if titles is not None:
             head = titles[i]
         elif n == 1 and title is not None:

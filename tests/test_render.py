@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import attnmask as am
-from attnmask import render as render_mod
 from attnmask.render import auto_tile, draw_mask, render, render_signature, repr_png, tile_fractions
 from attnmask.terminal import plain_char, show, use_color
 
@@ -218,3 +217,19 @@ def test_terminal_colour_and_detection(monkeypatch):
     assert len(tall) <= 32 and all(len(line) <= 30 for line in tall[:-1])   # height bounded too
     with pytest.raises(am.MaskError, match="width must be"):
         show("causal", 8, width=3)
+
+
+def test_log_scale_keeps_exact_fractions_and_masks_empty_tiles():
+    from matplotlib.colors import LogNorm
+    import attnmask as am
+    mask = am.causal & (am.sliding(40) | am.sink(3))
+    fig = am.render(mask, 3000, block_size=100, scale="log", annotate=False)
+    im = fig.axes[0].images[0]
+    assert isinstance(im.norm, LogNorm)
+    arr = im.get_array()
+    dense = mask.to_dense(3000).float().reshape(30, 100, 30, 100).mean((1, 3)).numpy()
+    assert np.array_equal(np.ma.getmaskarray(arr), dense == 0)
+    assert np.allclose(arr.filled(0.0), dense)
+    assert im.norm.vmin < dense[dense > 0].min()   # the sparsest tile is above the darkest colour
+    with pytest.raises(am.MaskValueError, match="scale must be"):
+        am.render(mask, 3000, scale="sqrt")

@@ -294,3 +294,5 @@ def test_receptive_field_over_budget(monkeypatch):
     assert r.attended_pairs == int(dense.sum()) and r.kv_cache_peak == 4095   # steps t < N-1 hold all t+1 keys
     assert "not computed" in str(r)
     assert json.loads(json.dumps(r.to_dict()))["receptive_field"] is None
+    fig = am.plot_analysis("causal & strided(2)", 4096, layers=3)
+    assert any("not computed" in t.get_text() for ax in fig.axes for t in ax.texts)

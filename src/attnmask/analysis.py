@@ -590,7 +590,10 @@ def plot_analysis(mask: MaskLike, length: int, *, layers: int = 32, block_size: 
     with _one_thread():
         last = _last_query(mask, n)
         curve = _kv_curve(last)
-        sizes, earliest = _receptive(mask, n, layers, n - 1, last)
+        try:
+            sizes, earliest = _receptive(mask, n, layers, n - 1, last)
+        except AnalysisTooCostlyError:
+            sizes, earliest = None, None
     step = int(np.argmax(curve))
     # Exact envelope for long curves: max and min of each bucket of steps.
     buckets = max(1, -(-n // 4096))
@@ -615,18 +618,23 @@ def plot_analysis(mask: MaskLike, length: int, *, layers: int = 32, block_size: 
     ax_kv.set_title("KV cache while decoding")
     ax_kv.legend(loc="lower right", fontsize=9)
 
-    depth = np.arange(layers + 1)
-    # Linear axes show the growth per layer (a window adds w - 1 positions a layer);
-    # causal reaches all n positions after one layer, stated rather than drawn.
-    ax_rf.plot(depth, [1] + sizes, marker="o", markersize=3, color="#3b528b", label="|R_l| this mask")
-    ax_rf.plot([], [], " ", label=f"causal: all {n:,} from layer 1")
-    ax_rf.set_ylim(0, max(sizes) * 1.1)
-    ax_rf.set_xlim(0, layers)
-    ax_rf.yaxis.set_major_formatter(commas)
-    ax_rf.set_xlabel("layers l")
-    ax_rf.set_ylabel("positions reaching the last query")
-    ax_rf.set_title(f"receptive field: {sizes[-1]:,} after {layers} (earliest key {earliest:,})", fontsize=10)
-    ax_rf.legend(loc="best", fontsize=9)
+    if sizes is None:
+        ax_rf.text(0.5, 0.5, f"receptive field not computed:\nover the budget of {RECEPTIVE_BUDGET_CELLS:,}\n"
+                   "cells evaluated one by one", ha="center", va="center", transform=ax_rf.transAxes)
+        ax_rf.set_title("receptive field", fontsize=10)
+    else:
+        depth = np.arange(layers + 1)
+        # Linear axes show the growth per layer (a window adds w - 1 positions a layer);
+        # causal reaches all n positions after one layer, stated rather than drawn.
+        ax_rf.plot(depth, [1] + sizes, marker="o", markersize=3, color="#3b528b", label="|R_l| this mask")
+        ax_rf.plot([], [], " ", label=f"causal: all {n:,} from layer 1")
+        ax_rf.set_ylim(0, max(sizes) * 1.1)
+        ax_rf.set_xlim(0, layers)
+        ax_rf.yaxis.set_major_formatter(commas)
+        ax_rf.set_xlabel("layers l")
+        ax_rf.set_ylabel("positions reaching the last query")
+        ax_rf.set_title(f"receptive field: {sizes[-1]:,} after {layers} (earliest key {earliest:,})", fontsize=10)
+        ax_rf.legend(loc="best", fontsize=9)
     fig.suptitle(f"{mask}  at length {n:,}")
     if path is not None:
         fig.savefig(path)

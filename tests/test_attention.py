@@ -318,3 +318,15 @@ def test_gradients_without_backward_module_raise(monkeypatch):
         attention(q, k, v, am.causal)
     with torch.no_grad():
         assert attention(q, k, v, am.causal).shape == q.shape
+
+
+def test_chunked_batched_calls_give_the_same_bits(monkeypatch):
+    # Batched calls are split to bound temporaries; splitting must not change a single bit.
+    import attnmask.engines.blocksparse as bs
+    mask = am.causal & (am.sliding(60) | am.sink(3))
+    q, k, v = tensors(1, 2, 2, 600, 600, 16, seed=12)
+    whole = attention(q, k, v, mask, block_size=32)
+    monkeypatch.setattr(bs, "_CHUNK_BYTES", 1)
+    am.clear_cache()
+    split = attention(q, k, v, mask, block_size=32)
+    assert torch.equal(whole, split)

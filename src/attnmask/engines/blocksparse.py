@@ -2,23 +2,32 @@
 
 A compiled :class:`~attnmask.BlockLayout` says, per query block, which runs of
 key blocks are full, partial or (by omission) empty. This module turns a
-layout into a cached *plan*: per query block, a few calls of PyTorch's fused
-CPU flash kernel (``aten._scaled_dot_product_flash_attention_for_cpu``), each
-on one contiguous key range, with a small additive mask only when that range
-holds partial tiles (built from ``layout.tile_masks``, never from full tiles).
-Calls of one query block are merged through their log-sum-exp, so memory
-stays O(N x D + one block's mask) whatever the length. Every call covers all
-batch elements and heads that share the layout, so Python overhead is one
-loop over query blocks. A layout that is exactly ``causal`` runs as one
-``is_causal`` kernel call.
+layout into a cached *plan* of calls of PyTorch's fused CPU flash kernel
+(``aten._scaled_dot_product_flash_attention_for_cpu``, which returns the LSE):
 
-No JIT, no compile step; deterministic (fixed plan, fixed reduction order).
+- each query block's runs become a few contiguous key ranges, trimmed to the
+  keys some row uses, with a small additive mask only where a range holds
+  partial tiles (built from ``layout.tile_masks``; full tiles are never evaluated);
+- consecutive query blocks whose ranges have the same shape and mask and
+  advance by constant steps run as ONE call on strided views (a sliding
+  window's whole interior is one call; no copies);
+- a run of blocks ending in an exact lower-triangular diagonal tile (causal,
+  documents, chunks, the signature cuts) runs as one top-left ``is_causal``
+  call, plus one call for the keys left of it that all its rows share;
+- results covering the same rows are merged in place by log-sum-exp (float32,
+  float64 for float64 inputs), so memory stays O(N x D + masks of partial tiles);
+- ``dilated(w, d)`` runs as d window problems on strided views (cost of the w
+  keys kept, not of the w * d spanned); a plain ``causal`` layout is one call.
+
+Every call covers all batch elements and heads sharing a layout. No JIT, no
+compile step; deterministic (fixed plan, fixed reduction order). Rows with no
+key come out as zeros with lse = -inf (the kernel itself reports lse 0 there;
+the plan knows those rows and fixes them).
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import weakref
 from dataclasses import dataclass
 
@@ -39,6 +48,10 @@ _TILES_PER_EVAL = 64
 # Below this many scores a call runs on one thread: waking a thread pool costs more than
 # it saves, and on a busy machine each parallel region can wait a whole scheduler slice.
 _SMALL_WORK = 1 << 18
+
+# A batched call's output is a temporary before it lands in place; split calls so that
+# it stays under this many bytes (a 128K-token window forward then adds ~ its output).
+_CHUNK_BYTES = 64 << 20
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -376,34 +389,42 @@ def _run_plan(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     """
     neg_inf = float("-inf")
     for op in plan.ops:
-        qs = _view(q, op.r0, op.dr, op.G, op.rows)
-        ks = _view(k, op.k0, op.dk, op.G, op.span)
-        vs = _view(v, op.k0, op.dk, op.G, op.span)
-        if op.causal:
-            o, l = _flash(qs, ks, vs, 0.0, True, scale=scale)
-        elif op.mask is None:
-            o, l = _flash(qs, ks, vs, 0.0, False, scale=scale)
-        else:
-            o, l = _flash(qs, ks, vs, 0.0, False, attn_mask=plan.additive(op.mask, q.dtype), scale=scale)
-            if op.rows_empty is not None:
-                # The kernel returns lse 0 (and zeros) for rows it saw no key for; mark them -inf.
-                l.masked_fill_(plan.row_empty[op.rows_empty], neg_inf)
-        ov = _view(out, op.r0, op.dr, op.G, op.rows)
-        lv = _view(lse.unsqueeze(-1), op.r0, op.dr, op.G, op.rows).squeeze(-1)
-        if op.first:
-            ov.copy_(o)
-            lv.copy_(l)
-            continue
-        # Merge with what earlier ops wrote for these rows (all in the accumulator's precision).
-        l = l.to(lv.dtype)
-        m = torch.maximum(lv, l)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        wa = torch.exp(lv - m)
-        wb = torch.exp(l - m)
-        s = wa + wb
-        inv = 1.0 / s.clamp_min(torch.finfo(s.dtype).tiny)
-        ov.mul_((wa * inv).unsqueeze(-1)).add_(o.to(ov.dtype) * (wb * inv).unsqueeze(-1))
-        lv.copy_(m + torch.log(s))
+        per_block = q.shape[0] * op.rows * q.shape[2] * max(q.element_size(), 4)
+        step = max(1, _CHUNK_BYTES // per_block)
+        for g0 in range(0, op.G, step):
+            _run_op(plan, op, g0, min(step, op.G - g0), q, k, v, scale, out, lse, neg_inf)
+
+
+def _run_op(plan: Plan, op: Op, g0: int, G: int, q, k, v, scale: float, out, lse, neg_inf: float) -> None:
+    r0, k0 = op.r0 + g0 * op.dr, op.k0 + g0 * op.dk
+    qs = _view(q, r0, op.dr, G, op.rows)
+    ks = _view(k, k0, op.dk, G, op.span)
+    vs = _view(v, k0, op.dk, G, op.span)
+    if op.causal:
+        o, l = _flash(qs, ks, vs, 0.0, True, scale=scale)
+    elif op.mask is None:
+        o, l = _flash(qs, ks, vs, 0.0, False, scale=scale)
+    else:
+        o, l = _flash(qs, ks, vs, 0.0, False, attn_mask=plan.additive(op.mask, q.dtype), scale=scale)
+        if op.rows_empty is not None:
+            # The kernel returns lse 0 (and zeros) for rows it saw no key for; mark them -inf.
+            l.masked_fill_(plan.row_empty[op.rows_empty], neg_inf)
+    ov = _view(out, r0, op.dr, G, op.rows)
+    lv = _view(lse.unsqueeze(-1), r0, op.dr, G, op.rows).squeeze(-1)
+    if op.first:
+        ov.copy_(o)
+        lv.copy_(l)
+        return
+    # Merge with what earlier ops wrote for these rows (all in the accumulator's precision).
+    l = l.to(lv.dtype)
+    m = torch.maximum(lv, l)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    wa = torch.exp(lv - m)
+    wb = torch.exp(l - m)
+    s = wa + wb
+    inv = 1.0 / s.clamp_min(torch.finfo(s.dtype).tiny)
+    ov.mul_((wa * inv).unsqueeze(-1)).add_(o.to(ov.dtype) * (wb * inv).unsqueeze(-1))
+    lv.copy_(m + torch.log(s))
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor | None:

@@ -302,7 +302,6 @@ def _receptive(mask: Mask, n: int, layers: int, query: int, last: np.ndarray) ->
     bq, bk = layout.block_size
     ptr = layout.run_ptr.numpy()
     r_start, r_end, r_state = layout.run_start.numpy(), layout.run_end.numpy(), layout.run_state.numpy()
-    n_kb = layout.n_kv_blocks
     in_r = np.zeros(n, dtype=bool)
     in_r[query] = True
     new = np.array([query], dtype=np.int64)
@@ -317,17 +316,27 @@ def _receptive(mask: Mask, n: int, layers: int, query: int, last: np.ndarray) ->
         blocks, first = np.unique(new // bq, return_index=True)
         rows_end = np.append(first[1:], len(new))
         owner, run = _expand_pairs(ptr[blocks], ptr[blocks + 1])
-        ks, ke = r_start[run] * bk, np.minimum(r_end[run] * bk, n)
+        if len(run) == 0:           # these rows attend nothing
+            new = new[:0]
+            sizes.append(size)
+            continue
+        # Work on the key span these blocks touch only ([k_lo, k_hi), block-aligned
+        # start), so a narrow window costs O(window) a layer, not O(n).
+        c_lo, c_hi = int(r_start[run].min()), int(r_end[run].max())
+        k_lo, k_hi = c_lo * bk, min(c_hi * bk, n)
+        span = k_hi - k_lo
+        ks, ke = r_start[run] * bk - k_lo, np.minimum(r_end[run] * bk, n) - k_lo
         full = r_state[run] == FULL
-        diff = np.zeros(n + 1, np.int32)
+        diff = np.zeros(span + 1, np.int32)
         np.add.at(diff, ks[full], 1)
         np.add.at(diff, ke[full], -1)
-        gained = np.cumsum(diff[:n]) > 0
+        gained = np.cumsum(diff[:span]) > 0          # keys k_lo + i
+        in_span = in_r[k_lo:k_hi]
         # Partial tiles of these blocks, skipping those that cannot add a key:
-        # reach[c] is the latest query attending a key of block c not yet in R.
-        reach = np.full(n_kb * bk, -1, np.int64)
-        reach[:n] = np.where(in_r | gained, -1, last)
-        reach = reach.reshape(n_kb, bk).max(axis=1)
+        # reach[c - c_lo] is the latest query attending a key of block c not yet in R.
+        reach = np.full((c_hi - c_lo) * bk, -1, np.int64)
+        reach[:span] = np.where(in_span | gained, -1, last[k_lo:k_hi])
+        reach = reach.reshape(c_hi - c_lo, bk).max(axis=1)
         part = np.flatnonzero(~full)
         # Tiles are listed a bounded chunk of runs at a time (a layer of a dense
         # non-causal mask can have tens of millions of partial tiles).
@@ -339,7 +348,7 @@ def _receptive(mask: Mask, n: int, layers: int, query: int, last: np.ndarray) ->
             lo = hi
             t_owner, t_c = _expand_pairs(r_start[run[chunk]], r_end[run[chunk]])
             t_blk = owner[chunk][t_owner]
-            useful = reach[t_c] >= new[first[t_blk]]
+            useful = reach[t_c - c_lo] >= new[first[t_blk]]
             t_blk, t_c = t_blk[useful], t_c[useful]
             pairs = int((rows_end[t_blk] - first[t_blk]).sum())
             cells += pairs * bk
@@ -355,10 +364,10 @@ def _receptive(mask: Mask, n: int, layers: int, query: int, last: np.ndarray) ->
                 q = torch.from_numpy(new[p_row[i:i + per_batch]])[:, None]                      # [P, 1]
                 k = torch.from_numpy(t_c[p_tile[i:i + per_batch]] * bk)[:, None] + kar[None, :]  # [P, bk]
                 hit = mask.evaluate(q + layout.q_offset, k) & (k < n)
-                gained[k[hit].numpy()] = True
-        added = gained & ~in_r
-        new = np.flatnonzero(added)
-        in_r |= added
+                gained[k[hit].numpy() - k_lo] = True
+        added = gained & ~in_span
+        new = np.flatnonzero(added) + k_lo
+        in_span |= added
         size += len(new)
         sizes.append(size)
     earliest = int(np.argmax(in_r))

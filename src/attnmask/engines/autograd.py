@@ -89,7 +89,7 @@ class _Plan:
     sliding window has a handful whatever the length).
     """
 
-    def __init__(self, layout: BlockLayout):
+    def __init__(self, layout: BlockLayout, rows_per_item: int = 64):
         bq, bk = layout.block_size
         self.items: list[_Item] = []
         self.masks: list[torch.Tensor] = []
@@ -125,20 +125,27 @@ class _Plan:
                         c0 = c * bk - k0
                         c1 = min(c0 + bk, k1 - k0)
                         m[:, c0:c1] = t[: r1 - r0, : c1 - c0]
-                cols = m.any(0).nonzero()
-                if len(cols) == 0:
-                    continue
-                lo, hi = int(cols[0]), int(cols[-1]) + 1
-                m = m[:, lo:hi].contiguous()
-                if bool(m.all()):
-                    self.items.append(_Item(r0, r1, k0 + lo, k0 + hi, None))
-                    continue
-                key = (tuple(m.shape), hashlib.blake2b(m.numpy().tobytes(), digest_size=16).digest())
-                idx = ids.get(key)
-                if idx is None:
-                    idx = ids[key] = len(self.masks)
-                    self.masks.append(m)
-                self.items.append(_Item(r0, r1, k0 + lo, k0 + hi, idx))
+                # Masked ranges are cut into shorter row chunks, each trimmed to the keys its rows
+                # reach: a window's range then wastes (rows - 1) / window of its work, not (bq - 1) / window.
+                for s0 in range(0, r1 - r0, rows_per_item):
+                    self._add(r0 + s0, k0, m[s0:s0 + rows_per_item], ids)
+
+    def _add(self, r0: int, k0: int, m: torch.Tensor, ids: dict) -> None:
+        cols = m.any(0).nonzero()
+        if len(cols) == 0:
+            return
+        lo, hi = int(cols[0]), int(cols[-1]) + 1
+        m = m[:, lo:hi].contiguous()
+        r1 = r0 + m.shape[0]
+        if bool(m.all()):
+            self.items.append(_Item(r0, r1, k0 + lo, k0 + hi, None))
+            return
+        key = (tuple(m.shape), hashlib.blake2b(m.numpy().tobytes(), digest_size=16).digest())
+        idx = ids.get(key)
+        if idx is None:
+            idx = ids[key] = len(self.masks)
+            self.masks.append(m)
+        self.items.append(_Item(r0, r1, k0 + lo, k0 + hi, idx))
 
     def additive(self, idx: int, dtype: torch.dtype) -> torch.Tensor:
         """Mask ``idx`` as 0 / -inf in ``dtype`` (the fused kernel adds it to the scores)."""
@@ -159,11 +166,38 @@ def _plan(layout: BlockLayout) -> _Plan:
     return plan
 
 
+def _dilation(mask) -> tuple[int, int] | None:
+    """(w, d) when ``mask`` is ``dilated(w, d)``, alone or intersected with causal/full (implied)."""
+    from ..masks import Intersection, Primitive
+    parts = mask.parts if isinstance(mask, Intersection) else (mask,)
+    dil = [p for p in parts if isinstance(p, Primitive) and p.name == "dilated"]
+    rest = [p for p in parts if not (isinstance(p, Primitive) and p.name in ("dilated", "causal", "full"))]
+    return (dil[0].args[0], dil[0].args[1]) if len(dil) == 1 and not rest else None
+
+
 def _one_layout(q, k, v, out, dout, lse0, dlse, layout: BlockLayout, scale: float, dq, dk, dv) -> None:
     """Accumulate the gradients of one layout's heads into dq, dk, dv (all in the compute dtype).
 
     q/out/dout [b, h, Lq, D], lse0/dlse [b, h, Lq], k/v [b, hk, Lk, D] with h a multiple of hk.
+    ``dilated(w, d)`` pairs only positions of one residue class mod d, where it is a sliding
+    window of w: it runs as d window problems on strided views (as the forward does), so it
+    costs the w keys a row keeps, not the w * d positions they span.
     """
+    dil = _dilation(layout.mask)
+    if dil is not None and dil[1] > 1:
+        from ..masks import causal, sliding
+        w, d = dil
+        Lq, Lk, q_offset = layout.q_len, layout.kv_len, layout.q_offset
+        for r in range(d):
+            i0 = (r - q_offset) % d                  # first query row at a position = r (mod d)
+            if i0 >= Lq or r >= Lk:
+                continue                             # no rows, or rows with no key: zero gradient
+            sub = (causal & sliding(w)).compile(len(range(i0, Lq, d)), len(range(r, Lk, d)),
+                                               q_offset=(q_offset + i0 - r) // d, block_size=layout.block_size)
+            qr, kr = (slice(None), slice(None), slice(i0, None, d)), (slice(None), slice(None), slice(r, None, d))
+            _one_layout(q[qr], k[kr], v[kr], out[qr], dout[qr], lse0[qr], None if dlse is None else dlse[qr],
+                        sub, scale, dq[qr], dk[kr], dv[kr])
+        return
     plan = _plan(layout)
     if dlse is None:
         for it in plan.items:

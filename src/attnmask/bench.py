@@ -128,13 +128,19 @@ def prep_flex(case: Case) -> Callable:
         raise Skip("--no-flex")
     if case.n > case.args.flex_max_length:
         raise Skip(f"length over --flex-max-length {case.args.flex_max_length} (each shape compiles anew)")
+    import warnings
     from .engines.flex import compiled_flex
+    # Each (mask, shape) compiles anew; start from a clean dynamo cache so that torch's
+    # recompile limit (8 per function) never silently drops later cases to eager mode.
+    torch._dynamo.reset()
     block_mask = case.mask.compile(case.n, block_size=128).to_flex_block_mask()
     fn = compiled_flex()
     q, k, v = case.q, case.k, case.v
     call = lambda: fn(q, k, v, block_mask=block_mask)  # noqa: E731
     t0 = time.perf_counter()
-    call()                                   # first call compiles
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        call()                               # first call compiles
     case.notes["flex_compile_s"] = time.perf_counter() - t0
     return call
 

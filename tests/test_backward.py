@@ -316,3 +316,23 @@ def test_training_example_smoke(tmp_path):
     assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-3:]) / 3 < losses[0], losses
     assert out_png.exists() and out_png.stat().st_size > 1000
+
+
+def test_non_contiguous_inputs_as_models_produce_them():
+    """q, k, v sliced out of one [B, L, 3, H, D] projection (as in a model) give the same gradients."""
+    B, L, H, D = 2, 150, 2, 16
+    lay = [(am.causal & (am.sliding(40) | am.sink(2))).compile(L, block_size=32)]
+    hl = torch.zeros(B, H, dtype=torch.int64)
+    base = torch.randn(B, L, 3, H, D)
+    w = torch.randn(B, H, L, D)
+
+    def grads(make):
+        leaf = base.clone().requires_grad_()
+        q, k, v = make(leaf)
+        out, _ = blocksparse_attention_with_grad(q, k, v, lay, hl, 0.25)
+        (out * w).sum().backward()
+        return out.detach(), leaf.grad
+
+    out_a, g_a = grads(lambda x: x.permute(2, 0, 3, 1, 4))                          # strided views
+    out_b, g_b = grads(lambda x: tuple(t.contiguous() for t in x.permute(2, 0, 3, 1, 4)))
+    assert torch.allclose(out_a, out_b, atol=1e-6) and torch.allclose(g_a, g_b, atol=1e-6)

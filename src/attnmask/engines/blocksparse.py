@@ -109,7 +109,7 @@ def plan_for(layout: BlockLayout) -> Plan:
         >>> import attnmask as am
         >>> plan = plan_for((am.causal & am.sliding(256)).compile(1024, block_size=128))
         >>> [(op.r0, op.G, op.span) for op in plan.ops]
-        [(0, 1, 128), (128, 1, 256), (256, 6, 383)]
+        [(0, 1, 256), (256, 6, 383)]
     """
     plan = _plans.get(layout)
     if plan is None:

@@ -573,7 +573,7 @@ class Compiler:
 
     def count_tiles(self, mask: Mask, qb: np.ndarray, c: np.ndarray) -> np.ndarray:
         """Exact attended cells of tiles (qb[i], c[i]) of a cross-class residual."""
-        if _has_opaque(mask):
+        if not self.refine_pays(mask):
             self.dense_tiles += len(c)
             return tile_counts_dense(mask, self.grid, qb, c)
         self.refined_tiles += len(c)
@@ -626,6 +626,43 @@ class Compiler:
         out = np.empty(n, _I64)
         out[order] = counts
         return out
+
+
+    def refine_pays(self, mask: Mask) -> bool:
+        """Whether row-level compilation of ``mask`` beats evaluating its tiles cell by cell.
+
+        Row-level work grows with the breakpoints a row meets inside a key
+        block; periodic parts (``cols(0, n, 2)``, ``strided(3)``) put one every
+        few keys, and then plain evaluation is cheaper. mask_mod leaves are
+        only ever evaluated cell by cell.
+        """
+        if _has_opaque(mask):
+            return False
+        per_row = 0.0
+        for part, cls in _pure_parts(mask):
+            if cls in (CLASS_K, CLASS_D):
+                ax = self.axis(part, cls)
+                per_row += len(ax.runs()[0]) / max(ax.n, 1) * self.grid.block_k
+            elif cls == CLASS_SEG:
+                per_row += 2
+            else:
+                per_row += 1
+        return per_row * 16 < self.grid.block_k
+
+
+def _pure_parts(mask: Mask):
+    """The maximal subtrees of one structure class (what the compiler classifies whole)."""
+    cls = mask.structure_class()
+    if cls in (CLASS_Q, CLASS_K, CLASS_D, CLASS_CONST, CLASS_OPAQUE) or (
+            cls == CLASS_SEG and isinstance(mask, Primitive)):
+        yield mask, cls
+        return
+    if isinstance(mask, Primitive):          # prefix_lm(p) is classified as causal | sink(p)
+        from .masks import causal, sink
+        yield from _pure_parts(causal | sink(mask.args[0]))
+        return
+    for ch in mask.children():
+        yield from _pure_parts(ch)
 
 
 def _has_opaque(mask: Mask) -> bool:
@@ -685,7 +722,7 @@ def count_rects(compiler: Compiler, mask: Mask, qs, qe, ks, ke, pieces: Pieces) 
     # Anything else: exact per-row counts over the pieces' rows (cell by cell only
     # where a mask_mod leaf is involved).
     g = compiler.grid
-    if _has_opaque(mask):
+    if not compiler.refine_pays(mask):
         owner, c = _expand_pairs(pieces.c0, pieces.c1)
         per_tile = tile_counts_dense(mask, g, pieces.qb[owner], c)
         return np.bincount(owner, weights=per_tile, minlength=len(pieces)).astype(_I64)

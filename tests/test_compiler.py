@@ -97,3 +97,20 @@ def test_mask_mod_leaves_are_evaluated_only_where_undecided():
     # Only the tiles of the sliding window's band can be undecided: 2 per query block.
     assert lay.dense_tiles_evaluated <= 2 * lay.n_q_blocks
     assert lay.dense_tiles_evaluated < lay.n_q_blocks * lay.n_kv_blocks // 10
+
+
+def test_layouts_too_fine_are_refused_not_allocated():
+    # One key per tile column at 1M with a pattern alternating every key would
+    # need ~2^36 pieces: refused with a MaskError that says what to do.
+    mask = am.causal - am.cols(0, 1 << 20, 2)
+    with pytest.raises(am.LayoutTooLargeError, match="larger block_size"):
+        mask.compile(1 << 20, block_size=(16, 1))
+    report = am.analyze(mask, 1 << 16, layers=2)   # at 64K it resolves: exact figures
+    assert report.kv_cache_peak == 1 << 15
+
+
+def test_row_counts_match_dense_for_cross_class_and_periodic_residuals():
+    for mask in [am.causal & am.document(300, 77, 500, 123, 1000), am.causal - am.cols(0, 2000, 2),
+                 am.prefix_lm(333) - am.strided(5)]:
+        lay = mask.compile(2000, block_size=128)
+        assert torch.equal(lay.row_counts(), mask.to_dense(2000).sum(1))

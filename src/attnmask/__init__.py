@@ -12,7 +12,7 @@ The pipeline::
 
 from __future__ import annotations
 
-from .errors import DenseTooLargeError, MaskError, MaskSyntaxError, MaskValueError
+from .errors import DenseTooLargeError, LayoutTooLargeError, MaskError, MaskSyntaxError, MaskValueError
 from .language import parse
 from .layout import BlockLayout, clear_cache
 # render.py imports matplotlib only inside its functions; importing the function
@@ -39,6 +39,7 @@ def __getattr__(name):
 
 
 __all__ = ["Mask", "BlockLayout", "MaskError", "MaskSyntaxError", "MaskValueError", "DenseTooLargeError",
+           "LayoutTooLargeError",
            "parse", "clear_cache", "from_mask_mod", "full", "none", "causal", "diagonal", "band", "sliding",
            "sink", "prefix_lm", "chunked", "dilated", "strided", "document", "rows", "cols", "attention",
            "render", "analyze", "plot_analysis", "SIGNATURE"]

@@ -24,22 +24,19 @@ caller's ``block_size`` for the tile counts. matplotlib is imported only by
 from __future__ import annotations
 
 import operator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Union
 
 import numpy as np
 import torch
 
-from .compiler import (CLASS_CONST, CLASS_D, CLASS_K, CLASS_Q, CLASS_SEG, FULL, PARTIAL, _expand_pairs,
-                       count_rects)
-from .errors import MaskValueError
-from .masks import Complement, Mask, Primitive, check_length
+from .compiler import FULL, PARTIAL, _expand_pairs
+from .errors import LayoutTooLargeError, MaskValueError
+from .layout import single_thread
+from .masks import Mask, check_length
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
-
-    from .layout import BlockLayout
 
 MaskLike = Union[Mask, str]
 
@@ -64,22 +61,6 @@ _TILE_CHUNK = 1 << 22
 FORWARD_FLOPS_PER_PAIR_DIM = 4
 #: Backward as FlashAttention counts it: recompute QK^T, then dV, dP, dQ, dK: 5 matmuls = 2.5x forward.
 BACKWARD_FLOPS_PER_PAIR_DIM = 10
-
-
-@contextmanager
-def _one_thread():
-    # Every pass here is memory-bound over <= a few million elements; on a
-    # shared machine torch's intra-op threads spin-wait and run ~7x slower
-    # than one thread (measured: 78 ms vs 11 ms for 2M cells).
-    before = torch.get_num_threads()
-    if before == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class AnalysisTooCostlyError(MaskValueError):
@@ -134,54 +115,6 @@ def _check_query(query, length: int) -> int:
 # per-row counts
 # ---------------------------------------------------------------------------
 
-def _countable(mask: Mask) -> bool:
-    """Whether ``count_rects`` counts any rectangle of ``mask`` in closed form."""
-    cls = mask.structure_class()
-    if cls in (CLASS_CONST, CLASS_Q, CLASS_K, CLASS_D):
-        return True
-    if cls == CLASS_SEG and isinstance(mask, Primitive):
-        return True
-    return isinstance(mask, Complement) and _countable(mask.inner)
-
-
-def _row_counts(layout: "BlockLayout") -> np.ndarray:
-    """int64 [q_len]: keys attended by every query row, exactly.
-
-    Full pieces give their key count to every row of their query block;
-    partial pieces are counted row by row through their residual (the
-    sub-expression that decides them): closed forms for pure classes, the
-    compiler's row-level compilation otherwise.
-    """
-    grid, comp, p = layout._grid, layout._compiler, layout._pieces
-    bq, bk = grid.block_q, grid.block_k
-    n = grid.q_len
-    if _countable(layout.mask):
-        # One closed-form count per row (e.g. causal & strided(s), whose
-        # partial pieces number ~N^2 / (s * block)).
-        q = np.arange(n, dtype=np.int64) + grid.q_offset
-        zero = np.zeros(n, np.int64)
-        return count_rects(comp, layout.mask, q, q + 1, zero, zero + grid.kv_len, None).astype(np.int64)
-    ks = p.c0 * bk
-    ke = np.minimum(p.c1 * bk, grid.kv_len)
-    full = p.state == FULL
-    per_block = np.zeros(grid.n_q_blocks, np.int64)
-    np.add.at(per_block, p.qb[full], (ke - ks)[full])
-    out = np.repeat(per_block, bq)[:n].copy()
-    partial = np.flatnonzero(p.state == PARTIAL)
-    for rid in np.unique(p.res[partial]):
-        sel = partial[p.res[partial] == rid]
-        residual = comp.residuals.masks[rid]
-        r0 = p.qb[sel] * bq
-        owner, row = _expand_pairs(r0, np.minimum(r0 + bq, n))
-        q = row + grid.q_offset
-        if _countable(residual):
-            cnt = count_rects(comp, residual, q, q + 1, ks[sel][owner], ke[sel][owner], None)
-        else:
-            cnt = comp.count_rows(residual, row, ks[sel][owner], ke[sel][owner])
-        out += np.bincount(row, weights=cnt, minlength=n).astype(np.int64)
-    return out
-
-
 def row_counts(mask: MaskLike, length: int) -> torch.Tensor:
     """int64 ``[length]``: how many keys each query row attends (square case), exactly.
 
@@ -193,8 +126,8 @@ def row_counts(mask: MaskLike, length: int) -> torch.Tensor:
         1048576
     """
     mask, n = _as_mask(mask), _check_length(length)
-    with _one_thread():
-        return torch.from_numpy(_row_counts(mask.compile(n, block_size=_ROW_TILE)))
+    with single_thread():
+        return mask.compile(n, block_size=_ROW_TILE).row_counts()
 
 
 # ---------------------------------------------------------------------------
@@ -281,7 +214,7 @@ def kv_cache_curve(mask: MaskLike, length: int) -> torch.Tensor:
         4100
     """
     mask, n = _as_mask(mask), _check_length(length)
-    with _one_thread():
+    with single_thread():
         return torch.from_numpy(_kv_curve(_last_query(mask, n)))
 
 
@@ -393,7 +326,7 @@ def receptive_field(mask: MaskLike, length: int, layers: int = 1, query: int | N
     mask, n = _as_mask(mask), _check_length(length)
     layers = _check_count("layers", layers, 0, MAX_LAYERS)
     query = _check_query(query, n)
-    with _one_thread():
+    with single_thread():
         sizes, earliest = _receptive(mask, n, layers, query, _last_query(mask, n))
     if layers == 0:
         earliest = query
@@ -436,8 +369,8 @@ class AnalysisReport:
     causal_flops_forward: int
     causal_flops_backward: int
     flops_ratio: float
-    kv_cache_peak: int
-    kv_cache_peak_step: int
+    kv_cache_peak: int | None        # None: pattern too fine to resolve at this length
+    kv_cache_peak_step: int | None
     receptive_field: int | None
     earliest_key: int | None
     receptive_field_per_layer: tuple[int, ...]
@@ -478,7 +411,8 @@ class AnalysisReport:
              ratio(self.flops_backward, self.causal_flops_backward)),
             (f"tiles {bs}: full / partial / empty",
              f"{self.blocks_full:,} / {self.blocks_partial:,} / {self.blocks_empty:,}", "", ""),
-            ("KV-cache peak (at step)", f"{self.kv_cache_peak:,} (t={self.kv_cache_peak_step:,})",
+            ("KV-cache peak (at step)", num(self.kv_cache_peak) if self.kv_cache_peak is None else
+             f"{self.kv_cache_peak:,} (t={self.kv_cache_peak_step:,})",
              f"{n:,} (t={n - 1:,})", ratio(self.kv_cache_peak, n)),
             (f"receptive field, {self.layers} layers", num(self.receptive_field),
              num(n if self.layers else 1), ratio(self.receptive_field, n if self.layers else 1)),
@@ -526,7 +460,7 @@ def analyze(mask: MaskLike, length: int, *, layers: int = 1, block_size: int | t
     layers = _check_count("layers", layers, 0, MAX_LAYERS)
     head_dim = _check_count("head_dim", head_dim, 1)
     heads = _check_count("heads", heads, 1)
-    with _one_thread():
+    with single_thread():
         return _report(mask, n, layers, block_size, head_dim, heads)
 
 
@@ -536,17 +470,24 @@ def _report(mask: Mask, n: int, layers: int, block_size, head_dim: int, heads: i
     pairs = blocks.attended_pairs()
     causal_pairs = n * (n + 1) // 2
     per_pair = head_dim * heads
-    last = _last_query(mask, n)
-    curve = _kv_curve(last)
-    peak_step = int(np.argmax(curve))
     try:
-        sizes, earliest = _receptive(mask, n, layers, n - 1, last)
-        if layers == 0:
-            earliest = n - 1
-        reach = sizes[-1] if sizes else 1
-    except AnalysisTooCostlyError:
-        sizes, earliest, reach = [], None, None
-    rc = _row_counts(mask.compile(n, block_size=_ROW_TILE))
+        last = _last_query(mask, n)
+    except LayoutTooLargeError:   # a pattern finer than one key per tile column at this length
+        last = None
+    peak = peak_step = None
+    sizes, earliest, reach = [], None, None
+    if last is not None:
+        curve = _kv_curve(last)
+        peak_step = int(np.argmax(curve))
+        peak = int(curve[peak_step])
+        try:
+            sizes, earliest = _receptive(mask, n, layers, n - 1, last)
+            if layers == 0:
+                earliest = n - 1
+            reach = sizes[-1] if sizes else 1
+        except AnalysisTooCostlyError:
+            sizes, earliest, reach = [], None, None
+    rc = mask.compile(n, block_size=_ROW_TILE).row_counts().numpy()
     bs = blocks.block_size
     return AnalysisReport(
         mask=str(mask), length=n, layers=layers, block_size=bs[0] if bs[0] == bs[1] else bs,
@@ -559,7 +500,7 @@ def _report(mask: Mask, n: int, layers: int, block_size, head_dim: int, heads: i
         causal_flops_forward=FORWARD_FLOPS_PER_PAIR_DIM * causal_pairs * per_pair,
         causal_flops_backward=BACKWARD_FLOPS_PER_PAIR_DIM * causal_pairs * per_pair,
         flops_ratio=pairs / causal_pairs,
-        kv_cache_peak=int(curve[peak_step]), kv_cache_peak_step=peak_step,
+        kv_cache_peak=peak, kv_cache_peak_step=peak_step,
         receptive_field=reach, earliest_key=earliest,
         receptive_field_per_layer=tuple(sizes),
         row_keys_min=int(rc.min()), row_keys_median=float(np.median(rc)), row_keys_max=int(rc.max()),
@@ -596,7 +537,7 @@ def plot_analysis(mask: MaskLike, length: int, *, layers: int = 32, block_size: 
     draw_mask(ax_map, mask, n, block_size=block_size)
     ax_map.set_title("mask (fraction attended per tile)")
 
-    with _one_thread():
+    with single_thread():
         last = _last_query(mask, n)
         curve = _kv_curve(last)
         try:

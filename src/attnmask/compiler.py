@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .errors import LayoutTooLargeError
 from .masks import (CLASS_CONST, CLASS_D, CLASS_K, CLASS_OPAQUE, CLASS_Q, CLASS_SEG, Complement,
                     Difference, Intersection, Mask, Primitive, Union)
 
@@ -40,6 +41,10 @@ _I64 = np.int64
 
 # Cells evaluated per batch when tiles must be checked densely.
 _DENSE_BATCH_CELLS = 1 << 22
+# Largest number of pieces (or tiles) one step may enumerate: ~0.5 GB per int64 array.
+MAX_PIECES = 1 << 26
+# Query rows compiled per pass of row-level refinement.
+_REFINE_BATCH_ROWS = 1 << 18
 
 
 @dataclass
@@ -201,6 +206,11 @@ def _merge_unique(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _expand_pairs(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For ranges [lo_i, hi_i): (owner index i, value) for every value in every range."""
     n = np.maximum(hi - lo, 0)
+    total = int(n.sum())
+    if total > MAX_PIECES:
+        raise LayoutTooLargeError(
+            f"this layout needs {total:,} pieces (limit {MAX_PIECES:,}): the mask's pattern changes faster "
+            f"than the block size over this length; use a larger block_size")
     owner = np.repeat(np.arange(len(lo)), n)
     if len(owner) == 0:
         return owner.astype(_I64), np.zeros(0, _I64)
@@ -503,7 +513,7 @@ class Compiler:
         c1 = np.minimum(a.c1[ia], b.c1[ib])
         sa, sb = a.state[ia], b.state[ib]
         ra, rb = a.res[ia], b.res[ib]
-        E, P, F, U = EMPTY, PARTIAL, FULL, UNKNOWN
+        E, F, U = EMPTY, FULL, UNKNOWN
         state = np.full(len(starts), U, np.int8)
         res = np.full(len(starts), -1, np.int32)
         # Where one side is constant the other side passes through (maybe negated);
@@ -592,6 +602,12 @@ class Compiler:
         and the count is the length of the full pieces. The ranges of one row
         must not overlap. Cost grows with the breakpoints per row, not cells.
         """
+        if not self.refine_pays(mask):
+            return self._count_rows_dense(mask, row, ks, ke)
+        if len(row) > _REFINE_BATCH_ROWS:   # bound the piece arrays of one pass
+            return np.concatenate([self.count_rows(mask, row[i:i + _REFINE_BATCH_ROWS], ks[i:i + _REFINE_BATCH_ROWS],
+                                                   ke[i:i + _REFINE_BATCH_ROWS])
+                                   for i in range(0, len(row), _REFINE_BATCH_ROWS)])
         if self._fine is None:
             g = self.grid
             self._fine = Compiler(Grid(g.q_len, g.kv_len, g.q_offset, 1, 1))
@@ -627,6 +643,25 @@ class Compiler:
         out[order] = counts
         return out
 
+
+    def _count_rows_dense(self, mask: Mask, row: np.ndarray, ks: np.ndarray, ke: np.ndarray) -> np.ndarray:
+        """count_rows by evaluating cells: each segment cut into pieces of <= block_k keys."""
+        g = self.grid
+        bk = g.block_k
+        owner, k0 = _expand_pairs(np.zeros(len(ks), _I64), -(-(ke - ks) // bk))
+        k0 = ks[owner] + k0 * bk
+        k1 = np.minimum(k0 + bk, ke[owner])
+        out = np.zeros(len(owner), _I64)
+        per_batch = max(1, _DENSE_BATCH_CELLS // bk)
+        ar = torch.arange(bk, dtype=torch.int64)
+        for i in range(0, len(owner), per_batch):
+            sl = slice(i, i + per_batch)
+            keys = torch.from_numpy(k0[sl])[:, None] + ar[None, :]
+            valid = keys < torch.from_numpy(k1[sl])[:, None]
+            q = torch.from_numpy(row[owner[sl]] + g.q_offset)[:, None]
+            out[sl] = (mask.evaluate(q, keys) & valid).sum(1).numpy()
+        self.dense_tiles += -(-len(owner) // max(g.block_q, 1))
+        return np.bincount(owner, weights=out, minlength=len(row)).astype(_I64)
 
     def refine_pays(self, mask: Mask) -> bool:
         """Whether row-level compilation of ``mask`` beats evaluating its tiles cell by cell.
@@ -688,6 +723,51 @@ def tile_counts_dense(mask: Mask, grid: Grid, qb: np.ndarray, c: np.ndarray) -> 
         valid = (rows < grid.q_len)[:, :, None] & (keys < grid.kv_len)[:, None, :]
         m = mask.evaluate((rows + grid.q_offset)[:, :, None], keys[:, None, :]) & valid
         out[i:i + per_batch] = m.sum(dim=(1, 2)).numpy()
+    return out
+
+
+def closed_form_countable(mask: Mask) -> bool:
+    """Whether :func:`count_rects` counts any rectangle of ``mask`` in closed form."""
+    cls = mask.structure_class()
+    if cls in (CLASS_CONST, CLASS_Q, CLASS_K, CLASS_D):
+        return True
+    if cls == CLASS_SEG and isinstance(mask, Primitive):
+        return True
+    return isinstance(mask, Complement) and closed_form_countable(mask.inner)
+
+
+def row_counts(compiler: Compiler, mask: Mask, p: Pieces) -> np.ndarray:
+    """int64 [q_len]: keys attended by every query row, exactly, from final pieces.
+
+    Full pieces give their key count to every row of their query block;
+    partial pieces are counted row by row through their residual: closed forms
+    for pure classes, row-level compilation or cell evaluation otherwise.
+    """
+    g = compiler.grid
+    bq, bk, n = g.block_q, g.block_k, g.q_len
+    if closed_form_countable(mask):
+        # One closed-form count per row: cheaper than walking many pieces
+        # (causal & strided(s) has ~N^2 / (s * block) partial tiles).
+        q = np.arange(n, dtype=_I64) + g.q_offset
+        zero = np.zeros(n, _I64)
+        return count_rects(compiler, mask, q, q + 1, zero, zero + g.kv_len, None).astype(_I64)
+    ks = p.c0 * bk
+    ke = np.minimum(p.c1 * bk, g.kv_len)
+    full = p.state == FULL
+    per_block = np.bincount(p.qb[full], weights=(ke - ks)[full], minlength=g.n_q_blocks).astype(_I64)
+    out = np.repeat(per_block, bq)[:n].copy()
+    partial = np.flatnonzero(p.state == PARTIAL)
+    for rid in np.unique(p.res[partial]):
+        sel = partial[p.res[partial] == rid]
+        residual = compiler.residuals.masks[rid]
+        r0 = p.qb[sel] * bq
+        owner, row = _expand_pairs(r0, np.minimum(r0 + bq, n))
+        if closed_form_countable(residual):
+            q = row + g.q_offset
+            cnt = count_rects(compiler, residual, q, q + 1, ks[sel][owner], ke[sel][owner], None)
+        else:
+            cnt = compiler.count_rows(residual, row, ks[sel][owner], ke[sel][owner])
+        out += np.bincount(row, weights=cnt, minlength=n).astype(_I64)
     return out
 
 

@@ -53,3 +53,8 @@ class MaskValueError(MaskError):
 
 class DenseTooLargeError(MaskError):
     """A dense result would exceed the allowed number of cells."""
+
+
+class LayoutTooLargeError(MaskError):
+    """A block layout would need more pieces than the compiler allows (a pattern
+    that repeats faster than the block size, at a large length)."""

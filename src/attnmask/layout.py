@@ -13,7 +13,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .compiler import EMPTY, FULL, PARTIAL, Compiler, Grid, Pieces, count_pieces, tile_counts_dense
+from .compiler import EMPTY, FULL, PARTIAL, Compiler, Grid, Pieces, count_pieces
 from .errors import DenseTooLargeError, MaskValueError
 from .masks import DEFAULT_DENSE_LIMIT, Mask, make_mask_mod, resolve_shape
 
@@ -53,7 +53,7 @@ def compile_layout(mask: Mask, q_len: int, kv_len: int | None = None, *, block_s
         return hit
     grid = Grid(q_len, kv_len, q_offset, bq, bk)
     compiler = Compiler(grid)
-    with _one_thread():
+    with single_thread():
         pieces = compiler.run(mask)
     layout = BlockLayout(mask, grid, compiler, pieces)
     _cache[key] = layout
@@ -63,10 +63,13 @@ def compile_layout(mask: Mask, q_len: int, kv_len: int | None = None, *, block_s
 
 
 @contextmanager
-def _one_thread():
-    # The compiler's torch work is a few memory-bound passes over <= 2N
-    # elements; intra-op threads gain little there, and on a busy machine their
-    # spin-waits made a 5 ms compile take 250 ms. Run it on one thread.
+def single_thread():
+    """Run torch on one intra-op thread inside the block (restored after).
+
+    The compiler's torch work is a few memory-bound passes over <= 2N
+    elements; intra-op threads gain little there, and on a busy machine their
+    spin-waits made a 5 ms compile take 250 ms.
+    """
     before = torch.get_num_threads()
     if before == 1:
         yield
@@ -214,6 +217,17 @@ class BlockLayout:
         """attended pairs / (q_len * kv_len)."""
         return self.attended_pairs() / (self.q_len * self.kv_len)
 
+    def row_counts(self) -> torch.Tensor:
+        """int64 ``[q_len]``: how many keys each query row attends, exactly (no dense matrix).
+
+            >>> import attnmask as am
+            >>> (am.causal & am.sliding(3)).compile(6, block_size=4).row_counts().tolist()
+            [1, 2, 3, 3, 3, 3]
+        """
+        from .compiler import row_counts
+        with single_thread():
+            return torch.from_numpy(row_counts(self._compiler, self.mask, self._pieces))
+
     # -- iteration for engines --
     def runs(self, q_block: int) -> list[tuple[int, int, str]]:
         """Runs of query block ``q_block`` as (first key block, end key block, state)."""
@@ -354,4 +368,4 @@ class BlockLayout:
                 f"block_size={self.block_size})")
 
 
-__all__ = ["BlockLayout", "compile_layout", "clear_cache", "tile_counts_dense"]
+__all__ = ["BlockLayout", "compile_layout", "clear_cache", "single_thread"]

@@ -79,6 +79,25 @@ class _Item:
     mask: int | None
 
 
+@dataclass(frozen=True)
+class _Op:
+    """``G`` items of equal shape and mask whose rows and keys advance by constant steps.
+
+    Item g covers rows ``r0 + g * dr + [0, rows)`` and keys ``k0 + g * dk + [0, span)``;
+    ``dr >= rows`` (query rows never overlap), key ranges may (a sliding window's do).
+    One kernel call runs all of them through strided views, no copies.
+    """
+
+    r0: int
+    dr: int
+    rows: int
+    k0: int
+    dk: int
+    span: int
+    G: int
+    mask: int | None
+
+
 class _Plan:
     """The backward's work items for one layout, in a fixed order (query block, then key).
 
@@ -130,6 +149,31 @@ class _Plan:
                 for s0 in range(0, r1 - r0, rows_per_item):
                     self._add(r0 + s0, k0, m[s0:s0 + rows_per_item], ids)
 
+        self.ops = self._group(self.items)
+
+    @staticmethod
+    def _group(items: list[_Item]) -> list[_Op]:
+        """Batch runs of items with equal (rows, span, mask) and constant row / key steps."""
+        buckets: dict[tuple, list[_Item]] = {}
+        for it in items:
+            buckets.setdefault((it.r1 - it.r0, it.k1 - it.k0, it.mask), []).append(it)
+        ops: list[_Op] = []
+        for (rows, span, mask), members in buckets.items():
+            i = 0
+            while i < len(members):
+                j, dr, dk = i + 1, 0, 0
+                if j < len(members) and members[j].r0 - members[i].r0 >= rows:
+                    dr, dk = members[j].r0 - members[i].r0, members[j].k0 - members[i].k0
+                    j += 1
+                    while (j < len(members) and members[j].r0 - members[j - 1].r0 == dr
+                           and members[j].k0 - members[j - 1].k0 == dk):
+                        j += 1
+                if j - i == 1:
+                    dr = dk = 0
+                ops.append(_Op(members[i].r0, dr, rows, members[i].k0, dk, span, j - i, mask))
+                i = j
+        return ops
+
     def _add(self, r0: int, k0: int, m: torch.Tensor, ids: dict) -> None:
         cols = m.any(0).nonzero()
         if len(cols) == 0:
@@ -175,6 +219,34 @@ def _dilation(mask) -> tuple[int, int] | None:
     return (dil[0].args[0], dil[0].args[1]) if len(dil) == 1 and not rest else None
 
 
+def _causal_segments(layout: BlockLayout) -> list[tuple[int, int]] | None:
+    """[(start, end)] when the layout is top-left causal within consecutive segments, else None.
+
+    ``causal`` on a square layout is one segment; ``causal & document(n1, ...)`` is one per
+    document (positions past the documents attend nothing: no segment, zero gradient).
+    """
+    from ..masks import Intersection, Primitive
+    if layout.q_len != layout.kv_len or layout.q_offset != 0:
+        return None
+    parts = layout.mask.parts if isinstance(layout.mask, Intersection) else (layout.mask,)
+    names = sorted(p.name for p in parts if isinstance(p, Primitive))
+    L = layout.q_len
+    if len(names) != len(parts):
+        return None
+    if names == ["causal"]:
+        return [(0, L)]
+    if names == ["causal", "document"]:
+        doc = next(p for p in parts if p.name == "document")
+        out, start = [], 0
+        for n in doc.args:
+            if start >= L:
+                break
+            out.append((start, min(start + n, L)))
+            start += n
+        return out
+    return None
+
+
 def _one_layout(q, k, v, out, dout, lse0, dlse, layout: BlockLayout, scale: float, dq, dk, dv) -> None:
     """Accumulate the gradients of one layout's heads into dq, dk, dv (all in the compute dtype).
 
@@ -198,16 +270,19 @@ def _one_layout(q, k, v, out, dout, lse0, dlse, layout: BlockLayout, scale: floa
             _one_layout(q[qr], k[kr], v[kr], out[qr], dout[qr], lse0[qr], None if dlse is None else dlse[qr],
                         sub, scale, dq[qr], dk[kr], dv[kr])
         return
-    plan = _plan(layout)
     if dlse is None:
-        for it in plan.items:
-            rows = (slice(None), slice(None), slice(it.r0, it.r1))
-            keys = (slice(None), slice(None), slice(it.k0, it.k1))
-            mask = None if it.mask is None else plan.additive(it.mask, q.dtype)
-            a, b, c = _flash_bwd(dout[rows], q[rows], k[keys], v[keys], out[rows], lse0[rows], 0.0, False,
-                                 attn_mask=mask, scale=scale)
-            dq[rows].add_(a), dk[keys].add_(b), dv[keys].add_(c)
+        segments = _causal_segments(layout)
+        if segments is not None:
+            # Exact causal blocks along the diagonal: one is_causal kernel call each, which
+            # visits only the lower triangle, as the forward does for causal regions.
+            for a, b in segments:
+                sl = (slice(None), slice(None), slice(a, b))
+                ga, gb, gc = _flash_bwd(dout[sl], q[sl], k[sl], v[sl], out[sl], lse0[sl], 0.0, True, scale=scale)
+                dq[sl].add_(ga), dk[sl].add_(gb), dv[sl].add_(gc)
+            return
+        _run_ops(_plan(layout), q, k, v, out, dout, lse0, scale, dq, dk, dv)
         return
+    plan = _plan(layout)
     # A gradient flows into lse: the same recipe with plain matmuls, delta shifted by dlse.
     bsz, h, Lq, D = q.shape
     hk = k.shape[1]
@@ -229,6 +304,64 @@ def _one_layout(q, k, v, out, dout, lse0, dlse, layout: BlockLayout, scale: floa
         ds = torch.matmul(dov, v3[:, :, k0:k1].transpose(-1, -2)).sub_(d3[:, :, r0:r1]).mul_(p)
         dq3[:, :, r0:r1] += torch.matmul(ds, k3[:, :, k0:k1]) * scale
         dk3[:, k0:k1] += torch.matmul(ds.transpose(-1, -2), qs[:, :, r0:r1]).sum(1)
+
+
+#: Most key rows (summed over the items of one call) whose dK/dV one kernel call may return:
+#: bounds the call's temporary gradients to about this x (batch x kv heads x D) floats.
+_KEYS_PER_CALL = 16384
+
+
+def _view(t: torch.Tensor, start: int, step: int, G: int, n: int) -> torch.Tensor | None:
+    """[G, B * X, n, ...] strided view of rows ``start + g * step + [0, n)`` of a [B, X, L, ...] tensor.
+
+    None when B and X cannot be merged in one stride (then items run one by one).
+    """
+    B, X = t.shape[0], t.shape[1]
+    st = t.stride()
+    if B > 1 and st[0] != X * st[1]:
+        return None
+    return t.as_strided((G, B * X, n) + tuple(t.shape[3:]), (step * st[2], st[1], st[2]) + st[3:],
+                        t.storage_offset() + start * st[2])
+
+
+def _run_ops(plan: _Plan, q, k, v, out, dout, lse0, scale: float, dq, dk, dv) -> None:
+    """The fused-kernel backward over a plan's ops: one kernel call per op (or per chunk of it).
+
+    The kernel sees the G items of an op as G batch entries and the (batch, head) pairs as
+    heads (kv head = query head // (H / Hkv) holds for the merged index too, so GQA is native).
+    dQ lands in non-overlapping row views; dK/dV of overlapping key ranges are added item by
+    item in a fixed order.
+    """
+    for op in plan.ops:
+        mask = None if op.mask is None else plan.additive(op.mask, q.dtype)
+        step = max(1, _KEYS_PER_CALL // max(op.span, 1))
+        for g0 in range(0, op.G, step):
+            G = min(step, op.G - g0)
+            r0, k0 = op.r0 + g0 * op.dr, op.k0 + g0 * op.dk
+            views = [_view(t, r0, op.dr, G, op.rows) for t in (dout, q, out, dq)]
+            kvs = [_view(t, k0, op.dk, G, op.span) for t in (k, v)]
+            lv = _view(lse0.unsqueeze(-1), r0, op.dr, G, op.rows)
+            if any(x is None for x in views + kvs) or lv is None:
+                for g in range(G):                  # strides do not allow batching: item by item
+                    a_, b_ = r0 + g * op.dr, k0 + g * op.dk
+                    rows = (slice(None), slice(None), slice(a_, a_ + op.rows))
+                    keys = (slice(None), slice(None), slice(b_, b_ + op.span))
+                    ga, gb, gc = _flash_bwd(dout[rows], q[rows], k[keys], v[keys], out[rows], lse0[rows], 0.0,
+                                            False, attn_mask=mask, scale=scale)
+                    dq[rows].add_(ga), dk[keys].add_(gb), dv[keys].add_(gc)
+                continue
+            do_v, q_v, o_v, dq_v = views
+            k_v, v_v = kvs
+            ga, gb, gc = _flash_bwd(do_v, q_v, k_v, v_v, o_v, lv.squeeze(-1), 0.0, False, attn_mask=mask,
+                                    scale=scale)
+            dq_v.add_(ga)
+            if op.dk >= op.span or G == 1:
+                _view(dk, k0, op.dk, G, op.span).add_(gb)
+                _view(dv, k0, op.dk, G, op.span).add_(gc)
+            else:
+                for g in range(G):
+                    _view(dk, k0 + g * op.dk, 0, 1, op.span)[0].add_(gb[g])
+                    _view(dv, k0 + g * op.dk, 0, 1, op.span)[0].add_(gc[g])
 
 
 def blocksparse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -257,7 +390,8 @@ def blocksparse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     G = H // Hkv
     # float64 stays float64 (gradcheck); everything else computes and accumulates in float32.
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q_, k_, v_, o_, do_ = (x.to(cd) for x in (q, k, v, out, dout))
+    # Contiguous copies only where needed (a model's permuted q/k/v), so strided views can batch items.
+    q_, k_, v_, o_, do_ = (x.to(cd).contiguous() for x in (q, k, v, out, dout))
     lse0 = lse.to(cd).masked_fill(torch.isneginf(lse), 0.0)
     dlse_ = None if dlse is None else dlse.to(cd).nan_to_num(0.0, 0.0, 0.0)
     dq = torch.zeros(B, H, Lq, D, dtype=cd)

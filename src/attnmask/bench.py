@@ -230,6 +230,8 @@ def run_sweep(args, console) -> list[dict]:
                         row["skip"][label] = f"failed: {str(e).splitlines()[0][:80]}"
                 progress.advance(task)
             row.update({k2: case.notes[k2] for k2 in case.notes})
+            if not console.is_terminal:   # no live bar in a log file: one line per case instead
+                console.print(f"N={n} {mname}: " + ", ".join(f"{lab} {ms:.1f} ms" for lab, ms in row["ms"].items()))
             if ANCHOR in row["ms"] and "attended" in row:
                 row["ideal_ms"] = row["ms"][ANCHOR] * row["attended"] / (n * (n + 1) / 2)
             rows.append(row)

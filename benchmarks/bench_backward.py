@@ -151,6 +151,7 @@ def memory_child(engine: str, n: int, heads: int, dim: int, mask_text: str, bloc
     step()
     elapsed = time.perf_counter() - t0
     peak = _status_kb("VmHWM")
+    # A training step must at least create out, dq, dk and dv: as large as the four inputs.
     return {"engine": engine, "n": n, "added_mb": (peak - base) / 1024, "inputs_mb": 4 * q.numel() * 4 / 2**20,
             "hwm_reset": reset, "step_s": elapsed}
 
@@ -279,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         "| what | ms |", "|---|---|", *lines, "",
         "Peak memory added by one training step (forward + backward, compile or dense mask included), "
         "fresh subprocess, VmHWM - RSS before the step:", "",
-        "| engine | tokens | added MB | inputs (q, k, v, dout) MB | step s |", "|---|---|---|---|---|",
+        "| engine | tokens | added MB | inputs (q, k, v, dout) MB = the least a step adds (out, dq, dk, dv) "
+        "| step s |", "|---|---|---|---|---|",
         *mem_lines, "", "Against the targets:", "", *summary, ""])
     print(report)
     if args.results:

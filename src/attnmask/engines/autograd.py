@@ -308,7 +308,7 @@ def _one_layout(q, k, v, out, dout, lse0, dlse, layout: BlockLayout, scale: floa
 
 #: Most key rows (summed over the items of one call) whose dK/dV one kernel call may return:
 #: bounds the call's temporary gradients to about this x (batch x kv heads x D) floats.
-_KEYS_PER_CALL = 16384
+_KEYS_PER_CALL = 4096
 
 
 def _view(t: torch.Tensor, start: int, step: int, G: int, n: int) -> torch.Tensor | None:

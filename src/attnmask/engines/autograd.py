@@ -162,7 +162,8 @@ class _Plan:
             i = 0
             while i < len(members):
                 j, dr, dk = i + 1, 0, 0
-                if j < len(members) and members[j].r0 - members[i].r0 >= rows:
+                # Strides must be non-negative (as_strided), and query rows must not overlap.
+                if j < len(members) and members[j].r0 - members[i].r0 >= rows and members[j].k0 >= members[i].k0:
                     dr, dk = members[j].r0 - members[i].r0, members[j].k0 - members[i].k0
                     j += 1
                     while (j < len(members) and members[j].r0 - members[j - 1].r0 == dr

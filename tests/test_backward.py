@@ -102,6 +102,8 @@ CASES = {
     "small-rect-blocks": (1, 3, 3, 53, 53, 4, [am.chunked(7) | am.sink(2), am.prefix_lm(11) & am.causal],
                           [[0, 1, 0]], (4, 8), None),
     "all-masked": (1, 2, 2, 20, 20, 4, [am.none, am.causal], [[0, 1]], 8, None),
+    # blocks taller than the backward's 128-row items are cut into trimmed row chunks
+    "tall-blocks": (1, 2, 2, 300, 300, 8, [am.causal & (am.sliding(50) | am.sink(2))], None, 256, None),
     # dilated(w, d) runs as d strided sliding-window problems
     "dilated-gqa-offset": (2, 4, 2, 45, 70, 8, [am.causal & am.dilated(6, 4)], None, 8, 30),
     "dilated-q-before-keys": (1, 2, 2, 33, 40, 8, [am.dilated(3, 5)], None, (4, 8), -3),

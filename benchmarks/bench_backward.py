@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = [
         f"- backward / forward = {bwd_ratio:.2f} (target <= {TARGETS['bwd_over_fwd']:.0f}): "
         f"{verdict(bwd_ratio <= TARGETS['bwd_over_fwd'])}",
-        f"- SDPA+mask fwd+bwd / attnmask fwd+bwd = "
+        "- SDPA+mask fwd+bwd / attnmask fwd+bwd = "
         + ("-" if sdpa_ratio is None else f"{sdpa_ratio:.1f}x")
         + f" (target >= {TARGETS['sdpa_mask_over_ours']:.0f}x): "
         + verdict(None if sdpa_ratio is None else sdpa_ratio >= TARGETS["sdpa_mask_over_ours"]),

@@ -412,11 +412,11 @@ def blocksparse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
             for li in used:
                 bs, hs = (head_layout == li).nonzero(as_tuple=True)
                 kvh = hs // G
-                sel = lambda x, heads: x[bs, heads].unsqueeze(0)   # noqa: E731  [1, n, L, D]
-                gq, gk, gv = torch.zeros_like(sel(q_, hs)), torch.zeros_like(sel(k_, kvh)), torch.zeros_like(sel(v_, kvh))
-                _one_layout(sel(q_, hs), sel(k_, kvh), sel(v_, kvh), sel(o_, hs), sel(do_, hs),
-                            lse0[bs, hs].unsqueeze(0), None if dlse_ is None else dlse_[bs, hs].unsqueeze(0),
-                            layouts[li], scale, gq, gk, gv)
+                qg, og, dog = (x[bs, hs].unsqueeze(0) for x in (q_, o_, do_))    # [1, n, Lq, D]
+                kg, vg = (x[bs, kvh].unsqueeze(0) for x in (k_, v_))               # [1, n, Lk, D]
+                gq, gk, gv = torch.zeros_like(qg), torch.zeros_like(kg), torch.zeros_like(vg)
+                _one_layout(qg, kg, vg, og, dog, lse0[bs, hs].unsqueeze(0),
+                            None if dlse_ is None else dlse_[bs, hs].unsqueeze(0), layouts[li], scale, gq, gk, gv)
                 dq[bs, hs], dk_h[bs, hs], dv_h[bs, hs] = gq[0], gk[0], gv[0]
             dk = dk_h.view(B, Hkv, G, Lk, D).sum(2)
             dv = dv_h.view(B, Hkv, G, Lk, -1).sum(2)

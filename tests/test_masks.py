@@ -292,12 +292,14 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     import json, resource, torch, attnmask as am
     mask = am.parse(%r)
     mask.to_dense(64)                                  # warm up lazy initialisation
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
-    before = rss()
+    def status(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                                   # reset the peak (VmHWM) to the current RSS
+    before = status("VmRSS:")
     out = mask.to_dense(8192)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = status("VmHWM:")
     print(json.dumps({"grew": peak - before, "result": out.numel() * out.element_size(),
                       "sum": int(out.sum())}))
 """)

@@ -45,6 +45,10 @@ from .blocksparse import blocksparse_forward
 __all__ = ["blocksparse_attention_with_grad", "blocksparse_backward"]
 
 _FULL, _PARTIAL = 2, 1
+# Below this many attended pairs x heads the backward runs on one thread: waking the pool
+# costs more than it saves, and on a busy machine each parallel region can wait a whole
+# scheduler slice (the forward uses the same rule).
+_SMALL_WORK = 1 << 18
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
@@ -391,7 +395,6 @@ def blocksparse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     """
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    G = H // Hkv
     # float64 stays float64 (gradcheck); everything else computes and accumulates in float32.
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32
     # Contiguous copies only where needed (a model's permuted q/k/v), so strided views can batch items.
@@ -403,26 +406,43 @@ def blocksparse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     dv = torch.zeros(B, Hkv, Lk, v.shape[-1], dtype=cd)
     if q.numel() and k.numel():
         used = torch.unique(head_layout).tolist()
-        if len(used) == 1:
-            _one_layout(q_, k_, v_, o_, do_, lse0, dlse_, layouts[used[0]], scale, dq, dk, dv)
+        work = sum(layouts[li].attended_pairs() * int((head_layout == li).sum()) for li in used)
+        threads = torch.get_num_threads()
+        if work < _SMALL_WORK and threads > 1:
+            torch.set_num_threads(1)
+            try:
+                _backward_layouts(q_, k_, v_, o_, do_, lse0, dlse_, layouts, head_layout, used, scale, dq, dk, dv)
+            finally:
+                torch.set_num_threads(threads)
         else:
-            # Heads with different layouts: gather each group's heads, run it, put results back.
-            # dK/dV are first kept per *query* head (each written once), then summed over the
-            # G heads of a kv head in a fixed order, so nothing races.
-            dk_h = torch.zeros(B, H, Lk, D, dtype=cd)
-            dv_h = torch.zeros(B, H, Lk, v.shape[-1], dtype=cd)
-            for li in used:
-                bs, hs = (head_layout == li).nonzero(as_tuple=True)
-                kvh = hs // G
-                qg, og, dog = (x[bs, hs].unsqueeze(0) for x in (q_, o_, do_))    # [1, n, Lq, D]
-                kg, vg = (x[bs, kvh].unsqueeze(0) for x in (k_, v_))               # [1, n, Lk, D]
-                gq, gk, gv = torch.zeros_like(qg), torch.zeros_like(kg), torch.zeros_like(vg)
-                _one_layout(qg, kg, vg, og, dog, lse0[bs, hs].unsqueeze(0),
-                            None if dlse_ is None else dlse_[bs, hs].unsqueeze(0), layouts[li], scale, gq, gk, gv)
-                dq[bs, hs], dk_h[bs, hs], dv_h[bs, hs] = gq[0], gk[0], gv[0]
-            dk = dk_h.view(B, Hkv, G, Lk, D).sum(2)
-            dv = dv_h.view(B, Hkv, G, Lk, -1).sum(2)
+            _backward_layouts(q_, k_, v_, o_, do_, lse0, dlse_, layouts, head_layout, used, scale, dq, dk, dv)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _backward_layouts(q_, k_, v_, o_, do_, lse0, dlse_, layouts, head_layout, used, scale, dq, dk, dv) -> None:
+    """Run every layout's heads; dq, dk, dv (compute dtype, zero on entry) are filled in place."""
+    if len(used) == 1:
+        _one_layout(q_, k_, v_, o_, do_, lse0, dlse_, layouts[used[0]], scale, dq, dk, dv)
+        return
+    # Heads with different layouts: gather each group's heads, run it, put results back.
+    # dK/dV are first kept per *query* head (each written once), then summed over the
+    # G heads of a kv head in a fixed order, so nothing races.
+    B, H, Lq, D = q_.shape
+    Hkv, Lk = k_.shape[1], k_.shape[2]
+    G = H // Hkv
+    dk_h = torch.zeros(B, H, Lk, D, dtype=dk.dtype)
+    dv_h = torch.zeros(B, H, Lk, dv.shape[-1], dtype=dv.dtype)
+    for li in used:
+        bs, hs = (head_layout == li).nonzero(as_tuple=True)
+        kvh = hs // G
+        qg, og, dog = (x[bs, hs].unsqueeze(0) for x in (q_, o_, do_))    # [1, n, Lq, D]
+        kg, vg = (x[bs, kvh].unsqueeze(0) for x in (k_, v_))               # [1, n, Lk, D]
+        gq, gk, gv = torch.zeros_like(qg), torch.zeros_like(kg), torch.zeros_like(vg)
+        _one_layout(qg, kg, vg, og, dog, lse0[bs, hs].unsqueeze(0),
+                    None if dlse_ is None else dlse_[bs, hs].unsqueeze(0), layouts[li], scale, gq, gk, gv)
+        dq[bs, hs], dk_h[bs, hs], dv_h[bs, hs] = gq[0], gk[0], gv[0]
+    torch.sum(dk_h.view(B, Hkv, G, Lk, D), 2, out=dk)
+    torch.sum(dv_h.view(B, Hkv, G, Lk, -1), 2, out=dv)
 
 
 class _BlockSparseAttention(torch.autograd.Function):

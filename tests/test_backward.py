@@ -102,6 +102,8 @@ CASES = {
     "small-rect-blocks": (1, 3, 3, 53, 53, 4, [am.chunked(7) | am.sink(2), am.prefix_lm(11) & am.causal],
                           [[0, 1, 0]], (4, 8), None),
     "all-masked": (1, 2, 2, 20, 20, 4, [am.none, am.causal], [[0, 1]], 8, None),
+    # many equal items with overlapping key ranges: their dK/dV are added piece by piece
+    "long-narrow-window": (1, 2, 1, 400, 400, 8, [am.causal & am.sliding(20)], None, 16, None),
     # blocks taller than the backward's 128-row items are cut into trimmed row chunks
     "tall-blocks": (1, 2, 2, 300, 300, 8, [am.causal & (am.sliding(50) | am.sink(2))], None, 256, None),
     # dilated(w, d) runs as d strided sliding-window problems

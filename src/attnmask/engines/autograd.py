@@ -366,10 +366,18 @@ def _run_ops(plan: _Plan, q, k, v, out, dout, lse0, scale: float, dq, dk, dv) ->
             if op.dk >= op.span or G == 1:
                 _view(dk, k0, op.dk, G, op.span).add_(gb)
                 _view(dv, k0, op.dk, G, op.span).add_(gc)
-            else:
-                for g in range(G):
+            elif op.dk == 0 or G <= -(-op.span // op.dk):
+                for g in range(G):                   # overlapping ranges: one item at a time
                     _view(dk, k0 + g * op.dk, 0, 1, op.span)[0].add_(gb[g])
                     _view(dv, k0 + g * op.dk, 0, 1, op.span)[0].add_(gc[g])
+            else:
+                # Overlapping ranges, many items: cut every range into pieces of dk keys; the
+                # i-th pieces of all items do not overlap, so each i is one strided add (the
+                # order of the sums is fixed either way).
+                for c0 in range(0, op.span, op.dk):
+                    w = min(op.dk, op.span - c0)
+                    _view(dk, k0 + c0, op.dk, G, w).add_(gb[:, :, c0:c0 + w])
+                    _view(dv, k0 + c0, op.dk, G, w).add_(gc[:, :, c0:c0 + w])
 
 
 def blocksparse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,

@@ -42,6 +42,8 @@ _FULL, _PARTIAL = 2, 1
 # A full run at least this many blocks long inside a partially masked segment
 # is split off into its own maskless call: the mask would cost more than the merge.
 _SPLIT_FULL_BLOCKS = 4
+# ... but a range of at most this many key blocks stays one call with its mask.
+_ONE_CALL_BLOCKS = 32
 # Tiles evaluated per tile_masks call while planning (bounds the planner's memory).
 _TILES_PER_EVAL = 64
 
@@ -130,6 +132,9 @@ def _segments(runs: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int
     for g in groups:
         if not any(t == _PARTIAL for _, _, t in g):
             out.append([(g[0][0], g[-1][1], _FULL)])
+            continue
+        if g[-1][1] - g[0][0] <= _ONE_CALL_BLOCKS:
+            out.append(g)      # a window-sized range: one masked call beats several calls and merges
             continue
         # Long full runs go alone (maskless); the rest stays together with its partial tiles.
         cur: list[tuple[int, int, int]] = []
@@ -295,6 +300,11 @@ def _build_plan(layout: BlockLayout) -> Plan:
     ops: list[Op] = []
 
     def add(op_blocks: list[int], **kw) -> None:
+        if kw["G"] > 1 and kw["dk"] == 0 and kw["dr"] == kw["rows"] and kw["mask"] is None \
+                and kw["rows_empty"] is None:
+            # Consecutive blocks sharing unmasked keys: one long query range, so the kernel
+            # works on large query tiles instead of G small ones.
+            kw.update(rows=kw["G"] * kw["rows"], G=1, dr=0)
         first = all(written[x] == 0 for x in op_blocks)
         for x in op_blocks:
             written[x] += 1

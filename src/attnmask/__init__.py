@@ -29,9 +29,9 @@ SIGNATURE = "causal - (rows(36, 64, 8) - diagonal)"
 
 def __getattr__(name):
     # Heavier parts load on first use, so `import attnmask` stays light.
-    if name == "attention":
-        from .engines import attention
-        return attention
+    if name in ("attention", "per_batch", "PerBatch"):
+        from . import engines
+        return getattr(engines, name)
     if name in ("analyze", "AnalysisReport", "plot_analysis"):
         from . import analysis
         return getattr(analysis, name)
@@ -42,4 +42,5 @@ __all__ = ["Mask", "BlockLayout", "MaskError", "MaskSyntaxError", "MaskValueErro
            "LayoutTooLargeError",
            "parse", "clear_cache", "from_mask_mod", "full", "none", "causal", "diagonal", "band", "sliding",
            "sink", "prefix_lm", "chunked", "dilated", "strided", "document", "rows", "cols", "attention",
+           "per_batch", "PerBatch",
            "render", "analyze", "plot_analysis", "SIGNATURE"]

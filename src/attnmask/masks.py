@@ -386,32 +386,35 @@ class Primitive(Mask):
 # ---------------------------------------------------------------------------
 
 @dataclass(frozen=True, repr=False)
-class Union(Mask):
-    """``a | b | ...``: attended where any part attends (left chains are flat)."""
+class _Chain(Mask):
+    """An n-ary, associative operator: Python's left chains ``a op b op c`` are flat."""
 
     parts: tuple[Mask, ...]
     depth: int = field(default=1, compare=False, hash=False)
+    _PREC: ClassVar[int]
+    _SYMBOL: ClassVar[str]
 
-    @staticmethod
-    def of(a: Mask, b: Mask) -> "Union":
-        return Union.chain([a, b])
+    @classmethod
+    def of(cls, a: Mask, b: Mask) -> "_Chain":
+        return cls.chain([a, b])
 
-    @staticmethod
-    def chain(parts) -> "Union":
+    @classmethod
+    def chain(cls, parts) -> "_Chain":
         """``parts[0] op parts[1] op ...`` as Python builds it (a left chain, flattened)."""
         parts = tuple(parts)
-        depth = 1 + max(p.depth for p in parts)
-        if isinstance(parts[0], Union):
+        if isinstance(parts[0], cls):
             # depth of the flattened chain without rescanning its (maybe long) parts
             depth = max(parts[0].depth, 1 + max((p.depth for p in parts[1:]), default=0))
             parts = parts[0].parts + parts[1:]
-        return Union(parts, _depth_checked(depth))
+        else:
+            depth = 1 + max(p.depth for p in parts)
+        return cls(parts, _depth_checked(depth))
 
     def _prec(self) -> int:
-        return _PREC_OR
+        return self._PREC
 
     def _text(self) -> str:
-        return " | ".join(_child_text(p, _PREC_OR, first=i == 0) for i, p in enumerate(self.parts))
+        return f" {self._SYMBOL} ".join(_child_text(p, self._PREC, first=i == 0) for i, p in enumerate(self.parts))
 
     def children(self):
         return self.parts
@@ -422,49 +425,32 @@ class Union(Mask):
     def _eval(self, q, k):
         out = self.parts[0]._eval(q, k)
         for p in self.parts[1:]:
-            out = out | p._eval(q, k)
+            out = self._apply(out, p._eval(q, k))
         return out
 
 
 @dataclass(frozen=True, repr=False)
-class Intersection(Mask):
-    """``a & b & ...``: attended where every part attends (left chains are flat)."""
+class Union(_Chain):
+    """``a | b | ...``: attended where any part attends."""
 
-    parts: tuple[Mask, ...]
-    depth: int = field(default=1, compare=False, hash=False)
-
-    @staticmethod
-    def of(a: Mask, b: Mask) -> "Intersection":
-        return Intersection.chain([a, b])
+    _PREC: ClassVar[int] = _PREC_OR
+    _SYMBOL: ClassVar[str] = "|"
 
     @staticmethod
-    def chain(parts) -> "Intersection":
-        """``parts[0] op parts[1] op ...`` as Python builds it (a left chain, flattened)."""
-        parts = tuple(parts)
-        depth = 1 + max(p.depth for p in parts)
-        if isinstance(parts[0], Intersection):
-            # depth of the flattened chain without rescanning its (maybe long) parts
-            depth = max(parts[0].depth, 1 + max((p.depth for p in parts[1:]), default=0))
-            parts = parts[0].parts + parts[1:]
-        return Intersection(parts, _depth_checked(depth))
+    def _apply(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x | y
 
-    def _prec(self) -> int:
-        return _PREC_AND
 
-    def _text(self) -> str:
-        return " & ".join(_child_text(p, _PREC_AND, first=i == 0) for i, p in enumerate(self.parts))
+@dataclass(frozen=True, repr=False)
+class Intersection(_Chain):
+    """``a & b & ...``: attended where every part attends."""
 
-    def children(self):
-        return self.parts
+    _PREC: ClassVar[int] = _PREC_AND
+    _SYMBOL: ClassVar[str] = "&"
 
-    def structure_class(self) -> str:
-        return _combine_classes(self.parts)
-
-    def _eval(self, q, k):
-        out = self.parts[0]._eval(q, k)
-        for p in self.parts[1:]:
-            out = out & p._eval(q, k)
-        return out
+    @staticmethod
+    def _apply(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x & y
 
 
 @dataclass(frozen=True, repr=False)

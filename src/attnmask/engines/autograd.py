@@ -314,9 +314,11 @@ def _one_layout(q, k, v, out, dout, lse0, dlse, layout: BlockLayout, scale: floa
 
 #: Most key rows (summed over the items of one call) whose dK/dV one kernel call may return:
 #: bounds the call's temporary gradients to about this x (batch x kv heads x D) floats.
-#: Measured at N=8192, sliding(1024): on a quiet machine 2048 is ~5% faster than 16384,
-#: on the shared, oversubscribed one 16384 is ~30% faster (fewer parallel regions).
-_KEYS_PER_CALL = 8192
+#: Measured at N=8192, sliding(1024), 2 threads: on a quiet machine 2048 is ~10% faster than
+#: 16384-32768; on the shared, oversubscribed one (load 5) 32768 is 2-3x faster than 2048,
+#: because every parallel region can wait a scheduler slice. 32768 made a 64K-token step
+#: add 847 MB (vs 603 MB at 2048), so 16384 is the compromise.
+_KEYS_PER_CALL = 16384
 
 
 def _view(t: torch.Tensor, start: int, step: int, G: int, n: int) -> torch.Tensor | None:

@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--mask", default="causal & sliding(1024)")
     p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per engine (best kept; the box is shared)")
     p.add_argument("--memory-length", type=int, default=65536, help="length of the memory check (0 = skip)")
     p.add_argument("--no-sdpa-mask", action="store_true", help="skip SDPA with a dense mask")
     p.add_argument("--threads", type=int, default=None)

@@ -215,7 +215,7 @@ def run_sweep(args, console) -> list[dict]:
             row = {"mask": mname, "text": case.mask_text, "n": n, "ms": {}, "skip": {}}
             for label, prep in engines.items():
                 progress.update(task, description=f"N={n:>6} {mname:<10} {label:<15}")
-                if label == ANCHOR and n in anchor_ms:
+                if label == ANCHOR and n in anchor_ms and not args.anchor_every_mask:
                     row["ms"][label] = anchor_ms[n]       # mask-independent: measured once per length
                 else:
                     try:
@@ -466,6 +466,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per engine (best is kept)")
     parser.add_argument("--max-dense-gb", type=float, default=3.0, help="skip SDPA+mask above this mask memory")
     parser.add_argument("--max-seconds", type=float, default=120.0, help="skip a competitor estimated slower")
+    parser.add_argument("--anchor-once", dest="anchor_every_mask", action="store_false",
+                        help="time SDPA is_causal once per length instead of beside every mask (faster; "
+                             "only fair on a quiet machine)")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compiles take minutes)")
     parser.add_argument("--flex-max-length", type=int, default=16384)
     parser.add_argument("--no-extras", action="store_true", help="skip first-call, memory and decode checks")

@@ -115,7 +115,13 @@ def plan_for(layout: BlockLayout) -> Plan:
     """
     plan = _plans.get(layout)
     if plan is None:
-        plan = _build_plan(layout)
+        # Planning is many small tensor ops: on one thread they never wait for a busy pool.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            plan = _build_plan(layout)
+        finally:
+            torch.set_num_threads(threads)
         _plans[layout] = plan
     return plan
 
@@ -163,6 +169,7 @@ class _Builder:
         self.row_ids: dict[bytes, int] = {}
         self.tile_id: dict[tuple[int, int], int] = {}
         self.tiles: list[torch.Tensor] = []
+        self.items: dict[tuple, tuple | None] = {}
 
     def eval_tiles(self, need: list[tuple[int, int]]) -> None:
         """Evaluate partial tiles once (in chunks) and give identical tiles one id."""
@@ -203,6 +210,21 @@ class _Builder:
         k0, k1 = seg[0][0] * bk, min(seg[-1][1] * bk, kv_len)
         if all(t == _FULL for _, _, t in seg):
             return k0, k1 - k0, None, None
+        # Segments with the same shape and the same tiles give the same trimmed mask
+        # (every interior block of a window): assemble it once.
+        c0 = seg[0][0]
+        sig = (rows, k1 - k0, tuple((s - c0, e - c0, t, tuple(self.tile_id[(qb, c)] for c in range(s, e))
+                                     if t == _PARTIAL else ()) for s, e, t in seg))
+        hit = self.items.get(sig)
+        if hit is None:
+            hit = self.items[sig] = self._assemble(qb, rows, seg, k0, k1)
+        if hit is None:
+            return None
+        lo, span, idx, ridx = hit
+        return k0 + lo, span, idx, ridx
+
+    def _assemble(self, qb: int, rows: int, seg, k0: int, k1: int):
+        bk, kv_len = self.bk, self.layout.kv_len
         m = torch.ones((rows, k1 - k0), dtype=torch.bool)
         for s, e, t in seg:
             if t == _PARTIAL:
@@ -215,7 +237,7 @@ class _Builder:
         lo, hi = int(cols[0]), int(cols[-1]) + 1
         m = m[:, lo:hi].contiguous()
         if bool(m.all()):
-            return k0 + lo, hi - lo, None, None
+            return lo, hi - lo, None, None
         key = hashlib.blake2b(m.numpy().tobytes(), digest_size=16).digest() + repr(m.shape).encode()
         idx = self.mask_ids.get(key)
         if idx is None:
@@ -229,7 +251,7 @@ class _Builder:
             if ridx is None:
                 ridx = self.row_ids[rkey] = len(self.row_empty)
                 self.row_empty.append(empty)
-        return k0 + lo, hi - lo, idx, ridx
+        return lo, hi - lo, idx, ridx
 
 
 def _build_plan(layout: BlockLayout) -> Plan:

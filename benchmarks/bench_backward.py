@@ -71,30 +71,6 @@ def fwd_bwd_sdpa(q, k, v, dout, *, attn_mask=None, is_causal=False) -> Callable[
     return step
 
 
-def backward_only_attnmask(q, k, v, layout, dout, repeats: int) -> float:
-    """Best time (ms) of ``out.backward`` alone; the forward of each repeat is not timed."""
-    best = math.inf
-    for i in range(repeats + 1):
-        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-        with torch.enable_grad():
-            out = am.attention(qq, kk, vv, layout, backend="blocksparse")
-        t0 = time.perf_counter()
-        out.backward(dout)
-        if i:                                   # the first one is the warm-up
-            best = min(best, time.perf_counter() - t0)
-    return best * 1e3
-
-
-def best_ms(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best * 1e3
-
-
 # -- hooks for attnmask.bench (its Case carries q, k, v, n, mask, args) -----------------------------
 
 def prep_attnmask_fwd_bwd(case) -> Callable[[], None]:
@@ -222,19 +198,52 @@ def main(argv: list[str] | None = None) -> int:
     layout = mask.compile(n, block_size=args.block_size)
     frac = layout.attended_pairs() / (n * (n + 1) / 2)
 
-    ms: dict[str, float | None] = {}
-    with torch.no_grad():
-        ms["attnmask fwd"] = best_ms(lambda: am.attention(q, k, v, layout, backend="blocksparse"), args.repeats)
-        ms["sdpa is_causal fwd"] = best_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-                                           args.repeats)
-    ms["attnmask bwd"] = backward_only_attnmask(q, k, v, layout, dout, args.repeats)
-    ms["attnmask fwd+bwd"] = best_ms(fwd_bwd_attnmask(q, k, v, layout, dout), args.repeats)
-    ms["sdpa is_causal fwd+bwd"] = best_ms(fwd_bwd_sdpa(q, k, v, dout, is_causal=True), args.repeats)
-    ms["sdpa+mask fwd+bwd"] = None
+    def timed(fn: Callable[[], object]) -> Callable[[], float]:
+        def run() -> float:
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+        return run
+
+    def fwd_attnmask():
+        with torch.no_grad():
+            am.attention(q, k, v, layout, backend="blocksparse")
+
+    def fwd_causal():
+        with torch.no_grad():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def bwd_only() -> float:                 # the forward of each run is not timed
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        with torch.enable_grad():
+            out = am.attention(qq, kk, vv, layout, backend="blocksparse")
+        t0 = time.perf_counter()
+        out.backward(dout)
+        return time.perf_counter() - t0
+
+    runs: dict[str, Callable[[], float] | None] = {
+        "attnmask fwd": timed(fwd_attnmask),
+        "sdpa is_causal fwd": timed(fwd_causal),
+        "attnmask bwd": bwd_only,
+        "attnmask fwd+bwd": timed(fwd_bwd_attnmask(q, k, v, layout, dout)),
+        "sdpa is_causal fwd+bwd": timed(fwd_bwd_sdpa(q, k, v, dout, is_causal=True)),
+        "sdpa+mask fwd+bwd": None,
+    }
     if not args.no_sdpa_mask:
         dense = mask.to_dense(n, limit=n * n)
-        ms["sdpa+mask fwd+bwd"] = best_ms(fwd_bwd_sdpa(q, k, v, dout, attn_mask=dense), args.repeats)
-        del dense
+        runs["sdpa+mask fwd+bwd"] = timed(fwd_bwd_sdpa(q, k, v, dout, attn_mask=dense))
+    # Round robin (one warm-up round, then best of --repeats): on a shared machine the load
+    # drifts, and interleaving lets every engine see the same conditions.
+    best: dict[str, float] = {}
+    for rnd in range(args.repeats + 1):
+        for name, run in runs.items():
+            if run is None:
+                continue
+            t = run()
+            if rnd:
+                best[name] = min(best.get(name, math.inf), t)
+    ms: dict[str, float | None] = {name: (best[name] * 1e3 if name in best else None) for name in runs}
+    runs.clear()
     ideal_fb = ms["sdpa is_causal fwd+bwd"] * frac
 
     bwd_ratio = ms["attnmask bwd"] / ms["attnmask fwd"]
@@ -276,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         "# Backward benchmark (issue 6)", "",
         f"- date: {started}", f"- machine: {mach}", f"- command: `{command}`",
         f"- case: N={n:,}, H={H}, D={D}, float32, `{args.mask}`, block {args.block_size}, "
-        f"density of causal {frac:.3f}; best of {args.repeats} after a warm-up", "",
+        f"density of causal {frac:.3f}; best of {args.repeats} round-robin runs after a warm-up round", "",
         "| what | ms |", "|---|---|", *lines, "",
         "Peak memory added by one training step (forward + backward, compile or dense mask included), "
         "fresh subprocess, VmHWM - RSS before the step:", "",

@@ -50,6 +50,8 @@ _TILES_PER_EVAL = 64
 # Below this many scores a call runs on one thread: waking a thread pool costs more than
 # it saves, and on a busy machine each parallel region can wait a whole scheduler slice.
 _SMALL_WORK = 1 << 18
+# The same rule per kernel call of a larger forward (a few ms of work on one core).
+_SMALL_OP = 1 << 20
 
 # A batched call's output is a temporary before it lands in place; split calls so that
 # it stays under this many bytes (a 128K-token window forward then adds ~ its output).
@@ -420,11 +422,19 @@ def _run_plan(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     [Z, Lq] start as 0 / -inf; ops either copy into them or merge by log-sum-exp.
     """
     neg_inf = float("-inf")
+    threads = torch.get_num_threads()
     for op in plan.ops:
         per_block = q.shape[0] * op.rows * q.shape[2] * max(q.element_size(), 4)
         step = max(1, _CHUNK_BYTES // per_block)
-        for g0 in range(0, op.G, step):
-            _run_op(plan, op, g0, min(step, op.G - g0), q, k, v, scale, out, lse, neg_inf)
+        small = threads > 1 and q.shape[0] * op.G * op.rows * op.span < _SMALL_OP
+        if small:
+            torch.set_num_threads(1)
+        try:
+            for g0 in range(0, op.G, step):
+                _run_op(plan, op, g0, min(step, op.G - g0), q, k, v, scale, out, lse, neg_inf)
+        finally:
+            if small:
+                torch.set_num_threads(threads)
 
 
 def _run_op(plan: Plan, op: Op, g0: int, G: int, q, k, v, scale: float, out, lse, neg_inf: float) -> None:

@@ -15,6 +15,7 @@ evaluations all go through it. The compiler additionally needs to know the
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
@@ -362,7 +363,7 @@ class Primitive(Mask):
             return torch.remainder(q - k, a[0]) == 0
         if name == "document":
             ends = self.segment_ends()
-            total = int(ends[-1])
+            total = sum(a)   # a Python int: no tensor-to-int (a graph break under torch.compile)
             # searchsorted on a clamped copy keeps indices valid for padding.
             qs = torch.searchsorted(ends, q.clamp(0, total - 1).contiguous(), right=True)
             ks = torch.searchsorted(ends, k.clamp(0, total - 1).contiguous(), right=True)
@@ -377,8 +378,13 @@ class Primitive(Mask):
         raise AssertionError(name)  # pragma: no cover
 
     def segment_ends(self) -> torch.Tensor:
-        """For ``document``: int64 exclusive end position of each segment."""
-        return torch.tensor(self.args, dtype=torch.int64).cumsum(0)
+        """For ``document``: int64 exclusive end position of each segment (cached)."""
+        return _segment_ends(self.args)
+
+
+@functools.lru_cache(maxsize=64)
+def _segment_ends(lengths: tuple[int, ...]) -> torch.Tensor:
+    return torch.tensor(lengths, dtype=torch.int64).cumsum(0)
 
 
 # ---------------------------------------------------------------------------

@@ -114,6 +114,24 @@ def test_short_edge_tiles(mask, q_len, kv_len, q_offset, block):
         assert theirs_f[qb] <= ours_f[qb]
 
 
+def test_mask_mod_traces_without_graph_breaks():
+    # A graph break in mask_mod makes create_block_mask(_compile=True) and
+    # flex_attention fall back to eager N^2 evaluation (document() once did:
+    # at 64K tokens create_block_mask ran out of memory). One expression holds
+    # every primitive and operator.
+    import torch._dynamo
+    mask = (am.causal & am.document(3, 5, 4) | am.dilated(2, 3) & ~am.chunked(3) | am.rows(1, 6, 2) - am.cols(2, 7, 3)
+            | am.prefix_lm(3) & am.band(1, 1) | am.sink(1) | am.strided(3) & am.sliding(4) | am.diagonal
+            | am.full & am.none)
+    lay = mask.compile(16, block_size=8, q_offset=2)
+    q, k, z = torch.arange(16)[:, None], torch.arange(16)[None, :], torch.tensor(0)
+    for mod in (mask.mask_mod, lay.to_flex_block_mask().mask_mod):
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(mod)(z, z, q, k)
+        assert explained.graph_break_count == 0, [str(r.reason)[:200] for r in explained.break_reasons]
+    torch._dynamo.reset()
+
+
 def test_huge_flex_block_mask_is_refused():
     # FlexAttention's index tensors are dense per query block: (N / B)^2 entries.
     lay = am.causal.compile(1 << 20, block_size=16)

@@ -38,6 +38,14 @@ DEFAULT_LENGTHS = [65536, 262144, 1048576]
 DOC_COUNT, DOC_SEED = 1000, 0
 
 
+def document_lengths(n: int) -> list[int]:
+    """DOC_COUNT random document lengths summing to ``n`` (seeded)."""
+    import numpy as np
+    rng = np.random.default_rng(DOC_SEED)
+    cuts = np.sort(rng.choice(np.arange(1, n), DOC_COUNT - 1, replace=False))
+    return np.diff(np.concatenate(([0], cuts, [n]))).tolist()
+
+
 def build_mask(case: str, n: int):
     """The benchmark's mask for ``case`` at length ``n``."""
     import attnmask as am
@@ -48,11 +56,7 @@ def build_mask(case: str, n: int):
     if case == "chunked":
         return am.causal & am.chunked(8192)
     if case == "document":
-        import numpy as np
-        rng = np.random.default_rng(DOC_SEED)
-        cuts = np.sort(rng.choice(np.arange(1, n), DOC_COUNT - 1, replace=False))
-        lengths = np.diff(np.concatenate(([0], cuts, [n])))
-        return am.causal & am.document(*lengths.tolist())
+        return am.causal & am.document(*document_lengths(n))
     if case == "row_cut":
         return am.causal - (am.rows(1000, n, 4096) - am.diagonal)
     if case == "dilated":
@@ -157,12 +161,20 @@ def _states_digest(states) -> str:
     return hashlib.sha1(states.astype("int8").tobytes() + str(states.shape).encode()).hexdigest()[:16]
 
 
-def worker_cbm(case: str, n: int, block: int) -> dict:
+def worker_cbm(case: str, n: int, block: int, document_mod: str = "docid") -> dict:
     import numpy as np
     import torch
     from torch.nn.attention.flex_attention import create_block_mask
     mask = build_mask(case, n)
     mod = mask.mask_mod
+    if case == "document" and document_mod == "docid":
+        # How FlexAttention users write document masks: a per-position document id
+        # lookup. (attnmask's own mask_mod for document() graph-breaks under
+        # torch.compile, so create_block_mask falls back to an eager N^2 build.)
+        doc = torch.repeat_interleave(torch.arange(DOC_COUNT), torch.tensor(document_lengths(n)))
+
+        def mod(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (doc[q_idx] == doc[kv_idx])
 
     def call():
         return create_block_mask(mod, None, None, n, n, device="cpu", BLOCK_SIZE=block, _compile=True)
@@ -194,8 +206,10 @@ def run_worker(args: list[str], timeout: float) -> dict | str:
     except subprocess.TimeoutExpired:
         return "skipped (budget)"
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
-        return f"failed: {tail[0][:80]}"
+        # the last line naming an error (torch prints warnings after some of them)
+        lines = (proc.stderr or proc.stdout).strip().splitlines() or ["?"]
+        named = [ln for ln in lines if "Error" in ln and not ln.startswith(" ")]
+        return f"failed: {(named or lines)[-1].strip()[:90]}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -236,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds allowed per create_block_mask case (compile + warm call)")
     p.add_argument("--cbm-budget", type=float, default=1500.0,
                    help="seconds allowed for all create_block_mask cases together; later ones are skipped")
+    p.add_argument("--cbm-document-mod", choices=["docid", "attnmask"], default="docid",
+                   help="mask_mod given to create_block_mask for the document case: a document-id lookup "
+                        "(default) or attnmask's mask.mask_mod")
     p.add_argument("--no-cbm", action="store_true", help="skip create_block_mask entirely")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "compile.md"),
                    help="markdown results file, or '-' for none")
@@ -244,7 +261,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.worker:
         kind, case, n = a.worker[0], a.worker[1], int(a.worker[2])
-        res = worker_attnmask(case, n, a.block, a.repeats) if kind == "attnmask" else worker_cbm(case, n, a.block)
+        res = (worker_attnmask(case, n, a.block, a.repeats) if kind == "attnmask"
+               else worker_cbm(case, n, a.block, a.cbm_document_mod))
         print(json.dumps(res))
         return 0
 
@@ -274,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                 theirs[case, n] = "skipped (budget)"
                 continue
             t0 = time.perf_counter()
-            theirs[case, n] = run_worker(["cbm", case, str(n), "--block", str(a.block)],
+            theirs[case, n] = run_worker(["cbm", case, str(n), "--block", str(a.block),
+                                          "--cbm-document-mod", a.cbm_document_mod],
                                          min(a.cbm_timeout, a.cbm_budget - cbm_spent))
             cbm_spent += time.perf_counter() - t0
             print(_row_text(case, n, "pending", theirs[case, n]), flush=True)
@@ -313,7 +332,8 @@ def _write(a, argv, started, load, rows, lengths, final: bool) -> None:
             "",
             "attnmask: `mask.compile(N, block_size=B)` after `attnmask.clear_cache()`; \"cold\" is the first "
             "compile in a fresh process. FlexAttention: `create_block_mask(mask.mask_mod, None, None, N, N, "
-            "device=\"cpu\", BLOCK_SIZE=B, _compile=True)`, second call at the same shape (warm). "
+            "device=\"cpu\", BLOCK_SIZE=B, _compile=True)`, second call at the same shape (warm); for the document "
+            f"case its mask_mod is {'a document-id lookup, `(k <= q) & (doc[q] == doc[k])`' if a.cbm_document_mod == 'docid' else 'mask.mask_mod, as for the others'}. "
             "Peak memory: growth of the process's peak RSS (VmHWM reset via /proc/self/clear_refs) over the "
             "RSS before the call, each case in a fresh subprocess; \"numpy peak\" is tracemalloc's peak during "
             "a separate compile. ratio = create_block_mask time / attnmask median time. same tiles: attnmask's "

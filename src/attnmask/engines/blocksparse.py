@@ -356,7 +356,8 @@ def _build_plan(layout: BlockLayout) -> Plan:
         i = 0
         while i < len(members):
             j, dr, dk = i + 1, 0, 0
-            if j < len(members) and members[j][0] != members[i][0]:
+            # strided views cannot step backwards: keys must not move left as rows go down
+            if j < len(members) and members[j][0] != members[i][0] and members[j][1] >= members[i][1]:
                 dr = (members[j][0] - members[i][0]) * bq
                 dk = members[j][1] - members[i][1]
                 j += 1

@@ -19,13 +19,8 @@ before it. Ratios are printed against the issue's targets and written to
     python benchmarks/bench_backward.py                       # the full run (a few minutes)
     python benchmarks/bench_backward.py --length 2048 --memory-length 8192 --results ''   # quick look
 
-To add a forward+backward mode to ``attnmask bench`` (src/attnmask/bench.py),
-register the ``prep_*`` functions below, which take that module's ``Case``::
-
-    from bench_backward import BACKWARD_ENGINES
-    attnmask.bench.register_mode("backward", BACKWARD_ENGINES)
-
-(each callable enables grad itself, since ``time_call`` runs under no_grad).
+``attnmask bench --mode backward`` runs the same forward + backward engines
+over the benchmark's masks and lengths (``attnmask.bench.MODES["backward"]``).
 """
 
 from __future__ import annotations
@@ -46,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 import attnmask as am
+from attnmask.bench import fwd_bwd
 
 TARGETS = {"bwd_over_fwd": 3.0, "sdpa_mask_over_ours": 5.0, "memory_gb": 1.0}
 
@@ -53,44 +49,13 @@ TARGETS = {"bwd_over_fwd": 3.0, "sdpa_mask_over_ours": 5.0, "memory_gb": 1.0}
 # -- one forward + backward step of each engine ----------------------------------------------------
 
 def fwd_bwd_attnmask(q, k, v, layout, dout) -> Callable[[], None]:
-    """A callable running one attnmask forward + backward (gradients into fresh leaves)."""
-    def step():
-        with torch.enable_grad():
-            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-            out = am.attention(qq, kk, vv, layout, backend="blocksparse")
-            out.backward(dout)
-    return step
+    """One attnmask forward + backward (gradients into fresh leaves)."""
+    return fwd_bwd(lambda qq, kk, vv: am.attention(qq, kk, vv, layout, backend="blocksparse"), q, k, v, dout)
 
 
 def fwd_bwd_sdpa(q, k, v, dout, *, attn_mask=None, is_causal=False) -> Callable[[], None]:
-    def step():
-        with torch.enable_grad():
-            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
-            out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=attn_mask, is_causal=is_causal)
-            out.backward(dout)
-    return step
-
-
-# -- hooks for attnmask.bench (its Case carries q, k, v, n, mask, args) -----------------------------
-
-def prep_attnmask_fwd_bwd(case) -> Callable[[], None]:
-    layout = case.mask.compile(case.n, block_size=case.args.block_size)
-    case.notes["attended"] = layout.attended_pairs()
-    return fwd_bwd_attnmask(case.q, case.k, case.v, layout, torch.randn_like(case.q))
-
-
-def prep_sdpa_mask_fwd_bwd(case) -> Callable[[], None]:
-    dense = case.mask.to_dense(case.n, limit=case.n * case.n)
-    return fwd_bwd_sdpa(case.q, case.k, case.v, torch.randn_like(case.q), attn_mask=dense)
-
-
-def prep_sdpa_causal_fwd_bwd(case) -> Callable[[], None]:
-    return fwd_bwd_sdpa(case.q, case.k, case.v, torch.randn_like(case.q), is_causal=True)
-
-
-BACKWARD_ENGINES = {"attnmask": prep_attnmask_fwd_bwd, "sdpa+mask": prep_sdpa_mask_fwd_bwd,
-                    "sdpa is_causal": prep_sdpa_causal_fwd_bwd}
-"""Engine label -> prepare(case) for ``attnmask.bench.register_mode("backward", ...)``."""
+    return fwd_bwd(lambda qq, kk, vv: F.scaled_dot_product_attention(qq, kk, vv, attn_mask=attn_mask,
+                                                                      is_causal=is_causal), q, k, v, dout)
 
 
 # -- memory in a fresh process ---------------------------------------------------------------------

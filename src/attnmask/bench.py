@@ -145,12 +145,55 @@ def prep_flex(case: Case) -> Callable:
     return call
 
 
+def fwd_bwd(attend: Callable, q, k, v, dout) -> Callable:
+    """A callable running one forward + backward of ``attend(q, k, v)`` (grads into fresh leaves).
+
+    It turns gradients on itself: the timing loop runs under no_grad.
+    """
+    def step():
+        with torch.enable_grad():
+            qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+            attend(qq, kk, vv).backward(dout)
+    return step
+
+
+def prep_attnmask_fwd_bwd(case: Case) -> Callable:
+    from .engines import attention
+    layout = case.mask.compile(case.n, block_size=case.args.block_size)
+    case.notes["attended"] = layout.attended_pairs()
+    return fwd_bwd(lambda q, k, v: attention(q, k, v, layout, backend="blocksparse"),
+                   case.q, case.k, case.v, torch.randn_like(case.q))
+
+
+def prep_sdpa_mask_fwd_bwd(case: Case) -> Callable:
+    import torch.nn.functional as F
+    n = case.n
+    need = n * n * (1 + 2 * case.q.element_size())   # bool mask, float mask, and its gradient-time scores
+    if need > case.args.max_dense_gb * 2**30:
+        raise Skip(f"dense mask needs {need / 2**30:.1f} GB > --max-dense-gb {case.args.max_dense_gb}")
+    dense = case.mask.to_dense(n, limit=n * n)
+    return fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=dense),
+                   case.q, case.k, case.v, torch.randn_like(case.q))
+
+
+def prep_sdpa_causal_fwd_bwd(case: Case) -> Callable:
+    import torch.nn.functional as F
+    return fwd_bwd(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                   case.q, case.k, case.v, torch.randn_like(case.q))
+
+
 MODES: dict[str, dict[str, Callable[[Case], Callable]]] = {
     "forward": {
         "attnmask": prep_attnmask,
         "sdpa+mask": prep_sdpa_mask,
         "sdpa is_causal": prep_sdpa_causal,
         "flex (warm)": prep_flex,
+    },
+    # FlexAttention has no CPU backward, so it is absent here.
+    "backward": {
+        "attnmask": prep_attnmask_fwd_bwd,
+        "sdpa+mask": prep_sdpa_mask_fwd_bwd,
+        "sdpa is_causal": prep_sdpa_causal_fwd_bwd,
     },
 }
 """mode -> {engine label -> prepare(case) -> callable}. The first engine is attnmask's."""

@@ -117,3 +117,20 @@ def test_row_counts_match_dense_for_cross_class_and_periodic_residuals():
                  am.prefix_lm(333) - am.strided(5)]:
         lay = mask.compile(2000, block_size=128)
         assert torch.equal(lay.row_counts(), mask.to_dense(2000).sum(1))
+
+
+@pytest.mark.parametrize("mask", [
+    am.causal & am.document(300, 77, 500, 1, 123, 1000),
+    am.sliding(200) - am.chunked(97),
+    (am.causal | am.cols(5, 40)) & ~am.document(64, 64, 900),
+], ids=str)
+def test_segment_cut_counts_are_exact(mask):
+    # Residuals with one chunked/document leaf are counted by cutting tiles at
+    # segment boundaries (closed form on each piece): no rows, no cells.
+    am.clear_cache()
+    lay = mask.compile(2100, 2300, block_size=128)
+    states, sums = _dense_tile_states(mask, 2100, 2300, lay.q_offset, 128, 128)
+    assert torch.equal(lay.block_states(), states)
+    qb, kb, n = lay.tile_counts()
+    assert torch.equal(sums[qb, kb], n)
+    assert lay.dense_tiles_evaluated == 0 and lay._compiler.refined_tiles == 0

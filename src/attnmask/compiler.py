@@ -583,6 +583,12 @@ class Compiler:
 
     def count_tiles(self, mask: Mask, qb: np.ndarray, c: np.ndarray) -> np.ndarray:
         """Exact attended cells of tiles (qb[i], c[i]) of a cross-class residual."""
+        g = self.grid
+        qs, qe = g.q_bounds(qb)
+        ks, ke = g.k_bounds(c)
+        by_segments = self.count_rects_by_segments(mask, qs, qe, ks, ke)
+        if by_segments is not None:
+            return by_segments
         if not self.refine_pays(mask):
             self.dense_tiles += len(c)
             return tile_counts_dense(mask, self.grid, qb, c)
@@ -593,6 +599,66 @@ class Compiler:
         owner, row = _expand_pairs(r0, np.minimum(r0 + g.block_q, g.q_len))
         per_row = self.count_rows(mask, row, ks[owner], ke[owner])
         return np.bincount(owner, weights=per_row, minlength=len(c)).astype(_I64)
+
+    def count_rects_by_segments(self, mask: Mask, qs, qe, ks, ke) -> np.ndarray | None:
+        """Closed-form cell counts of rectangles for masks with one segment leaf, or None.
+
+        Cut each rectangle at the segment boundaries on both axes: on every
+        piece the ``chunked``/``document`` leaf is constant (its query and key
+        segments are equal or not), so the mask becomes a pure q/k/d class
+        there and counts in closed form. ``causal & document(...)`` on the
+        tiles a boundary crosses costs a handful of pieces, not 128 rows.
+        """
+        seg_leaves = {leaf for leaf, cls in _pure_parts(mask) if cls == CLASS_SEG}
+        if len(seg_leaves) != 1:
+            return None
+        (leaf,) = seg_leaves
+        if not isinstance(leaf, Primitive) or leaf.name not in ("chunked", "document"):
+            return None
+        from .masks import full, none
+        when_same = _substitute(mask, leaf, full)
+        when_apart = _substitute(mask, leaf, none)
+        if not (closed_form_countable(when_same) and closed_form_countable(when_apart)):
+            return None
+        seg_of, seg_start, seg_end, real = self._segments(leaf)
+        lo_real, hi_real = (-(1 << 62), 1 << 62) if real is None else real
+
+        def pieces_of(a, b):
+            """Per rectangle, its cuts along one axis: (owner, start, end, segment id or -1 for padding)."""
+            ra, rb = np.clip(a, lo_real, hi_real), np.clip(b, lo_real, hi_real)
+            has = rb > ra
+            s0 = np.where(has, seg_of(np.where(has, ra, lo_real)), 0)
+            s1 = np.where(has, seg_of(np.where(has, rb - 1, lo_real)) + 1, 0)
+            owner, sid = _expand_pairs(s0, s1)
+            start = np.maximum(seg_start(sid), a[owner])
+            end = np.minimum(seg_end(sid), b[owner])
+            # padding before and after the real positions: one piece each, matching nothing
+            pad_lo = np.flatnonzero(a < np.minimum(b, lo_real))
+            pad_hi = np.flatnonzero(b > np.maximum(a, hi_real))
+            owner = np.concatenate((owner, pad_lo, pad_hi))
+            start = np.concatenate((start, a[pad_lo], np.maximum(a[pad_hi], hi_real)))
+            end = np.concatenate((end, np.minimum(b[pad_lo], lo_real), b[pad_hi]))
+            sid = np.concatenate((sid, np.full(len(pad_lo) + len(pad_hi), -1, _I64)))
+            return owner, start, end, sid
+
+        qo, qa, qz, qsid = pieces_of(qs, qe)
+        ko, ka, kz, ksid = pieces_of(ks, ke)
+        if len(qo) > 64 * max(len(qs), 1) or len(ko) > 64 * max(len(ks), 1):
+            return None        # many tiny segments: rows or cells are cheaper
+        # all (query piece, key piece) pairs of the same rectangle
+        korder = np.argsort(ko, kind="stable")
+        ko, ka, kz, ksid = ko[korder], ka[korder], kz[korder], ksid[korder]
+        kfirst = np.searchsorted(ko, np.arange(len(qs)), side="left")
+        klast = np.searchsorted(ko, np.arange(len(qs)), side="right")
+        pair_q, kidx = _expand_pairs(kfirst[qo], klast[qo])
+        owner = qo[pair_q]
+        same = (qsid[pair_q] == ksid[kidx]) & (qsid[pair_q] >= 0)
+        out = np.zeros(len(qs), _I64)
+        for flag, m in ((True, when_same), (False, when_apart)):
+            sel = same == flag
+            cnt = count_rects(self, m, qa[pair_q][sel], qz[pair_q][sel], ka[kidx][sel], kz[kidx][sel], None)
+            out += np.bincount(owner[sel], weights=cnt, minlength=len(qs)).astype(_I64)
+        return out
 
     def count_rows(self, mask: Mask, row: np.ndarray, ks: np.ndarray, ke: np.ndarray) -> np.ndarray:
         """Attended keys of query rows ``row[i]`` within keys [ks[i], ke[i]), exactly.
@@ -700,6 +766,19 @@ def _pure_parts(mask: Mask):
         yield from _pure_parts(ch)
 
 
+def _substitute(mask: Mask, leaf: Mask, value: Mask) -> Mask:
+    """``mask`` with every occurrence of ``leaf`` replaced by ``value``."""
+    if mask == leaf:
+        return value
+    if isinstance(mask, (Union, Intersection)):
+        return type(mask).chain([_substitute(p, leaf, value) for p in mask.parts])
+    if isinstance(mask, Difference):
+        return Difference(_substitute(mask.left, leaf, value), _substitute(mask.right, leaf, value))
+    if isinstance(mask, Complement):
+        return Complement(_substitute(mask.inner, leaf, value))
+    return mask
+
+
 def _has_opaque(mask: Mask) -> bool:
     if mask.structure_class() == CLASS_OPAQUE:
         return True
@@ -802,6 +881,9 @@ def count_rects(compiler: Compiler, mask: Mask, qs, qe, ks, ke, pieces: Pieces) 
     # Anything else: exact per-row counts over the pieces' rows (cell by cell only
     # where a mask_mod leaf is involved).
     g = compiler.grid
+    by_segments = compiler.count_rects_by_segments(mask, qs, qe, ks, ke)
+    if by_segments is not None:
+        return by_segments
     if not compiler.refine_pays(mask):
         owner, c = _expand_pairs(pieces.c0, pieces.c1)
         per_tile = tile_counts_dense(mask, g, pieces.qb[owner], c)

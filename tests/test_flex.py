@@ -182,3 +182,15 @@ def test_flex_attention_equals_dense_fp64(compiled_flex, mask, q_len, kv_len, q_
                                           seq_lengths=bm.seq_lengths)
     wrong = compiled_flex(q, k, v, block_mask=no_full)
     assert float((wrong.double() - ref).abs().max() / ref.abs().max()) > 1e-2
+
+
+def test_flex_backend_runs_document_masks():
+    # document's mask_mod must lower inside FlexAttention's kernel (searchsorted
+    # did not; a document-id table does), not just inside create_block_mask.
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 256, 16, generator=g) for _ in range(3))
+    m = am.causal & am.document(100, 60, 80)
+    out = am.attention(q, k, v, m, backend="flex")
+    ref = am.attention(q.double(), k.double(), v.double(), m, backend="dense")
+    assert ((out.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+    assert torch.equal(out[:, :, 240:], torch.zeros_like(out[:, :, 240:]))   # padding rows attend nothing

@@ -15,7 +15,6 @@ evaluations all go through it. The compiler additionally needs to know the
 
 from __future__ import annotations
 
-import functools
 import operator
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
@@ -362,12 +361,18 @@ class Primitive(Mask):
         if name == "strided":
             return torch.remainder(q - k, a[0]) == 0
         if name == "document":
-            ends = self.segment_ends()
             total = sum(a)   # a Python int: no tensor-to-int (a graph break under torch.compile)
-            # searchsorted on a clamped copy keeps indices valid for padding.
-            qs = torch.searchsorted(ends, q.clamp(0, total - 1).contiguous(), right=True)
-            ks = torch.searchsorted(ends, k.clamp(0, total - 1).contiguous(), right=True)
             inside = (q >= 0) & (q < total) & (k >= 0) & (k < total)
+            if total <= _DOC_TABLE_LIMIT:
+                # A lookup table of document ids: plain indexing, which FlexAttention's
+                # kernels can inline (searchsorted fails to lower in inductor).
+                ids = self._document_ids()
+                qs = ids[q.clamp(0, total - 1)]
+                ks = ids[k.clamp(0, total - 1)]
+            else:
+                ends = self.segment_ends()
+                qs = torch.searchsorted(ends, q.clamp(0, total - 1).contiguous(), right=True)
+                ks = torch.searchsorted(ends, k.clamp(0, total - 1).contiguous(), right=True)
             return inside & (qs == ks)
         if name == "rows":
             lo, hi, s = a
@@ -379,12 +384,36 @@ class Primitive(Mask):
 
     def segment_ends(self) -> torch.Tensor:
         """For ``document``: int64 exclusive end position of each segment (cached)."""
-        return _segment_ends(self.args)
+        return self._cached("_ends", lambda: torch.tensor(self.args, dtype=torch.int64).cumsum(0))
+
+    def _document_ids(self) -> torch.Tensor:
+        """For ``document``: int32 document id of every packed position (cached)."""
+        return self._cached("_ids", lambda: torch.repeat_interleave(
+            torch.arange(len(self.args), dtype=torch.int32), torch.tensor(self.args, dtype=torch.int64)))
+
+    def _cached(self, key: str, build):
+        # Plain attribute lookups (not functools caches, which are C code) keep
+        # the mask_mod traceable by torch.compile without graph breaks.
+        value = self.__dict__.get(key)
+        if value is None:
+            value = build()
+            object.__setattr__(self, key, value)
+        return value
 
 
-@functools.lru_cache(maxsize=64)
-def _segment_ends(lengths: tuple[int, ...]) -> torch.Tensor:
-    return torch.tensor(lengths, dtype=torch.int64).cumsum(0)
+#: Longest packed length whose document-id table (int32, 4 bytes a position) is built.
+_DOC_TABLE_LIMIT = 1 << 24
+
+
+def _warm_tables(mask: "Mask") -> None:
+    """Build document tables before tracing, so torch.compile only reads them."""
+    if isinstance(mask, Primitive) and mask.name == "document":
+        if sum(mask.args) <= _DOC_TABLE_LIMIT:
+            mask._document_ids()
+        else:
+            mask.segment_ends()
+    for child in mask.children():
+        _warm_tables(child)
 
 
 # ---------------------------------------------------------------------------
@@ -603,6 +632,7 @@ def from_mask_mod(fn: Callable, name: str | None = None) -> Mask:
 
 def make_mask_mod(mask: Mask, q_offset: int) -> Callable:
     """A FlexAttention mask_mod for ``mask`` with query row i at q_offset + i."""
+    _warm_tables(mask)
     # FlexAttention may pass int32 indices; positions plus parameters (up to
     # 2**31 - 1) must not wrap, so evaluate in int64.
     if q_offset == 0:

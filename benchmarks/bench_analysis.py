@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
 from datetime import datetime, timezone
+
+from attnmask.bench import machine_description
 
 DOC_COUNT, DOC_SEED = 1000, 0
 TARGET_S = 5.0
@@ -42,21 +43,6 @@ def cases(n: int) -> list[tuple[str, object]]:
         ("causal & dilated(512, 8)", am.causal & am.dilated(512, 8)),
         ("causal", am.causal),
     ]
-
-
-def machine() -> str:
-    import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, torch {torch.__version__}, "
-            f"{platform.system()} {platform.release()}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# Long-context analysis at {n:,} tokens",
         "",
         f"- date: {date}",
-        f"- machine: {machine()} (shared with other jobs while measured)",
+        f"- machine: {machine_description()} (shared with other jobs while measured)",
         f"- command: `{cmd}`",
         f"- what is timed: `am.analyze(mask, {n}, layers={layers})` (block_size 128, head_dim 128, heads 1), "
         f"layout cache cleared before each call, {args.repeats} calls per mask; target < {TARGET_S:g} s each",

@@ -30,7 +30,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -41,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import attnmask as am
-from attnmask.bench import fwd_bwd
+from attnmask.bench import fwd_bwd, machine_description
 
 TARGETS = {"bwd_over_fwd": 3.0, "sdpa_mask_over_ours": 5.0, "memory_gb": 1.0}
 
@@ -111,22 +110,6 @@ def run_memory(engine: str, n: int, args) -> dict:
 
 # -- report ----------------------------------------------------------------------------------------
 
-def machine() -> str:
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = ""
-    try:
-        load = f", load average {os.getloadavg()[0]:.1f} at start"
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"Python {platform.python_version()}{load}")
-
-
 def verdict(ok: bool | None) -> str:
     return "-" if ok is None else ("met" if ok else "NOT met")
 
@@ -154,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     command = " ".join(shlex.quote(a) for a in ["python", "benchmarks/bench_backward.py"] + sys.argv[1:])
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    mach = machine()
+    mach = machine_description()
     n, H, D = args.length, args.heads, args.dim
     print(f"bench_backward: N={n} H={H} D={D} float32 mask {args.mask!r}\n  {mach}")
     g = torch.Generator().manual_seed(0)

@@ -26,12 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from datetime import datetime, timezone
+
+from attnmask.bench import machine_description
 
 CASES = ["window_sink", "prefix_lm", "chunked", "document", "row_cut", "dilated"]
 DEFAULT_LENGTHS = [65536, 262144, 1048576]
@@ -221,22 +222,6 @@ def fmt_s(s: float) -> str:
     return f"{s:.2f} s" if s < 100 else f"{s:.0f} s"
 
 
-def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = ""
-    try:
-        with open("/proc/meminfo") as f:
-            mem = f", {int(f.readline().split()[1]) / 2**20:.0f} GiB RAM"
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}, Python {platform.python_version()}"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", default=",".join(map(str, DEFAULT_LENGTHS)),
@@ -274,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.now(timezone.utc)
     load = os.getloadavg()
     print(f"attnmask compile benchmark, block {a.block}, {started:%Y-%m-%d %H:%M} UTC, load {load[0]:.1f}")
-    print(f"machine: {machine()}")
+    print(f"machine: {machine_description()}")
     # create_block_mask first (minutes), attnmask last (seconds), so that the
     # attnmask figures are of the code as it is when the run ends. The results
     # file is rewritten after every case, so an interrupted run keeps its figures.
@@ -326,7 +311,7 @@ def _write(a, argv, started, load, rows, lengths, final: bool) -> None:
             "# Compile time: mask -> exact block layout",
             "",
             f"- date: {started:%Y-%m-%d %H:%M} UTC (load average at start {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f})",
-            f"- machine: {machine()}",
+            f"- machine: {machine_description()}",
             f"- torch {torch.__version__}, block size {a.block}, attnmask median of {a.repeats} first compiles",
             f"- command: `{cmd}`",
             "",

@@ -33,6 +33,7 @@ import torch
 from .compiler import FULL, PARTIAL, _expand_pairs
 from .errors import LayoutTooLargeError, MaskValueError
 from .layout import single_thread
+from .language import as_mask
 from .masks import Mask, check_length
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -70,16 +71,6 @@ class AnalysisTooCostlyError(MaskValueError):
 # ---------------------------------------------------------------------------
 # argument checks
 # ---------------------------------------------------------------------------
-
-def _as_mask(mask: MaskLike) -> Mask:
-    if isinstance(mask, Mask):
-        return mask
-    if isinstance(mask, str):
-        from .language import parse
-        return parse(mask)
-    raise MaskValueError(f"analyze needs a Mask or mask text, got {type(mask).__name__}; "
-                         f"pass e.g. am.causal or 'causal & sliding(4096)'")
-
 
 def _check_length(length) -> int:
     n = check_length("length", length)
@@ -125,7 +116,7 @@ def row_counts(mask: MaskLike, length: int) -> torch.Tensor:
         >>> int(row_counts("causal", 1 << 20)[-1])
         1048576
     """
-    mask, n = _as_mask(mask), _check_length(length)
+    mask, n = as_mask(mask, "analyze"), _check_length(length)
     with single_thread():
         return mask.compile(n, block_size=_ROW_TILE).row_counts()
 
@@ -213,7 +204,7 @@ def kv_cache_curve(mask: MaskLike, length: int) -> torch.Tensor:
         >>> int(kv_cache_curve("causal & (sliding(4096) | sink(4))", 1 << 20).max())
         4100
     """
-    mask, n = _as_mask(mask), _check_length(length)
+    mask, n = as_mask(mask, "analyze"), _check_length(length)
     with single_thread():
         return torch.from_numpy(_kv_curve(_last_query(mask, n)))
 
@@ -323,7 +314,7 @@ def receptive_field(mask: MaskLike, length: int, layers: int = 1, query: int | N
         >>> receptive_field("causal & sliding(4096)", 1 << 20, layers=32)[0][-1]
         131041
     """
-    mask, n = _as_mask(mask), _check_length(length)
+    mask, n = as_mask(mask, "analyze"), _check_length(length)
     layers = _check_count("layers", layers, 0, MAX_LAYERS)
     query = _check_query(query, n)
     with single_thread():
@@ -455,7 +446,7 @@ def analyze(mask: MaskLike, length: int, *, layers: int = 1, block_size: int | t
         >>> r.to_dict()["receptive_field_per_layer"][:3]
         [4100, 8195, 12290]
     """
-    mask = _as_mask(mask)
+    mask = as_mask(mask, "analyze")
     n = _check_length(length)
     layers = _check_count("layers", layers, 0, MAX_LAYERS)
     head_dim = _check_count("head_dim", head_dim, 1)
@@ -524,7 +515,7 @@ def plot_analysis(mask: MaskLike, length: int, *, layers: int = 32, block_size: 
         >>> len(fig.axes) >= 3
         True
     """
-    mask, n = _as_mask(mask), _check_length(length)
+    mask, n = as_mask(mask, "analyze"), _check_length(length)
     layers = _check_count("layers", layers, 1, MAX_LAYERS)
     from matplotlib.figure import Figure
 

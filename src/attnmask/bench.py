@@ -221,18 +221,26 @@ def time_call(fn: Callable, repeats: int, warmup: int = 1) -> float:
     return best * 1e3
 
 
-def _machine() -> str:
+def machine_description() -> str:
+    """The CPU, cores, memory, OS, Python, torch and load: the header of every results file."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"Python {platform.python_version()}")
+    mem = ""
+    try:
+        with open("/proc/meminfo") as f:
+            mem = f", {int(f.readline().split()[1]) / 2**20:.0f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        load = f", load average {os.getloadavg()[0]:.1f} at start"
+    except OSError:
+        load = ""
+    return (f"{cpu}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads{load}")
 
 
 # -- the main sweep --------------------------------------------------------------------------------
@@ -464,7 +472,7 @@ def write_markdown(path: str, args, rows, extras, command: str, started: str, el
     head, body = table_rows(rows, args.mode)
     lines = [f"# Attention benchmark ({args.mode})", "",
              f"- Date: {started} UTC (took {elapsed:.0f} s)",
-             f"- Machine: {_machine()}",
+             f"- Machine: {machine_description()}",
              f"- Command: `{command}`",
              f"- Shapes: B=1, H={args.heads}, D={args.dim}, {args.dtype}; times are the best of "
              f"{args.repeats} calls after one warm-up; block size {args.block_size}.",
@@ -547,7 +555,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     command = " ".join(shlex.quote(a) for a in ([os.path.basename(sys.argv[0])] + sys.argv[1:]))
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
     t0 = time.perf_counter()
-    console.print(f"[bold]attnmask bench[/] mode={args.mode}  {_machine()}")
+    console.print(f"[bold]attnmask bench[/] mode={args.mode}  {machine_description()}")
     rows = run_sweep(args, console)
     head, body = table_rows(rows, args.mode)
     table = Table(title=f"attention {args.mode}, H={args.heads}, D={args.dim}, {args.dtype} (ms, best of {args.repeats})")

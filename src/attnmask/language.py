@@ -240,3 +240,21 @@ def parse(text: str) -> Mask:
         raise MaskValueError(f"parse() needs a string, got {type(text).__name__}")
     return _Parser(text).parse()
 
+
+def as_mask(mask: "Mask | str", who: str | None = None) -> Mask:
+    """A Mask from a Mask or its text (parsed); anything else is a MaskValueError.
+
+    Every public entry point that takes "a mask" accepts both; ``who`` names
+    it in the error.
+
+        >>> import attnmask as am
+        >>> as_mask("causal & sliding(4)") == am.causal & am.sliding(4)
+        True
+    """
+    if isinstance(mask, Mask):
+        return mask
+    if isinstance(mask, str):
+        return parse(mask)
+    need = f"{who} needs" if who else "expected"
+    raise MaskValueError(f"{need} a Mask or mask text, got {type(mask).__name__}; "
+                         f"pass e.g. am.causal or 'causal & sliding(256)'")

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
 
-from .errors import MaskError, MaskValueError
+from .errors import MaskValueError
+from .language import as_mask
 from .masks import Mask, resolve_shape
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -38,22 +39,6 @@ SIGNATURE_TITLE = "Context Length Attention Pattern"
 # ---------------------------------------------------------------------------
 # small helpers shared with the terminal view
 # ---------------------------------------------------------------------------
-
-def as_mask(mask: MaskLike) -> Mask:
-    """A Mask from a Mask or its text (parsed); anything else is a MaskValueError.
-
-        >>> import attnmask as am
-        >>> as_mask("causal & sliding(4)") == am.causal & am.sliding(4)
-        True
-    """
-    if isinstance(mask, Mask):
-        return mask
-    if isinstance(mask, str):
-        from .language import parse
-        return parse(mask)
-    raise MaskValueError(f"expected a Mask or mask text, got {type(mask).__name__}; "
-                         f"pass e.g. am.causal or 'causal & sliding(256)'")
-
 
 def auto_tile(q_len: int, kv_len: int, cells: int = MAX_CELLS_PER_SIDE) -> int:
     """The smallest tile (in tokens) that keeps the image within ``cells`` cells a side.

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         f"# Long-context analysis at {n:,} tokens",
         "",
         f"- date: {date}",
-        f"- machine: {machine_description()} (shared with other jobs while measured)",
+        f"- machine: {machine_description()}",
         f"- command: `{cmd}`",
         f"- what is timed: `am.analyze(mask, {n}, layers={layers})` (block_size 128, head_dim 128, heads 1), "
         f"layout cache cleared before each call, {args.repeats} calls per mask; target < {TARGET_S:g} s each",

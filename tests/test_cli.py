@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -19,8 +18,6 @@ from attnmask.cli import main
 
 YELLOW = np.array(matplotlib.colormaps["viridis"](1.0)[:3])
 PURPLE = np.array(matplotlib.colormaps["viridis"](0.0)[:3])
-HAS_ANALYSIS = importlib.util.find_spec("attnmask.analysis") is not None
-HAS_BENCH = importlib.util.find_spec("attnmask.bench") is not None
 
 
 def run(capsys, *argv):
@@ -109,7 +106,6 @@ def test_export_writes_the_dense_mask(tmp_path, capsys):
     np.testing.assert_array_equal(np.load(path2), am.sliding(3).to_dense(4, 9, q_offset=2).numpy())
 
 
-@pytest.mark.skipif(not HAS_ANALYSIS, reason="attnmask.analysis not written yet")
 def test_stats_json_and_table(tmp_path, capsys):
     expr = "causal & (sliding(300) | sink(4))"
     code, out, err = run(capsys, "stats", expr, "--length", "5000", "--block-size", "64", "--json")
@@ -127,7 +123,6 @@ def test_stats_json_and_table(tmp_path, capsys):
     assert code == 0 and plot.read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.skipif(not HAS_BENCH, reason="attnmask.bench not written yet")
 def test_bench_help(capsys):
     code, out, _ = run(capsys, "bench", "--help")
     assert code == 0 and "usage: attnmask bench" in out and "attnmask bench --masks" in out
@@ -135,11 +130,11 @@ def test_bench_help(capsys):
     assert code == 2 and err.count("\n") == 1 and "slidng" in err and "Traceback" not in err
 
 
-def test_bench_missing_is_one_clean_line(capsys):
-    if HAS_BENCH:
-        pytest.skip("attnmask.bench exists")
-    code, out, err = run(capsys, "bench")
-    assert code == 2 and err.count("\n") == 1 and "benchmark is not available" in err
+def test_bench_backward_mode_runs(capsys):
+    code, out, err = run(capsys, "bench", "--mode", "backward", "--masks", "sliding", "--lengths", "256",
+                         "--no-flex", "--no-extras", "--repeats", "1", "--results", "", "--plot", "")
+    assert code == 0, err
+    assert "attention backward" in out and "sliding" in out
 
 
 BAD_INPUT = [
@@ -182,8 +177,7 @@ def test_oversized_export_names_the_alternatives(tmp_path, capsys):
     assert code == 2 and "attnmask stats" in err and "attnmask render" in err and "1,600,000,000" in err
 
 
-@pytest.mark.parametrize("command", ["demo", "render", "show", "stats", "export"]
-                         + (["bench"] if HAS_BENCH else []))
+@pytest.mark.parametrize("command", ["demo", "render", "show", "stats", "export", "bench"])
 def test_help_of_every_subcommand_has_examples(capsys, command):
     code, out, _ = run(capsys, command, "--help")
     assert code == 0

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import attnmask as am
-from attnmask.bench import fwd_bwd, machine_description
+from attnmask.bench import fwd_bwd, machine_description, reset_peak, status_kb
 
 TARGETS = {"bwd_over_fwd": 3.0, "sdpa_mask_over_ours": 5.0, "memory_gb": 1.0}
 
@@ -59,14 +59,6 @@ def fwd_bwd_sdpa(q, k, v, dout, *, attn_mask=None, is_causal=False) -> Callable[
 
 # -- memory in a fresh process ---------------------------------------------------------------------
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_child(engine: str, n: int, heads: int, dim: int, mask_text: str, block_size: int) -> dict:
     """Peak memory (MB) one training step adds on top of its inputs, in this (fresh) process."""
     g = torch.Generator().manual_seed(0)
@@ -80,17 +72,12 @@ def memory_child(engine: str, n: int, heads: int, dim: int, mask_text: str, bloc
         def step():
             layout = mask.compile(n, block_size=block_size)
             fwd_bwd_attnmask(q, k, v, layout, dout)()
-    base = _status_kb("VmRSS")
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")                        # reset VmHWM to the current RSS
-        reset = True
-    except OSError:
-        reset = False
+    base = status_kb("VmRSS")
+    reset = reset_peak()
     t0 = time.perf_counter()
     step()
     elapsed = time.perf_counter() - t0
-    peak = _status_kb("VmHWM")
+    peak = status_kb("VmHWM")
     # A training step must at least create out, dq, dk and dv: as large as the four inputs.
     return {"engine": engine, "n": n, "added_mb": (peak - base) / 1024, "inputs_mb": 4 * q.numel() * 4 / 2**20,
             "hwm_reset": reset, "step_s": elapsed}

@@ -32,7 +32,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from attnmask.bench import machine_description
+from attnmask.bench import machine_description, reset_peak, status_kb
 
 CASES = ["window_sink", "prefix_lm", "chunked", "document", "row_cut", "dilated"]
 DEFAULT_LENGTHS = [65536, 262144, 1048576]
@@ -75,24 +75,6 @@ def label(case: str) -> str:
 # memory probes (Linux /proc)
 # ---------------------------------------------------------------------------
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    # Writing 5 to clear_refs resets VmHWM to the current RSS (Linux >= 4.0).
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _release_freed() -> None:
     # Hand memory freed by earlier calls back to the OS, so that a measured call
     # that reuses it still shows up as RSS growth (a warm create_block_mask call
@@ -109,12 +91,12 @@ def _release_freed() -> None:
 def _measure_peak(fn) -> tuple[float, float, bool]:
     """(seconds, peak RSS growth in MiB, whether the peak could be reset) of one call."""
     _release_freed()
-    exact = _reset_peak()
-    before = _status_kb("VmRSS")
+    exact = reset_peak()
+    before = status_kb("VmRSS")
     t0 = time.perf_counter()
     fn()
     dt = time.perf_counter() - t0
-    peak = _status_kb("VmHWM")
+    peak = status_kb("VmHWM")
     return dt, max(0, peak - before) / 1024, exact
 
 

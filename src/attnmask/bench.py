@@ -221,6 +221,29 @@ def time_call(fn: Callable, repeats: int, warmup: int = 1) -> float:
     return best * 1e3
 
 
+def status_kb(field: str) -> int:
+    """A field of /proc/self/status in KiB (e.g. "VmRSS", "VmHWM"); Linux only."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak() -> bool:
+    """Reset the process's peak RSS (VmHWM) to its current RSS; False where unsupported.
+
+    torch's allocations are invisible to tracemalloc, so benchmarks measure
+    peak memory as VmHWM after the call minus VmRSS before it.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def machine_description() -> str:
     """The CPU, cores, memory, OS, Python, torch and load: the header of every results file."""
     cpu = platform.processor() or platform.machine()

@@ -361,3 +361,13 @@ def test_key_ranges_that_move_left_down_the_rows():
                                torch.zeros(1, 2, dtype=torch.int64), 0.3)
     for a, b in zip(got, ref):
         assert rel_err(a, b) < 1e-12
+
+
+def test_backward_plan_masks_stay_bounded_for_causal_like_masks():
+    # Long full runs are their own maskless calls: the stored masks must not grow
+    # with N^2 (before: a whole-row mask per query block, ~N^2/2 cells).
+    from attnmask.engines.autograd import _plan
+    for m in [am.prefix_lm(300) | am.causal, am.causal & ~am.cols(5)]:
+        cells = [sum(x.numel() for x in _plan(m.compile(n)).masks) for n in (8192, 32768)]
+        assert cells[1] == cells[0] or cells[1] < 2 * cells[0], (str(m), cells)
+        assert cells[1] < 32768 * 32768 // 64

@@ -40,7 +40,7 @@ import torch
 
 from ..errors import MaskValueError
 from ..layout import BlockLayout
-from .blocksparse import blocksparse_forward
+from .blocksparse import _segments, blocksparse_forward
 
 __all__ = ["blocksparse_attention_with_grad", "blocksparse_backward"]
 
@@ -125,26 +125,22 @@ class _Plan:
             if a == b:
                 continue
             r0, r1 = qb * bq, min((qb + 1) * bq, layout.q_len)
-            spans: list[list[int]] = []          # [first run, last run] of each contiguous stretch
-            for i in range(a, b):
-                if spans and starts[i] == ends[spans[-1][1]]:
-                    spans[-1][1] = i
-                else:
-                    spans.append([i, i])
             partial_kbs = [c for i in range(a, b) if states[i] == _PARTIAL for c in range(starts[i], ends[i])]
             tiles = {}
             if partial_kbs:
                 kbs = torch.tensor(partial_kbs, dtype=torch.int64)
                 tm = layout.tile_masks(torch.full_like(kbs, qb), kbs)          # [T, bq, bk]
                 tiles = dict(zip(partial_kbs, tm))
-            for i, j in spans:
-                k0, k1 = starts[i] * bk, min(ends[j] * bk, layout.kv_len)
-                if all(states[x] == _FULL for x in range(i, j + 1)):
+            # The forward's grouping: contiguous runs become one call, but long full runs go
+            # alone and maskless, so no mask grows with the length (causal | prefix_lm(p)).
+            for seg in _segments([(starts[i], ends[i], states[i]) for i in range(a, b)]):
+                k0, k1 = seg[0][0] * bk, min(seg[-1][1] * bk, layout.kv_len)
+                if all(t == _FULL for _, _, t in seg):
                     self.items.append(_Item(r0, r1, k0, k1, None))
                     continue
                 m = torch.ones(r1 - r0, k1 - k0, dtype=torch.bool)
                 for c, t in tiles.items():
-                    if starts[i] <= c < ends[j]:
+                    if seg[0][0] <= c < seg[-1][1]:
                         c0 = c * bk - k0
                         c1 = min(c0 + bk, k1 - k0)
                         m[:, c0:c1] = t[: r1 - r0, : c1 - c0]

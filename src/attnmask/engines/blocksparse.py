@@ -566,13 +566,10 @@ def blocksparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
         (torch.Size([1, 2, 300, 16]), torch.float32)
     """
     B, H, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    rep = H // Hkv
+    Lk = k.shape[2]
     for lay in layouts:
         lay._check_lengths(Lq, Lk)
-    if D == 0 or Lq == 0 or B == 0 or H == 0:
-        return q.new_zeros(q.shape), torch.full((B, H, Lq), float("-inf"))
-    if Lk == 0:
+    if D == 0 or Lq == 0 or B == 0 or H == 0 or Lk == 0:
         return q.new_zeros(q.shape), torch.full((B, H, Lq), float("-inf"))
     out = torch.empty(q.shape, dtype=q.dtype)
     lse = torch.empty((B, H, Lq), dtype=torch.float32)

@@ -583,22 +583,32 @@ class Compiler:
 
     def count_tiles(self, mask: Mask, qb: np.ndarray, c: np.ndarray) -> np.ndarray:
         """Exact attended cells of tiles (qb[i], c[i]) of a cross-class residual."""
+        return self.count_block_ranges(mask, qb, c, c + 1)
+
+    def count_block_ranges(self, mask: Mask, qb: np.ndarray, c0: np.ndarray, c1: np.ndarray) -> np.ndarray:
+        """Exact attended cells of query block qb[i] x key blocks [c0[i], c1[i]) of a cross-class residual.
+
+        Cheapest exact route first: cut at segment boundaries (closed form),
+        else cell evaluation when rows would meet too many breakpoints (or a
+        mask_mod leaf is involved), else row-level compilation.
+        """
         g = self.grid
         qs, qe = g.q_bounds(qb)
-        ks, ke = g.k_bounds(c)
+        ks = c0 * g.block_k
+        ke = np.minimum(c1 * g.block_k, g.kv_len)
         by_segments = self.count_rects_by_segments(mask, qs, qe, ks, ke)
         if by_segments is not None:
             return by_segments
         if not self.refine_pays(mask):
+            owner, c = _expand_pairs(c0, c1)
             self.dense_tiles += len(c)
-            return tile_counts_dense(mask, self.grid, qb, c)
-        self.refined_tiles += len(c)
-        g = self.grid
+            per_tile = tile_counts_dense(mask, g, qb[owner], c)
+            return np.bincount(owner, weights=per_tile, minlength=len(qb)).astype(_I64)
+        self.refined_tiles += int((c1 - c0).sum())
         r0 = qb * g.block_q
-        ks, ke = g.k_bounds(c)
         owner, row = _expand_pairs(r0, np.minimum(r0 + g.block_q, g.q_len))
         per_row = self.count_rows(mask, row, ks[owner], ke[owner])
-        return np.bincount(owner, weights=per_row, minlength=len(c)).astype(_I64)
+        return np.bincount(owner, weights=per_row, minlength=len(qb)).astype(_I64)
 
     def count_rects_by_segments(self, mask: Mask, qs, qe, ks, ke) -> np.ndarray | None:
         """Closed-form cell counts of rectangles for masks with one segment leaf, or None.
@@ -878,20 +888,8 @@ def count_rects(compiler: Compiler, mask: Mask, qs, qe, ks, ke, pieces: Pieces) 
         return area - count_rects(compiler, mask.inner, qs, qe, ks, ke, pieces)
     if cls == CLASS_SEG and isinstance(mask, Primitive):
         return _count_seg(compiler, mask, qs, qe, ks, ke)
-    # Anything else: exact per-row counts over the pieces' rows (cell by cell only
-    # where a mask_mod leaf is involved).
-    g = compiler.grid
-    by_segments = compiler.count_rects_by_segments(mask, qs, qe, ks, ke)
-    if by_segments is not None:
-        return by_segments
-    if not compiler.refine_pays(mask):
-        owner, c = _expand_pairs(pieces.c0, pieces.c1)
-        per_tile = tile_counts_dense(mask, g, pieces.qb[owner], c)
-        return np.bincount(owner, weights=per_tile, minlength=len(pieces)).astype(_I64)
-    r0 = pieces.qb * g.block_q
-    owner, row = _expand_pairs(r0, np.minimum(r0 + g.block_q, g.q_len))
-    per_row = compiler.count_rows(mask, row, ks[owner], ke[owner])
-    return np.bincount(owner, weights=per_row, minlength=len(pieces)).astype(_I64)
+    # Anything else: segment cuts, rows or cells, whichever is exact and cheapest.
+    return compiler.count_block_ranges(mask, pieces.qb, pieces.c0, pieces.c1)
 
 
 def _count_seg(compiler: Compiler, prim: Primitive, qs, qe, ks, ke) -> np.ndarray:

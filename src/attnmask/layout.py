@@ -136,6 +136,8 @@ class BlockLayout:
         self.run_ptr = torch.from_numpy(ptr)
         self._run_qb = runs.qb
         self._pairs: int | None = None
+        # Snapshot: later exact counts (attended_pairs, row_counts) may evaluate cells too.
+        self._dense_tiles = compiler.dense_tiles
 
     # -- shape --
     @property
@@ -177,7 +179,7 @@ class BlockLayout:
     @property
     def dense_tiles_evaluated(self) -> int:
         """Tiles the compiler had to check cell by cell (opaque or cross-class residuals)."""
-        return self._compiler.dense_tiles
+        return self._dense_tiles
 
     def __repr__(self) -> str:
         c = self.counts()

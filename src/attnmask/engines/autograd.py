@@ -40,15 +40,11 @@ import torch
 
 from ..errors import MaskValueError
 from ..layout import BlockLayout
-from .blocksparse import _segments, blocksparse_forward
+from .blocksparse import _FULL, _PARTIAL, _SMALL_WORK, _dilation, _segments, blocksparse_forward
 
 __all__ = ["blocksparse_attention_with_grad", "blocksparse_backward"]
 
-_FULL, _PARTIAL = 2, 1
-# Below this many attended pairs x heads the backward runs on one thread: waking the pool
-# costs more than it saves, and on a busy machine each parallel region can wait a whole
-# scheduler slice (the forward uses the same rule).
-_SMALL_WORK = 1 << 18
+# Small problems run on one thread, by the forward's rule (_SMALL_WORK in blocksparse.py).
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
@@ -210,15 +206,6 @@ def _plan(layout: BlockLayout) -> _Plan:
     if plan is None:
         plan = _plans[layout] = _Plan(layout)
     return plan
-
-
-def _dilation(mask) -> tuple[int, int] | None:
-    """(w, d) when ``mask`` is ``dilated(w, d)``, alone or intersected with causal/full (implied)."""
-    from ..masks import Intersection, Primitive
-    parts = mask.parts if isinstance(mask, Intersection) else (mask,)
-    dil = [p for p in parts if isinstance(p, Primitive) and p.name == "dilated"]
-    rest = [p for p in parts if not (isinstance(p, Primitive) and p.name in ("dilated", "causal", "full"))]
-    return (dil[0].args[0], dil[0].args[1]) if len(dil) == 1 and not rest else None
 
 
 def _causal_segments(layout: BlockLayout) -> list[tuple[int, int]] | None:

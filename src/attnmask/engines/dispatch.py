@@ -223,7 +223,6 @@ def _run_blocksparse(c: _Call):
 def _run_dense(c: _Call):
     from .dense import dense_attention
     B, H, Lq, _ = c.q.shape
-    Lk = c.k.shape[2]
     rep = H // c.k.shape[1]
     k, v = (c.k, c.v) if rep == 1 else (c.k.repeat_interleave(rep, 1), c.v.repeat_interleave(rep, 1))
     dense = [lay.to_dense() for lay in c.layouts]

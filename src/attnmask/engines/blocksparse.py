@@ -27,10 +27,12 @@ the plan knows those rows and fixes them).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import weakref
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..errors import MaskValueError
@@ -46,16 +48,24 @@ _SPLIT_FULL_BLOCKS = 4
 _ONE_CALL_BLOCKS = 32
 # Tiles evaluated per tile_masks call while planning (bounds the planner's memory).
 _TILES_PER_EVAL = 64
+# Partial blocks may run as row pieces of this many rows, each trimmed to its keys ...
+_SUB_ROWS = 64
+# ... when the pieces' estimated kernel time is below this share of the whole block's.
+_SPLIT_GAIN = 0.97
+# A causal region runs as one is_causal call unless row pieces cost less than this share of it
+# (the pieces make more, smaller calls).
+_REGION_GAIN = 1.1
 
 # Below this many scores a call runs on one thread: waking a thread pool costs more than
 # it saves, and on a busy machine each parallel region can wait a whole scheduler slice.
 _SMALL_WORK = 1 << 18
-# The same rule per kernel call of a larger forward (a few ms of work on one core).
-_SMALL_OP = 1 << 20
+# The same rule per kernel call of a larger forward. Measured on a quiet machine, two threads
+# already halve a 64 x 64 x 8-head call (64 vs 118 us), so only tiny calls stay on one.
+_SMALL_OP = 1 << 15
 
 # A batched call's output is a temporary before it lands in place; split calls so that
 # it stays under this many bytes (a 128K-token window forward then adds ~ its output).
-_CHUNK_BYTES = 64 << 20
+_CHUNK_BYTES = 16 << 20
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -92,6 +102,7 @@ class Plan:
     row_empty: list[torch.Tensor]               # bool [rows]: rows with no key in an op
     causal: bool                                # the whole layout is exactly causal (one is_causal call)
     _typed: dict
+    covered: bool = False                       # every row's first op writes it whole (no zero-fill needed)
 
     def additive(self, idx: int, dtype: torch.dtype) -> torch.Tensor:
         """The mask ``idx`` as 0 / -inf in ``dtype`` (the kernel wants the query's dtype)."""
@@ -171,7 +182,7 @@ class _Builder:
         self.row_ids: dict[bytes, int] = {}
         self.tile_id: dict[tuple[int, int], int] = {}
         self.tiles: list[torch.Tensor] = []
-        self.items: dict[tuple, tuple | None] = {}
+        self.items_by_sig: dict[tuple, list[tuple]] = {}
 
     def eval_tiles(self, need: list[tuple[int, int]]) -> None:
         """Evaluate partial tiles once (in chunks) and give identical tiles one id."""
@@ -206,26 +217,27 @@ class _Builder:
                     self.tiles.append(tm[j])
                 self.tile_id[key] = tid
 
-    def item(self, qb: int, rows: int, seg: list[tuple[int, int, int]]):
-        """(k0, span, mask id, rows-empty id) of one segment of block qb after trimming, or None if empty."""
+    def items(self, qb: int, rows: int, seg: list[tuple[int, int, int]]) -> list[tuple]:
+        """Kernel items of one segment of block qb: ``(row offset, rows, k0, span, mask id, rows-empty id)``.
+
+        A partial segment may be cut into row chunks, each trimmed to the keys its rows reach
+        (see :func:`_row_chunks`); all-empty chunks are dropped.
+        """
         bk, kv_len = self.bk, self.layout.kv_len
         k0, k1 = seg[0][0] * bk, min(seg[-1][1] * bk, kv_len)
         if all(t == _FULL for _, _, t in seg):
-            return k0, k1 - k0, None, None
-        # Segments with the same shape and the same tiles give the same trimmed mask
-        # (every interior block of a window): assemble it once.
+            return [(0, rows, k0, k1 - k0, None, None)]
+        # Segments with the same shape and the same tiles give the same trimmed masks
+        # (every interior block of a window): assemble them once.
         c0 = seg[0][0]
         sig = (rows, k1 - k0, tuple((s - c0, e - c0, t, tuple(self.tile_id[(qb, c)] for c in range(s, e))
                                      if t == _PARTIAL else ()) for s, e, t in seg))
-        hit = self.items.get(sig)
+        hit = self.items_by_sig.get(sig)
         if hit is None:
-            hit = self.items[sig] = self._assemble(qb, rows, seg, k0, k1)
-        if hit is None:
-            return None
-        lo, span, idx, ridx = hit
-        return k0 + lo, span, idx, ridx
+            hit = self.items_by_sig[sig] = self._assemble(qb, rows, seg, k0, k1)
+        return [(r, n, k0 + lo, span, idx, ridx) for r, n, lo, span, idx, ridx in hit]
 
-    def _assemble(self, qb: int, rows: int, seg, k0: int, k1: int):
+    def _assemble(self, qb: int, rows: int, seg, k0: int, k1: int) -> list[tuple]:
         bk, kv_len = self.bk, self.layout.kv_len
         m = torch.ones((rows, k1 - k0), dtype=torch.bool)
         for s, e, t in seg:
@@ -233,13 +245,20 @@ class _Builder:
                 for c in range(s, e):
                     a, b = c * bk - k0, min((c + 1) * bk, kv_len) - k0
                     m[:, a:b] = self.tiles[self.tile_id[(qb, c)]][:rows, :b - a]
-        cols = m.any(0).nonzero()
-        if len(cols) == 0:
-            return None
-        lo, hi = int(cols[0]), int(cols[-1]) + 1
-        m = m[:, lo:hi].contiguous()
+        out = []
+        for r, n in _row_chunks(m):
+            sub = m[r:r + n]
+            cols = sub.any(0).nonzero()
+            if len(cols) == 0:
+                continue
+            lo, hi = int(cols[0]), int(cols[-1]) + 1
+            out.append((r, n, lo, hi - lo) + self._mask_ids(sub[:, lo:hi].contiguous()))
+        return out
+
+    def _mask_ids(self, m: torch.Tensor) -> tuple[int | None, int | None]:
+        """(mask id, rows-empty id) of a trimmed bool mask, deduplicated; (None, None) if all True."""
         if bool(m.all()):
-            return lo, hi - lo, None, None
+            return None, None
         key = hashlib.blake2b(m.numpy().tobytes(), digest_size=16).digest() + repr(m.shape).encode()
         idx = self.mask_ids.get(key)
         if idx is None:
@@ -253,12 +272,65 @@ class _Builder:
             if ridx is None:
                 ridx = self.row_ids[rkey] = len(self.row_empty)
                 self.row_empty.append(empty)
-        return lo, hi - lo, idx, ridx
+        return idx, ridx
+
+
+def _kernel_cost(rows: int, keys: int) -> float:
+    """Relative time of one flash-kernel call on ``rows`` x ``keys`` scores (per batch element).
+
+    The CPU kernel splits queries into 32-, 64- or 256-row slices by the call's query
+    length (< 192, < 768, else); each slice streams every key, so small slices pay more
+    per score. Factors measured on this machine (benchmarks/results/attention.md).
+    """
+    per_score = 1.0 if rows >= 768 else 1.08 if rows >= 192 else 1.18
+    return rows * keys * per_score
+
+
+def _causal_call_cost(n: int) -> float:
+    """Relative time of one top-left ``is_causal`` kernel call on an n x n triangle.
+
+    Each query slice computes whole 512-key slices up to its diagonal, so short
+    triangles pay for up to twice their cells.
+    """
+    qs = 256 if n >= 768 else 64 if n >= 192 else 32
+    kvs = min(512, n)
+    cells = 0
+    for m in range(0, n, qs):
+        rows = min(qs, n - m)
+        cells += rows * min(n, -(-(m + rows) // kvs) * kvs)
+    return cells * _kernel_cost(n, 1) / n
+
+
+def _pieces_cost(n: int) -> float:
+    """Relative time of an n x n lower triangle run as _SUB_ROWS-row pieces trimmed to the diagonal."""
+    return sum(_kernel_cost(min(_SUB_ROWS, n - r), min(r + _SUB_ROWS, n)) for r in range(0, n, _SUB_ROWS))
+
+
+def _row_chunks(m: torch.Tensor) -> list[tuple[int, int]]:
+    """Row chunks ``(offset, rows)`` of a partial mask: whole, or _SUB_ROWS-row pieces when cheaper.
+
+    Trimming each piece to the keys its rows reach pays when rows see shifted key ranges (a
+    window: 1151 keys for 128 rows of sliding(1024), 1087 for 64), minus the cost of
+    smaller kernel calls (_kernel_cost).
+    """
+    rows = m.shape[0]
+    if rows < 2 * _SUB_ROWS:
+        return [(0, rows)]
+    whole = _kernel_cost(rows, _span(m.any(0)))
+    pieces = [(r, min(_SUB_ROWS, rows - r)) for r in range(0, rows, _SUB_ROWS)]
+    split = sum(_kernel_cost(n, _span(m[r:r + n].any(0))) for r, n in pieces)
+    return pieces if split < _SPLIT_GAIN * whole else [(0, rows)]
+
+
+def _span(cols: torch.Tensor) -> int:
+    """Distance from the first to the last True of a bool vector (0 if none)."""
+    idx = cols.nonzero()
+    return int(idx[-1]) - int(idx[0]) + 1 if len(idx) else 0
 
 
 def _build_plan(layout: BlockLayout) -> Plan:
     if _is_exact_causal(layout):
-        return Plan([], [], [], True, {})
+        return Plan([], [], [], True, {}, True)
     bq, bk = layout.block_size
     q_len, kv_len, nqb = layout.q_len, layout.kv_len, layout.n_q_blocks
     run_ptr = layout.run_ptr.tolist()
@@ -299,7 +371,7 @@ def _build_plan(layout: BlockLayout) -> Plan:
             out.append((s, e, t, tuple(bld.tile_id[(b, c)] for c in range(s, e)) if t == _PARTIAL else ()))
         return tuple(out)
 
-    items: list[tuple[int, int, int, int, int | None, int | None]] = []   # (block, rows, k0, span, mask, empty)
+    items: list[tuple[int, int, int, int, int | None, int | None]] = []   # (row0, rows, k0, span, mask, empty)
     region_ops: list[tuple] = []
     b = 0
     while b < nqb:
@@ -309,67 +381,71 @@ def _build_plan(layout: BlockLayout) -> Plan:
             j = b + 1
             while j < nqb and diag_col[j] == ca + (j - a) and f0[j] <= ca and left_sig(j, ca) == sig:
                 j += 1
-            if j - a >= 2:
+            # One is_causal call for the triangle, unless row pieces trimmed to the diagonal are
+            # cheaper (short triangles: the kernel computes whole 512-key slices of them).
+            if j - a >= 2 and _causal_call_cost((j - a) * bq) <= _REGION_GAIN * _pieces_cost((j - a) * bq):
                 region_ops.append((a, j - a, ca, sig))
                 b = j
                 continue
         rows = min((b + 1) * bq, q_len) - b * bq
         for seg in _segments(runs[b]):
-            it = bld.item(b, rows, seg)
-            if it is not None:
-                items.append((b, rows) + it)
+            for r, n, k0, span, m, re_ in bld.items(b, rows, seg):
+                items.append((b * bq + r, n, k0, span, m, re_))
         b += 1
 
-    written = [0] * nqb
+    written = np.zeros(q_len, dtype=bool)
+    mixed = [False]
     ops: list[Op] = []
 
-    def add(op_blocks: list[int], **kw) -> None:
+    def add(**kw) -> None:
         if kw["G"] > 1 and kw["dk"] == 0 and kw["dr"] == kw["rows"] and kw["mask"] is None \
                 and kw["rows_empty"] is None:
-            # Consecutive blocks sharing unmasked keys: one long query range, so the kernel
+            # Consecutive row ranges sharing unmasked keys: one long query range, so the kernel
             # works on large query tiles instead of G small ones.
             kw.update(rows=kw["G"] * kw["rows"], G=1, dr=0)
-        first = all(written[x] == 0 for x in op_blocks)
-        for x in op_blocks:
-            written[x] += 1
-        ops.append(Op(first=first, **kw))
+        r0, dr, rows, G = kw["r0"], kw["dr"], kw["rows"], kw["G"]
+        rows_of = written[r0:r0 + rows] if G == 1 else \
+            np.lib.stride_tricks.as_strided(written[r0:], (G, rows), (dr, 1), writeable=True)
+        seen = int(rows_of.sum())
+        if 0 < seen < rows_of.size:
+            mixed[0] = True          # merges into some rows no op wrote yet: they must start at 0 / -inf
+        rows_of[...] = True
+        ops.append(Op(first=seen == 0, **kw))
 
     for a, G, ca, sig in region_ops:
-        blocks = list(range(a, a + G))
-        add(blocks, r0=a * bq, dr=0, rows=G * bq, k0=ca * bk, dk=0, span=G * bq, G=1, mask=None, causal=True,
+        add(r0=a * bq, dr=0, rows=G * bq, k0=ca * bk, dk=0, span=G * bq, G=1, mask=None, causal=True,
             rows_empty=None)
         # The left part, identical for every block of the region: one call with the keys shared (dk = 0).
         left = [(s, e, t) for s, e, t, _ in sig]
         for seg in _segments(left):
-            it = bld.item(a, bq, seg)
-            if it is not None:
-                k0, span, m, re_ = it
-                add(blocks, r0=a * bq, dr=bq, rows=bq, k0=k0, dk=0, span=span, G=G, mask=m, causal=False,
+            for r, n, k0, span, m, re_ in bld.items(a, bq, seg):
+                add(r0=a * bq + r, dr=bq, rows=n, k0=k0, dk=0, span=span, G=G, mask=m, causal=False,
                     rows_empty=re_)
 
     # Generic items: batch consecutive items with equal shape and mask whose query and key starts
-    # advance by constant steps (a sliding window's interior is one call).
+    # advance by constant steps (a sliding window's interior is one call per row piece).
     buckets: dict[tuple, list[tuple[int, int]]] = {}
-    for blk, rows, k0, span, m, re_ in items:
-        buckets.setdefault((rows, span, m, re_), []).append((blk, k0))
+    for row0, rows, k0, span, m, re_ in items:
+        buckets.setdefault((rows, span, m, re_), []).append((row0, k0))
     for (rows, span, m, re_), members in buckets.items():
         i = 0
         while i < len(members):
             j, dr, dk = i + 1, 0, 0
-            # strided views cannot step backwards: keys must not move left as rows go down
-            if j < len(members) and members[j][0] != members[i][0] and members[j][1] >= members[i][1]:
-                dr = (members[j][0] - members[i][0]) * bq
+            # strided views cannot step backwards (keys must not move left as rows go down),
+            # and the rows of one call must not overlap
+            if j < len(members) and members[j][0] - members[i][0] >= rows and members[j][1] >= members[i][1]:
+                dr = members[j][0] - members[i][0]
                 dk = members[j][1] - members[i][1]
                 j += 1
-                while j < len(members) and (members[j][0] - members[j - 1][0]) * bq == dr \
+                while j < len(members) and members[j][0] - members[j - 1][0] == dr \
                         and members[j][1] - members[j - 1][1] == dk:
                     j += 1
             if j - i == 1:
                 dr = dk = 0
-            add([members[x][0] for x in range(i, j)], r0=members[i][0] * bq, dr=dr, rows=rows, k0=members[i][1],
-                dk=dk, span=span, G=j - i, mask=m, causal=False, rows_empty=re_)
+            add(r0=members[i][0], dr=dr, rows=rows, k0=members[i][1], dk=dk, span=span, G=j - i, mask=m,
+                causal=False, rows_empty=re_)
             i = j
-    return Plan(ops, bld.masks, bld.row_empty, False, {})
+    return Plan(ops, bld.masks, bld.row_empty, False, {}, bool(written.all()) and not mixed[0])
 
 
 def _is_exact_causal(layout: BlockLayout) -> bool:
@@ -425,17 +501,38 @@ def _run_plan(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     neg_inf = float("-inf")
     threads = torch.get_num_threads()
     for op in plan.ops:
-        per_block = q.shape[0] * op.rows * q.shape[2] * max(q.element_size(), 4)
-        step = max(1, _CHUNK_BYTES // per_block)
+        per_row = q.shape[0] * q.shape[2] * max(q.element_size(), 4)
         small = threads > 1 and q.shape[0] * op.G * op.rows * op.span < _SMALL_OP
         if small:
             torch.set_num_threads(1)
         try:
+            if op.G == 1 and not op.causal and op.mask is None and op.rows * per_row > _CHUNK_BYTES:
+                # One long query range on shared keys: cut its rows (a causal call cannot be cut,
+                # its triangle is anchored at the first row; masked ops are one block tall).
+                for r, n in _row_cuts(op.rows, _CHUNK_BYTES // per_row):
+                    part = dataclasses.replace(op, r0=op.r0 + r, rows=n)
+                    _run_op(plan, part, 0, 1, q, k, v, scale, out, lse, neg_inf)
+                continue
+            step = max(1, _CHUNK_BYTES // (op.rows * per_row))
             for g0 in range(0, op.G, step):
                 _run_op(plan, op, g0, min(step, op.G - g0), q, k, v, scale, out, lse, neg_inf)
         finally:
             if small:
                 torch.set_num_threads(threads)
+
+
+def _row_cuts(rows: int, want: int) -> list[tuple[int, int]]:
+    """Cut ``rows`` query rows into pieces of about ``want`` rows that give the same bits.
+
+    The kernel slices a call of >= 768 rows into 256-row pieces, each computed alone;
+    pieces that are multiples of 256 rows, none shorter than 1024, keep those slices
+    (and so every bit) unchanged.
+    """
+    step = max(1024, want // 256 * 256)
+    if rows < 2 * step:
+        return [(0, rows)]
+    last = (rows // step - 1) * step          # the last piece takes the remainder too
+    return [(r, step) for r in range(0, last, step)] + [(last, rows - last)]
 
 
 def _run_op(plan: Plan, op: Op, g0: int, G: int, q, k, v, scale: float, out, lse, neg_inf: float) -> None:
@@ -466,7 +563,8 @@ def _run_op(plan: Plan, op: Op, g0: int, G: int, q, k, v, scale: float, out, lse
     wb = torch.exp(l - m)
     s = wa + wb
     inv = 1.0 / s.clamp_min(torch.finfo(s.dtype).tiny)
-    ov.mul_((wa * inv).unsqueeze(-1)).add_(o.to(ov.dtype) * (wb * inv).unsqueeze(-1))
+    # In place, without a temporary the size of the output (addcmul_ promotes o itself).
+    ov.mul_((wa * inv).unsqueeze(-1)).addcmul_(o, (wb * inv).unsqueeze(-1))
     lv.copy_(m + torch.log(s))
 
 
@@ -506,12 +604,14 @@ def _forward_one_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     w, d = dil
     Lq, Lk, q_offset = layout.q_len, layout.kv_len, layout.q_offset
     sub_mask = causal & sliding(w)
-    out.zero_()
-    lse.fill_(float("-inf"))
     for r in range(d):
         i0 = (r - q_offset) % d                  # first query row at a position = r (mod d)
-        if i0 >= Lq or r >= Lk:
-            continue                              # no rows, or rows with no key: zeros / -inf
+        if i0 >= Lq:
+            continue                              # no rows
+        if r >= Lk:
+            out[:, :, i0::d].zero_()              # rows with no key: zeros / -inf
+            lse[:, :, i0::d].fill_(float("-inf"))
+            continue
         sub = sub_mask.compile(len(range(i0, Lq, d)), len(range(r, Lk, d)), q_offset=(q_offset + i0 - r) // d,
                                block_size=layout.block_size)
         _forward_plain(q[:, :, i0::d], k[:, :, r::d], v[:, :, r::d], sub, scale, out[:, :, i0::d], lse[:, :, i0::d])
@@ -527,9 +627,11 @@ def _forward_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bl
         return
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     acc = out if out.dtype == acc_dtype else torch.empty(out.shape, dtype=acc_dtype)
-    acc.zero_()
     acc_lse = lse if lse.dtype == acc_dtype else torch.empty(lse.shape, dtype=acc_dtype)
-    acc_lse.fill_(float("-inf"))
+    if not plan.covered:
+        # Rows no op writes have no key: zeros and lse -inf.
+        acc.zero_()
+        acc_lse.fill_(float("-inf"))
     views = [_flat(t) for t in (q, k, v, acc)]
     X, Y, L = acc_lse.shape
     sx, sy, sl = acc_lse.stride()

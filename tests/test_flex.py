@@ -194,3 +194,15 @@ def test_flex_backend_runs_document_masks():
     ref = am.attention(q.double(), k.double(), v.double(), m, backend="dense")
     assert ((out.double() - ref).abs().max() / ref.abs().max()) < 1e-5
     assert torch.equal(out[:, :, 240:], torch.zeros_like(out[:, :, 240:]))   # padding rows attend nothing
+
+
+def test_document_tables_follow_the_query_device():
+    # FlexAttention on a GPU traces mask_mod with CUDA indices; a CPU table fails to lower there
+    # (found on an H200, benchmarks/results/gpu.md). The table must be built on the query's device.
+    m = am.document(3, 7)
+    q = torch.arange(10, device="meta")
+    assert m._document_ids(q.device).device.type == "meta"
+    assert m._document_ids().device.type == "cpu"
+    assert m.evaluate(q[:, None], q[None, :]).device.type == "meta"
+    expect = am.document(3, 7).to_dense(10)
+    assert torch.equal(m.evaluate(torch.arange(10)[:, None], torch.arange(10)[None, :]), expect)

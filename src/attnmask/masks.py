@@ -366,11 +366,11 @@ class Primitive(Mask):
             if total <= _DOC_TABLE_LIMIT:
                 # A lookup table of document ids: plain indexing, which FlexAttention's
                 # kernels can inline (searchsorted fails to lower in inductor).
-                ids = self._document_ids()
+                ids = self._document_ids(q.device)
                 qs = ids[q.clamp(0, total - 1)]
                 ks = ids[k.clamp(0, total - 1)]
             else:
-                ends = self.segment_ends()
+                ends = self._segment_ends_on(q.device)
                 qs = torch.searchsorted(ends, q.clamp(0, total - 1).contiguous(), right=True)
                 ks = torch.searchsorted(ends, k.clamp(0, total - 1).contiguous(), right=True)
             return inside & (qs == ks)
@@ -386,10 +386,19 @@ class Primitive(Mask):
         """For ``document``: int64 exclusive end position of each segment (cached)."""
         return self._cached("_ends", lambda: torch.tensor(self.args, dtype=torch.int64).cumsum(0))
 
-    def _document_ids(self) -> torch.Tensor:
-        """For ``document``: int32 document id of every packed position (cached)."""
-        return self._cached("_ids", lambda: torch.repeat_interleave(
+    def _document_ids(self, device=None) -> torch.Tensor:
+        """For ``document``: int32 document id of every packed position, on ``device`` (cached per device).
+
+        A mask_mod indexes it with the query's device, so FlexAttention on a GPU reads
+        a GPU table (a CPU one fails to lower there).
+        """
+        ids = self._cached("_ids", lambda: torch.repeat_interleave(
             torch.arange(len(self.args), dtype=torch.int32), torch.tensor(self.args, dtype=torch.int64)))
+        return ids if _is_cpu(device) else self._cached(f"_ids@{_device_key(device)}", lambda: ids.to(device))
+
+    def _segment_ends_on(self, device) -> torch.Tensor:
+        ends = self.segment_ends()
+        return ends if _is_cpu(device) else self._cached(f"_ends@{_device_key(device)}", lambda: ends.to(device))
 
     def _cached(self, key: str, build):
         # Plain attribute lookups (not functools caches, which are C code) keep
@@ -405,15 +414,38 @@ class Primitive(Mask):
 _DOC_TABLE_LIMIT = 1 << 24
 
 
-def _warm_tables(mask: "Mask") -> None:
-    """Build document tables before tracing, so torch.compile only reads them."""
+def _is_cpu(device) -> bool:
+    return device is None or torch.device(device).type == "cpu"
+
+
+def _device_key(device) -> str:
+    d = torch.device(device)
+    index = d.index
+    if index is None and d.type == "cuda":
+        index = torch.cuda.current_device()     # "cuda" and "cuda:0" are one table
+    return f"{d.type}:{index or 0}"
+
+
+def _warm_tables(mask: "Mask", device=None) -> None:
+    """Build document tables before tracing, so torch.compile only reads them.
+
+    On ``device`` if given; else on the CPU and, once the program uses CUDA, on the
+    current GPU too (``create_block_mask(m.mask_mod, ..., device="cuda")`` traces there).
+    """
+    devices = [device] if device is not None else \
+        [None] + (["cuda"] if torch.cuda.is_available() and torch.cuda.is_initialized() else [])
+    for dev in devices:
+        _warm_tables_on(mask, dev)
+
+
+def _warm_tables_on(mask: "Mask", device) -> None:
     if isinstance(mask, Primitive) and mask.name == "document":
         if sum(mask.args) <= _DOC_TABLE_LIMIT:
-            mask._document_ids()
+            mask._document_ids(device)
         else:
-            mask.segment_ends()
+            mask._segment_ends_on(device)
     for child in mask.children():
-        _warm_tables(child)
+        _warm_tables_on(child, device)
 
 
 # ---------------------------------------------------------------------------
@@ -630,9 +662,9 @@ def from_mask_mod(fn: Callable, name: str | None = None) -> Mask:
     return MaskMod(fn, name)
 
 
-def make_mask_mod(mask: Mask, q_offset: int) -> Callable:
-    """A FlexAttention mask_mod for ``mask`` with query row i at q_offset + i."""
-    _warm_tables(mask)
+def make_mask_mod(mask: Mask, q_offset: int, device=None) -> Callable:
+    """A FlexAttention mask_mod for ``mask`` with query row i at q_offset + i (tables ready on ``device``)."""
+    _warm_tables(mask, device)
     # FlexAttention may pass int32 indices; positions plus parameters (up to
     # 2**31 - 1) must not wrap, so evaluate in int64.
     if q_offset == 0:

@@ -123,6 +123,79 @@ def test_random_masks_match_float64(problem):
         assert bool((lse[:, :, dead] == float("-inf")).all())
 
 
+@given(problems(), st.sampled_from([4, 8, 16]))
+@settings(max_examples=40)
+def test_row_pieces_and_their_cuts_match_float64(problem, sub_rows):
+    # The planner cuts partial blocks into row pieces (every _SUB_ROWS rows and at document
+    # boundaries) and decides between one is_causal call and pieces by a cost model; with
+    # pieces of a few rows, the small random problems exercise all of it.
+    import attnmask.engines.blocksparse as bs_mod
+    mask, b, h, hkv, lq, lk, q_offset, d, bs, seed = problem
+    q, k, v = tensors(b, h, hkv, lq, lk, d, seed)
+    ref, _ = reference(q, k, v, mask.to_dense(lq, lk, q_offset=q_offset), 0.3)
+    saved = bs_mod._SUB_ROWS, bs_mod._SPLIT_GAIN
+    bs_mod._SUB_ROWS, bs_mod._SPLIT_GAIN = sub_rows, 2.0          # always cut when there is anything to cut
+    try:
+        lay = mask.compile(lq, lk, q_offset=q_offset, block_size=bs)
+        bs_mod._plans.pop(lay, None)
+        out = attention(q, k, v, lay, scale=0.3, enable_gqa=True)
+        plan = bs_mod.plan_for(lay)
+    finally:
+        bs_mod._SUB_ROWS, bs_mod._SPLIT_GAIN = saved
+        bs_mod._plans.pop(lay, None)
+    assert rel_err(out, ref) < 1e-5
+    assert all(op.rows <= sub_rows for op in plan.ops if op.mask is not None)
+
+
+def test_window_blocks_run_as_row_pieces_trimmed_to_their_keys():
+    import attnmask.engines.blocksparse as bs_mod
+    lay = (am.causal & am.sliding(256)).compile(2048, block_size=128)
+    plan = bs_mod.plan_for(lay)
+    interior = max(plan.ops, key=lambda op: op.G)
+    assert (interior.rows, interior.span) == (64, 64 + 255)        # not 128 rows x 383 keys
+    computed = sum(op.G * op.rows * op.span for op in plan.ops)
+    assert computed < 2048 * (128 + 255) * 0.9
+    q, k, v = tensors(1, 2, 2, 2048, 2048, 16, seed=3)
+    ref, _ = reference(q, k, v, lay.to_dense(), 0.25)
+    assert rel_err(attention(q, k, v, lay, scale=0.25), ref) < 1e-5
+
+
+def test_blocks_straddling_documents_are_cut_at_the_boundary():
+    import attnmask.engines.blocksparse as bs_mod
+    mask = am.causal & am.document(100, 300, 212)
+    lay = mask.compile(612, block_size=128)
+    plan = bs_mod.plan_for(lay)
+    # Rows 100.. of block 0 belong to the second document: some op starts exactly there and
+    # reads no key of the first document.
+    assert any(op.r0 == 100 and op.k0 >= 100 for op in plan.ops)
+    q, k, v = tensors(1, 2, 1, 612, 612, 16, seed=4)
+    ref, _ = reference(q, k, v, mask.to_dense(612), 0.25)
+    assert rel_err(attention(q, k, v, lay, scale=0.25, enable_gqa=True), ref) < 1e-5
+
+
+def test_ops_merging_into_rows_no_op_wrote_yet():
+    # A long shared-key op (the sink) meets rows whose own first op comes later in the plan:
+    # the plan must then start from zeros / -inf instead of skipping the fill.
+    import attnmask.engines.blocksparse as bs_mod
+    mask = am.chunked(7) | am.sink(2)
+    lay = mask.compile(53, block_size=(4, 8))
+    assert not bs_mod.plan_for(lay).covered
+    q, k, v = tensors(1, 2, 2, 53, 53, 8, seed=5)
+    ref, _ = reference(q, k, v, mask.to_dense(53), 0.3)
+    assert rel_err(attention(q, k, v, lay, scale=0.3), ref) < 1e-5
+
+
+@pytest.mark.parametrize("rows,want", [(1500, 1), (2100, 1), (5000, 1), (32768, 8192), (40000, 3000)])
+def test_row_cuts_keep_the_kernels_256_row_slices(rows, want):
+    from attnmask.engines.blocksparse import _row_cuts
+    cuts = _row_cuts(rows, want)
+    assert [r for r, _ in cuts] == [sum(n for _, n in cuts[:i]) for i in range(len(cuts))]
+    assert sum(n for _, n in cuts) == rows
+    if len(cuts) > 1:
+        assert all(n % 256 == 0 and n >= 1024 for _, n in cuts[:-1]) and cuts[-1][1] >= 1024
+        assert all(r % 256 == 0 for r, _ in cuts)
+
+
 @pytest.mark.parametrize("expr,lq,lk,q_offset,bs", [
     ("causal", 300, 300, None, 128),             # the is_causal fast path
     ("causal", 1, 1, None, 128),

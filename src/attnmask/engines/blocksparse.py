@@ -8,14 +8,23 @@ layout into a cached *plan* of calls of PyTorch's fused CPU flash kernel
 - each query block's runs become a few contiguous key ranges, trimmed to the
   keys some row uses, with a small additive mask only where a range holds
   partial tiles (built from ``layout.tile_masks``; full tiles are never evaluated);
-- consecutive query blocks whose ranges have the same shape and mask and
-  advance by constant steps run as ONE call on strided views (a sliding
-  window's whole interior is one call; no copies);
+- a partial block may run as row pieces (64 rows, and cuts where a document or
+  chunk boundary falls inside the block), each trimmed to its own keys, when a
+  cost model of the kernel says so (``_kernel_cost``: the kernel slices queries
+  into 32-, 64- or 256-row pieces by the call's length, and small slices cost
+  more per score). A 1024-key window at block 128 then computes 1087 keys a row
+  instead of 1151;
+- consecutive pieces whose ranges have the same shape and mask and advance by
+  constant steps run as ONE call on strided views (a sliding window's whole
+  interior is one call per row piece; no copies);
 - a run of blocks ending in an exact lower-triangular diagonal tile (causal,
-  documents, chunks, the signature cuts) runs as one top-left ``is_causal``
-  call, plus one call for the keys left of it that all its rows share;
+  chunks, the signature cuts) runs as one top-left ``is_causal`` call, plus one
+  call for the keys left of it that all its rows share, when that beats row
+  pieces trimmed to the diagonal (the kernel computes whole 512-key slices of
+  a short triangle: ``_causal_call_cost``);
 - results covering the same rows are merged in place by log-sum-exp (float32,
   float64 for float64 inputs), so memory stays O(N x D + masks of partial tiles);
+  no output-sized temporary is over 16 MB (``_CHUNK_BYTES``);
 - ``dilated(w, d)`` runs as d window problems on strided views (cost of the w
   keys kept, not of the w * d spanned); a plain ``causal`` layout is one call.
 
@@ -65,6 +74,8 @@ _SMALL_OP = 1 << 15
 
 # A batched call's output is a temporary before it lands in place; split calls so that
 # it stays under this many bytes (a 128K-token window forward then adds ~ its output).
+# Below glibc's 32 MB mmap ceiling the buffer is reused from the heap call after call;
+# above it every call maps fresh pages and pays their faults (32K-token windows: ~6%).
 _CHUNK_BYTES = 16 << 20
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -123,8 +134,8 @@ def plan_for(layout: BlockLayout) -> Plan:
 
         >>> import attnmask as am
         >>> plan = plan_for((am.causal & am.sliding(256)).compile(1024, block_size=128))
-        >>> [(op.r0, op.G, op.span) for op in plan.ops]
-        [(0, 1, 256), (256, 6, 383)]
+        >>> [(op.r0, op.rows, op.span, op.G) for op in plan.ops][-2:]   # 64-row pieces; then one call for 12
+        [(192, 64, 256, 1), (256, 64, 319, 12)]
     """
     plan = _plans.get(layout)
     if plan is None:
@@ -280,7 +291,8 @@ def _kernel_cost(rows: int, keys: int) -> float:
 
     The CPU kernel splits queries into 32-, 64- or 256-row slices by the call's query
     length (< 192, < 768, else); each slice streams every key, so small slices pay more
-    per score. Factors measured on this machine (benchmarks/results/attention.md).
+    per score. Factors measured on this machine by benchmarks/bench_kernel_slices.py
+    (benchmarks/results/kernel_slices.md).
     """
     per_score = 1.0 if rows >= 768 else 1.08 if rows >= 192 else 1.18
     return rows * keys * per_score
@@ -307,17 +319,29 @@ def _pieces_cost(n: int) -> float:
 
 
 def _row_chunks(m: torch.Tensor) -> list[tuple[int, int]]:
-    """Row chunks ``(offset, rows)`` of a partial mask: whole, or _SUB_ROWS-row pieces when cheaper.
+    """Row chunks ``(offset, rows)`` of a partial mask: whole, or pieces when cheaper.
 
-    Trimming each piece to the keys its rows reach pays when rows see shifted key ranges (a
-    window: 1151 keys for 128 rows of sliding(1024), 1087 for 64), minus the cost of
-    smaller kernel calls (_kernel_cost).
+    Pieces are cut where consecutive rows see disjoint key ranges (a document or chunk
+    boundary inside the block), then every _SUB_ROWS rows. Trimming each piece to the keys
+    its rows reach pays when rows see shifted key ranges (a window: 1151 keys for 128 rows
+    of sliding(1024), 1087 for 64; a block straddling two documents: the first document's
+    keys for the second's rows), minus the cost of smaller kernel calls (_kernel_cost).
     """
     rows = m.shape[0]
-    if rows < 2 * _SUB_ROWS:
-        return [(0, rows)]
+    any_row = m.any(1)
+    first = torch.where(any_row, m.int().argmax(1), m.shape[1])
+    last = torch.where(any_row, m.shape[1] - 1 - m.flip(1).int().argmax(1), -1)
+    # A boundary: row r's keys all lie right of every key of the rows above it (the running
+    # maximum restarts there on its own: the new rows reach further right).
+    reach = last.cummax(0).values
+    cut = any_row[1:] & (first[1:] > reach[:-1]) & (reach[:-1] >= 0)
+    starts = [0] + (cut.nonzero().flatten() + 1).tolist()
+    pieces = []
+    for a, b in zip(starts, starts[1:] + [rows]):
+        pieces += [(r, min(_SUB_ROWS, b - r)) for r in range(a, b, _SUB_ROWS)]
+    if len(pieces) == 1:
+        return pieces
     whole = _kernel_cost(rows, _span(m.any(0)))
-    pieces = [(r, min(_SUB_ROWS, rows - r)) for r in range(0, rows, _SUB_ROWS)]
     split = sum(_kernel_cost(n, _span(m[r:r + n].any(0))) for r, n in pieces)
     return pieces if split < _SPLIT_GAIN * whole else [(0, rows)]
 

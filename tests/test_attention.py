@@ -185,6 +185,27 @@ def test_ops_merging_into_rows_no_op_wrote_yet():
     assert rel_err(attention(q, k, v, lay, scale=0.3), ref) < 1e-5
 
 
+def test_plan_masks_stay_bounded_when_every_tile_is_partial():
+    # Every tile of causal - cols(0, N, 2) is partial: masks one block tall and as wide as the
+    # causal prefix summed to N^2 / 2 cells (135M at 16K). Stretches cut at fixed key positions
+    # repeat down the rows and are stored once.
+    import attnmask.engines.blocksparse as bs_mod
+    sizes = []
+    for n in (4096, 16384):
+        plan = bs_mod.plan_for(am.parse(f"causal - cols(0, {n}, 2)").compile(n))
+        sizes.append(sum(m.numel() for m in plan.masks))
+        assert len(plan.ops) < 100
+    assert sizes[1] < 1.2 * sizes[0] < 16e6
+
+
+def test_stretches_of_partial_tiles_match_float64():
+    mask = am.causal - am.cols(0, 900, 3) | am.sink(2)
+    q, k, v = tensors(1, 2, 2, 900, 900, 8, seed=6)
+    ref, _ = reference(q, k, v, mask.to_dense(900), 0.3)
+    out = attention(q, k, v, mask, scale=0.3, block_size=16)        # 57 key blocks: two stretches of 32
+    assert rel_err(out, ref) < 1e-5
+
+
 @pytest.mark.parametrize("rows,want", [(1500, 1), (2100, 1), (5000, 1), (32768, 8192), (40000, 3000)])
 def test_row_cuts_keep_the_kernels_256_row_slices(rows, want):
     from attnmask.engines.blocksparse import _row_cuts

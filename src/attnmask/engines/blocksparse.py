@@ -166,18 +166,37 @@ def _segments(runs: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int
         if g[-1][1] - g[0][0] <= _ONE_CALL_BLOCKS:
             out.append(g)      # a window-sized range: one masked call beats several calls and merges
             continue
-        # Long full runs go alone (maskless); the rest stays together with its partial tiles.
+        # Long full runs go alone (maskless); the rest stays together with its partial tiles,
+        # in stretches of at most _ONE_CALL_BLOCKS blocks cut at fixed key positions: a mask is
+        # then at most one stretch wide, and the stretches of different query blocks repeat
+        # and are stored once (causal - cols(0, N, 2) kept N^2 / 2 mask cells before).
         cur: list[tuple[int, int, int]] = []
         for run in g:
             if run[2] == _FULL and run[1] - run[0] >= _SPLIT_FULL_BLOCKS:
                 if cur:
-                    out.append(cur)
+                    out += _cut_at_stretches(cur)
                     cur = []
                 out.append([run])
             else:
                 cur.append(run)
         if cur:
-            out.append(cur)
+            out += _cut_at_stretches(cur)
+    return out
+
+
+def _cut_at_stretches(group: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int]]]:
+    """Cut contiguous runs at multiples of _ONE_CALL_BLOCKS key blocks (left as is if narrower)."""
+    if group[-1][1] - group[0][0] <= _ONE_CALL_BLOCKS:
+        return [group]
+    out: list[list[tuple[int, int, int]]] = []
+    for s, e, t in group:
+        while s < e:
+            stop = min(e, (s // _ONE_CALL_BLOCKS + 1) * _ONE_CALL_BLOCKS)
+            if out and out[-1][-1][1] == s and s % _ONE_CALL_BLOCKS:
+                out[-1].append((s, stop, t))
+            else:
+                out.append([(s, stop, t)])
+            s = stop
     return out
 
 
@@ -452,24 +471,35 @@ def _build_plan(layout: BlockLayout) -> Plan:
     for row0, rows, k0, span, m, re_ in items:
         buckets.setdefault((rows, span, m, re_), []).append((row0, k0))
     for (rows, span, m, re_), members in buckets.items():
-        i = 0
-        while i < len(members):
-            j, dr, dk = i + 1, 0, 0
-            # strided views cannot step backwards (keys must not move left as rows go down),
-            # and the rows of one call must not overlap
-            if j < len(members) and members[j][0] - members[i][0] >= rows and members[j][1] >= members[i][1]:
-                dr = members[j][0] - members[i][0]
-                dk = members[j][1] - members[i][1]
-                j += 1
-                while j < len(members) and members[j][0] - members[j - 1][0] == dr \
-                        and members[j][1] - members[j - 1][1] == dk:
-                    j += 1
-            if j - i == 1:
-                dr = dk = 0
-            add(r0=members[i][0], dr=dr, rows=rows, k0=members[i][1], dk=dk, span=span, G=j - i, mask=m,
-                causal=False, rows_empty=re_)
-            i = j
+        # Query-block order batches a window's interior (keys advance with the rows); key order
+        # batches stretches that many blocks share (a mask's column pattern repeated down the rows).
+        runs = min((_strided_runs(members, rows), _strided_runs(sorted(members, key=lambda x: (x[1], x[0])), rows)),
+                   key=len)
+        for (r0, k0), dr, dk, G in runs:
+            add(r0=r0, dr=dr, rows=rows, k0=k0, dk=dk, span=span, G=G, mask=m, causal=False, rows_empty=re_)
     return Plan(ops, bld.masks, bld.row_empty, False, {}, bool(written.all()) and not mixed[0])
+
+
+def _strided_runs(members: list[tuple[int, int]], rows: int) -> list[tuple[tuple[int, int], int, int, int]]:
+    """Greedy runs ``(first (row0, k0), dr, dk, G)`` of consecutive members advancing by constant steps."""
+    out = []
+    i = 0
+    while i < len(members):
+        j, dr, dk = i + 1, 0, 0
+        # strided views cannot step backwards (keys must not move left as rows go down),
+        # and the rows of one call must not overlap
+        if j < len(members) and members[j][0] - members[i][0] >= rows and members[j][1] >= members[i][1]:
+            dr = members[j][0] - members[i][0]
+            dk = members[j][1] - members[i][1]
+            j += 1
+            while j < len(members) and members[j][0] - members[j - 1][0] == dr \
+                    and members[j][1] - members[j - 1][1] == dk:
+                j += 1
+        if j - i == 1:
+            dr = dk = 0
+        out.append((members[i], dr, dk, j - i))
+        i = j
+    return out
 
 
 def _is_exact_causal(layout: BlockLayout) -> bool:

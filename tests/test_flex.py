@@ -206,3 +206,20 @@ def test_document_tables_follow_the_query_device():
     assert m.evaluate(q[:, None], q[None, :]).device.type == "meta"
     expect = am.document(3, 7).to_dense(10)
     assert torch.equal(m.evaluate(torch.arange(10)[:, None], torch.arange(10)[None, :]), expect)
+
+
+def test_flex_refuses_the_silent_eager_fallback_past_the_recompile_limit():
+    # Each new mask recompiles flex_attention; past torch's limit dynamo would run it eagerly
+    # (all scores materialized: 256 GiB at 64K tokens on a GPU). The backend says so instead.
+    import torch._dynamo
+    if not hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):
+        pytest.skip("this torch has no fail_on_recompile_limit_hit switch")
+    q = torch.randn(1, 1, 128, 16)
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1):
+            am.attention(q, q, q, am.causal & am.sliding(8), backend="flex")
+            with pytest.raises(am.MaskError, match="recompile limit"):
+                am.attention(q, q, q, am.causal & am.sliding(16), backend="flex")
+    finally:
+        torch._dynamo.reset()

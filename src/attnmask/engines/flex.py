@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import MaskError
 from ..layout import BlockLayout
 
 __all__ = ["flex_forward", "compiled_flex"]
@@ -29,6 +30,30 @@ def compiled_flex():
     return _compiled
 
 
+def _call(*args, **kwargs):
+    """The compiled flex_attention, refusing torch's silent eager fallback.
+
+    Every new mask (and shape) recompiles; past ``torch._dynamo.config.recompile_limit``
+    (8 by default) dynamo would run flex_attention eagerly, which materializes all the
+    scores (an H200 was asked for 256 GiB at 64K tokens). Say so instead.
+    """
+    import torch._dynamo
+    try:
+        from torch._dynamo.exc import FailOnRecompileLimitHit
+    except ImportError:                                   # older torch: no such switch
+        return compiled_flex()(*args, **kwargs)
+    try:
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            return compiled_flex()(*args, **kwargs)
+    except FailOnRecompileLimitHit as e:
+        limit = torch._dynamo.config.recompile_limit
+        raise MaskError(
+            f"FlexAttention was compiled for {limit} masks or shapes in this process (torch's recompile limit, "
+            "torch._dynamo.config.recompile_limit); past it torch would run flex_attention eagerly and "
+            "materialize every score. Call torch._dynamo.reset() between masks, raise the limit, or use "
+            "backend='blocksparse' on CPU") from e
+
+
 def flex_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, scale: float,
                  enable_gqa: bool, return_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run compiled ``flex_attention`` with ``layout`` for every batch element and head.
@@ -43,9 +68,8 @@ def flex_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bloc
     """
     block_mask = layout.to_flex_block_mask(device=q.device)
     if not return_lse:
-        return compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa), None
-    out, lse = compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
-                               return_lse=True)
+        return _call(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa), None
+    out, lse = _call(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, return_lse=True)
     lse = lse.float()
     # Rows with no key: flex gives lse = -inf already on recent torch; make the zeros exact either way.
     dead = ~torch.isfinite(lse)

@@ -190,8 +190,9 @@ def _flex_reasons(c: _Call) -> list[str]:
         import torch.nn.attention.flex_attention  # noqa: F401
     except ImportError:
         return ["torch.nn.attention.flex_attention is not available in this torch"]
-    if len(c.layouts) != 1:
-        reasons.append("takes one mask for all batch elements and heads (got per-head or per-batch masks)")
+    first = c.layouts[0]
+    if any((lay.q_offset, lay.block_size) != (first.q_offset, first.block_size) for lay in c.layouts):
+        reasons.append("needs per-head masks compiled with one q_offset and block size")
     if any(lay.block_q != lay.block_k for lay in c.layouts):
         reasons.append("needs square blocks (block_q == block_k)")
     if c.needs_grad and c.q.device.type == "cpu":
@@ -235,7 +236,7 @@ def _run_dense(c: _Call):
 
 def _run_flex(c: _Call):
     from .flex import flex_forward
-    return flex_forward(c.q, c.k, c.v, c.layouts[0], c.scale, c.enable_gqa, c.return_lse)
+    return flex_forward(c.q, c.k, c.v, c.layouts, c.head_layout, c.scale, c.enable_gqa, c.return_lse)
 
 
 _REASONS = {"blocksparse": _blocksparse_reasons, "dense": _dense_reasons, "flex": _flex_reasons}

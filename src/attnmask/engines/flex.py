@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import MaskError
+from ..errors import MaskError, MaskValueError
 from ..layout import BlockLayout
 
-__all__ = ["flex_forward", "compiled_flex"]
+__all__ = ["flex_forward", "compiled_flex", "block_mask_for"]
 
 _compiled = None
 
@@ -54,9 +54,55 @@ def _call(*args, **kwargs):
             "backend='blocksparse' on CPU") from e
 
 
-def flex_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, scale: float,
-                 enable_gqa: bool, return_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run compiled ``flex_attention`` with ``layout`` for every batch element and head.
+def block_mask_for(layouts: list[BlockLayout], head_layout: torch.Tensor, device):
+    """One BlockMask for masks that differ per head or batch element (``head_layout[b, h]`` picks the layout).
+
+    FlexAttention's index tables are per (batch, head): each layout's tables are built once
+    and gathered, with a batch dimension of 1 when every batch element uses the same heads.
+    The mask_mod evaluates each distinct mask and keeps the one of the head asking.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from ..masks import DEFAULT_DENSE_LIMIT, make_mask_mod
+    if len(layouts) == 1:
+        return layouts[0].to_flex_block_mask(device=device)
+    first = layouts[0]
+    for lay in layouts[1:]:
+        if (lay.q_len, lay.kv_len, lay.q_offset, lay.block_size) != \
+                (first.q_len, first.kv_len, first.q_offset, first.block_size):
+            raise MaskValueError("per-head layouts for FlexAttention must share lengths, q_offset and block size")
+    table = head_layout[:1] if bool((head_layout == head_layout[:1]).all()) else head_layout     # [B or 1, H]
+    cells = table.numel() * first.n_q_blocks * first.n_kv_blocks
+    if cells > DEFAULT_DENSE_LIMIT // 4:
+        raise MaskValueError(f"FlexAttention's per-head BlockMask needs {cells:,} index entries here; "
+                             "use a larger block_size or fewer distinct heads")
+    parts = [lay.to_flex_block_mask(device=device) for lay in layouts]
+    pick = table.to(device)
+
+    def gather(name: str) -> torch.Tensor:
+        stacked = torch.cat([getattr(bm, name) for bm in parts])[:, 0]        # [L, nqb(, nkb)]
+        return stacked[pick]                                                  # [B or 1, H, nqb(, nkb)]
+
+    mods = [make_mask_mod(lay.mask, lay.q_offset, device) for lay in layouts]
+    which = head_layout.to(device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        li = which[b, h]
+        out = (li == 0) & mods[0](b, h, q_idx, kv_idx)
+        for i in range(1, len(mods)):
+            out = out | ((li == i) & mods[i](b, h, q_idx, kv_idx))
+        return out
+
+    return BlockMask.from_kv_blocks(gather("kv_num_blocks"), gather("kv_indices"),
+                                    gather("full_kv_num_blocks"), gather("full_kv_indices"),
+                                    BLOCK_SIZE=first.block_size, mask_mod=mask_mod,
+                                    seq_lengths=(first.q_len, first.kv_len))
+
+
+def flex_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layouts: list[BlockLayout],
+                 head_layout: torch.Tensor, scale: float, enable_gqa: bool,
+                 return_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run compiled ``flex_attention`` with ``layouts[head_layout[b, h]]`` for batch element b, head h.
 
     q ``[B, H, Lq, D]``, k/v ``[B, Hkv, Lk, D]``. Returns (out in q's dtype,
     lse float32 ``[B, H, Lq]``, natural log, -inf on rows with no key; None when
@@ -64,9 +110,10 @@ def flex_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bloc
 
         >>> import torch, attnmask as am
         >>> q = torch.randn(1, 1, 128, 16)
-        >>> out, lse = flex_forward(q, q, q, am.causal.compile(128), 0.25, False)  # doctest: +SKIP
+        >>> lay = am.causal.compile(128)
+        >>> out, lse = flex_forward(q, q, q, [lay], torch.zeros(1, 1, dtype=torch.int64), 0.25, False)  # doctest: +SKIP
     """
-    block_mask = layout.to_flex_block_mask(device=q.device)
+    block_mask = block_mask_for(layouts, head_layout, q.device)
     if not return_lse:
         return _call(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa), None
     out, lse = _call(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, return_lse=True)

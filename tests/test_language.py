@@ -498,3 +498,12 @@ def test_fuzz_random_bytes_decoded():
     for _ in range(300):
         raw = bytes(rnd.randrange(256) for _ in range(rnd.randrange(1, 80)))
         _outcome(raw.decode("latin-1"))
+
+
+def test_caret_counts_terminal_columns_of_wide_characters():
+    # Two columns per wide character before the position, none for a combining mark.
+    err = am.MaskSyntaxError("bad", "日本 ?", 3)
+    line, caret = str(err).splitlines()[1:]
+    assert caret.index("^") == line.index("?") + 2           # "日本" is 4 columns, 2 characters
+    err = am.MaskSyntaxError("bad", "e\u0301 ?", 3)            # e + combining acute: one column
+    assert str(err).splitlines()[2].index("^") == 2 + 2

@@ -12,6 +12,14 @@ class MaskError(ValueError):
     """Root of every error attnmask raises on bad input."""
 
 
+def _columns(ch: str) -> int:
+    """Terminal columns a printable character takes (0 for combining marks, 2 for wide ones)."""
+    import unicodedata
+    if unicodedata.combining(ch):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
 class MaskSyntaxError(MaskError):
     """The text of a mask expression cannot be parsed.
 
@@ -37,7 +45,8 @@ class MaskSyntaxError(MaskError):
         shown = "".join(ch if ch.isprintable() else "?" for ch in shown)
         prefix = "..." if start > 0 else ""
         suffix = "..." if end < len(text) else ""
-        caret = " " * (len(prefix) + pos - start) + "^"
+        # Pad by display width: a wide character (CJK, most emoji) takes two terminal columns.
+        caret = " " * (len(prefix) + sum(_columns(ch) for ch in shown[:pos - start])) + "^"
         return f"{self.message} (at position {pos})\n  {prefix}{shown}{suffix}\n  {caret}"
 
     def one_line(self) -> str:

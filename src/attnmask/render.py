@@ -305,8 +305,39 @@ def render(mask: MaskLike | Sequence[MaskLike], length: int, *, kv_length: int |
     return fig
 
 
-def repr_png(mask: MaskLike, length: int = 128) -> bytes:
-    """A small PNG of the mask at ``length`` (Jupyter's ``Mask._repr_png_`` uses it).
+def display_length(mask: MaskLike) -> int:
+    """A length that shows what the mask does: about twice its largest parameter, 128 to 4096.
+
+    ``sliding(1024)`` at 128 tokens would look like plain causal; documents show at their
+    packed length. Powers of two, so the axis ticks stay round.
+
+        >>> import attnmask as am
+        >>> display_length(am.causal), display_length(am.causal & am.sliding(1024)), display_length(am.document(300, 500))
+        (128, 2048, 1024)
+    """
+    from .masks import Primitive
+    largest = 0
+    stack = [as_mask(mask)]
+    while stack:
+        m = stack.pop()
+        if isinstance(m, Primitive) and m.args:
+            if m.name == "document":
+                largest = max(largest, sum(m.args))           # the packed length itself
+            elif m.name in ("rows", "cols"):
+                largest = max(largest, 2 * m.args[1])          # the end of the range
+            elif m.name == "dilated":
+                largest = max(largest, 2 * m.args[0] * m.args[1])
+            else:
+                largest = max(largest, 2 * max(m.args))
+        stack.extend(m.children())
+    length = 128
+    while length < min(largest, 4096):
+        length *= 2
+    return length
+
+
+def repr_png(mask: MaskLike, length: int | None = None) -> bytes:
+    """A small PNG of the mask at ``length`` (default :func:`display_length`; Jupyter's ``Mask._repr_png_``).
 
         >>> import attnmask as am
         >>> am.causal._repr_png_()[:8] == b"\\x89PNG\\r\\n\\x1a\\n"
@@ -314,6 +345,8 @@ def repr_png(mask: MaskLike, length: int = 128) -> bytes:
     """
     from matplotlib.figure import Figure
     mask = as_mask(mask)
+    if length is None:
+        length = display_length(mask)
     fig = Figure(figsize=(4.0, 3.8), dpi=80)
     ax = fig.add_subplot()
     draw_mask(ax, mask, length)

@@ -37,7 +37,7 @@ def computed_scores(layout) -> int:
     total = 0
     for op in plan_for(layout).ops:
         if op.causal:
-            total += round(_causal_call_cost(op.rows) / _kernel_cost(op.rows, 1))
+            total += round(_causal_call_cost(op.rows) * op.rows / _kernel_cost(op.rows, 1))   # its cells
         else:
             total += op.G * op.rows * op.span
     return total

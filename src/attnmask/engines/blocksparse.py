@@ -201,10 +201,15 @@ def _cut_at_stretches(group: list[tuple[int, int, int]]) -> list[list[tuple[int,
 
 
 class _Builder:
-    """Assembles a Plan: tiles -> deduplicated masks -> items -> batched ops."""
+    """Tiles -> deduplicated masks -> items, for the forward plan and the backward's.
 
-    def __init__(self, layout: BlockLayout):
+    ``chunks(mask)`` says how a partial segment's rows are cut (the forward: the cost model
+    of :func:`_row_chunks`; the backward, whose kernel prefers taller calls: fixed heights).
+    """
+
+    def __init__(self, layout: BlockLayout, chunks=None):
         self.layout = layout
+        self.chunks = _row_chunks if chunks is None else chunks
         self.bq, self.bk = layout.block_size
         self.masks: list[torch.Tensor] = []
         self.mask_ids: dict[bytes, int] = {}
@@ -276,7 +281,7 @@ class _Builder:
                     a, b = c * bk - k0, min((c + 1) * bk, kv_len) - k0
                     m[:, a:b] = self.tiles[self.tile_id[(qb, c)]][:rows, :b - a]
         out = []
-        for r, n in _row_chunks(m):
+        for r, n in self.chunks(m):
             sub = m[r:r + n]
             cols = sub.any(0).nonzero()
             if len(cols) == 0:
@@ -371,16 +376,27 @@ def _span(cols: torch.Tensor) -> int:
     return int(idx[-1]) - int(idx[0]) + 1 if len(idx) else 0
 
 
+def block_runs(layout: BlockLayout) -> list[list[tuple[int, int, int]]]:
+    """Per query block, its runs ``(first key block, end, state)`` as Python tuples."""
+    run_ptr = layout.run_ptr.tolist()
+    starts, ends, states = layout.run_start.tolist(), layout.run_end.tolist(), layout.run_state.tolist()
+    return [[(starts[i], ends[i], states[i]) for i in range(run_ptr[b], run_ptr[b + 1])]
+            for b in range(layout.n_q_blocks)]
+
+
+def partial_tiles(runs: list[list[tuple[int, int, int]]]) -> list[tuple[int, int]]:
+    """(query block, key block) of every partial tile, in order."""
+    return [(b, c) for b in range(len(runs)) for s, e, t in runs[b] if t == _PARTIAL for c in range(s, e)]
+
+
 def _build_plan(layout: BlockLayout) -> Plan:
     if _is_exact_causal(layout):
         return Plan([], [], [], True, {}, True)
     bq, bk = layout.block_size
     q_len, kv_len, nqb = layout.q_len, layout.kv_len, layout.n_q_blocks
-    run_ptr = layout.run_ptr.tolist()
-    starts, ends, states = layout.run_start.tolist(), layout.run_end.tolist(), layout.run_state.tolist()
-    runs = [[(starts[i], ends[i], states[i]) for i in range(run_ptr[b], run_ptr[b + 1])] for b in range(nqb)]
+    runs = block_runs(layout)
     bld = _Builder(layout)
-    bld.eval_tiles([(b, c) for b in range(nqb) for s, e, t in runs[b] if t == _PARTIAL for c in range(s, e)])
+    bld.eval_tiles(partial_tiles(runs))
 
     # Causal regions: consecutive full-height blocks whose last run is the exact lower-triangular
     # diagonal tile, preceded by full tiles back to the region's first diagonal column, and whose

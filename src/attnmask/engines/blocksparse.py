@@ -452,22 +452,24 @@ def _build_plan(layout: BlockLayout) -> Plan:
                 items.append((b * bq + r, n, k0, span, m, re_))
         b += 1
 
-    written = np.zeros(q_len, dtype=bool)
-    mixed = [False]
+    written = np.zeros(q_len, dtype=bool)       # rows some op has written so far
+    mixed = False                                # an op merged into rows no op had written yet
     ops: list[Op] = []
 
     def add(**kw) -> None:
+        nonlocal mixed
         if kw["G"] > 1 and kw["dk"] == 0 and kw["dr"] == kw["rows"] and kw["mask"] is None \
                 and kw["rows_empty"] is None:
             # Consecutive row ranges sharing unmasked keys: one long query range, so the kernel
             # works on large query tiles instead of G small ones.
             kw.update(rows=kw["G"] * kw["rows"], G=1, dr=0)
         r0, dr, rows, G = kw["r0"], kw["dr"], kw["rows"], kw["G"]
+        assert r0 + (G - 1) * dr + rows <= q_len     # as_strided below does not check bounds
         rows_of = written[r0:r0 + rows] if G == 1 else \
             np.lib.stride_tricks.as_strided(written[r0:], (G, rows), (dr, 1), writeable=True)
         seen = int(rows_of.sum())
         if 0 < seen < rows_of.size:
-            mixed[0] = True          # merges into some rows no op wrote yet: they must start at 0 / -inf
+            mixed = True             # those rows must then start at 0 / -inf
         rows_of[...] = True
         ops.append(Op(first=seen == 0, **kw))
 
@@ -493,7 +495,7 @@ def _build_plan(layout: BlockLayout) -> Plan:
                    key=len)
         for (r0, k0), dr, dk, G in runs:
             add(r0=r0, dr=dr, rows=rows, k0=k0, dk=dk, span=span, G=G, mask=m, causal=False, rows_empty=re_)
-    return Plan(ops, bld.masks, bld.row_empty, False, {}, bool(written.all()) and not mixed[0])
+    return Plan(ops, bld.masks, bld.row_empty, False, {}, bool(written.all()) and not mixed)
 
 
 def _strided_runs(members: list[tuple[int, int]], rows: int) -> list[tuple[tuple[int, int], int, int, int]]:

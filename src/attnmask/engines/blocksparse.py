@@ -24,7 +24,8 @@ layout into a cached *plan* of calls of PyTorch's fused CPU flash kernel
   a short triangle: ``_causal_call_cost``);
 - results covering the same rows are merged in place by log-sum-exp (float32,
   float64 for float64 inputs), so memory stays O(N x D + masks of partial tiles);
-  no output-sized temporary is over 16 MB (``_CHUNK_BYTES``);
+  calls are cut so that their output temporaries stay near 16 MB (``_CHUNK_BYTES``;
+  a long shared-key call only at bit-stable 256-row multiples of at least 1024 rows);
 - ``dilated(w, d)`` runs as d window problems on strided views (cost of the w
   keys kept, not of the w * d spanned); a plain ``causal`` layout is one call.
 
@@ -433,8 +434,9 @@ def _build_plan(layout: BlockLayout) -> Plan:
     items: list[tuple[int, int, int, int, int | None, int | None]] = []   # (row0, rows, k0, span, mask, empty)
     region_ops: list[tuple] = []
     b = 0
+    scanned = 0                                  # blocks below this were part of a region already weighed
     while b < nqb:
-        if diag_col[b] >= 0:
+        if diag_col[b] >= 0 and b >= scanned:
             a, ca = b, diag_col[b]
             sig = left_sig(b, ca)
             j = b + 1
@@ -446,6 +448,7 @@ def _build_plan(layout: BlockLayout) -> Plan:
                 region_ops.append((a, j - a, ca, sig))
                 b = j
                 continue
+            scanned = j          # rejected: its tails are not weighed again (O(k^2) scans for k blocks)
         rows = min((b + 1) * bq, q_len) - b * bq
         for seg in _segments(runs[b]):
             for r, n, k0, span, m, re_ in bld.items(b, rows, seg):

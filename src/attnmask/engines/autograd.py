@@ -422,7 +422,7 @@ def blocksparse_attention_with_grad(q: torch.Tensor, k: torch.Tensor, v: torch.T
 
     q [B, H, Lq, D], k/v [B, Hkv, Lk, D] (query head h uses key head h // (H // Hkv));
     ``head_layout`` int64 [B, H] picks each head's layout in ``layouts``; out
-    [B, H, Lq, D] in q's dtype, lse float32 [B, H, Lq] (-inf and a zero output row
+    [B, H, Lq, D] in q's dtype, lse float32 [B, H, Lq] (float64 for float64 inputs; -inf and a zero output row
     where a row has no allowed key). Gradients flow to q, k, v, also through lse
     if it is used; only q, k, v, out and lse are kept for the backward.
     First-order gradients only. ``am.attention`` calls this when gradients are needed.

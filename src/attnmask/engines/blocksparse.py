@@ -643,6 +643,11 @@ def _run_op(plan: Plan, op: Op, g0: int, G: int, q, k, v, scale: float, out, lse
     lv.copy_(m + torch.log(s))
 
 
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The log-sum-exp's dtype for inputs of ``dtype``: float64 for float64 (gradcheck), else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _flat(t: torch.Tensor) -> torch.Tensor | None:
     """[X, Y, L, D] -> [X*Y, L, D] as a view when the strides allow it (else None)."""
     X, Y, L, D = t.shape
@@ -730,7 +735,8 @@ def blocksparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     q ``[B, H, Lq, D]``; k, v ``[B, Hkv, Lk, D]`` with H a multiple of Hkv (query
     head h reads kv head ``h // (H // Hkv)``); ``head_layout`` int64 ``[B, H]``
     says which entry of ``layouts`` applies to batch element b, head h.
-    Returns (out ``[B, H, Lq, D]`` in q's dtype, lse ``[B, H, Lq]`` float32): the
+    Returns (out ``[B, H, Lq, D]`` in q's dtype, lse ``[B, H, Lq]`` float32, float64 for
+    float64 inputs): the
     natural-log log-sum-exp of the scaled scores of each row, -inf (and an
     all-zero output row) where a row attends to no key. Inputs are assumed
     validated by :func:`attnmask.engines.attention`; no autograd.
@@ -747,9 +753,9 @@ def blocksparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     for lay in layouts:
         lay._check_lengths(Lq, Lk)
     if D == 0 or Lq == 0 or B == 0 or H == 0 or Lk == 0:
-        return q.new_zeros(q.shape), torch.full((B, H, Lq), float("-inf"))
+        return q.new_zeros(q.shape), torch.full((B, H, Lq), float("-inf"), dtype=lse_dtype(q.dtype))
     out = torch.empty(q.shape, dtype=q.dtype)
-    lse = torch.empty((B, H, Lq), dtype=torch.float32)
+    lse = torch.empty((B, H, Lq), dtype=lse_dtype(q.dtype))
     head_layout = torch.as_tensor(head_layout, dtype=torch.int64)
     if head_layout.shape != (B, H):
         raise MaskValueError(f"head_layout must be [B, H] = [{B}, {H}], got {list(head_layout.shape)}")
@@ -791,7 +797,7 @@ def _forward_groups(q, k, v, layouts, head_layout, used, scale, out, lse):
         kg = k[bs, hs // rep].unsqueeze(0)
         vg = v[bs, hs // rep].unsqueeze(0)
         og = torch.empty(qg.shape, dtype=q.dtype)
-        lg = torch.empty(qg.shape[:-1], dtype=torch.float32)
+        lg = torch.empty(qg.shape[:-1], dtype=lse.dtype)
         _forward_one_layout(qg, kg, vg, layouts[li], scale, og, lg)
         out[bs, hs] = og[0]
         lse[bs, hs] = lg[0]

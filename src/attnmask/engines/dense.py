@@ -20,7 +20,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: 
     """Attention with a dense bool mask ``allowed`` broadcastable to ``[B, H, Lq, Lk]``.
 
     q ``[B, H, Lq, D]``, k/v ``[B, H, Lk, D]`` (kv heads already expanded).
-    Returns (out ``[B, H, Lq, D]`` in q's dtype, lse ``[B, H, Lq]`` float32);
+    Returns (out ``[B, H, Lq, D]`` in q's dtype, lse ``[B, H, Lq]`` float32, float64 for
+    float64 inputs);
     rows with no allowed key give zeros and lse = -inf.
 
         >>> import torch, attnmask as am
@@ -38,4 +39,4 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: 
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     probs = torch.exp(scores - safe.unsqueeze(-1))
     out = torch.matmul(probs, v.to(acc))
-    return out.to(q.dtype), lse.float()
+    return out.to(q.dtype), lse                      # lse in the accumulation dtype

@@ -260,7 +260,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, *, scale:
     Query row i sits at position ``q_offset + i`` (default ``Lk - Lq``).
     ``scale`` defaults to ``1 / sqrt(D)``. Rows with no allowed key give zeros
     and lse = -inf. Returns out ``[B, H, Lq, D]`` in q's dtype, or
-    ``(out, lse)`` with lse float32 ``[B, H, Lq]`` when ``return_lse``.
+    ``(out, lse)`` with lse ``[B, H, Lq]`` (float32; float64 for float64 inputs) when ``return_lse``.
     ``backend``: ``"auto"`` (blocksparse on CPU, flex on CUDA), ``"blocksparse"``,
     ``"dense"`` or ``"flex"``; a backend that cannot run the inputs raises a
     MaskError listing why. ``block_size`` is used when compiling a Mask.

@@ -105,7 +105,7 @@ def flex_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layouts: lis
     """Run compiled ``flex_attention`` with ``layouts[head_layout[b, h]]`` for batch element b, head h.
 
     q ``[B, H, Lq, D]``, k/v ``[B, Hkv, Lk, D]``. Returns (out in q's dtype,
-    lse float32 ``[B, H, Lq]``, natural log, -inf on rows with no key; None when
+    lse ``[B, H, Lq]`` float32 (float64 for float64 inputs), natural log, -inf on rows with no key; None when
     not ``return_lse``: compiled flex on CPU cannot return it).
 
         >>> import torch, attnmask as am
@@ -117,7 +117,7 @@ def flex_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layouts: lis
     if not return_lse:
         return _call(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa), None
     out, lse = _call(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa, return_lse=True)
-    lse = lse.float()
+    lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     # Rows with no key: flex gives lse = -inf already on recent torch; make the zeros exact either way.
     dead = ~torch.isfinite(lse)
     if bool(dead.any()):

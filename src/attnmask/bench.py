@@ -525,6 +525,10 @@ def write_markdown(path: str, args, rows, extras, command: str, started: str, el
                                         for m in dict.fromkeys(r["mask"] for r in rows))]
     if extras:
         lines += ["", "## Extras", ""] + extras_lines(extras)
+    if args.mode == "forward":
+        lines += ["", "Where the time goes: `benchmarks/results/attention_profile.md` (`python benchmarks/profile_forward.py`) "
+                  "and the kernel's cost per score by call shape, `benchmarks/results/kernel_slices.md` "
+                  "(`python benchmarks/bench_kernel_slices.py`)."]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import attnmask as am
-from attnmask.bench import fwd_bwd, machine_description, reset_peak, status_kb
+from attnmask.bench import fwd_bwd, machine_description, reset_peak, save_results, status_kb
 
 TARGETS = {"bwd_over_fwd": 3.0, "sdpa_mask_over_ours": 5.0, "memory_gb": 1.0}
 
@@ -229,9 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         *mem_lines, "", "Against the targets:", "", *summary, ""])
     print(report)
     if args.results:
-        os.makedirs(os.path.dirname(args.results) or ".", exist_ok=True)
-        with open(args.results, "w") as f:
-            f.write(report)
+        save_results(args.results, report)
         print(f"results: {args.results}")
     return 0
 

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from attnmask.bench import machine_description
+from attnmask.bench import machine_description, save_results
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -90,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.results:
-        with open(args.results, "w") as f:
-            f.write(text)
+        save_results(args.results, text)
     return 0
 
 

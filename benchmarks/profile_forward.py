@@ -21,7 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import attnmask as am
-from attnmask.bench import MASKS, machine_description
+from attnmask.bench import MASKS, machine_description, save_results
 from attnmask.engines.blocksparse import _dilation, plan_for
 
 
@@ -84,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.results:
-        with open(args.results, "w") as f:
-            f.write(text)
+        save_results(args.results, text)
     return 0
 
 

@@ -244,6 +244,13 @@ def reset_peak() -> bool:
         return False
 
 
+def save_results(path: str, text: str) -> None:
+    """Write a benchmark's results file, creating its folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
 def machine_description() -> str:
     """The CPU, cores, memory, OS, Python, torch and load: the header of every results file."""
     cpu = platform.processor() or platform.machine()
@@ -529,9 +536,7 @@ def write_markdown(path: str, args, rows, extras, command: str, started: str, el
         lines += ["", "Where the time goes: `benchmarks/results/attention_profile.md` (`python benchmarks/profile_forward.py`) "
                   "and the kernel's cost per score by call shape, `benchmarks/results/kernel_slices.md` "
                   "(`python benchmarks/bench_kernel_slices.py`)."]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    save_results(path, "\n".join(lines) + "\n")
 
 
 # -- CLI entry points --------------------------------------------------------------------------------

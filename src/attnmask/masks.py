@@ -394,11 +394,14 @@ class Primitive(Mask):
         """
         ids = self._cached("_ids", lambda: torch.repeat_interleave(
             torch.arange(len(self.args), dtype=torch.int32), torch.tensor(self.args, dtype=torch.int64)))
-        return ids if _is_cpu(device) else self._cached(f"_ids@{_device_key(device)}", lambda: ids.to(device))
+        return self._cached_on(device, "_ids", ids)
 
     def _segment_ends_on(self, device) -> torch.Tensor:
-        ends = self.segment_ends()
-        return ends if _is_cpu(device) else self._cached(f"_ends@{_device_key(device)}", lambda: ends.to(device))
+        return self._cached_on(device, "_ends", self.segment_ends())
+
+    def _cached_on(self, device, key: str, table: torch.Tensor) -> torch.Tensor:
+        """``table`` (a CPU tensor cached under ``key``) on ``device``, copied there once."""
+        return table if _is_cpu(device) else self._cached(f"{key}@{_device_key(device)}", lambda: table.to(device))
 
     def _cached(self, key: str, build):
         # Plain attribute lookups (not functools caches, which are C code) keep

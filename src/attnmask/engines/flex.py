@@ -63,7 +63,7 @@ def block_mask_for(layouts: list[BlockLayout], head_layout: torch.Tensor, device
     """
     from torch.nn.attention.flex_attention import BlockMask
 
-    from ..masks import DEFAULT_DENSE_LIMIT, make_mask_mod
+    from ..masks import DEFAULT_DENSE_LIMIT
     if len(layouts) == 1:
         return layouts[0].to_flex_block_mask(device=device)
     first = layouts[0]
@@ -83,7 +83,7 @@ def block_mask_for(layouts: list[BlockLayout], head_layout: torch.Tensor, device
         stacked = torch.cat([getattr(bm, name) for bm in parts])[:, 0]        # [L, nqb(, nkb)]
         return stacked[pick]                                                  # [B or 1, H, nqb(, nkb)]
 
-    mods = [make_mask_mod(lay.mask, lay.q_offset, device) for lay in layouts]
+    mods = [bm.mask_mod for bm in parts]          # each layout's own, tables already on the device
     which = head_layout.to(device)
 
     def mask_mod(b, h, q_idx, kv_idx):

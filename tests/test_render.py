@@ -233,3 +233,16 @@ def test_log_scale_keeps_exact_fractions_and_masks_empty_tiles():
     assert im.norm.vmin < dense[dense > 0].min()   # the sparsest tile is above the darkest colour
     with pytest.raises(am.MaskValueError, match="scale must be"):
         am.render(mask, 3000, scale="sqrt")
+
+
+def test_small_figures_get_fewer_ticks():
+    # Jupyter's 320-pixel picture draws sliding(1024) at 2048 tokens: nine labels of up to four
+    # digits ran into each other; max_ticks=4 keeps five, still ending at the length.
+    from matplotlib.figure import Figure
+    from attnmask.render import draw_mask
+    ax = Figure().add_subplot()
+    draw_mask(ax, am.causal & am.sliding(1024), 2048, max_ticks=4)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "512", "1K", "1536", "2K"]
+    ax = Figure().add_subplot()
+    draw_mask(ax, am.causal & am.sliding(1024), 2048)
+    assert len(ax.get_xticks()) == 9

@@ -90,14 +90,14 @@ def format_position(value: int) -> str:
     return str(value)
 
 
-def _ticks(length: int) -> list[int]:
-    """4 to 9 ticks from 0 that end exactly at ``length`` (more would crowd long labels)."""
+def _ticks(length: int, most: int = 8) -> list[int]:
+    """4 to ``most + 1`` ticks from 0 that end exactly at ``length`` (more would crowd long labels)."""
     steps = sorted({m * 10 ** e for e in range(0, 8) for m in (1, 2, 5)}
                    | {1 << e for e in range(0, 24)})
     for step in steps:  # prefer a step that divides the length: the last tick lands on it
-        if length % step == 0 and 3 <= length // step <= 8:
+        if length % step == 0 and 3 <= length // step <= most:
             return list(range(0, length + 1, step))
-    step = next((s for s in steps if length / s <= 8), steps[-1])
+    step = next((s for s in steps if length / s <= most), steps[-1])
     ticks = list(range(0, length, step))
     if ticks and length - ticks[-1] < step / 2:
         ticks.pop()  # too close to the end tick: their labels would overlap
@@ -134,7 +134,7 @@ def _new_figure(figsize, dpi) -> "Figure":
 
 def draw_mask(ax: "Axes", mask: MaskLike, length: int, *, kv_length: int | None = None,
               q_offset: int | None = None, block_size: int | None = None, token_limit: int = 2048,
-              colorbar: bool = True, scale: str = "linear") -> dict:
+              colorbar: bool = True, scale: str = "linear", max_ticks: int = 8) -> dict:
     """Draw the heatmap of ``mask`` on ``ax``; returns what was drawn.
 
     Token-level (one cell per pair, two viridis end colours) when both sides
@@ -143,8 +143,8 @@ def draw_mask(ax: "Axes", mask: MaskLike, length: int, *, kv_length: int | None 
     (default: chosen so the image has at most ~1024 cells a side), each cell
     the exact attended fraction. ``scale="log"`` colours block-level cells on
     a log scale (empty tiles stay dark purple), so sparse tiles such as a
-    4-key sink column in 1024-key tiles stay visible. The
-    result dict has ``level`` ('token' or 'block'), ``tile``, ``q_len``,
+    4-key sink column in 1024-key tiles stay visible. ``max_ticks`` bounds the
+    tick intervals per axis (small figures want fewer). The result dict has ``level`` ('token' or 'block'), ``tile``, ``q_len``,
     ``kv_len``, ``q_offset`` and the ``layout`` used for figures.
 
         >>> from matplotlib.figure import Figure
@@ -207,7 +207,7 @@ def draw_mask(ax: "Axes", mask: MaskLike, length: int, *, kv_length: int | None 
             cb.set_label("fraction of attended pairs in tile" + (" (log scale)" if scale == "log" else ""))
     ax.set_xlabel("Context Length")
     ax.set_ylabel("Query position")
-    xt, yt = _ticks(kv_len), _ticks(q_len)
+    xt, yt = _ticks(kv_len, max_ticks), _ticks(q_len, max_ticks)
     ax.set_xticks(xt, [format_position(t) for t in xt])
     ax.set_yticks(yt, [format_position(q_offset + t) if q_offset else format_position(t) for t in yt])
     return {"level": level, "tile": tile, "q_len": q_len, "kv_len": kv_len, "q_offset": q_offset,
@@ -349,7 +349,7 @@ def repr_png(mask: MaskLike, length: int | None = None) -> bytes:
         length = display_length(mask)
     fig = Figure(figsize=(4.0, 3.8), dpi=80)
     ax = fig.add_subplot()
-    draw_mask(ax, mask, length)
+    draw_mask(ax, mask, length, max_ticks=4)       # a 320-pixel figure: four-digit labels need room
     ax.set_title(_title_of(mask, 50), fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()

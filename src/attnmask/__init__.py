@@ -15,6 +15,7 @@ from __future__ import annotations
 from .errors import DenseTooLargeError, LayoutTooLargeError, MaskError, MaskSyntaxError, MaskValueError
 from .language import parse
 from .layout import BlockLayout, clear_cache
+from .plan import MaskPlan
 # render.py imports matplotlib only inside its functions; importing the function
 # eagerly keeps `am.render` the function even after `import attnmask.render`.
 from .render import render
@@ -38,7 +39,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'attnmask' has no attribute {name!r}")
 
 
-__all__ = ["Mask", "BlockLayout", "MaskError", "MaskSyntaxError", "MaskValueError", "DenseTooLargeError",
+__all__ = ["Mask", "BlockLayout", "MaskPlan", "MaskError", "MaskSyntaxError", "MaskValueError", "DenseTooLargeError",
            "LayoutTooLargeError",
            "parse", "clear_cache", "from_mask_mod", "full", "none", "causal", "diagonal", "band", "sliding",
            "sink", "prefix_lm", "chunked", "dilated", "strided", "document", "rows", "cols", "attention",

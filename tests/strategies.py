@@ -112,7 +112,7 @@ def _sum_mod3(b, h, q_idx, kv_idx):
     return (q_idx + kv_idx) % 3 == 0
 
 
-#: name -> (Mask made by am.from_mask_mod, the same predicate on Python ints)
+#: name -> (Mask made by am.from_mask_mod, the same predicate on Python ints: (row index, key))
 MOD_LEAVES: dict[str, tuple[am.Mask, Callable[[int, int], bool]]] = {
     "even_keys": (am.from_mask_mod(_even_keys, "even_keys"), lambda q, k: k % 2 == 0),
     "near": (am.from_mask_mod(_near, "near"), lambda q, k: abs(q - k) <= 2),
@@ -120,21 +120,25 @@ MOD_LEAVES: dict[str, tuple[am.Mask, Callable[[int, int], bool]]] = {
 }
 
 
-def naive(spec: Spec, q: int, k: int) -> bool:
-    """The oracle for a whole spec tree at one (q, k) pair."""
+def naive(spec: Spec, q: int, k: int, q_offset: int = 0) -> bool:
+    """The oracle for a whole spec tree at one (q, k) pair.
+
+    Primitives read the query position q; a from_mask_mod leaf reads FlexAttention's
+    row index q - q_offset (PRODUCT.md: "it is called with FlexAttention's indices").
+    """
     kind = spec[0]
     if kind == "prim":
         return naive_primitive(spec[1], spec[2], q, k)
     if kind == "mod":
-        return MOD_LEAVES[spec[1]][1](q, k)
+        return MOD_LEAVES[spec[1]][1](q - q_offset, k)
     if kind == "or":
-        return naive(spec[1], q, k) or naive(spec[2], q, k)
+        return naive(spec[1], q, k, q_offset) or naive(spec[2], q, k, q_offset)
     if kind == "and":
-        return naive(spec[1], q, k) and naive(spec[2], q, k)
+        return naive(spec[1], q, k, q_offset) and naive(spec[2], q, k, q_offset)
     if kind == "sub":
-        return naive(spec[1], q, k) and not naive(spec[2], q, k)
+        return naive(spec[1], q, k, q_offset) and not naive(spec[2], q, k, q_offset)
     if kind == "not":
-        return not naive(spec[1], q, k)
+        return not naive(spec[1], q, k, q_offset)
     raise AssertionError(f"bad spec {spec!r}")
 
 
@@ -143,7 +147,7 @@ def naive_dense(spec: Spec, q_len: int, kv_len: int | None = None,
     """bool [q_len, kv_len] built cell by cell: row i is position q_offset + i, column j is j."""
     kv_len = q_len if kv_len is None else kv_len
     q_offset = kv_len - q_len if q_offset is None else q_offset
-    cells = [[naive(spec, q_offset + i, j) for j in range(kv_len)] for i in range(q_len)]
+    cells = [[naive(spec, q_offset + i, j, q_offset) for j in range(kv_len)] for i in range(q_len)]
     return torch.tensor(cells, dtype=torch.bool).reshape(q_len, kv_len)
 
 

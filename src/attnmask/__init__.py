@@ -19,8 +19,9 @@ from .plan import MaskPlan
 # render.py imports matplotlib only inside its functions; importing the function
 # eagerly keeps `am.render` the function even after `import attnmask.render`.
 from .render import render
-from .masks import (Mask, band, causal, chunked, cols, diagonal, dilated, document, from_mask_mod, full,
-                    none, prefix_lm, rows, sink, sliding, strided)
+from .masks import (Mask, band, causal, chunked, cols, diagonal, dilated, document, full, none, prefix_lm,
+                    rows, sink, sliding, strided)
+from .maskmod import MaskModWarning, from_mask_mod
 
 __version__ = "0.1.0"
 
@@ -41,7 +42,7 @@ def __getattr__(name):
 
 __all__ = ["Mask", "BlockLayout", "MaskPlan", "MaskError", "MaskSyntaxError", "MaskValueError", "DenseTooLargeError",
            "LayoutTooLargeError",
-           "parse", "clear_cache", "from_mask_mod", "full", "none", "causal", "diagonal", "band", "sliding",
+           "parse", "clear_cache", "from_mask_mod", "MaskModWarning", "full", "none", "causal", "diagonal", "band", "sliding",
            "sink", "prefix_lm", "chunked", "dilated", "strided", "document", "rows", "cols", "attention",
            "per_batch", "PerBatch",
            "render", "analyze", "plot_analysis", "SIGNATURE"]

@@ -173,7 +173,7 @@ def _last_query(mask: Mask, n: int) -> np.ndarray:
             keys = part_keys[i:i + per_batch]
             rows = torch.from_numpy(last_qb[keys] * bq)[:, None] + ar[None, :]          # [T, bq]
             k = torch.from_numpy(keys)[:, None]                                            # [T, 1]
-            hit = mask.evaluate(rows + layout.q_offset, k) & (rows < n)
+            hit = layout.evaluate(rows + layout.q_offset, k) & (rows < n)
             # last attended row of each tile: the largest (row index + 1) where hit, minus 1
             idx = (hit * (ar + 1)[None, :]).amax(dim=1) - 1
             last[keys] = last_qb[keys] * bq + idx.numpy()
@@ -287,7 +287,7 @@ def _receptive(mask: Mask, n: int, layers: int, query: int, last: np.ndarray) ->
             for i in range(0, len(p_tile), per_batch):
                 q = torch.from_numpy(new[p_row[i:i + per_batch]])[:, None]                      # [P, 1]
                 k = torch.from_numpy(t_c[p_tile[i:i + per_batch]] * bk)[:, None] + kar[None, :]  # [P, bk]
-                hit = mask.evaluate(q + layout.q_offset, k) & (k < n)
+                hit = layout.evaluate(q + layout.q_offset, k) & (k < n)
                 gained[k[hit].numpy() - k_lo] = True
         added = gained & ~in_span
         new = np.flatnonzero(added) + k_lo

@@ -34,7 +34,7 @@ import torch
 
 from .errors import LayoutTooLargeError
 from .masks import (CLASS_CONST, CLASS_D, CLASS_K, CLASS_OPAQUE, CLASS_Q, CLASS_SEG, Complement,
-                    Difference, Intersection, Mask, Primitive, Union)
+                    Difference, Frame, Intersection, Mask, Primitive, Union, evaluate_at)
 
 EMPTY, PARTIAL, FULL, UNKNOWN = 0, 1, 2, 3
 _I64 = np.int64
@@ -56,6 +56,13 @@ class Grid:
     q_offset: int
     block_q: int
     block_k: int
+    b: int = 0          # batch element and head that mask_mod leaves are evaluated for
+    h: int = 0
+
+    @property
+    def frame(self) -> Frame:
+        """The evaluation frame of mask_mod leaves (row index = position - q_offset, lengths known)."""
+        return Frame(self.q_offset, self.q_len, self.kv_len)
 
     @property
     def n_q_blocks(self) -> int:
@@ -686,7 +693,7 @@ class Compiler:
                                    for i in range(0, len(row), _REFINE_BATCH_ROWS)])
         if self._fine is None:
             g = self.grid
-            self._fine = Compiler(Grid(g.q_len, g.kv_len, g.q_offset, 1, 1))
+            self._fine = Compiler(Grid(g.q_len, g.kv_len, g.q_offset, 1, 1, g.b, g.h))
             self._fine._axis_cache = self._axis_cache  # 1-D evaluations ignore block sizes
         fine = self._fine
         n = len(row)
@@ -735,7 +742,7 @@ class Compiler:
             keys = torch.from_numpy(k0[sl])[:, None] + ar[None, :]
             valid = keys < torch.from_numpy(k1[sl])[:, None]
             q = torch.from_numpy(row[owner[sl]] + g.q_offset)[:, None]
-            out[sl] = (mask.evaluate(q, keys) & valid).sum(1).numpy()
+            out[sl] = (evaluate_at(mask, q, keys, g.frame, g.b, g.h) & valid).sum(1).numpy()
         self.dense_tiles += -(-len(owner) // max(g.block_q, 1))
         return np.bincount(owner, weights=out, minlength=len(row)).astype(_I64)
 
@@ -810,7 +817,7 @@ def tile_counts_dense(mask: Mask, grid: Grid, qb: np.ndarray, c: np.ndarray) -> 
         rows = tq[:, None] * bq + ar_q[None, :]                     # [T, bq] row index
         keys = tc[:, None] * bk + ar_k[None, :]                     # [T, bk] key index
         valid = (rows < grid.q_len)[:, :, None] & (keys < grid.kv_len)[:, None, :]
-        m = mask.evaluate((rows + grid.q_offset)[:, :, None], keys[:, None, :]) & valid
+        m = evaluate_at(mask, (rows + grid.q_offset)[:, :, None], keys[:, None, :], grid.frame, grid.b, grid.h) & valid
         out[i:i + per_batch] = m.sum(dim=(1, 2)).numpy()
     return out
 

@@ -15,7 +15,7 @@ import torch
 
 from .compiler import EMPTY, FULL, PARTIAL, Compiler, Grid, Pieces, count_pieces
 from .errors import DenseTooLargeError, MaskValueError
-from .masks import DEFAULT_DENSE_LIMIT, Mask, make_mask_mod, resolve_shape
+from .masks import DEFAULT_DENSE_LIMIT, Mask, evaluate_at, make_mask_mod, resolve_batch_head, resolve_shape
 
 _CACHE_SIZE = 64
 _cache: "OrderedDict[tuple, BlockLayout]" = OrderedDict()
@@ -40,18 +40,19 @@ def _block_pair(block_size) -> tuple[int, int]:
 
 
 def compile_layout(mask: Mask, q_len: int, kv_len: int | None = None, *, block_size=128,
-                   q_offset: int | None = None) -> "BlockLayout":
-    """Compile ``mask`` for a shape; results are cached by (mask, shape, blocks)."""
+                   q_offset: int | None = None, b: int | None = None, h: int | None = None) -> "BlockLayout":
+    """Compile ``mask`` for a shape; results are cached by (mask, shape, blocks, and (b, h) where it varies)."""
     if not isinstance(mask, Mask):
         raise MaskValueError(f"compile needs a Mask, got {type(mask).__name__}")
     q_len, kv_len, q_offset = resolve_shape(q_len, kv_len, q_offset)
     bq, bk = _block_pair(block_size)
-    key = (mask, q_len, kv_len, q_offset, bq, bk)
+    b, h = resolve_batch_head(mask, b, h, "compile") if mask.has_mask_mod() else (0, 0)
+    key = (mask, q_len, kv_len, q_offset, bq, bk, b, h)
     hit = _cache.get(key)
     if hit is not None:
         _cache.move_to_end(key)
         return hit
-    grid = Grid(q_len, kv_len, q_offset, bq, bk)
+    grid = Grid(q_len, kv_len, q_offset, bq, bk, b, h)
     compiler = Compiler(grid)
     with single_thread():
         pieces = compiler.run(mask)
@@ -79,6 +80,12 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _count(name: str, value) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__") or operator.index(value) < 1:
+        raise MaskValueError(f"to_flex_block_mask needs {name} >= 1 (or None), got {value!r}")
+    return operator.index(value)
 
 
 def clear_cache() -> None:
@@ -258,6 +265,19 @@ class BlockLayout:
         owner, c = _expand_pairs(self.run_start.numpy()[sel], self.run_end.numpy()[sel])
         return torch.from_numpy(self._run_qb[sel][owner].astype(np.int64)), torch.from_numpy(c)
 
+    def evaluate(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """The layout's mask at query positions ``q`` and keys ``k`` (broadcastable int64), in its shape.
+
+        Like ``mask.evaluate``, but mask_mod leaves see this layout's row indices, lengths,
+        batch element and head (see attnmask.maskmod).
+
+            >>> import torch, attnmask as am
+            >>> am.causal.compile(4).evaluate(torch.tensor([[2]]), torch.arange(4)[None]).int().tolist()
+            [[1, 1, 1, 0]]
+        """
+        g = self._grid
+        return evaluate_at(self.mask, q, k, g.frame, g.b, g.h)
+
     def tile_masks(self, q_blocks: torch.Tensor, kv_blocks: torch.Tensor) -> torch.Tensor:
         """bool ``[T, block_q, block_k]``: the mask on tiles (q_blocks[i], kv_blocks[i]).
 
@@ -269,7 +289,7 @@ class BlockLayout:
         rows = q_blocks[:, None] * bq + torch.arange(bq)[None, :]
         keys = kv_blocks[:, None] * bk + torch.arange(bk)[None, :]
         valid = (rows < self.q_len)[:, :, None] & (keys < self.kv_len)[:, None, :]
-        return self.mask.evaluate((rows + self.q_offset)[:, :, None], keys[:, None, :]) & valid
+        return self.evaluate((rows + self.q_offset)[:, :, None], keys[:, None, :]) & valid
 
     def tile_counts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(q_block, key_block, attended cells) for every non-empty tile, exactly.
@@ -314,38 +334,53 @@ class BlockLayout:
             else:
                 q = torch.arange(r0, r1, dtype=torch.int64)[:, None] + self.q_offset
                 k = torch.arange(k0, k1, dtype=torch.int64)[None, :]
-                out[r0:r1, k0:k1] = self.mask.evaluate(q, k)
+                out[r0:r1, k0:k1] = self.evaluate(q, k)
         return out
 
     # -- FlexAttention --
-    def to_flex_block_mask(self, batch: int | None = None, heads: int | None = None, device=None):
-        """A torch ``BlockMask`` for ``flex_attention``, built from the runs (no ``create_block_mask``).
+    @property
+    def b(self) -> int:
+        """The batch element this layout was compiled for (0 unless a mask_mod leaf reads ``b``)."""
+        return self._grid.b
 
-        Full and partial tiles are passed separately, so FlexAttention skips
-        ``mask_mod`` on full tiles; ``mask_mod`` carries the layout's q_offset.
-        FlexAttention's own format is dense per query block: ``kv_indices`` is
-        ``[1, 1, n_q_blocks, n_kv_blocks]`` int32, i.e. (N / block)^2 entries.
-        Requires ``block_q == block_k`` as FlexAttention does on CPU.
+    @property
+    def h(self) -> int:
+        """The head this layout was compiled for (0 unless a mask_mod leaf reads ``h``)."""
+        return self._grid.h
 
-            >>> import attnmask as am
-            >>> bm = am.causal.compile(256, block_size=128).to_flex_block_mask()
-            >>> bm.shape[-2:]
-            (256, 256)
+    def flex_tile_states(self, *, edge_tiles: str = "exact") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(q_block, key_block, state) of every non-empty tile, sorted, as FlexAttention will see them.
+
+        ``edge_tiles="exact"``: a tile is full when every pair of it *that exists* is attended (the
+        layout's rule). ``"flex"``: FlexAttention's rule in ``create_block_mask``, which pads the
+        lengths up to whole blocks and counts the padding as masked, so a tile in a short last block
+        row or column is never full (it is partial if any pair is attended). The non-empty tiles are
+        the same under both rules.
         """
-        from torch.nn.attention.flex_attention import BlockMask
-        nqb, nkb = self.n_q_blocks, self.n_kv_blocks
-        cells = nqb * nkb
-        if cells > DEFAULT_DENSE_LIMIT // 4:
-            raise DenseTooLargeError(f"FlexAttention's BlockMask needs {cells:,} index entries here; use a larger block_size")
-        qb = self._run_qb
-        s, e, t = self.run_start.numpy(), self.run_end.numpy(), self.run_state.numpy()
-        dev = torch.device("cpu") if device is None else torch.device(device)
+        if edge_tiles not in ("exact", "flex"):
+            raise MaskValueError(f"edge_tiles must be 'exact' or 'flex', got {edge_tiles!r}")
         from .compiler import _expand_pairs
+        s, e, t = self.run_start.numpy(), self.run_end.numpy(), self.run_state.numpy()
+        owner, c = _expand_pairs(s, e)                     # one entry per tile: O(tiles), not O(cells)
+        rows = self._run_qb[owner].astype(np.int64)
+        state = t[owner].copy()
+        if edge_tiles == "flex":
+            short = np.zeros(len(rows), bool)
+            if self.q_len % self.block_q:
+                short |= rows == self.n_q_blocks - 1
+            if self.kv_len % self.block_k:
+                short |= c == self.n_kv_blocks - 1
+            state[short & (state == FULL)] = PARTIAL
+        return rows, c.astype(np.int64), state
+
+    def _flex_tables(self, dev, edge_tiles: str) -> list[torch.Tensor]:
+        """[kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices], each [nqb(, nkb)] on ``dev``."""
+        nqb, nkb = self.n_q_blocks, self.n_kv_blocks
+        rows_all, c_all, state_all = self.flex_tile_states(edge_tiles=edge_tiles)
         tensors = []
         for state in (PARTIAL, FULL):
-            sel = t == state
-            owner, c = _expand_pairs(s[sel], e[sel])          # one entry per tile: O(tiles), not O(cells)
-            rows = qb[sel][owner]
+            sel = state_all == state
+            rows, c = rows_all[sel], c_all[sel]                # sorted by (row, key block)
             num = np.bincount(rows, minlength=nqb).astype(np.int32)
             # position of each tile within its row's list (rows come sorted)
             slot = np.arange(len(rows)) - np.searchsorted(rows, rows, side="left")
@@ -355,10 +390,58 @@ class BlockLayout:
             if len(rows):
                 idx[torch.from_numpy(rows).to(dev), torch.from_numpy(slot).to(dev)] = \
                     torch.from_numpy(c.astype(np.int32)).to(dev)
-            tensors += [torch.from_numpy(num).to(dev)[None, None], idx[None, None]]
-        return BlockMask.from_kv_blocks(
-            *tensors, BLOCK_SIZE=self.block_size, mask_mod=make_mask_mod(self.mask, self.q_offset, dev),
-            seq_lengths=(self.q_len, self.kv_len))
+            tensors += [torch.from_numpy(num).to(dev), idx]
+        return tensors
+
+    def to_flex_block_mask(self, batch: int | None = None, heads: int | None = None, device=None, *,
+                           edge_tiles: str = "exact"):
+        """A torch ``BlockMask`` for ``flex_attention``, built from the runs (no ``create_block_mask``).
+
+        Its shape is ``(batch or 1, heads or 1, q_len, kv_len)``. For a mask that is the same for
+        every batch element and head the tables are shared (expanded). For a mask whose mask_mod
+        reads ``b`` or ``h``, each (b, h) gets its own tables from the layout of that batch element
+        and head (compiled, cached); a dimension left as None keeps this layout's own b / h.
+        Full and partial tiles are passed separately, so FlexAttention skips ``mask_mod`` on full
+        tiles; ``mask_mod`` carries the layout's q_offset. ``edge_tiles="flex"`` classifies tiles
+        as ``create_block_mask`` does (see :meth:`flex_tile_states`); the default keeps the
+        layout's exact states (fewer partial tiles when a length is not a multiple of the block).
+        FlexAttention's own format is dense per query block: ``kv_indices`` is
+        ``[B, H, n_q_blocks, n_kv_blocks]`` int32, i.e. (N / block)^2 entries per (b, h).
+        Requires ``block_q == block_k`` as FlexAttention does on CPU.
+
+            >>> import attnmask as am
+            >>> bm = am.causal.compile(256, block_size=128).to_flex_block_mask(2, 4)
+            >>> bm.shape
+            (2, 4, 256, 256)
+        """
+        from torch.nn.attention.flex_attention import BlockMask
+        nqb, nkb = self.n_q_blocks, self.n_kv_blocks
+        nb, nh = (1 if batch is None else _count("batch", batch)), (1 if heads is None else _count("heads", heads))
+        varies = self.mask.depends_on()
+        own_b, own_h = ("batch" in varies and batch is not None), ("head" in varies and heads is not None)
+        tb, th = (nb if own_b else 1), (nh if own_h else 1)
+        cells = tb * th * nqb * nkb
+        if cells > DEFAULT_DENSE_LIMIT // 4:
+            raise DenseTooLargeError(f"FlexAttention's BlockMask needs {cells:,} index entries here; use a larger "
+                                     f"block_size")
+        dev = torch.device("cpu") if device is None else torch.device(device)
+        grid = []
+        for bi in range(tb):
+            for hi in range(th):
+                lay = self
+                if own_b or own_h:
+                    lay = compile_layout(self.mask, self.q_len, self.kv_len, block_size=self.block_size,
+                                         q_offset=self.q_offset, b=bi if own_b else self.b,
+                                         h=hi if own_h else self.h)
+                grid.append(lay._flex_tables(dev, edge_tiles))
+        tensors = []
+        for i in range(4):
+            t = torch.stack([g[i] for g in grid]).reshape(tb, th, *grid[0][i].shape)
+            tensors.append(t.expand(nb, nh, *t.shape[2:]))
+        mod = make_mask_mod(self.mask, self.q_offset, dev, b=None if own_b else self.b,
+                            h=None if own_h else self.h)
+        return BlockMask.from_kv_blocks(*tensors, BLOCK_SIZE=self.block_size, mask_mod=mod,
+                                        seq_lengths=(self.q_len, self.kv_len))
 
     def _check_lengths(self, q_len: int, kv_len: int) -> None:
         if (q_len, kv_len) != (self.q_len, self.kv_len):

@@ -118,6 +118,54 @@ class Mask:
     def _eval(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _eval_at(self, b, h, q: torch.Tensor, k: torch.Tensor, frame: "Frame") -> torch.Tensor:
+        """``_eval`` inside a frame: only mask_mod leaves (and operators above them) read it."""
+        return self._eval(q, k)
+
+    def has_mask_mod(self) -> bool:
+        """Whether a ``from_mask_mod`` leaf occurs in this expression."""
+        found = self.__dict__.get("_has_mod") if hasattr(self, "__dict__") else None
+        if found is None:
+            found = any(c.has_mask_mod() for c in self.children())
+            if hasattr(self, "__dict__"):
+                object.__setattr__(self, "_has_mod", found)
+        return found
+
+    def depends_on(self) -> frozenset:
+        """Which of ``"batch"``, ``"head"`` the mask varies with (only mask_mod leaves can).
+
+            >>> import attnmask as am
+            >>> sorted(am.causal.depends_on())
+            []
+        """
+        out = frozenset()
+        for c in self.children():
+            out |= c.depends_on()
+        return out
+
+    def at(self, *, b: int | None = None, h: int | None = None) -> "Mask":
+        """This mask for one batch element ``b`` and/or head ``h``: its mask_mod leaves are pinned there.
+
+        The result no longer varies with what was pinned, so it renders, compiles and
+        densifies without further arguments (a per-head mask_mod: pick the head to draw).
+
+            >>> import attnmask as am
+            >>> per_head = am.from_mask_mod(lambda b, h, q, k: (q - k >= 0) & (q - k <= h), "grow")
+            >>> sorted(per_head.depends_on()), per_head.at(h=1).depends_on()
+            (['head'], frozenset())
+            >>> per_head.at(h=1).to_dense(3).int().tolist()
+            [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+        """
+        for name, v in (("b", b), ("h", h)):
+            if v is not None and (isinstance(v, bool) or not hasattr(v, "__index__") or operator.index(v) < 0):
+                raise MaskValueError(f"at() needs {name} >= 0 (a whole number), got {v!r}")
+        if (b is None and h is None) or not self.has_mask_mod():
+            return self
+        return self._pinned(None if b is None else operator.index(b), None if h is None else operator.index(h))
+
+    def _pinned(self, b, h) -> "Mask":
+        return self
+
     def structure_class(self) -> str:
         """The compiler's structure class of this subtree (see module doc)."""
         raise NotImplementedError
@@ -141,7 +189,8 @@ class Mask:
         return make_mask_mod(self, 0)
 
     def to_dense(self, q_len: int, kv_len: int | None = None, *, q_offset: int | None = None,
-                 limit: int | None = DEFAULT_DENSE_LIMIT) -> torch.Tensor:
+                 limit: int | None = DEFAULT_DENSE_LIMIT, b: int | None = None,
+                 h: int | None = None) -> torch.Tensor:
         """The exact mask as ``torch.bool [q_len, kv_len]``.
 
         Query row ``i`` is position ``q_offset + i`` (default
@@ -149,13 +198,16 @@ class Mask:
         bounded row tiles, so peak memory is the result plus a few MB. Results
         with more than ``limit`` cells (default 2**30) are refused: use
         ``compile()`` for a block layout or ``attnmask.analyze()`` for figures;
-        ``limit=None`` lifts the guard.
+        ``limit=None`` lifts the guard. ``b``/``h`` pick the batch element and head
+        for masks whose mask_mod leaves vary with them (required then).
 
             >>> import attnmask as am
             >>> am.sliding(2).to_dense(2, 4).int().tolist()   # q_offset = 2
             [[0, 1, 1, 0], [0, 0, 1, 1]]
         """
         q_len, kv_len, q_offset = resolve_shape(q_len, kv_len, q_offset)
+        b, h = resolve_batch_head(self, b, h, "to_dense")
+        frame = Frame(q_offset, q_len, kv_len)
         cells = q_len * kv_len
         if limit is not None and cells > limit:
             raise DenseTooLargeError(
@@ -168,12 +220,15 @@ class Mask:
         for r0 in range(0, q_len, rows_per_tile):
             r1 = min(q_len, r0 + rows_per_tile)
             q = torch.arange(q_offset + r0, q_offset + r1, dtype=torch.int64)[:, None]
-            out[r0:r1] = self.evaluate(q, k)
+            out[r0:r1] = evaluate_at(self, q, k, frame, b, h)
         return out
 
     def compile(self, q_len: int, kv_len: int | None = None, *, block_size: int | tuple[int, int] = 128,
-                q_offset: int | None = None):
+                q_offset: int | None = None, b: int | None = None, h: int | None = None):
         """Compile to an exact :class:`attnmask.BlockLayout` (cached).
+
+        ``b``/``h``: the batch element and head, for masks whose mask_mod leaves vary
+        with them (one layout per (b, h); required then, ignored otherwise).
 
             >>> import attnmask as am
             >>> layout = am.causal.compile(1000, block_size=128)
@@ -181,7 +236,7 @@ class Mask:
             {'empty': 28, 'partial': 8, 'full': 28}
         """
         from .layout import compile_layout
-        return compile_layout(self, q_len, kv_len, block_size=block_size, q_offset=q_offset)
+        return compile_layout(self, q_len, kv_len, block_size=block_size, q_offset=q_offset, b=b, h=h)
 
     def _repr_png_(self):  # Jupyter display hook: a mask shows itself as its heatmap
         from .render import repr_png
@@ -199,6 +254,41 @@ def _broadcast_shape(*shapes) -> tuple[int, ...]:
                     raise MaskValueError(f"position tensors of shapes {[tuple(x) for x in shapes]} do not broadcast")
                 out[i] = n
     return tuple(out)
+
+
+@dataclass(frozen=True)
+class Frame:
+    """The shape an evaluation happens in, for ``from_mask_mod`` leaves (see attnmask.maskmod).
+
+    Language primitives read query *positions*; a wrapped FlexAttention predicate reads
+    FlexAttention's indices: the query's row index ``q - q_offset`` and the key index,
+    never outside ``[0, q_len) x [0, kv_len)`` when the lengths are known. ``direct``:
+    FlexAttention itself is calling (it passes valid indices, vmaps scalar predicates).
+    The default frame (q_offset 0, lengths unknown) is what :meth:`Mask.evaluate` uses.
+    """
+
+    q_offset: int = 0
+    q_len: int | None = None
+    kv_len: int | None = None
+    direct: bool = False
+
+
+FREE_FRAME = Frame()
+
+
+def evaluate_at(mask: "Mask", q: torch.Tensor, k: torch.Tensor, frame: Frame, b=0, h=0) -> torch.Tensor:
+    """``mask`` at query positions ``q`` and key positions ``k`` inside ``frame``, for batch b, head h.
+
+    Every shape-aware view (dense masks, compiled tiles, the engines' partial tiles) goes
+    through here, so a mask_mod leaf sees FlexAttention's indices.
+
+        >>> import torch, attnmask as am
+        >>> row = am.from_mask_mod(lambda b, h, q, k: k == q, "row_diag")
+        >>> evaluate_at(row & am.causal, torch.tensor([[5]]), torch.arange(6)[None], Frame(5, 1, 6)).int().tolist()
+        [[1, 0, 0, 0, 0, 0]]
+    """
+    out = mask._eval_at(b, h, q, k, frame)
+    return out.expand(_broadcast_shape(q.shape, k.shape, out.shape))
 
 
 def _as_mask(other, op: str) -> Mask:
@@ -498,6 +588,17 @@ class _Chain(Mask):
             out = self._apply(out, p._eval(q, k))
         return out
 
+    def _pinned(self, b, h):
+        return type(self).chain([p.at(b=b, h=h) for p in self.parts])
+
+    def _eval_at(self, b, h, q, k, frame):
+        if not self.has_mask_mod():
+            return self._eval(q, k)
+        out = self.parts[0]._eval_at(b, h, q, k, frame)
+        for p in self.parts[1:]:
+            out = self._apply(out, p._eval_at(b, h, q, k, frame))
+        return out
+
 
 @dataclass(frozen=True, repr=False)
 class Union(_Chain):
@@ -549,6 +650,12 @@ class Difference(Mask):
     def _eval(self, q, k):
         return self.left._eval(q, k) & ~self.right._eval(q, k)
 
+    def _pinned(self, b, h):
+        return Difference(self.left.at(b=b, h=h), self.right.at(b=b, h=h))
+
+    def _eval_at(self, b, h, q, k, frame):
+        return self.left._eval_at(b, h, q, k, frame) & ~self.right._eval_at(b, h, q, k, frame)
+
 
 @dataclass(frozen=True, repr=False)
 class Complement(Mask):
@@ -578,6 +685,12 @@ class Complement(Mask):
     def _eval(self, q, k):
         return ~self.inner._eval(q, k)
 
+    def _pinned(self, b, h):
+        return Complement(self.inner.at(b=b, h=h))
+
+    def _eval_at(self, b, h, q, k, frame):
+        return ~self.inner._eval_at(b, h, q, k, frame)
+
 
 def _child_text(child: Mask, prec: int, first: bool) -> str:
     # Left operands need parentheses only when they bind more loosely; right
@@ -602,75 +715,22 @@ def _combine_classes(parts) -> str:
     return CLASS_MIXED
 
 
-# ---------------------------------------------------------------------------
-# user predicates
-# ---------------------------------------------------------------------------
+def make_mask_mod(mask: Mask, q_offset: int, device=None, b=None, h=None) -> Callable:
+    """A FlexAttention mask_mod for ``mask`` with query row i at q_offset + i (tables ready on ``device``).
 
-@dataclass(frozen=True, repr=False, eq=False)
-class MaskMod(Mask):
-    """A FlexAttention ``mask_mod`` wrapped as a Mask (see :func:`from_mask_mod`).
-
-    Equal only to itself (functions have no structural equality). ``str()``
-    shows ``<name>``, which the parser does not read back.
+    mask_mod leaves get FlexAttention's own b, h and row index, or the fixed ``b``/``h``
+    when given (a layout compiled for one head).
     """
-
-    fn: Callable
-    name: str
-    depth: int = field(default=1, compare=False, hash=False)
-
-    def __eq__(self, other):
-        return isinstance(other, MaskMod) and other.fn is self.fn and other.name == self.name
-
-    def __hash__(self):
-        return hash((id(self.fn), self.name))
-
-    def _prec(self) -> int:
-        return _PREC_ATOM
-
-    def _text(self) -> str:
-        return f"<{self.name}>"
-
-    def structure_class(self) -> str:
-        return CLASS_OPAQUE
-
-    def _eval(self, q, k):
-        zero = torch.zeros((), dtype=torch.int64)
-        out = self.fn(zero, zero, q, k)
-        if not isinstance(out, torch.Tensor):
-            out = torch.tensor(bool(out))
-        if out.dtype != torch.bool:
-            raise MaskValueError(f"mask_mod {self.name!r} returned {out.dtype}, expected a bool tensor")
-        return out
-
-
-def from_mask_mod(fn: Callable, name: str | None = None) -> Mask:
-    """Turn any FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` into a Mask.
-
-    The function is called with position tensors (b = h = 0) and must use
-    tensor operations that broadcast. It works everywhere a Mask does; the
-    compiler evaluates it only on tiles the rest of the expression leaves
-    undecided. ``str()`` shows ``<name>``, which cannot be parsed back.
-
-        >>> import attnmask as am
-        >>> even = am.from_mask_mod(lambda b, h, q, k: (k % 2 == 0) & (k <= q), "even_causal")
-        >>> (even & am.sliding(3)).to_dense(4).int().tolist()
-        [[1, 0, 0, 0], [1, 0, 0, 0], [1, 0, 1, 0], [0, 0, 1, 0]]
-    """
-    if not callable(fn):
-        raise MaskValueError(f"from_mask_mod needs a callable mask_mod(b, h, q_idx, kv_idx), got {type(fn).__name__}")
-    if name is None:
-        name = getattr(fn, "__name__", "mask_mod")
-    if not isinstance(name, str) or not name:
-        raise MaskValueError(f"from_mask_mod needs a non-empty name, got {name!r}")
-    return MaskMod(fn, name)
-
-
-def make_mask_mod(mask: Mask, q_offset: int, device=None) -> Callable:
-    """A FlexAttention mask_mod for ``mask`` with query row i at q_offset + i (tables ready on ``device``)."""
     _warm_tables(mask, device)
     # FlexAttention may pass int32 indices; positions plus parameters (up to
     # 2**31 - 1) must not wrap, so evaluate in int64.
-    if q_offset == 0:
+    if mask.has_mask_mod():
+        frame = Frame(q_offset, direct=True)
+
+        def mask_mod(b_, h_, q_idx, kv_idx):
+            return mask._eval_at(b_ if b is None else b, h_ if h is None else h,
+                                 q_idx.to(torch.int64) + q_offset, kv_idx.to(torch.int64), frame)
+    elif q_offset == 0:
         def mask_mod(b, h, q_idx, kv_idx):
             return mask._eval(q_idx.to(torch.int64), kv_idx.to(torch.int64))
     else:
@@ -712,6 +772,24 @@ def resolve_shape(q_len, kv_len=None, q_offset=None) -> tuple[int, int, int]:
         if abs(q_offset) > MAX_PARAM:
             raise MaskValueError(f"q_offset={_short_int(q_offset)} is too large (limit {MAX_PARAM})")
     return q_len, kv_len, q_offset
+
+
+def resolve_batch_head(mask: Mask, b, h, where: str) -> tuple[int, int]:
+    """(b, h) to evaluate ``mask`` at: 0 where it does not vary with them; required where it does."""
+    varies = mask.depends_on()
+    out = []
+    for name, value, kw in (("batch", b, "b"), ("head", h, "h")):
+        if name not in varies:
+            out.append(0)
+            continue
+        if value is None:
+            raise MaskValueError(
+                f"{mask} varies per {name} (its mask_mod reads {kw}); pass {kw}= to {where} for one {name}, "
+                f"or pick one with mask.at({kw}=...) (am.attention evaluates it per {name} by itself)")
+        if isinstance(value, bool) or not hasattr(value, "__index__") or operator.index(value) < 0:
+            raise MaskValueError(f"{kw} must be a whole number >= 0, got {value!r}")
+        out.append(operator.index(value))
+    return out[0], out[1]
 
 
 # ---------------------------------------------------------------------------
@@ -788,7 +866,7 @@ FUNCTIONS = {"band": band, "sliding": sliding, "sink": sink, "prefix_lm": prefix
              "rows": rows, "cols": cols}
 CONSTANTS = {"full": full, "none": none, "causal": causal, "diagonal": diagonal}
 
-__all__ = ["Mask", "Primitive", "Union", "Intersection", "Difference", "Complement", "MaskMod",
-           "from_mask_mod", "full", "none", "causal", "diagonal", "band", "sliding", "sink",
+__all__ = ["Mask", "Primitive", "Union", "Intersection", "Difference", "Complement", "Frame",
+           "evaluate_at", "full", "none", "causal", "diagonal", "band", "sliding", "sink",
            "prefix_lm", "chunked", "dilated", "strided", "document", "rows", "cols",
            "resolve_shape"]

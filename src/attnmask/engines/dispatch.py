@@ -111,7 +111,7 @@ def _resolve_masks(mask, B: int, H: int, Lq: int, Lk: int, q_offset: int | None,
     layouts: list[BlockLayout] = []
     index: dict[int, int] = {}
 
-    def layout_of(item: MaskLike, where: str) -> int:
+    def layout_of(item: MaskLike, where: str, b: int = 0, h: int = 0) -> int:
         if isinstance(item, BlockLayout):
             item._check_lengths(Lq, Lk)
             if q_offset is not None and q_offset != item.q_offset:
@@ -120,7 +120,8 @@ def _resolve_masks(mask, B: int, H: int, Lq: int, Lk: int, q_offset: int | None,
                                      f"q_offset={q_offset}) or drop q_offset")
             lay = item
         elif isinstance(item, Mask):
-            lay = item.compile(Lq, Lk, q_offset=q_offset, block_size=block_size)
+            # a mask_mod that reads b or h gets one layout per batch element / head (cached, shared otherwise)
+            lay = item.compile(Lq, Lk, q_offset=q_offset, block_size=block_size, b=b, h=h)
         else:
             raise MaskValueError(f"{where} must be a Mask or a BlockLayout, got {type(item).__name__}")
         key = id(lay)
@@ -129,7 +130,9 @@ def _resolve_masks(mask, B: int, H: int, Lq: int, Lk: int, q_offset: int | None,
             layouts.append(lay)
         return index[key]
 
-    def heads_of(item, where: str) -> list[int]:
+    def heads_of(item, where: str, b: int) -> list[int]:
+        if isinstance(item, Mask) and item.has_mask_mod() and item.depends_on():
+            return [layout_of(item, where, b, h) for h in range(H)]
         if isinstance(item, (Mask, BlockLayout)):
             return [layout_of(item, where)] * H
         if isinstance(item, (list, tuple)):
@@ -137,7 +140,7 @@ def _resolve_masks(mask, B: int, H: int, Lq: int, Lk: int, q_offset: int | None,
                 raise MaskValueError(f"{where} is a list of {len(item)} masks but q has {H} heads; give one mask "
                                      f"per query head (for one mask per batch element use "
                                      f"attnmask.engines.per_batch([...]))")
-            return [layout_of(m, f"{where}[{h}]") for h, m in enumerate(item)]
+            return [layout_of(m, f"{where}[{h}]", b, h) for h, m in enumerate(item)]
         raise MaskValueError(f"{where} must be a Mask, a BlockLayout, a list of one Mask per head, or "
                              f"attnmask.engines.per_batch([...]), got {type(item).__name__}")
 
@@ -145,9 +148,11 @@ def _resolve_masks(mask, B: int, H: int, Lq: int, Lk: int, q_offset: int | None,
         if len(mask) != B:
             raise MaskValueError(f"per_batch holds {len(mask)} entries but q has batch size {B}; give one per "
                                  f"batch element")
-        grid = [heads_of(item, f"per_batch entry {b}") for b, item in enumerate(mask.items)]
+        grid = [heads_of(item, f"per_batch entry {b}", b) for b, item in enumerate(mask.items)]
+    elif isinstance(mask, Mask) and "batch" in mask.depends_on():
+        grid = [heads_of(mask, "mask", b) for b in range(B)]
     else:
-        row = heads_of(mask, "mask")
+        row = heads_of(mask, "mask", 0)
         grid = [row] * B
     return layouts, torch.tensor(grid, dtype=torch.int64).reshape(B, H)
 

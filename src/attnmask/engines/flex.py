@@ -93,10 +93,31 @@ def block_mask_for(layouts: list[BlockLayout], head_layout: torch.Tensor, device
             out = out | ((li == i) & mods[i](b, h, q_idx, kv_idx))
         return out
 
+    if _one_mask_per_bh(layouts, head_layout):
+        # one mask_mod that reads b / h itself: every (b, h) sits on its own layout, so
+        # FlexAttention's b and h are the ones each layout was compiled for (one evaluation a cell)
+        from ..masks import make_mask_mod
+        mask_mod = make_mask_mod(first.mask, first.q_offset, device)
+
     return BlockMask.from_kv_blocks(gather("kv_num_blocks"), gather("kv_indices"),
                                     gather("full_kv_num_blocks"), gather("full_kv_indices"),
                                     BLOCK_SIZE=first.block_size, mask_mod=mask_mod,
                                     seq_lengths=(first.q_len, first.kv_len))
+
+
+def _one_mask_per_bh(layouts: list[BlockLayout], head_layout: torch.Tensor) -> bool:
+    """Whether all layouts hold one mask that varies per (b, h), each placed at the (b, h) it was compiled for."""
+    mask = layouts[0].mask
+    varies = mask.depends_on()
+    if not varies or any(lay.mask is not mask for lay in layouts):
+        return False
+    B, H = head_layout.shape
+    for b in range(B):
+        for h in range(H):
+            lay = layouts[int(head_layout[b, h])]
+            if ("batch" in varies and lay.b != b) or ("head" in varies and lay.h != h):
+                return False
+    return True
 
 
 def flex_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layouts: list[BlockLayout],

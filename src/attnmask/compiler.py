@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import maskmod
 from .errors import LayoutTooLargeError
 from .masks import (CLASS_CONST, CLASS_D, CLASS_K, CLASS_OPAQUE, CLASS_Q, CLASS_SEG, Complement,
                     Difference, Frame, Intersection, Mask, Primitive, Union, evaluate_at)
@@ -349,7 +350,7 @@ class Compiler:
         if cls == CLASS_SEG and isinstance(mask, Primitive):
             return self._classify_seg(mask, regions)
         if cls == CLASS_OPAQUE:
-            return self._uniform(regions, UNKNOWN, self.residuals.id(mask))
+            return self._classify_opaque(mask, regions)
         if isinstance(mask, Primitive) and mask.name == "prefix_lm":
             # k <= q or k < p: a d-class part and a k-class part.
             from .masks import causal, sink
@@ -367,6 +368,21 @@ class Compiler:
         raise AssertionError(f"cannot classify {mask!r}")  # pragma: no cover
 
     # -- leaves --
+    def _classify_opaque(self, leaf: Mask, regions: Pieces) -> Pieces:
+        """A mask_mod leaf: tiles its bounds prove full or empty, the rest unknown (maskmod.py)."""
+        if isinstance(leaf, Complement):           # ~leaf is opaque too: classify the leaf, flip it
+            return self._complement(self.classify(leaf.inner, regions))
+        g = self.grid
+        rid = self.residuals.id(leaf)
+        if not isinstance(leaf, maskmod.MaskMod):
+            return self._uniform(regions, UNKNOWN, rid)
+        found = maskmod.classify_regions(leaf, g.frame, g.b, g.h, g.block_q, g.block_k,
+                                         regions.qb, regions.c0, regions.c1)
+        if found is None:
+            return self._uniform(regions, UNKNOWN, rid)
+        owner, c0, c1, state = found
+        return Pieces(regions.qb[owner], c0, c1, state, np.where(state == UNKNOWN, rid, -1).astype(np.int32))
+
     def _uniform(self, regions: Pieces, state: int, res: int) -> Pieces:
         return Pieces(regions.qb, regions.c0, regions.c1, np.full(len(regions), state, np.int8),
                       np.full(len(regions), res if state in (PARTIAL, UNKNOWN) else -1, np.int32))
@@ -606,8 +622,16 @@ class Compiler:
         by_segments = self.count_rects_by_segments(mask, qs, qe, ks, ke)
         if by_segments is not None:
             return by_segments
+        if isinstance(mask, maskmod.MaskMod):
+            # a lone mask_mod leaf: its bounds settle sub-rectangles, only open 8 x 8 ones are evaluated
+            counts = maskmod.count_rects(mask, g.frame, g.b, g.h, qs - g.q_offset, qe - g.q_offset, ks, ke)
+            if counts is not None:
+                self.dense_tiles += int((c1 - c0).sum())
+                return counts
         if not self.refine_pays(mask):
             owner, c = _expand_pairs(c0, c1)
+            if _has_opaque(mask):
+                maskmod.check_dense_budget(mask, len(c) * g.block_q * g.block_k, g.q_len, g.kv_len)
             self.dense_tiles += len(c)
             per_tile = tile_counts_dense(mask, g, qb[owner], c)
             return np.bincount(owner, weights=per_tile, minlength=len(qb)).astype(_I64)

@@ -290,3 +290,201 @@ def _find_dependence(leaf: MaskMod) -> frozenset:
         except Exception:                   # noqa: BLE001 - cannot tell: assume it varies (exact, slower)
             found.add(name)
     return frozenset(found)
+
+
+# ---------------------------------------------------------------------------
+# tile states of an opaque leaf
+# ---------------------------------------------------------------------------
+
+#: States shared with the compiler (compiler.py: EMPTY, FULL, UNKNOWN).
+TILE_EMPTY, TILE_FULL, TILE_UNKNOWN = 0, 2, 3
+#: Sub-spans a key-block span is cut into when its bounds do not decide it.
+_SPLIT = 16
+#: Cells of decided tiles re-evaluated as a check on the bounds (a cheap guard, not the proof).
+_CHECK_CELLS = 1024
+
+
+def _traced(leaf: MaskMod):
+    """The leaf's traced graph for interval bounds, or None when it cannot be traced (cached)."""
+    if "_traced" not in leaf.__dict__:
+        from .maskmod_bounds import Unsupported, trace
+        try:
+            t = trace(leaf.fn, vmapped=leaf.route == "vmap")
+        except Unsupported as e:
+            t = None
+            object.__setattr__(leaf, "_bounds_note", str(e))
+        object.__setattr__(leaf, "_traced", t)
+    return leaf.__dict__["_traced"]
+
+
+def bounds_note(leaf: MaskMod) -> str | None:
+    """Why the leaf's tiles are evaluated cell by cell (its predicate could not be bounded), or None."""
+    return leaf.__dict__.get("_bounds_note")
+
+
+def classify_regions(leaf: MaskMod, frame: Frame, b: int, h: int, block_q: int, block_k: int,
+                     qb, c0, c1):
+    """Tile states of ``leaf`` on regions (query block ``qb[i]``, key blocks ``[c0[i], c1[i])``).
+
+    Returns numpy (owner, c0, c1, state) pieces that partition the regions, sorted by
+    (owner, c0), with states TILE_EMPTY / TILE_FULL proven from interval bounds of the
+    traced predicate and TILE_UNKNOWN for tiles it leaves open (the caller evaluates
+    those cell by cell). Spans are refined coarse to fine: a span the bounds decide is
+    settled whole, so a window over 8192 key blocks costs a few hundred bound checks per
+    query block, not 8192. Returns None when the predicate cannot be bounded.
+    """
+    import numpy as np
+    from .maskmod_bounds import Unsupported, bounds
+    # the route decides whether the graph is traced plainly or through vmap: learn it first
+    if leaf.route is None:
+        evaluate_leaf(leaf, b, h, torch.zeros((1, 1), dtype=torch.int64), torch.zeros((1, 1), dtype=torch.int64),
+                      frame)
+    traced = _traced(leaf)
+    if traced is None:
+        return None
+    q_len, kv_len = frame.q_len, frame.kv_len
+    i64 = np.int64
+    owner = np.arange(len(qb), dtype=i64)
+    qb = np.asarray(qb, i64)
+    a, e = np.asarray(c0, i64), np.asarray(c1, i64)
+    keep = e > a
+    owner, a, e = owner[keep], a[keep], e[keep]
+    out_o, out_a, out_e, out_s = [], [], [], []
+    try:
+        while len(owner):
+            r_lo = qb[owner] * block_q
+            r_hi = np.minimum(r_lo + block_q, q_len) - 1
+            k_lo = a * block_k
+            k_hi = np.minimum(e * block_k, kv_len) - 1
+            may_t, may_f = bounds(traced, b, h, r_lo, r_hi, k_lo, k_hi)
+            decided = ~(may_t & may_f)
+            single = (e - a == 1) & ~decided
+            done = decided | single
+            state = np.where(~may_f, TILE_FULL, np.where(~may_t, TILE_EMPTY, TILE_UNKNOWN))
+            out_o.append(owner[done]), out_a.append(a[done]), out_e.append(e[done]), out_s.append(state[done])
+            split = ~done
+            owner, a, e = owner[split], a[split], e[split]
+            step = -(-(e - a) // _SPLIT)
+            parts = -(-(e - a) // step)
+            idx = np.repeat(np.arange(len(owner)), parts)
+            j = np.arange(len(idx)) - np.repeat(np.cumsum(parts) - parts, parts)
+            owner, a, e = owner[idx], a[idx] + j * step[idx], np.minimum(a[idx] + (j + 1) * step[idx], e[idx])
+    except Unsupported as exc:
+        object.__setattr__(leaf, "_bounds_note", str(exc))
+        return None
+    o, a, e, s = (np.concatenate(x) for x in (out_o, out_a, out_e, out_s))
+    order = np.lexsort((a, o))
+    o, a, e, s = o[order], a[order], e[order], s[order].astype(np.int8)
+    if not _spot_check(leaf, frame, b, h, block_q, block_k, qb, o, a, e, s):
+        object.__setattr__(leaf, "_bounds_note", "bounds disagreed with the predicate on a sampled cell")
+        return None
+    return o, a, e, s
+
+
+def _spot_check(leaf, frame, b, h, block_q, block_k, qb, o, a, e, s) -> bool:
+    """Evaluate a few cells of decided pieces: a wrong interval rule would show here."""
+    import numpy as np
+    sel = np.flatnonzero(s != TILE_UNKNOWN)
+    if not len(sel):
+        return True
+    rng = np.random.default_rng(0)
+    pick = sel[rng.integers(0, len(sel), _CHECK_CELLS)]
+    r0 = qb[o[pick]] * block_q
+    rows = r0 + rng.integers(0, np.minimum(block_q, frame.q_len - r0))
+    k0 = a[pick] * block_k
+    k1 = np.minimum(e[pick] * block_k, frame.kv_len)
+    keys = k0 + (rng.random(len(pick)) * (k1 - k0)).astype(np.int64)
+    got = evaluate_leaf(leaf, b, h, torch.from_numpy(rows), torch.from_numpy(keys), frame).numpy()
+    return bool(np.all(got == (s[pick] == TILE_FULL)))
+
+
+#: Most cells of mask_mod tiles one compile may evaluate one by one (memory stays bounded, time does not).
+DENSE_CELL_BUDGET = 1 << 34
+
+
+def check_dense_budget(mask: Mask, cells: int, q_len: int, kv_len: int) -> None:
+    """Refuse, with the way out, a compile that would evaluate more than DENSE_CELL_BUDGET cells one by one."""
+    if cells <= DENSE_CELL_BUDGET:
+        return
+    from .errors import LayoutTooLargeError
+    notes = sorted({f"<{leaf.name}>: {bounds_note(leaf)}" for leaf in _leaves(mask) if bounds_note(leaf)})
+    why = f" ({'; '.join(notes)})" if notes else ""
+    raise LayoutTooLargeError(
+        f"compiling {mask} at {q_len:,} x {kv_len:,} would evaluate {cells:,} cells of mask_mod tiles one by one, "
+        f"over the budget of {DENSE_CELL_BUDGET:,}{why}; write the predicate with integer tensor arithmetic, "
+        f"comparisons and table lookups (then its tiles are bounded without evaluating them), write it in the "
+        f"mask language, intersect it with a language mask that rules tiles out (e.g. causal & sliding(w) & ...), "
+        f"compile a shorter length, or raise attnmask.maskmod.DENSE_CELL_BUDGET")
+
+
+def _leaves(mask: Mask):
+    if isinstance(mask, MaskMod):
+        yield mask
+    for c in mask.children():
+        yield from _leaves(c)
+
+
+#: Sub-rectangles cut per side when bounds leave a rectangle open, and the side at which cells are evaluated.
+_SUB_SPLIT, _CELL_SIDE = 4, 8
+#: Cells evaluated per batch when counting.
+_COUNT_BATCH_CELLS = 1 << 21
+
+
+def count_rects(leaf: MaskMod, frame: Frame, b: int, h: int, r_lo, r_hi, k_lo, k_hi):
+    """Attended cells of ``leaf`` in rectangles of rows ``[r_lo, r_hi)`` x keys ``[k_lo, k_hi)``, or None.
+
+    Bounds settle whole sub-rectangles; only sub-rectangles of at most 8 x 8 cells that
+    the bounds leave open are evaluated, so a tile a window's edge crosses costs a few
+    hundred cells instead of 16,384. None when the predicate cannot be bounded.
+    """
+    import numpy as np
+    from .maskmod_bounds import Unsupported, bounds
+    traced = _traced(leaf) if leaf.route is not None else None
+    if traced is None:
+        return None
+    i64 = np.int64
+    r_lo, r_hi, k_lo, k_hi = (np.asarray(x, i64) for x in (r_lo, r_hi, k_lo, k_hi))
+    r_hi, k_hi = np.minimum(r_hi, frame.q_len), np.minimum(k_hi, frame.kv_len)
+    total = np.zeros(len(r_lo), i64)
+    owner = np.flatnonzero((r_hi > r_lo) & (k_hi > k_lo))
+    r0, r1, k0, k1 = r_lo[owner], r_hi[owner], k_lo[owner], k_hi[owner]
+    cells_o, cells_r, cells_k, cells_rn, cells_kn = [], [], [], [], []
+    try:
+        while len(owner):
+            may_t, may_f = bounds(traced, b, h, r0, r1 - 1, k0, k1 - 1)
+            area = (r1 - r0) * (k1 - k0)
+            full = ~may_f
+            total += np.bincount(owner[full], weights=area[full], minlength=len(total)).astype(i64)
+            open_ = may_t & may_f
+            small = open_ & (r1 - r0 <= _CELL_SIDE) & (k1 - k0 <= _CELL_SIDE)
+            for lst, arr in zip((cells_o, cells_r, cells_k, cells_rn, cells_kn),
+                                (owner, r0, k0, r1 - r0, k1 - k0)):
+                lst.append(arr[small])
+            split = open_ & ~small
+            owner, r0, r1, k0, k1 = owner[split], r0[split], r1[split], k0[split], k1[split]
+            rs = np.maximum(-(-(r1 - r0) // _SUB_SPLIT), 1)
+            ks = np.maximum(-(-(k1 - k0) // _SUB_SPLIT), 1)
+            sub = np.arange(_SUB_SPLIT * _SUB_SPLIT)
+            i, j = sub // _SUB_SPLIT, sub % _SUB_SPLIT
+            nr0 = (r0[:, None] + i[None] * rs[:, None])
+            nk0 = (k0[:, None] + j[None] * ks[:, None])
+            nr1 = np.minimum(nr0 + rs[:, None], r1[:, None])
+            nk1 = np.minimum(nk0 + ks[:, None], k1[:, None])
+            keep = (nr1 > nr0) & (nk1 > nk0)
+            owner = np.broadcast_to(owner[:, None], keep.shape)[keep]
+            r0, r1, k0, k1 = nr0[keep], nr1[keep], nk0[keep], nk1[keep]
+    except Unsupported as exc:
+        object.__setattr__(leaf, "_bounds_note", str(exc))
+        return None
+    o, rr, kk, rn, kn = (np.concatenate(x) for x in (cells_o, cells_r, cells_k, cells_rn, cells_kn))
+    ar = torch.arange(_CELL_SIDE, dtype=torch.int64)
+    per_batch = max(1, _COUNT_BATCH_CELLS // (_CELL_SIDE * _CELL_SIDE))
+    for s in range(0, len(o), per_batch):
+        sl = slice(s, s + per_batch)
+        rows = torch.from_numpy(rr[sl])[:, None] + ar[None, :]                      # [S, 8]
+        keys = torch.from_numpy(kk[sl])[:, None] + ar[None, :]
+        valid = (ar[None, :] < torch.from_numpy(rn[sl])[:, None])[:, :, None] & \
+            (ar[None, :] < torch.from_numpy(kn[sl])[:, None])[:, None, :]
+        hit = evaluate_leaf(leaf, b, h, rows[:, :, None], keys[:, None, :], frame) & valid
+        total += np.bincount(o[sl], weights=hit.sum(dim=(1, 2)).numpy(), minlength=len(total)).astype(i64)
+    return total

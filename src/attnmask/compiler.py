@@ -598,6 +598,11 @@ class Compiler:
         g = self.grid
         owner, c = _expand_pairs(sel.c0, sel.c1)
         qb = sel.qb[owner]
+        if isinstance(residual, maskmod.MaskMod):
+            # a lone mask_mod leaf: probed witnesses prove most open tiles partial (maskmod.tile_states)
+            self.dense_tiles += len(c)
+            state = maskmod.tile_states(residual, g.frame, g.b, g.h, g.block_q, g.block_k, qb, c)
+            return Pieces(qb, c, c + 1, state, np.where(state == PARTIAL, rid, -1).astype(np.int32))
         qs, qe = g.q_bounds(qb)
         ks, ke = g.k_bounds(c)
         counts = self.count_tiles(residual, qb, c)

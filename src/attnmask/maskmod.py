@@ -488,3 +488,62 @@ def count_rects(leaf: MaskMod, frame: Frame, b: int, h: int, r_lo, r_hi, k_lo, k
         hit = evaluate_leaf(leaf, b, h, rows[:, :, None], keys[:, None, :], frame) & valid
         total += np.bincount(o[sl], weights=hit.sum(dim=(1, 2)).numpy(), minlength=len(total)).astype(i64)
     return total
+
+
+#: Cells probed per open tile: one true and one false cell prove it partial without evaluating the rest.
+_PROBE_PER_TILE = 32
+
+
+def tile_states(leaf: MaskMod, frame: Frame, b: int, h: int, block_q: int, block_k: int, qb, c):
+    """Exact states (0 empty, 1 partial, 2 full) of tiles (qb[i], c[i]) of a lone leaf.
+
+    Each tile is first probed at 32 fixed cells (its corners and a scattered pattern):
+    a tile where both values show up is partial, proven by the two witnesses. Only the
+    tiles whose probes all agree are settled exactly, by bounds on sub-rectangles
+    and cell evaluation (:func:`count_rects`), or by evaluating every cell.
+    """
+    import numpy as np
+    i64 = np.int64
+    qb, c = np.asarray(qb, i64), np.asarray(c, i64)
+    r0, k0 = qb * block_q, c * block_k
+    hq = np.minimum(r0 + block_q, frame.q_len) - r0
+    hk = np.minimum(k0 + block_k, frame.kv_len) - k0
+    rng = np.random.default_rng(0)
+    off_r = np.concatenate(([0, 0, block_q - 1, block_q - 1], rng.integers(0, block_q, _PROBE_PER_TILE - 4)))
+    off_k = np.concatenate(([0, block_k - 1, 0, block_k - 1], rng.integers(0, block_k, _PROBE_PER_TILE - 4)))
+    state = np.zeros(len(qb), np.int8)
+    per_batch = max(1, _COUNT_BATCH_CELLS // _PROBE_PER_TILE)
+    for s in range(0, len(qb), per_batch):
+        sl = slice(s, s + per_batch)
+        rows = r0[sl, None] + np.minimum(off_r[None, :], hq[sl, None] - 1)
+        keys = k0[sl, None] + np.minimum(off_k[None, :], hk[sl, None] - 1)
+        hit = evaluate_leaf(leaf, b, h, torch.from_numpy(rows), torch.from_numpy(keys), frame).numpy()
+        state[sl] = np.where(hit.any(1) & ~hit.all(1), 1, np.where(hit.all(1), 2, 0))
+    settle = np.flatnonzero(state != 1)                # probes agree: the tile may still hide the other value
+    if len(settle):
+        counts = count_rects(leaf, frame, b, h, r0[settle], r0[settle] + hq[settle], k0[settle],
+                             k0[settle] + hk[settle])
+        if counts is None:
+            counts = _count_cells(leaf, frame, b, h, r0[settle], hq[settle], k0[settle], hk[settle],
+                                  block_q, block_k)
+        area = hq[settle] * hk[settle]
+        state[settle] = np.where(counts == 0, 0, np.where(counts == area, 2, 1))
+    return state
+
+
+def _count_cells(leaf, frame, b, h, r0, hq, k0, hk, block_q, block_k):
+    """Attended cells of tiles by evaluating every cell, in bounded batches."""
+    import numpy as np
+    check_dense_budget(leaf, len(r0) * block_q * block_k, frame.q_len, frame.kv_len)
+    out = np.zeros(len(r0), np.int64)
+    ar_q, ar_k = torch.arange(block_q), torch.arange(block_k)
+    per_batch = max(1, (1 << 22) // (block_q * block_k))
+    for s in range(0, len(r0), per_batch):
+        sl = slice(s, s + per_batch)
+        rows = torch.from_numpy(r0[sl])[:, None] + ar_q[None, :]
+        keys = torch.from_numpy(k0[sl])[:, None] + ar_k[None, :]
+        valid = (ar_q[None, :] < torch.from_numpy(hq[sl])[:, None])[:, :, None] & \
+            (ar_k[None, :] < torch.from_numpy(hk[sl])[:, None])[:, None, :]
+        hit = evaluate_leaf(leaf, b, h, rows[:, :, None], keys[:, None, :], frame) & valid
+        out[sl] = hit.sum(dim=(1, 2)).numpy()
+    return out

@@ -596,6 +596,8 @@ class Compiler:
 
     def _resolve_dense(self, residual: Mask, rid: int, sel: Pieces) -> Pieces:
         g = self.grid
+        if _has_opaque(residual):   # refuse before enumerating the tiles, not after
+            maskmod.check_open_tiles(residual, int((sel.c1 - sel.c0).sum()), g.block_q, g.block_k, g.q_len, g.kv_len)
         owner, c = _expand_pairs(sel.c0, sel.c1)
         qb = sel.qb[owner]
         if isinstance(residual, maskmod.MaskMod):

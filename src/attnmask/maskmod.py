@@ -317,6 +317,12 @@ def _traced(leaf: MaskMod):
     return leaf.__dict__["_traced"]
 
 
+def _unbounded(leaf: MaskMod, why: str) -> None:
+    """Remember that the leaf's tiles cannot be bounded (and why): every later step evaluates cells."""
+    object.__setattr__(leaf, "_traced", None)
+    object.__setattr__(leaf, "_bounds_note", why)
+
+
 def bounds_note(leaf: MaskMod) -> str | None:
     """Why the leaf's tiles are evaluated cell by cell (its predicate could not be bounded), or None."""
     return leaf.__dict__.get("_bounds_note")
@@ -370,13 +376,13 @@ def classify_regions(leaf: MaskMod, frame: Frame, b: int, h: int, block_q: int, 
             j = np.arange(len(idx)) - np.repeat(np.cumsum(parts) - parts, parts)
             owner, a, e = owner[idx], a[idx] + j * step[idx], np.minimum(a[idx] + (j + 1) * step[idx], e[idx])
     except Unsupported as exc:
-        object.__setattr__(leaf, "_bounds_note", str(exc))
+        _unbounded(leaf, str(exc))
         return None
     o, a, e, s = (np.concatenate(x) for x in (out_o, out_a, out_e, out_s))
     order = np.lexsort((a, o))
     o, a, e, s = o[order], a[order], e[order], s[order].astype(np.int8)
     if not _spot_check(leaf, frame, b, h, block_q, block_k, qb, o, a, e, s):
-        object.__setattr__(leaf, "_bounds_note", "bounds disagreed with the predicate on a sampled cell")
+        _unbounded(leaf, "bounds disagreed with the predicate on a sampled cell")
         return None
     return o, a, e, s
 
@@ -410,11 +416,29 @@ def check_dense_budget(mask: Mask, cells: int, q_len: int, kv_len: int) -> None:
     notes = sorted({f"<{leaf.name}>: {bounds_note(leaf)}" for leaf in _leaves(mask) if bounds_note(leaf)})
     why = f" ({'; '.join(notes)})" if notes else ""
     raise LayoutTooLargeError(
-        f"compiling {mask} at {q_len:,} x {kv_len:,} would evaluate {cells:,} cells of mask_mod tiles one by one, "
+        f"compiling {mask} at {q_len:,} x {kv_len:,} would evaluate up to {cells:,} cells of mask_mod tiles one by one, "
         f"over the budget of {DENSE_CELL_BUDGET:,}{why}; write the predicate with integer tensor arithmetic, "
         f"comparisons and table lookups (then its tiles are bounded without evaluating them), write it in the "
         f"mask language, intersect it with a language mask that rules tiles out (e.g. causal & sliding(w) & ...), "
         f"compile a shorter length, or raise attnmask.maskmod.DENSE_CELL_BUDGET")
+
+
+#: Most open tiles of mask_mod residuals one compile enumerates (int64 arrays of this length).
+MAX_OPEN_TILES = 1 << 24
+
+
+def check_open_tiles(mask: Mask, tiles: int, block_q: int, block_k: int, q_len: int, kv_len: int) -> None:
+    """Refuse, before they are enumerated, open tiles that cells alone would settle past the budget.
+
+    Tiles of leaves with bounds are mostly proven partial by a few probed cells, so only
+    their count is capped; tiles of leaves without bounds cost all their cells.
+    """
+    unbounded = any(_traced(leaf) is None for leaf in _leaves(mask) if leaf.route is not None) or \
+        not isinstance(mask, MaskMod)
+    if unbounded:
+        check_dense_budget(mask, tiles * block_q * block_k, q_len, kv_len)
+    if tiles > MAX_OPEN_TILES:
+        check_dense_budget(mask, max(tiles * block_q * block_k, DENSE_CELL_BUDGET + 1), q_len, kv_len)
 
 
 def _leaves(mask: Mask):
@@ -474,7 +498,7 @@ def count_rects(leaf: MaskMod, frame: Frame, b: int, h: int, r_lo, r_hi, k_lo, k
             owner = np.broadcast_to(owner[:, None], keep.shape)[keep]
             r0, r1, k0, k1 = nr0[keep], nr1[keep], nk0[keep], nk1[keep]
     except Unsupported as exc:
-        object.__setattr__(leaf, "_bounds_note", str(exc))
+        _unbounded(leaf, str(exc))
         return None
     o, rr, kk, rn, kn = (np.concatenate(x) for x in (cells_o, cells_r, cells_k, cells_rn, cells_kn))
     ar = torch.arange(_CELL_SIDE, dtype=torch.int64)
@@ -505,6 +529,8 @@ def tile_states(leaf: MaskMod, frame: Frame, b: int, h: int, block_q: int, block
     import numpy as np
     i64 = np.int64
     qb, c = np.asarray(qb, i64), np.asarray(c, i64)
+    if _traced(leaf) is None:                           # nothing but cells will settle these tiles
+        check_dense_budget(leaf, len(qb) * block_q * block_k, frame.q_len, frame.kv_len)
     r0, k0 = qb * block_q, c * block_k
     hq = np.minimum(r0 + block_q, frame.q_len) - r0
     hk = np.minimum(k0 + block_k, frame.kv_len) - k0

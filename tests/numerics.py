@@ -49,11 +49,12 @@ def reference(q, k, v, allowed, scale):
 
     q [B, H, Lq, D], k/v [B, Hkv, Lk, D], allowed bool broadcastable to [B, H, Lq, Lk].
     """
-    kk, vv = _expand_kv(q, k), _expand_kv(q, v)
-    s = (q.double() @ kk.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
-    return p @ vv, lse
+    with one_thread():
+        kk, vv = _expand_kv(q, k), _expand_kv(q, v)
+        s = (q.double() @ kk.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+        lse = torch.logsumexp(s, -1)
+        p = torch.exp(s - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
+        return p @ vv, lse
 
 
 def banded_reference(q, k, v, allowed: Predicate, key_range: Callable[[int, int], tuple[int, int]],
@@ -89,6 +90,9 @@ def one_thread() -> Iterator[None]:
     """Run the reference on one thread: its many small float64 ops are 10x slower on two
     threads of a busy machine (measured: 10 s vs 0.8 s for a 16K-token window backward)."""
     threads = torch.get_num_threads()
+    if threads == 1:                      # nested use
+        yield
+        return
     torch.set_num_threads(1)
     try:
         yield

@@ -28,7 +28,9 @@ from hypothesis import strategies as st
 
 import attnmask as am
 
+from distribution import record
 from numerics import banded_reference, gradient_units, one_thread, output_unit, reference, scaled_error
+from strategies import build, engine_problems
 
 #: fp32 against float64, scaled to the inputs (measured: <= 3e-7 on these problems).
 FP32_TOL = 1e-5
@@ -175,3 +177,33 @@ def test_long_backward_of_a_window_matches_float64(L, w, block):
         return banded_reference(q_, k_, v_, window, lambda r0, r1: (max(0, r0 - w + 1), r1), 0.35,
                                 rows_per_step=512)
     _check_backward(q, k, v, mask, None, scale=0.35, block_size=block, ref_fn=ref_fn)
+
+
+# -- random problems shaped like real use ---------------------------------------------------------
+
+def _problem_tensors(p: dict):
+    return _qkv(p["B"], p["H"], p["Hkv"], p["Lq"], p["Lk"], p["D"], seed=p["seed"])
+
+
+def _record(test: str, p: dict, mask: am.Mask, **extra) -> None:
+    record(test, mask=str(mask), Lq=p["Lq"], Lk=p["Lk"], q_offset=p["q_offset"], block=list(p["block"]),
+           B=p["B"], H=p["H"], Hkv=p["Hkv"], D=p["D"], **extra)
+
+
+@given(engine_problems())
+def test_random_engine_problems_forward(p):
+    mask = build(p["spec"])
+    _record("test_random_engine_problems_forward", p, mask)
+    q, k, v = _problem_tensors(p)
+    allowed = mask.to_dense(p["Lq"], p["Lk"], q_offset=p["q_offset"])
+    _check_forward(q, k, v, mask, allowed, scale=0.3, q_offset=p["q_offset"], block_size=p["block"])
+
+
+@given(engine_problems(max_blocks=5), st.booleans())
+def test_random_engine_problems_backward(p, use_lse):
+    mask = build(p["spec"])
+    _record("test_random_engine_problems_backward", p, mask, use_lse=use_lse)
+    q, k, v = _problem_tensors(p)
+    allowed = mask.to_dense(p["Lq"], p["Lk"], q_offset=p["q_offset"])
+    _check_backward(q, k, v, mask, allowed, scale=0.3, q_offset=p["q_offset"], block_size=p["block"],
+                    use_lse=use_lse, seed=p["seed"])

@@ -186,6 +186,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-cbm", action="store_true", help="attnmask only")
     p.add_argument("--timeout", type=int, default=900, help="seconds per case")
     p.add_argument("--out", default="benchmarks/results/mask_mod.md", help="results file, or - for stdout only")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows already in the results file and measure only the missing cases")
     p.add_argument("--case", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.case:
@@ -193,9 +195,16 @@ def main(argv=None) -> int:
         print(json.dumps(run_case(kind, int(n), args.repeats, args.eager_max, not args.no_cbm)))
         return 0
     header = _machine()
-    rows = []
+    rows, commands = [], []
+    if args.resume and args.out != "-" and os.path.exists(args.out):
+        rows, commands, header = _read_raw(args.out)
+    commands.append(f"python benchmarks/bench_mask_mod.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    done = {(r["kind"], r["n"]) for r in rows if "error" not in r}
+    rows = [r for r in rows if (r["kind"], r["n"]) in done]
     for n in args.lengths:
         for kind in args.kinds:
+            if (kind, n) in done:
+                continue
             cmd = [sys.executable, __file__, "--case", f"{kind}:{n}", "--repeats", str(args.repeats),
                    "--eager-max", str(args.eager_max)] + (["--no-cbm"] if args.no_cbm else [])
             try:
@@ -206,13 +215,46 @@ def main(argv=None) -> int:
                 r = {"kind": kind, "n": n, "error": f"over {args.timeout} s"}
             rows.append(r)
             print(json.dumps(r), flush=True)
+            if args.out != "-":
+                _write(args.out, _render(rows, header, commands))     # every case kept, even if a later one dies
+    text = _render(rows, header, commands)
+    print(text)
+    if args.out != "-":
+        _write(args.out, text)
+    return 0
+
+
+def _write(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _read_raw(path: str):
+    """(rows, commands, machine) stored in a results file's raw section."""
+    rows, commands, header = [], [], _machine()
+    with open(path) as f:
+        for line in f:
+            if line.startswith("    {"):
+                rows.append(json.loads(line))
+            elif line.startswith("Command: `"):
+                commands.append(line.strip()[len("Command: `"):-1])
+            elif line.startswith("Machine (first run): "):
+                header = line.strip()[len("Machine (first run): "):]
+    return rows, commands, header
+
+
+def _render(rows: list, header: str, commands: list) -> str:
     lines = [
         "# Compiling FlexAttention mask_mods: attnmask vs create_block_mask",
         "",
-        f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}. Machine: {header}. "
-        "The machine was shared with other jobs during the run.",
+        f"Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC} (last case).",
         "",
-        f"Command: `python benchmarks/bench_mask_mod.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        f"Machine (first run): {header}",
+        "",
+        "The machine was shared with other jobs during the run (load average far above its 2 cores).",
+        "",
+        *[f"Command: `{c}`" for c in commands],
         "",
         "Block 128, best of the repeats, competitors taking turns, each (kind, length) in a fresh process. "
         "attnmask warm: the layout cache cleared before each compile, the leaf traced before; cold: a new "
@@ -241,13 +283,8 @@ def main(argv=None) -> int:
     notes = sorted({f"{r['kind']}: {r['bounds_note']}" for r in rows if r.get("bounds_note")})
     if notes:
         lines += ["", "Predicates evaluated cell by cell (no interval bounds): " + "; ".join(notes)]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out != "-":
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text)
-    return 0
+    lines += ["", "Raw rows (read back by `--resume`):", ""] + [f"    {json.dumps(r)}" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -99,7 +99,18 @@ class BlockLayout:
     The score matrix ``[q_len, kv_len]`` is cut into tiles of ``block_q`` query
     rows by ``block_k`` keys; the last row of tiles and the last column may be
     shorter and count only positions that exist. Each tile is *empty* (no pair
-    attended), *full* (every pair attended) or *partial* (some of each). Only
+    attended), *full* (every pair attended) or *partial* (some of each).
+
+    The edge-tile rule, exactly: a tile's pairs are those with row < q_len and key
+    < kv_len; it is full when all of them are attended, empty when none is. So a
+    short tile at the end of a length that is not a multiple of the block can be
+    full here. FlexAttention's ``create_block_mask`` pads both lengths up to whole
+    blocks and counts the padding as masked, so there a short tile is never full
+    (partial if any pair is attended); ``to_flex_block_mask(edge_tiles="flex")``
+    and ``flex_tile_states(edge_tiles="flex")`` give that classification. Both
+    rules have the same non-empty tiles, and agree everywhere at multiples of the block.
+
+    Only
     non-empty tiles are stored, as maximal runs of consecutive key blocks with
     the same state, per query block, in CSR form:
 

@@ -213,14 +213,14 @@ def test_mask_cache_per_head_groups_and_left_padding():
     att = torch.ones(2, 26, dtype=torch.long)
     att[1, :5] = 0
     with torch.no_grad():
-        full = model.generate(ids, attention_mask=att, max_new_tokens=16, do_sample=False)
+        full = model.generate(ids, attention_mask=att, max_new_tokens=10, do_sample=False)
         cache = models.MaskCache(model)
-        thin = model.generate(ids, attention_mask=att, max_new_tokens=16, do_sample=False, cache=cache)
-        solo = model.generate(ids[1:, 5:], max_new_tokens=16, do_sample=False)
+        thin = model.generate(ids, attention_mask=att, max_new_tokens=10, do_sample=False, cache=cache)
+        solo = model.generate(ids[1:, 5:], max_new_tokens=10, do_sample=False)
     assert torch.equal(full, thin)
     assert torch.equal(thin[1, 26:], solo[0, 21:])
     kv0, kv1 = cache.kept()[0]
-    assert kv0 <= 4 and kv1 == 26 + 15 - 0   # window group; causal+chunked group keeps all (pads included)
+    assert kv0 <= 4 and kv1 == 26 + 9   # the causal + chunked group keeps every token (pads included)
 
 
 def test_retained_keeps_every_key_a_later_query_attends():
@@ -305,3 +305,56 @@ def test_refusals_are_clear():
     model.set_attn_implementation("eager")
     with torch.no_grad(), pytest.raises(am.MaskError, match="works only with the attnmask"):
         model(ids_of(1, 3), cache=cache)
+
+
+# -- evaluate and the command line -------------------------------------------------------------------------
+
+def test_evaluate_reports_quality_and_cost():
+    model = make_model(seed=17)
+    texts = [("a", ids_of(1, 60, seed=18)[0]), ("b", ids_of(1, 40, seed=19)[0].tolist())]
+    lines = []
+    report = models.evaluate(model, "causal & (sliding(8) | sink(2))", texts, length=48, timing_length=64,
+                             decode_tokens=3, repeats=1, progress=lines.append)
+    assert [t.name for t in report.texts] == ["a", "b"] and [t.tokens for t in report.texts] == [48, 40]
+    assert lines and any("plan" in line for line in lines)
+    # quality figures are what a direct computation gives
+    with torch.no_grad():
+        ids = texts[0][1][:48][None]
+        model.set_attn_implementation("sdpa")
+        dense = model(ids).logits[0, :-1]
+        models.apply(model, "causal & (sliding(8) | sink(2))")
+        mine = model(ids).logits[0, :-1]
+    want = torch.nn.functional.cross_entropy(mine, ids[0, 1:])
+    assert abs(report.texts[0].loss_plan - float(want)) < 1e-5
+    agree = float((dense.argmax(-1) == mine.argmax(-1)).float().mean())
+    assert abs(report.texts[0].top1_agreement - agree) < 1e-9
+    assert report.texts[0].top1_agreement < 1.0         # the window changes predictions of a random model
+    # cost: the MaskCache holds (w - 1 + s) keys of each of the 64 + 3 tokens, positions included
+    assert report.timing["length"] == 64 and report.timing["prefill_s"]["plan"] > 0
+    kv = report.kv_bytes
+    assert kv["dense"] == 2 * 2 * 2 * 67 * 16 * 4
+    assert kv["plan"] == 2 * (2 * 2 * 9 * 16 * 4 + 9 * 8)
+    assert "top-1 agreement" in report.table() and "KV cache" in report.table()
+    assert model.config._attn_implementation == "attnmask"
+
+
+def test_evaluate_refuses_strings_without_a_tokenizer():
+    with pytest.raises(am.MaskError, match="no tokenizer"):
+        models.evaluate(make_model(), "causal", ["some text"], timing=False)
+
+
+def test_cli_eval_errors_are_one_line(capsys, tmp_path):
+    from attnmask.cli import main
+    text = tmp_path / "t.txt"
+    text.write_text("hello")
+    cases = [(["eval", "--model", "smollm2", "--mask", "causal &", "--text", str(text)], "expected"),
+             (["eval", "--model", "smollm2", "--mask", "causal", "--text", str(tmp_path / "missing.txt")],
+              "no text file"),
+             (["eval", "--model", str(tmp_path / "nowhere"), "--mask", "causal", "--text", str(text)], "no model at"),
+             (["eval", "--model", "smollm2", "--plan", str(tmp_path / "p.json"), "--text", str(text)],
+              "no plan file"),
+             (["eval", "--model", "smollm2", "--text", str(text)], "--plan --mask is required")]
+    for argv, needle in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, (argv, err)

@@ -158,6 +158,9 @@ def apply(model, plan: "MaskPlan | Mask | str | Sequence", *, backend: str = "au
         raise MaskValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     layers, heads, _ = _model_shape(model)
     plan = as_plan(plan, layers, heads)
+    if getattr(plan, "dynamic", None):
+        raise MaskValueError("the plan has data-dependent heads (their key columns depend on the input); resolve "
+                             "them for one input first (MaskPlan.resolve), or let models.evaluate do it per text")
     mods = attention_modules(model)
     if len(mods) != layers:
         raise MaskValueError(f"found {len(mods)} attention modules with a layer_idx in {type(model).__name__}, "

@@ -77,11 +77,11 @@ def revision() -> str:
         return "?"
 
 
-def run_quality(model, tok, plans: list[str], length: int) -> list[dict]:
+def run_quality(model, tok, specs: list[str], length: int) -> list[dict]:
     from attnmask import MaskPlan, models
     rows = []
     texts = held_out_texts()
-    for spec in WINDOWS + plans:
+    for spec in specs:
         plan = MaskPlan.from_json(spec) if spec.endswith(".json") else spec
         t0 = time.perf_counter()
         rep = models.evaluate(model, plan, texts, tokenizer=tok, length=length, timing=False,
@@ -111,8 +111,9 @@ def render(raw: dict) -> str:
     out = []
     q = raw.get("quality")
     if q:
-        out += [f"Held-out quality: {q['when']}, revision {q['revision']}, {q['machine']}.",
-                f"Command: `{q['command']}`. Texts: the first {q['length']} tokens of shlex.py and textwrap.py "
+        commands = sorted({(r.get("when", q["when"]), r.get("command", q["command"])) for r in q["rows"]})
+        out += [f"Held-out quality: revision {q['revision']}, {q['machine']}.",
+                "Commands: " + "; ".join(f"`{c}` ({w})" for w, c in commands) + ". Texts: the first {q['length']} tokens of shlex.py and textwrap.py "
                 f"(Python's standard library; not used by the fits). Loss is next-token cross entropy "
                 f"(nats/token); dense is SDPA; agreement is the share of positions whose most likely next "
                 f"token equals dense's.", "",
@@ -120,7 +121,7 @@ def render(raw: dict) -> str:
                 "|---|---:|---|---:|---:|---:|---:|"]
         for row in q["rows"]:
             for t in row["texts"]:
-                out.append(f"| {row['plan']} | {row['density']:.3f} | {t['name']} | {t['loss_dense']:.4f} | "
+                out.append(f"| {row['plan']} | {t['density']:.3f} | {t['name']} | {t['loss_dense']:.4f} | "
                            f"{t['loss_plan']:.4f} | {t['loss_plan'] - t['loss_dense']:+.4f} | "
                            f"{t['top1_agreement']:.3f} |")
         out.append("")
@@ -155,6 +156,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("part", choices=["quality", "cost", "render"])
     ap.add_argument("--plans", nargs="*", default=[], help="fitted MaskPlan JSON files")
+    ap.add_argument("--skip-windows", action="store_true", help="only the --plans (keep earlier window rows)")
     ap.add_argument("--length", type=int, default=1024)
     ap.add_argument("--lengths", type=int, nargs="*", default=[4096, 8192])
     ap.add_argument("--decode-tokens", type=int, default=8)
@@ -173,7 +175,12 @@ def main() -> None:
         head = {"when": when, "revision": revision(), "machine": machine() + " (shared with other jobs)",
                 "command": command}
         if args.part == "quality":
-            raw["quality"] = dict(head, length=args.length, rows=run_quality(model, tok, args.plans, args.length))
+            specs = ([] if args.skip_windows else WINDOWS) + args.plans
+            rows = run_quality(model, tok, specs, args.length)
+            for r in rows:
+                r["command"], r["when"] = command, when
+            old = [r for r in raw.get("quality", {}).get("rows", []) if r["source"] not in specs]
+            raw["quality"] = dict(head, length=args.length, rows=old + rows)
         else:
             raw["cost"] = dict(head, rows=run_cost(model, tok, args.lengths, args.decode_tokens, args.repeats))
         save_raw(raw)

@@ -19,6 +19,15 @@ from attnmask.models import attention as attention_mod  # noqa: E402
 VOCAB = 96
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from a second thread, and on a shared machine two threads ran 4-7x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def make_model(heads=4, kv_heads=2, layers=2, seed=0, impl="eager"):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,

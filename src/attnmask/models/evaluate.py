@@ -34,7 +34,7 @@ from ..plan import MaskPlan, as_plan
 from .attention import IMPLEMENTATION, _model_shape, apply
 from .cache import MaskCache, cache_bytes
 
-__all__ = ["evaluate", "EvalReport", "TextResult", "plan_density"]
+__all__ = ["evaluate", "EvalReport", "TextResult", "plan_density", "resolve_for_input"]
 
 DENSE = "sdpa"
 
@@ -43,6 +43,7 @@ DENSE = "sdpa"
 class TextResult:
     name: str
     tokens: int
+    density: float                  # the plan's attended pairs / causal pairs at this text's length
     loss_dense: float
     loss_plan: float
     top1_agreement: float
@@ -61,7 +62,7 @@ class EvalReport:
     """Figures of :func:`evaluate`; ``table()`` for people, ``to_dict()`` / ``write()`` for files."""
 
     plan: str                       # the mask text (uniform plans) or a summary
-    density: float                  # attended pairs / causal pairs at ``length``, mean over layers and heads
+    density: float                  # attended pairs / causal pairs, mean over texts, layers and heads
     length: int
     texts: list = field(default_factory=list)
     timing: dict | None = None      # prefill / attention / decode figures (seconds, ms per token)
@@ -74,12 +75,12 @@ class EvalReport:
         return out
 
     def table(self) -> str:
-        lines = [f"plan: {self.plan}  (density {self.density:.3f} of causal at {self.length} tokens)",
+        lines = [f"plan: {self.plan}  (density {self.density:.3f} of causal)",
                  "",
-                 "| text | tokens | loss dense | loss plan | delta | ppl dense | ppl plan | top-1 agreement |",
-                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                 "| text | tokens | density | loss dense | loss plan | delta | ppl dense | ppl plan | top-1 agreement |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for t in self.texts:
-            lines.append(f"| {t.name} | {t.tokens} | {t.loss_dense:.4f} | {t.loss_plan:.4f} | "
+            lines.append(f"| {t.name} | {t.tokens} | {t.density:.3f} | {t.loss_dense:.4f} | {t.loss_plan:.4f} | "
                          f"{t.loss_plan - t.loss_dense:+.4f} | {t.ppl_dense:.2f} | {t.ppl_plan:.2f} | "
                          f"{t.top1_agreement:.3f} |")
         if self.timing:
@@ -110,6 +111,25 @@ def plan_density(plan: MaskPlan, length: int) -> float:
     pairs = {m: m.compile(length).attended_pairs() for m in plan.distinct()}
     total = sum(pairs[m] for layer in plan.masks for m in layer)
     return total / (causal * plan.n_layers * plan.n_heads)
+
+
+def resolve_for_input(model, plan: MaskPlan, ids: torch.Tensor) -> MaskPlan:
+    """A plan with data-dependent heads made concrete for one input ``[L]``.
+
+    Each ``top_columns`` head gets the key columns that the dense model's last
+    queries of this input weigh most (MInference's rule: chosen from the prompt
+    itself); static plans come back unchanged.
+    """
+    dynamic = getattr(plan, "dynamic", None)
+    if not dynamic:
+        return plan
+    from .capture import capture
+    last = max(int(d["last_queries"]) for layer in dynamic for d in layer if d)
+    chosen = [i for i, layer in enumerate(dynamic) if any(layer)]
+    maps = capture(model, ids[None], layers=chosen)
+    masks = tuple(plan.resolve(i, maps[i][0, :, -last:]) if i in maps else plan.layer(i)
+                  for i in range(plan.n_layers))
+    return MaskPlan(masks, meta=dict(plan.meta, resolved_for_input=True))
 
 
 def _describe(plan: MaskPlan) -> str:
@@ -217,7 +237,9 @@ def evaluate(model, plan, texts: Sequence, *, tokenizer=None, length: int = 1024
     each is cut to ``length`` tokens. The cost figures use a prompt of
     ``timing_length`` tokens (default ``length``) built from the texts' tokens
     (repeated if they are shorter). ``progress`` receives one line per step.
-    The model is left running the plan. Returns an :class:`EvalReport`.
+    A plan with data-dependent heads is made concrete per text
+    (:func:`resolve_for_input`) and gets no cost figures. The model is left
+    running the plan (static plans). Returns an :class:`EvalReport`.
     """
     layers, heads, _ = _model_shape(model)
     plan = as_plan(plan, layers, heads)
@@ -226,8 +248,8 @@ def evaluate(model, plan, texts: Sequence, *, tokenizer=None, length: int = 1024
     items = _token_ids(texts, tokenizer, length)
     was_training = model.training
     model.eval()
-    report = EvalReport(plan=_describe(plan), density=plan_density(plan, max(len(ids) for _, ids in items)),
-                        length=max(len(ids) for _, ids in items))
+    dynamic = bool(getattr(plan, "dynamic", None))
+    report = EvalReport(plan=_describe(plan), density=float("nan"), length=max(len(ids) for _, ids in items))
     try:
         with torch.no_grad():
             for i, (name, ids) in enumerate(items):
@@ -235,21 +257,28 @@ def evaluate(model, plan, texts: Sequence, *, tokenizer=None, length: int = 1024
                 say(f"{name} ({len(ids)} tokens): dense")
                 _use(model, DENSE, plan)
                 dense = model(x, use_cache=False).logits[0, :-1].float()
+                if dynamic:
+                    say(f"{name}: resolving the data-dependent heads from this input's attention")
+                text_plan = resolve_for_input(model, plan, ids.to(device))
                 say(f"{name} ({len(ids)} tokens): plan")
-                _use(model, IMPLEMENTATION, plan)
+                _use(model, IMPLEMENTATION, text_plan)
                 mine = model(x, use_cache=False).logits[0, :-1].float()
                 target = x[0, 1:]
                 report.texts.append(TextResult(
-                    name=name, tokens=len(ids),
+                    name=name, tokens=len(ids), density=plan_density(text_plan, len(ids)),
                     loss_dense=float(torch.nn.functional.cross_entropy(dense, target)),
                     loss_plan=float(torch.nn.functional.cross_entropy(mine, target)),
                     top1_agreement=float((dense.argmax(-1) == mine.argmax(-1)).float().mean())))
                 del dense, mine
-            if timing:
+            report.density = sum(t.density for t in report.texts) / len(report.texts)
+            if timing and dynamic:
+                say("no cost figures for a plan with data-dependent heads (their columns depend on the prompt)")
+            elif timing:
                 report.timing, report.kv_bytes = _cost(model, plan, items, timing_length or length,
                                                        decode_tokens, repeats, device, say)
     finally:
-        _use(model, IMPLEMENTATION, plan)
+        if not dynamic:
+            _use(model, IMPLEMENTATION, plan)
         model.train(was_training)
     report.meta = _meta(model)
     return report

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import MaskValueError
-from ..masks import Complement, Difference, Intersection, Mask, MaskMod, Primitive, Union
+from ..maskmod import MaskMod
+from ..masks import Complement, Difference, Intersection, Mask, Primitive, Union
 
 from transformers.cache_utils import Cache, CacheLayerMixin
 

@@ -338,6 +338,13 @@ def classify_regions(leaf: MaskMod, frame: Frame, b: int, h: int, block_q: int, 
     those cell by cell). Spans are refined coarse to fine: a span the bounds decide is
     settled whole, so a window over 8192 key blocks costs a few hundred bound checks per
     query block, not 8192. Returns None when the predicate cannot be bounded.
+
+        >>> import numpy as np, attnmask as am
+        >>> lower = am.from_mask_mod(lambda b, h, q, k: k <= q, "lower")
+        >>> owner, c0, c1, state = classify_regions(lower, Frame(0, 256, 256), 0, 0, 128, 128,
+        ...                                         np.array([0, 1]), np.array([0, 0]), np.array([2, 2]))
+        >>> state.tolist()        # row 0: diagonal open, then empty; row 1: full, then diagonal open
+        [3, 0, 2, 3]
     """
     import numpy as np
     from .maskmod_bounds import Unsupported, bounds
@@ -460,6 +467,13 @@ def count_rects(leaf: MaskMod, frame: Frame, b: int, h: int, r_lo, r_hi, k_lo, k
     Bounds settle whole sub-rectangles; only sub-rectangles of at most 8 x 8 cells that
     the bounds leave open are evaluated, so a tile a window's edge crosses costs a few
     hundred cells instead of 16,384. None when the predicate cannot be bounded.
+
+        >>> import attnmask as am
+        >>> lower = am.from_mask_mod(lambda b, h, q, k: k <= q, "lower")
+        >>> lower.to_dense(1)[0].tolist(), lower.route            # the route is learnt on first use
+        ([True], 'broadcast')
+        >>> count_rects(lower, Frame(0, 256, 256), 0, 0, [0], [128], [0], [128]).tolist()   # 128 * 129 / 2
+        [8256]
     """
     import numpy as np
     from .maskmod_bounds import Unsupported, bounds
@@ -525,6 +539,11 @@ def tile_states(leaf: MaskMod, frame: Frame, b: int, h: int, block_q: int, block
     a tile where both values show up is partial, proven by the two witnesses. Only the
     tiles whose probes all agree are settled exactly, by bounds on sub-rectangles
     and cell evaluation (:func:`count_rects`), or by evaluating every cell.
+
+        >>> import attnmask as am
+        >>> lower = am.from_mask_mod(lambda b, h, q, k: k <= q, "lower")
+        >>> tile_states(lower, Frame(0, 256, 256), 0, 0, 128, 128, [0, 1, 0], [0, 0, 1]).tolist()
+        [1, 2, 0]
     """
     import numpy as np
     i64 = np.int64

@@ -124,11 +124,10 @@ class Mask:
 
     def has_mask_mod(self) -> bool:
         """Whether a ``from_mask_mod`` leaf occurs in this expression."""
-        found = self.__dict__.get("_has_mod") if hasattr(self, "__dict__") else None
+        found = self.__dict__.get("_has_mod")     # cached like Primitive's tables (frozen dataclass)
         if found is None:
             found = any(c.has_mask_mod() for c in self.children())
-            if hasattr(self, "__dict__"):
-                object.__setattr__(self, "_has_mod", found)
+            object.__setattr__(self, "_has_mod", found)
         return found
 
     def depends_on(self) -> frozenset:

@@ -7,6 +7,7 @@ Needs the extra: ``pip install "attnmask[models]"`` (transformers, gguf, acceler
 
 from __future__ import annotations
 
+from .capture import capture, model_shape
 from .loading import load, smollm2_path
 
-__all__ = ["load", "smollm2_path"]
+__all__ = ["load", "smollm2_path", "capture", "model_shape"]

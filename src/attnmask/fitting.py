@@ -223,39 +223,83 @@ def static_candidates(length: int, families: Sequence[str] = DEFAULT_FAMILIES) -
     return out
 
 
-def _kept_static(wn: torch.Tensor, cands: Sequence[Candidate], start: int, q_offset: int) -> torch.Tensor:
-    """Mean kept mass ``[H, C]`` over rows ``start..`` of normalized weights ``wn [H, R, Lk]``."""
-    h, r, lk = wn.shape
-    dev = wn.device
-    q = torch.arange(r, device=dev) + start + q_offset            # query positions of the rows
-    csum = torch.cumsum(wn, -1)                                    # [H, R, Lk]
-    zero = torch.zeros(h, r, 1, dtype=wn.dtype, device=dev)
-    cpad = torch.cat([zero, csum], -1)                             # cpad[..., j] = mass of keys < j
-
-    def upto(j: torch.Tensor) -> torch.Tensor:                     # mass of keys < j, j per row [R]
-        return cpad.gather(-1, j.clamp(0, lk).view(1, r, 1).expand(h, r, 1))[..., 0]
-
-    out = torch.empty(h, len(cands), dtype=wn.dtype, device=dev)
-    for i, c in enumerate(cands):
-        top = torch.minimum(q + 1, torch.full_like(q, lk))        # keys <= q
+def _interval_index(cands: Sequence[Candidate], q: torch.Tensor, lk: int) -> torch.Tensor:
+    """``[R, 3, n]`` key bounds per row of every interval candidate: kept = P(top) - P(lo) + P(sink_end),
+    with P(j) the mass of keys < j (window or chunk ``lo..top-1``, and the sink keys below ``lo``)."""
+    cols_ = []
+    top = torch.clamp(q + 1, max=lk)                                # keys <= q
+    for c in cands:
         if c.kind == "window":
             w, s = c.params
             lo = torch.clamp(q - w + 1, min=0)
-            sink_end = torch.minimum(torch.full_like(q, s), lo)    # sink keys below the window
-            kept = upto(top) - upto(lo) + upto(sink_end)
-        elif c.kind == "chunk":
+        else:                                                       # chunk
             size, s = c.params
             lo = q - q % size
-            sink_end = torch.minimum(torch.full_like(q, s), lo)
-            kept = upto(top) - upto(lo) + upto(sink_end)
-        else:                                                      # dilated(w, d) | sink(s)
-            w, d, s = c.params
-            keys = q.view(r, 1) - d * torch.arange(w, device=dev).view(1, w)   # [R, w]
-            valid = (keys >= s) & (keys >= 0)
-            lattice = wn.gather(-1, keys.clamp(min=0).view(1, r, w).expand(h, r, w)) * valid
-            kept = lattice.sum(-1) + upto(torch.minimum(torch.full_like(q, s), top))
-        out[:, i] = kept.mean(-1)
+        cols_.append(torch.stack([top, lo, torch.clamp(lo, max=s)], 1))
+    return torch.stack(cols_, 2)
+
+
+def _kept_static(wn: torch.Tensor, cands: Sequence[Candidate], start: int, q_offset: int) -> torch.Tensor:
+    """Mean kept mass ``[H, C]`` over rows ``start..`` of normalized weights ``wn [H, R, Lk]``.
+
+    Interval candidates (windows, chunks, with sinks) from one prefix sum along
+    the keys and three gathers for all of them at once; dilated lattices from
+    the mean mass at each distance q - k (with and without the sink keys)."""
+    h, r, lk = wn.shape
+    dev = wn.device
+    q = torch.arange(r, device=dev) + start + q_offset              # query positions of the rows
+    out = torch.empty(h, len(cands), dtype=wn.dtype, device=dev)
+    interval = [i for i, c in enumerate(cands) if c.kind in ("window", "chunk")]
+    if interval:
+        cpad = torch.nn.functional.pad(torch.cumsum(wn, -1), (1, 0))   # cpad[..., j] = mass of keys < j
+        idx = _interval_index([cands[i] for i in interval], q, lk).reshape(r, -1)   # [R, 3n]
+        g = cpad.gather(-1, idx.unsqueeze(0).expand(h, r, idx.shape[-1])).view(h, r, 3, len(interval))
+        out[:, interval] = (g[:, :, 0] - g[:, :, 1] + g[:, :, 2]).mean(1)
+    lattice = [i for i, c in enumerate(cands) if c.kind == "dilated"]
+    if lattice:
+        sinks = sorted({cands[i].params[2] for i in lattice})
+        profiles = dict(zip(sinks, _distance_profiles(wn, q, sinks)))
+        for i in lattice:
+            w, step, s = cands[i].params
+            profile, sink_mass = profiles[s]
+            out[:, i] = profile[:, 0:w * step:step].sum(-1) + sink_mass
     return out
+
+
+def _distance_profiles(wn: torch.Tensor, q: torch.Tensor, sinks: Sequence[int]) -> list:
+    """Per sink size s: ``[H, Lk]`` mean mass over the rows at each distance d = q - k from keys k >= s, and
+    ``[H]`` the mean mass of the keys < s. The distances are a strided view of the flipped, padded rows."""
+    h, r, lk = wn.shape
+    start = int(q[0])
+    padded = torch.nn.functional.pad(torch.flip(wn, [-1]), (0, lk))          # key k at column lk-1-k
+    # row i holds distance d = q_i - k at column d + lk-1-q_i: a view with row stride (stride - 1)
+    view = padded.as_strided((h, r, lk), (padded.stride(0), padded.stride(1) - 1, 1),
+                             padded.storage_offset() + lk - 1 - start)
+    whole = view.sum(1)
+    out = []
+    for s in sinks:
+        profile, sink = whole, torch.zeros(h, dtype=wn.dtype, device=wn.device)
+        if s:
+            head = wn[..., :s]                                                # [H, R, s]: the sink keys
+            sink = head.sum(-1).mean(1)
+            dist = q.view(r, 1) - torch.arange(s, device=wn.device).view(1, s)  # each sink key's distance
+            profile = whole.scatter_add(-1, dist.clamp(min=0).reshape(1, -1).expand(h, -1),
+                                        -(head * (dist >= 0)).reshape(h, -1))
+        out.append((profile / r, sink))
+    return out
+
+
+def _column_mass(wn: torch.Tensor, start: int, widths: Sequence[int]) -> torch.Tensor:
+    """``[H, n_widths, Lk]``: mean over the rows of the mass at key p from queries q >= p + w."""
+    h, r, lk = wn.shape
+    above = torch.nn.functional.pad(torch.cumsum(wn, 1), (0, 0, 1, 0))   # above[:, i, p] = mass of rows < i
+    total = above[:, r]
+    p = torch.arange(lk, device=wn.device)
+    out = []
+    for w in widths:
+        first = torch.clamp(p + w - start, min=0, max=r)                  # first row index with q >= p + w
+        out.append((total - above.gather(1, first.view(1, 1, lk).expand(h, 1, lk))[:, 0]) / r)
+    return torch.stack(out, 1)
 
 
 # ---------------------------------------------------------------------------
@@ -306,8 +350,6 @@ def _text_stats(maps: dict[int, torch.Tensor], cands: Sequence[Candidate], rows,
     want_cols = "columns" in families or "dynamic" in families
     stats = _TextStats(length, {}, {})
     k_idx = torch.arange(length)
-    q_idx = torch.arange(start, stop)
-    dist = q_idx.view(-1, 1) - k_idx.view(1, -1)                     # [R, L]
     q_last = torch.arange(max(0, length - last_queries), length)
     dist_last = q_last.view(-1, 1) - k_idx.view(1, -1)
     for layer, w in maps.items():
@@ -319,7 +361,7 @@ def _text_stats(maps: dict[int, torch.Tensor], cands: Sequence[Candidate], rows,
         if not want_cols:
             continue
         widths = sorted({b[0] for b in bases})
-        colmass = torch.stack([(wn * (dist >= cw)).sum(1) / wn.shape[1] for cw in widths], 1)  # [H, nw, L]
+        colmass = _column_mass(wn, start, widths)                              # [H, nw, L]
         stats.colmass[layer] = colmass
         if "dynamic" in families:
             wl = _normalized(w[:, q_last], int(q_last[0]))

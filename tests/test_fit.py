@@ -127,6 +127,9 @@ def test_static_and_dynamic_columns():
     assert resolved[0] == with_columns(4, 1, [15, 64, 65])
     kept = plan_coverage(dyn, held_out)
     assert kept.shape == (1, 2) and float(kept.min()) >= 0.95
+    # the fast path (base + column mass) equals the dense coverage of the resolved masks
+    ref = am.coverage(list(resolved), held_out[0], rows="half").per_head
+    assert torch.allclose(kept[0], ref, atol=1e-12, rtol=0)
     # pairs of the resolved mask agree with the fit's cost model (columns outside the window)
     base_pairs = am.parse("causal & (sliding(4) | sink(1))").compile(length).attended_pairs()
     assert resolved[0].compile(length).attended_pairs() == base_pairs + sum(length - p - 4 for p in (15, 64, 65))

@@ -42,7 +42,7 @@ import torch
 from .errors import MaskValueError
 from .language import as_mask
 from .masks import Mask, causal, chunked, cols, dilated, sink, sliding
-from .plan import DYNAMIC_FAMILY, MaskPlan, resolve_columns, with_columns
+from .plan import DYNAMIC_FAMILY, MaskPlan, resolve_columns, top_column_positions, with_columns
 
 FAMILIES = ("window", "dilated", "chunked", "columns", "dynamic")
 DEFAULT_FAMILIES = ("window", "dilated", "chunked", "columns")
@@ -156,12 +156,16 @@ def coverage(mask: Mask | str | Sequence[Mask | str], weights: torch.Tensor, *, 
         dense = torch.stack([as_mask(m).to_dense(q_len, kv_len, q_offset=q_offset) for m in mask])[:, start:stop]
     else:
         dense = as_mask(mask).to_dense(q_len, kv_len, q_offset=q_offset)[start:stop]
-    w = weights[..., start:stop, :].to(torch.float64)
+    return Coverage(_kept_rows(dense, weights[..., start:stop, :]), (start, stop))
+
+
+def _kept_rows(dense: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Per row, the share of ``w``'s mass where ``dense`` is True (1 where a row has no mass)."""
+    w = w.to(torch.float64)
     total = w.sum(-1)
     kept = (w * dense).sum(-1)
-    per_row = torch.where(total > 0, kept / torch.where(total > 0, total, torch.ones_like(total)),
-                          torch.ones_like(total))
-    return Coverage(per_row, (start, stop))
+    return torch.where(total > 0, kept / torch.where(total > 0, total, torch.ones_like(total)),
+                       torch.ones_like(total))
 
 
 # ---------------------------------------------------------------------------
@@ -251,9 +255,10 @@ def _kept_static(wn: torch.Tensor, cands: Sequence[Candidate], start: int, q_off
     out = torch.empty(h, len(cands), dtype=wn.dtype, device=dev)
     interval = [i for i, c in enumerate(cands) if c.kind in ("window", "chunk")]
     if interval:
-        cpad = torch.nn.functional.pad(torch.cumsum(wn, -1), (1, 0))   # cpad[..., j] = mass of keys < j
-        idx = _interval_index([cands[i] for i in interval], q, lk).reshape(r, -1)   # [R, 3n]
-        g = cpad.gather(-1, idx.unsqueeze(0).expand(h, r, idx.shape[-1])).view(h, r, 3, len(interval))
+        csum = torch.cumsum(wn, -1)                                    # csum[..., j] = mass of keys <= j
+        idx = _interval_index([cands[i] for i in interval], q, lk).reshape(r, -1)   # [R, 3n]: "keys < j"
+        g = csum.gather(-1, (idx - 1).clamp(min=0).unsqueeze(0).expand(h, r, idx.shape[-1]))
+        g = (g * (idx > 0)).view(h, r, 3, len(interval))
         out[:, interval] = (g[:, :, 0] - g[:, :, 1] + g[:, :, 2]).mean(1)
     lattice = [i for i, c in enumerate(cands) if c.kind == "dilated"]
     if lattice:
@@ -271,11 +276,12 @@ def _distance_profiles(wn: torch.Tensor, q: torch.Tensor, sinks: Sequence[int]) 
     ``[H]`` the mean mass of the keys < s. The distances are a strided view of the flipped, padded rows."""
     h, r, lk = wn.shape
     start = int(q[0])
-    padded = torch.nn.functional.pad(torch.flip(wn, [-1]), (0, lk))          # key k at column lk-1-k
-    # row i holds distance d = q_i - k at column d + lk-1-q_i: a view with row stride (stride - 1)
-    view = padded.as_strided((h, r, lk), (padded.stride(0), padded.stride(1) - 1, 1),
-                             padded.storage_offset() + lk - 1 - start)
-    whole = view.sum(1)
+    padded = torch.nn.functional.pad(wn, (lk, 0))                          # key k at column lk + k
+    # row i (query q_i) holds distance d = q_i - k at column lk + q_i - d; with e = lk - 1 - d that is
+    # column q_i + 1 + e: a view with row stride (stride + 1), reversed distances left to right
+    view = padded.as_strided((h, r, lk), (padded.stride(0), padded.stride(1) + 1, 1),
+                             padded.storage_offset() + start + 1)
+    whole = torch.flip(view.sum(1), [-1])
     out = []
     for s in sinks:
         profile, sink = whole, torch.zeros(h, dtype=wn.dtype, device=wn.device)
@@ -292,13 +298,14 @@ def _distance_profiles(wn: torch.Tensor, q: torch.Tensor, sinks: Sequence[int]) 
 def _column_mass(wn: torch.Tensor, start: int, widths: Sequence[int]) -> torch.Tensor:
     """``[H, n_widths, Lk]``: mean over the rows of the mass at key p from queries q >= p + w."""
     h, r, lk = wn.shape
-    above = torch.nn.functional.pad(torch.cumsum(wn, 1), (0, 0, 1, 0))   # above[:, i, p] = mass of rows < i
-    total = above[:, r]
+    upto = torch.cumsum(wn, 1)                                            # upto[:, i, p] = mass of rows <= i
+    total = upto[:, r - 1]
     p = torch.arange(lk, device=wn.device)
     out = []
     for w in widths:
         first = torch.clamp(p + w - start, min=0, max=r)                  # first row index with q >= p + w
-        out.append((total - above.gather(1, first.view(1, 1, lk).expand(h, 1, lk))[:, 0]) / r)
+        before = upto.gather(1, (first - 1).clamp(min=0).view(1, 1, lk).expand(h, 1, lk))[:, 0] * (first > 0)
+        out.append((total - before) / r)
     return torch.stack(out, 1)
 
 
@@ -615,18 +622,30 @@ def plan_coverage(plan: MaskPlan, maps: Mapping[int, torch.Tensor] | Sequence[to
     """
     layers = _as_layers(maps)
     out = torch.full((plan.n_layers, plan.n_heads), math.nan, dtype=torch.float64)
+    dense: dict[Mask, torch.Tensor] = {}     # plans repeat masks across layers: build each dense rows once
     for layer, w in layers.items():
         if layer >= plan.n_layers or w.shape[0] != plan.n_heads:
             raise MaskValueError(f"maps layer {layer} with {w.shape[0]} heads does not fit the plan "
                                  f"({plan.n_layers} layers x {plan.n_heads} heads)")
-        per_head = list(plan.resolve(layer, w[:, -_last_n(plan, layer):]) if plan.dynamic else plan.layer(layer))
-        out[layer] = coverage(per_head, w, rows=rows).per_head
+        q_len, kv_len = w.shape[-2:]
+        start, stop = row_range(rows, q_len, kv_len - q_len)
+        specs = plan.dynamic[layer] if plan.dynamic is not None else (None,) * plan.n_heads
+        for h, (m, spec) in enumerate(zip(plan.layer(layer), specs)):
+            if m not in dense:
+                if len(dense) >= 128:        # bounded: 128 x rows x keys bools
+                    dense.clear()
+                dense[m] = m.to_dense(q_len, kv_len)[start:stop]
+            kept = _kept_rows(dense[m], w[h, start:stop])
+            if spec is not None:
+                # the resolved mask is the base plus columns outside it: their mass adds to the base's
+                # (the same as coverage(plan.resolve(...)), without a dense mask per input)
+                positions = torch.tensor(top_column_positions(spec, w[h, -int(spec["last_queries"]):]))
+                rows_w = _normalized(w[h, start:stop], start)
+                q = torch.arange(start, stop).view(-1, 1)
+                outside = (q - positions.view(1, -1)) >= int(spec["window"])
+                kept = kept + (rows_w[:, positions] * outside).sum(-1)
+            out[layer, h] = kept.mean()
     return out
-
-
-def _last_n(plan: MaskPlan, layer: int) -> int:
-    specs = [d for d in plan.dynamic[layer] if d] if plan.dynamic else []
-    return max([int(d["last_queries"]) for d in specs] or [1])
 
 
 __all__ = ["coverage", "Coverage", "fit", "Calibration", "plan_coverage", "row_range", "static_candidates", "with_columns",

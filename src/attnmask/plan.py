@@ -260,6 +260,30 @@ def with_columns(window: int, sink_size: int, positions: Iterable[int]) -> Mask:
     return causal & m
 
 
+def top_column_positions(spec: dict, last_weights: torch.Tensor) -> list[int]:
+    """The key positions a ``top_columns`` head adds for one input (see :func:`resolve_columns`).
+
+        >>> import torch
+        >>> w = torch.zeros(4, 32); w[:, 5] = 1.0; w[:, 30] = 0.5
+        >>> top_column_positions({"family": "top_columns", "window": 4, "sink": 1, "columns": 1,
+        ...                       "last_queries": 4}, w)
+        [5]
+    """
+    if spec.get("family") != DYNAMIC_FAMILY:
+        raise MaskValueError(f"unknown data-dependent family {spec.get('family')!r}; known: {DYNAMIC_FAMILY!r}")
+    window, s, count, n_last = (int(spec[k]) for k in _DYNAMIC_KEYS)
+    if last_weights.dim() != 2:
+        raise MaskValueError(f"last_weights must be [n, Lk], got {tuple(last_weights.shape)}")
+    lk = last_weights.shape[-1]
+    wl = last_weights[-n_last:].to(torch.float64)
+    wl = wl / wl.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    q = torch.arange(lk - wl.shape[0], lk)
+    # a key's score: the last queries' mass on it from outside their window (inside it is kept anyway)
+    score = (wl * ((q.view(-1, 1) - torch.arange(lk).view(1, -1)) >= window)).sum(0)
+    score[:s] = -1.0                                                  # the sink holds those keys already
+    return sorted(torch.topk(score, min(count, lk - s)).indices.tolist())
+
+
 def resolve_columns(spec: dict, last_weights: torch.Tensor) -> Mask:
     """The concrete mask of a ``top_columns`` head for one input.
 
@@ -274,20 +298,7 @@ def resolve_columns(spec: dict, last_weights: torch.Tensor) -> Mask:
         ...                      "last_queries": 4}, w))
         'causal & (sliding(4) | sink(1) | cols(5))'
     """
-    if spec.get("family") != DYNAMIC_FAMILY:
-        raise MaskValueError(f"unknown data-dependent family {spec.get('family')!r}; known: {DYNAMIC_FAMILY!r}")
-    window, s, count, n_last = (int(spec[k]) for k in ("window", "sink", "columns", "last_queries"))
-    if last_weights.dim() != 2:
-        raise MaskValueError(f"last_weights must be [n, Lk], got {tuple(last_weights.shape)}")
-    lk = last_weights.shape[-1]
-    wl = last_weights[-n_last:].to(torch.float64)
-    wl = wl / wl.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-    q = torch.arange(lk - wl.shape[0], lk)
-    score = (wl * ((q.view(-1, 1) - torch.arange(lk).view(1, -1)) >= window)).sum(0)
-    score[:s] = -1.0
-    top = torch.topk(score, min(count, lk - s)).indices
-    return with_columns(window, s, top.tolist())
-
+    return with_columns(int(spec["window"]), int(spec["sink"]), top_column_positions(spec, last_weights))
 
 
 def as_plan(obj: "MaskPlan | Mask | str | Sequence", layers: int, heads: int) -> MaskPlan:

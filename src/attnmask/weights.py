@@ -41,11 +41,12 @@ SAVE_FORMATS = (".png", ".svg", ".pdf")
 
 def _figure(figsize, dpi) -> "Figure":
     import sys
+    # constrained layout leaves room for colorbars and legends beside several axes
     if "matplotlib.pyplot" in sys.modules:     # so plt.show() sees it, as render() does
         import matplotlib.pyplot as plt
-        return plt.figure(figsize=figsize, dpi=dpi)
+        return plt.figure(figsize=figsize, dpi=dpi, layout="constrained")
     from matplotlib.figure import Figure
-    return Figure(figsize=figsize, dpi=dpi)
+    return Figure(figsize=figsize, dpi=dpi, layout="constrained")
 
 
 def _check_path(path) -> str:
@@ -223,7 +224,6 @@ def render_weights(weights, *, mask: Mask | str | Sequence[Mask | str] | None = 
         ax.set_yticks(yt, [format_position(t) for t in yt])
     if title is not None:
         fig.suptitle(title)
-    fig.tight_layout()
     if colorbar and image is not None:
         cb = fig.colorbar(image, ax=list(axes[:n]), fraction=0.03 if ncols > 1 else 0.046, pad=0.02)
         cb.set_label("attention weight" + ("" if scale == "linear" else f" ({scale} scale)")
@@ -290,7 +290,6 @@ def render_overview(maps, *, cells: int = 64, scale: str = "log", title: str | N
                  f"queries top to bottom, mean of {tile} x {tile} tokens)", fontsize=10)
     cb = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02, shrink=0.5)
     cb.set_label("mean attention weight" + ("" if scale == "linear" else f" ({scale} scale)"))
-    fig.tight_layout()
     _save(fig, path)
     return fig
 
@@ -377,7 +376,6 @@ def render_census(census: dict, *, title: str | None = None, dpi: int = 100,
     ax.legend(handles=[Patch(color=colors[t], label=f"{t} ({counts.get(t, 0)})") for t in HEAD_TYPES],
               loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     ax.set_title(title or "Head types (largest share of mass)", fontsize=10)
-    fig.tight_layout()
     _save(fig, path)
     return fig
 
@@ -392,8 +390,8 @@ def render_plan(plan: "MaskPlan", *, title: str | None = None, dpi: int = 100,
         >>> import attnmask as am
         >>> from attnmask.weights import render_plan
         >>> fig = render_plan(am.MaskPlan.uniform("causal", layers=2, heads=3))
-        >>> fig.axes[0].get_xlabel()
-        'head'
+        >>> fig.axes[0].get_ylabel()
+        'layer'
     """
     if path is not None:
         _check_path(path)
@@ -412,7 +410,6 @@ def render_plan(plan: "MaskPlan", *, title: str | None = None, dpi: int = 100,
     ax.set_xticks(range(plan.n_heads), [str(h) for h in range(plan.n_heads)])
     ax.set_yticks(range(plan.n_layers), [str(l) for l in range(plan.n_layers)])
     ax.tick_params(length=0, labelsize=8)
-    ax.set_xlabel("head")
     ax.set_ylabel("layer")
     meta = plan.meta
     if title is None:
@@ -422,8 +419,7 @@ def render_plan(plan: "MaskPlan", *, title: str | None = None, dpi: int = 100,
     ax.set_title(title, fontsize=10)
     cb = fig.colorbar(im, ax=ax, fraction=0.06, pad=0.03)
     cb.set_label("attended pairs / causal pairs")
-    fig.text(0.01, 0.005, "c causal · w window · d dilated · k chunked · s columns · t top_columns", fontsize=7)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    ax.set_xlabel("head\nc causal · w window · d dilated · k chunked · s columns · t top_columns", fontsize=8)
     _save(fig, path)
     return fig
 

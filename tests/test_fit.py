@@ -82,6 +82,8 @@ def test_planted_patterns_recovered_at_their_cost():
             assert fig["density"] == pytest.approx(fig["pairs"] / (length * (length + 1) / 2))
             assert 0.95 <= fig["kept_worst_text"] <= fig["kept_mean"] <= 1.0
     assert plan.meta["uniform"]["density"] <= plan.meta["density_mean"]
+    match = plan.meta["uniform_matching"]
+    assert match["kept_mean"] >= plan.meta["kept_mean"] and match["density"] > plan.meta["density_mean"]
 
 
 def test_keep_holds_on_every_text_not_on_average():

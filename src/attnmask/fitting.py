@@ -554,13 +554,23 @@ class Calibration:
                 uniform = {"mask": str(cands[i].mask), "density": float(static_pairs[i] / causal_pairs),
                            "kept_mean": float(kept_cat[i].mean()), "kept_worst_head": float(per_head.min())}
                 break
+        # and what one mask for every head must cost to keep as much as the plan does on average
+        plan_kept = sum(f["kept_mean"] for f in fitted) / len(fitted)
+        matching = None
+        for i in torch.argsort(static_pairs).tolist():
+            if use_static[i] and float(kept_cat[i].mean()) >= plan_kept:
+                per_head = torch.cat([k[:, :, i].mean(0) for k in kept_all])
+                matching = {"mask": str(cands[i].mask), "density": float(static_pairs[i] / causal_pairs),
+                            "kept_mean": float(kept_cat[i].mean()), "kept_worst_head": float(per_head.min())}
+                break
         rows = self.rows if isinstance(self.rows, (str, type(None))) else list(self.rows)
         meta = {"keep": keep, "rows": rows, "length": length, "texts": list(self.names),
                 "families": list(families), "last_queries": self.last_queries,
                 "density_mean": plan_density, "pairs_total": int(sum(f["pairs"] for f in fitted)),
                 "kept_mean": sum(f["kept_mean"] for f in fitted) / len(fitted),
                 "kept_worst_head": min(f["kept_worst_text"] for f in fitted),
-                "heads_causal": sum(f["family"] == "causal" for f in fitted), "uniform": uniform}
+                "heads_causal": sum(f["family"] == "causal" for f in fitted), "uniform": uniform,
+                "uniform_matching": matching}
         has_dynamic = any(d is not None for layer in dynamic for d in layer)
         return MaskPlan(tuple(tuple(layer) for layer in masks), figures=tuple(tuple(f) for f in figures),
                         meta=meta, dynamic=tuple(tuple(d) for d in dynamic) if has_dynamic else None)
@@ -584,8 +594,9 @@ def fit(maps_per_text: Iterable, keep: float = 0.95, *, rows="half", families: S
 
     The plan's ``figures[l][h]`` hold the family, pairs, density (pairs /
     causal pairs) and the kept share (mean and worst text); ``meta`` the
-    settings, totals and ``uniform``: the best single mask for every head
-    whose density is at most the plan's.
+    settings, totals, ``uniform``: the best single mask for every head whose
+    density is at most the plan's, and ``uniform_matching``: the cheapest
+    single mask that keeps as much as the plan on average.
 
         >>> import torch, attnmask as am
         >>> w = am.causal.to_dense(64).float() * (torch.arange(64) >= torch.arange(64)[:, None] - 7)

@@ -27,12 +27,17 @@ import torch
 import attnmask as am
 from attnmask import models
 from attnmask.bench import machine_description
-from attnmask.fitting import DEFAULT_FAMILIES, FAMILIES, Calibration, plan_coverage
+from attnmask.fitting import FAMILIES, Calibration, plan_coverage
 
 CALIBRATION = ("argparse.py", "dataclasses.py", "functools.py", "typing.py")
 HELD_OUT = ("shlex.py", "textwrap.py")
 SECTION = "## Seeing and fitting heads (issue 14)"
-COLUMN_LAYERS = range(1, 11)     # where SmolLM2's heads read content-token columns (see the overview)
+COLUMN_LAYERS = range(1, 11)
+KINDS = {"windows": ("window", "dilated", "chunked"),                  # the default families
+         "columns": ("window", "dilated", "chunked", "columns"),       # + static key columns
+         "dynamic": ("window", "dilated", "chunked", "dynamic")}       # + top_columns, per input
+LABELS = {"windows": "", "columns": " + static columns", "dynamic": " + `top_columns`"}
+SUFFIX = {"windows": "", "columns": "_columns", "dynamic": "_dynamic"}     # where SmolLM2's heads read content-token columns (see the overview)
 
 
 def stdlib_ids(tok, name: str, length: int) -> torch.Tensor:
@@ -92,19 +97,20 @@ def main(argv=None) -> int:
     plans = {}
     t4 = time.perf_counter()
     for keep in (0.90, 0.95):
-        plans[(keep, "static")] = cal.plan(keep, DEFAULT_FAMILIES)
-        plans[(keep, "dynamic")] = cal.plan(keep, FAMILIES)
+        for kind, families in KINDS.items():
+            plans[(keep, kind)] = cal.plan(keep, families)
     plan_s = (time.perf_counter() - t4) / len(plans)
 
-    uniforms = {key: am.parse(plan.meta["uniform"]["mask"]) for key, plan in plans.items()}
+    uniforms = {(*key, which): am.parse(plan.meta[which]["mask"]) for key, plan in plans.items()
+                for which in ("uniform", "uniform_matching") if plan.meta.get(which)}
     held = {key: [] for key in plans}
-    held_uniform = {key: [] for key in plans}
+    held_uniform = {key: [] for key in uniforms}
     for name in HELD_OUT:
         maps = models.capture(model, stdlib_ids(tok, name, args.length))
         for key, plan in plans.items():
             held[key].append(plan_coverage(plan, maps))
-            u = am.MaskPlan.uniform(uniforms[key], n_layers, n_heads)
-            held_uniform[key].append(plan_coverage(u, maps))
+        for key, mask in uniforms.items():
+            held_uniform[key].append(plan_coverage(am.MaskPlan.uniform(mask, n_layers, n_heads), maps))
         del maps
     held = {k: torch.stack(v) for k, v in held.items()}
     held_uniform = {k: torch.stack(v) for k, v in held_uniform.items()}
@@ -112,8 +118,7 @@ def main(argv=None) -> int:
     if args.out != "-":
         os.makedirs(args.out, exist_ok=True)
         for (keep, kind), plan in plans.items():
-            suffix = "" if kind == "static" else "_dynamic"
-            plan.to_json(os.path.join(args.out, f"smollm2_plan_{round(keep * 100)}{suffix}.json"))
+            plan.to_json(os.path.join(args.out, f"smollm2_plan_{round(keep * 100)}{SUFFIX[kind]}.json"))
 
     lines = [SECTION, "",
              f"Measured {started:%Y-%m-%d %H:%M} UTC on {machine_description()}; the machine was shared "
@@ -126,16 +131,28 @@ def main(argv=None) -> int:
              "per head; a plan keeps the target on every calibration text for every head. "
              "Density = attended pairs / causal pairs at 1024 tokens, mean over heads. "
              "Worst head = the head with the lowest kept share (mean over the held-out texts).", "",
-             "| plan | density | calibration kept (mean / worst head, worst text) | held-out kept: mean | held-out: worst head | heads `causal` | best uniform mask of at most that density | its density | uniform held-out: mean | uniform held-out: worst head |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| plan | density | calibration kept: mean / worst head on its worst text | held-out kept: mean | held-out: worst head | heads `causal` |",
+             "|---|---|---|---|---|---|"]
     for (keep, kind), plan in plans.items():
         m, w = mean_worst(held[(keep, kind)])
-        um, uw = mean_worst(held_uniform[(keep, kind)])
-        label = f"{keep:.0%} per head" + (" + `top_columns`" if kind == "dynamic" else "")
-        u = plan.meta["uniform"]
-        lines.append(f"| {label} | {plan.meta['density_mean']:.3f} | {plan.meta['kept_mean']:.3f} / "
-                     f"{plan.meta['kept_worst_head']:.3f} | {m:.3f} | {w:.3f} | {plan.meta['heads_causal']} | "
-                     f"`{u['mask']}` | {u['density']:.3f} | {um:.3f} | {uw:.3f} |")
+        lines.append(f"| {keep:.0%} per head{LABELS[kind]} | {plan.meta['density_mean']:.3f} | "
+                     f"{plan.meta['kept_mean']:.3f} / {plan.meta['kept_worst_head']:.3f} | {m:.3f} | {w:.3f} | "
+                     f"{plan.meta['heads_causal']} |")
+    lines += ["", "Uniform masks (one mask for every head) beside each plan: the best of at most the plan's density, "
+              "and the cheapest that keeps the plan's mean share on the calibration texts:", "",
+              "| plan | uniform, at most the plan's density | density | held-out kept: mean | worst head | "
+              "uniform matching the plan's calibration mean | density | held-out kept: mean | worst head |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for (keep, kind), plan in plans.items():
+        row = [f"{keep:.0%} per head{LABELS[kind]}"]
+        for which in ("uniform", "uniform_matching"):
+            u = plan.meta.get(which)
+            if u is None:
+                row += ["none", "", "", ""]
+                continue
+            um, uw = mean_worst(held_uniform[(keep, kind, which)])
+            row += [f"`{u['mask']}`", f"{u['density']:.3f}", f"{um:.3f}", f"{uw:.3f}"]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |")   # masks hold '|' 
     lines += ["", "Families chosen (heads):", ""]
     for (keep, kind), plan in plans.items():
         counts: dict[str, int] = {}
@@ -145,24 +162,21 @@ def main(argv=None) -> int:
         lines.append(f"- {keep:.0%} {kind}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
     lines += ["", f"The data-dependent family on the column-heavy layers {COLUMN_LAYERS.start}-{COLUMN_LAYERS.stop - 1} "
-              "(density and held-out kept share, mean over those layers' heads; worst head in brackets):", "",
-              "| target | static plan: density | static: held-out kept | with `top_columns`: density | with `top_columns`: held-out kept | heads `causal` static -> dynamic |",
+              "(their 90 heads: density, held-out kept share mean and worst head, heads left `causal`, heads "
+              "given `top_columns`):", "",
+              "| plan | density | held-out kept: mean | worst head | heads `causal` | heads `top_columns` |",
               "|---|---|---|---|---|---|"]
     for keep in (0.90, 0.95):
-        row = [f"{keep:.0%}"]
-        causal_counts = []
-        for kind in ("static", "dynamic"):
+        for kind in ("windows", "columns", "dynamic"):
             plan = plans[(keep, kind)]
             figs = [plan.figures[l][h] for l in COLUMN_LAYERS for h in range(n_heads)]
             dens = sum(f["density"] for f in figs) / len(figs)
             k = held[(keep, kind)][:, COLUMN_LAYERS.start:COLUMN_LAYERS.stop].mean(0)
-            row += [f"{dens:.3f}", f"{float(k.mean()):.3f} ({float(k.min()):.3f})"]
-            causal_counts.append(sum(f["family"] == "causal" for f in figs))
-        row.append(f"{causal_counts[0]} -> {causal_counts[1]}")
-        lines.append("| " + " | ".join(row) + " |")
-
-    report = plans[(0.95, "static")].analyze(args.length, head_dim=64, kv_heads=n_kv)
-    lines += ["", f"Plan totals at {args.length} tokens (95% static plan, `plan.analyze`): attended pairs "
+            lines.append(f"| {keep:.0%}{LABELS[kind]} | {dens:.3f} | {float(k.mean()):.3f} | {float(k.min()):.3f} | "
+                         f"{sum(f['family'] == 'causal' for f in figs)} | "
+                         f"{sum(f['family'] == 'dynamic' for f in figs)} |")
+    report = plans[(0.95, "windows")].analyze(args.length, head_dim=64, kv_heads=n_kv)
+    lines += ["", f"Plan totals at {args.length} tokens (95% per-head plan, `plan.analyze`): attended pairs "
               f"{report['pairs']:,} of {report['dense_pairs']:,} causal ({report['density']:.3f}); forward FLOPs "
               f"{report['flops_forward'] / 1e9:.2f} G vs {report['dense_flops_forward'] / 1e9:.2f} G; KV-cache "
               f"entries at the last step {report['kv_cache']:,} vs {report['dense_kv_cache']:,} "
@@ -172,9 +186,9 @@ def main(argv=None) -> int:
               + f"; picking one plan from the statistics {plan_s:.2f} s. Capture plus fit of one text: "
               f"{min(c + s for _, c, s in timings) + plan_s:.1f} s (best of {len(timings)}); of all "
               f"{len(timings)} calibration texts: {sum(c + s for _, c, s in timings) + plan_s:.1f} s.", "",
-              "Plans: `benchmarks/results/smollm2_plan_90.json`, `smollm2_plan_95.json` (static families) and "
-              "`smollm2_plan_90_dynamic.json`, `smollm2_plan_95_dynamic.json` (with `top_columns` heads, which "
-              "`MaskPlan.resolve` turns into `cols(...)` terms per input).", ""]
+              "Plans: `benchmarks/results/smollm2_plan_90.json`, `smollm2_plan_95.json` (windows, dilated, "
+              "chunked: the default families), `*_columns.json` (+ static key columns) and `*_dynamic.json` "
+              "(+ `top_columns` heads, which `MaskPlan.resolve` turns into `cols(...)` terms per input).", ""]
     text = "\n".join(lines)
     if args.out == "-":
         print(text)

@@ -254,6 +254,8 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--keep", type=_share, default=0.95, metavar="K", help="share of mass to keep (default 0.95)")
     p.add_argument("--dynamic", action="store_true",
                    help="also try top_columns heads: key columns chosen per input from its last queries")
+    p.add_argument("--static-columns", action="store_true",
+                   help="also try fixed key columns chosen on the calibration texts (they rarely carry over)")
     p.add_argument("-o", "--output", required=True, metavar="PLAN.json", help="where to write the plan")
     p.add_argument("--plot", default=None, metavar="PATH", help="also draw the plan (.png/.svg/.pdf)")
     p = sub.add_parser("eval", help="run a model with a plan: loss, agreement, speed, KV cache vs dense",
@@ -488,11 +490,12 @@ def cmd_fit(args) -> int:
     from .models.texts import read_text
     for path in list(args.text) + list(args.held_out or []):
         read_text(path)                           # a missing file fails before the model loads
-    from .fitting import DEFAULT_FAMILIES, FAMILIES, Calibration, plan_coverage
+    from .fitting import DEFAULT_FAMILIES, Calibration, plan_coverage
     from .models import capture
     from .models.texts import text_ids
     model, tok = _load_model(args.model)
-    cal = Calibration(families=FAMILIES if args.dynamic else DEFAULT_FAMILIES)
+    families = DEFAULT_FAMILIES + (("columns",) if args.static_columns else ()) + (("dynamic",) if args.dynamic else ())
+    cal = Calibration(families=families)
     texts = [(path, text_ids(tok, path, args.length)) for path in args.text]
     with _steps(len(texts), "calibrating") as step:
         for path, ids in texts:

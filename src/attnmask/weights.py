@@ -134,7 +134,7 @@ def _cmap():
 
 def render_weights(weights, *, mask: Mask | str | Sequence[Mask | str] | None = None, scale: str = "log",
                    ncols: int | None = None, window=None, q_offset: int | None = None,
-                   titles: Sequence[str] | None = None, title: str | None = None, max_cells: int = 512,
+                   titles: Sequence[str] | None = None, title: str | None = None, max_cells: int = 256,
                    pool: str = "max", figsize: tuple[float, float] | None = None, dpi: int = 100,
                    colorbar: bool = True, path: str | os.PathLike | None = None) -> "Figure":
     """Attention weights as heatmaps, one panel per head, like the signature picture.
@@ -241,17 +241,20 @@ def _layer_maps(maps) -> dict[int, torch.Tensor]:
 
 
 def render_overview(maps, *, cells: int = 64, scale: str = "log", title: str | None = None,
-                    dpi: int = 100, path: str | os.PathLike | None = None) -> "Figure":
-    """Every layer (rows) x head (columns) of a model, each head pooled to ``cells x cells`` tiles.
+                    layers_across: bool | None = None, dpi: int = 100,
+                    path: str | os.PathLike | None = None) -> "Figure":
+    """Every layer x head of a model at once, each head pooled to ``cells x cells`` tiles.
 
     ``maps`` is ``{layer: [H, L, L]}`` (or ``[1, H, L, L]``), as capture returns.
-    Each tile's colour is the mean weight of its tokens, on ``scale``.
+    Each tile's colour is the mean weight of its tokens, on ``scale``. Layers
+    run left to right when there are more layers than heads (a wide picture),
+    else top to bottom; ``layers_across`` chooses.
 
         >>> import torch
         >>> from attnmask.weights import render_overview
-        >>> fig = render_overview({0: torch.rand(3, 32, 32), 1: torch.rand(3, 32, 32)}, cells=16)
-        >>> fig.axes[0].get_xlabel()
-        'head'
+        >>> fig = render_overview({layer: torch.rand(2, 32, 32) for layer in range(4)}, cells=16)
+        >>> fig.axes[0].get_xlabel(), fig.axes[0].get_ylabel()
+        ('layer', 'head')
     """
     if scale not in SCALES:
         raise MaskValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
@@ -261,34 +264,39 @@ def render_overview(maps, *, cells: int = 64, scale: str = "log", title: str | N
     order = sorted(layers)
     heads = layers[order[0]].shape[0]
     length = layers[order[0]].shape[-1]
+    across = len(order) >= heads if layers_across is None else bool(layers_across)
     tile = max(1, -(-length // cells))
     side = -(-length // tile)
-    gap = max(1, side // 16)
-    canvas = np.full((len(order) * (side + gap) - gap, heads * (side + gap) - gap), np.nan)
-    for r, layer in enumerate(order):
+    gap = max(1, side // 12)
+    n_rows, n_cols = (heads, len(order)) if across else (len(order), heads)
+    canvas = np.full((n_rows * (side + gap) - gap, n_cols * (side + gap) - gap), np.nan)
+    for li, layer in enumerate(order):
         w = layers[layer].to(torch.float64).numpy()
         for h in range(w.shape[0]):
             img = _pool(w[h], tile, "mean")
-            canvas[r * (side + gap):r * (side + gap) + img.shape[0], h * (side + gap):h * (side + gap) + img.shape[1]] = img
+            r, c = (h, li) if across else (li, h)
+            canvas[r * (side + gap):r * (side + gap) + img.shape[0],
+                   c * (side + gap):c * (side + gap) + img.shape[1]] = img
     finite = canvas[np.isfinite(canvas)]
     vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
     cmap = _cmap().with_extremes(bad="white")
-    ratio = canvas.shape[0] / canvas.shape[1]
-    width = 1.0 * heads + 1.8
-    fig = _figure((width, min(60.0, width * ratio * 0.95 + 1.0)), dpi)
+    width = min(24.0, 0.5 * n_cols + 2.0)
+    fig = _figure((width, (width - 2.0) * n_rows / n_cols + 1.6), dpi)
     ax = fig.add_subplot()
     shown = np.ma.masked_invalid(np.where(canvas <= 0, LOG_FLOOR / 10, canvas) if scale == "log" else canvas)
-    im = ax.imshow(shown, cmap=cmap, norm=_norm(scale, vmax), interpolation="nearest", aspect="equal")
-    ax.set_xticks([h * (side + gap) + side / 2 for h in range(heads)], [str(h) for h in range(heads)])
-    ax.set_yticks([r * (side + gap) + side / 2 for r in range(len(order))], [str(l) for l in order])
+    im = ax.imshow(shown, cmap=cmap, norm=_norm(scale, vmax), interpolation="antialiased", aspect="equal")
+    col_names, row_names = ([str(l) for l in order], [str(h) for h in range(heads)]) if across else \
+        ([str(h) for h in range(heads)], [str(l) for l in order])
+    ax.set_xticks([c * (side + gap) + side / 2 for c in range(n_cols)], col_names)
+    ax.set_yticks([r * (side + gap) + side / 2 for r in range(n_rows)], row_names)
     ax.tick_params(length=0, labelsize=8)
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
+    ax.set_xlabel("layer" if across else "head")
+    ax.set_ylabel("head" if across else "layer")
     for spine in ax.spines.values():
         spine.set_visible(False)
-    ax.set_title(title or f"Attention of every head, {length:,} tokens\n(each tile: keys left to right, "
+    ax.set_title(title or f"Attention of every head, {length:,} tokens (each tile: keys left to right, "
                  f"queries top to bottom, mean of {tile} x {tile} tokens)", fontsize=10)
-    cb = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02, shrink=0.5)
+    cb = fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01, shrink=0.9)
     cb.set_label("mean attention weight" + ("" if scale == "linear" else f" ({scale} scale)"))
     _save(fig, path)
     return fig

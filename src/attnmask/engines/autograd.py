@@ -39,12 +39,12 @@ import torch
 
 from ..errors import MaskValueError
 from ..layout import BlockLayout
-from .blocksparse import (_SMALL_WORK, _Builder, _dilation, _segments, _strided_runs, block_runs,
-                          blocksparse_forward, partial_tiles)
+from ..threads import threads_for
+from .blocksparse import (_Builder, _dilation, _segments, _strided_runs, block_runs,
+                          blocksparse_forward, head_runs, partial_tiles)
 
 __all__ = ["blocksparse_attention_with_grad", "blocksparse_backward"]
 
-# Small problems run on one thread, by the forward's rule (_SMALL_WORK in blocksparse.py).
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
@@ -353,14 +353,7 @@ def blocksparse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     if q.numel() and k.numel():
         used = torch.unique(head_layout).tolist()
         work = sum(layouts[li].attended_pairs() * int((head_layout == li).sum()) for li in used)
-        threads = torch.get_num_threads()
-        if work < _SMALL_WORK and threads > 1:
-            torch.set_num_threads(1)
-            try:
-                _backward_layouts(q_, k_, v_, o_, do_, lse0, dlse_, layouts, head_layout, used, scale, dq, dk, dv)
-            finally:
-                torch.set_num_threads(threads)
-        else:
+        with threads_for(work):
             _backward_layouts(q_, k_, v_, o_, do_, lse0, dlse_, layouts, head_layout, used, scale, dq, dk, dv)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
@@ -370,25 +363,13 @@ def _backward_layouts(q_, k_, v_, o_, do_, lse0, dlse_, layouts, head_layout, us
     if len(used) == 1:
         _one_layout(q_, k_, v_, o_, do_, lse0, dlse_, layouts[used[0]], scale, dq, dk, dv)
         return
-    # Heads with different layouts: gather each group's heads, run it, put results back.
-    # dK/dV are first kept per *query* head (each written once), then summed over the
-    # G heads of a kv head in a fixed order, so nothing races.
-    B, H, Lq, D = q_.shape
-    Hkv, Lk = k_.shape[1], k_.shape[2]
-    G = H // Hkv
-    dk_h = torch.zeros(B, H, Lk, D, dtype=dk.dtype)
-    dv_h = torch.zeros(B, H, Lk, dv.shape[-1], dtype=dv.dtype)
-    for li in used:
-        bs, hs = (head_layout == li).nonzero(as_tuple=True)
-        kvh = hs // G
-        qg, og, dog = (x[bs, hs].unsqueeze(0) for x in (q_, o_, do_))    # [1, n, Lq, D]
-        kg, vg = (x[bs, kvh].unsqueeze(0) for x in (k_, v_))               # [1, n, Lk, D]
-        gq, gk, gv = torch.zeros_like(qg), torch.zeros_like(kg), torch.zeros_like(vg)
-        _one_layout(qg, kg, vg, og, dog, lse0[bs, hs].unsqueeze(0),
-                    None if dlse_ is None else dlse_[bs, hs].unsqueeze(0), layouts[li], scale, gq, gk, gv)
-        dq[bs, hs], dk_h[bs, hs], dv_h[bs, hs] = gq[0], gk[0], gv[0]
-    torch.sum(dk_h.view(B, Hkv, G, Lk, D), 2, out=dk)
-    torch.sum(dv_h.view(B, Hkv, G, Lk, -1), 2, out=dv)
+    # Heads with different layouts: each run of neighbouring heads with one layout inside a kv
+    # group runs on views (no gather, no K/V repetition); dK/dV of a kv head are accumulated run
+    # after run in a fixed order, so the sums are deterministic.
+    for bs, h0, h1, j, li in head_runs(head_layout, k_.shape[1]):
+        _one_layout(q_[bs, h0:h1], k_[bs, j:j + 1], v_[bs, j:j + 1], o_[bs, h0:h1], do_[bs, h0:h1],
+                    lse0[bs, h0:h1], None if dlse_ is None else dlse_[bs, h0:h1], layouts[li], scale,
+                    dq[bs, h0:h1], dk[bs, j:j + 1], dv[bs, j:j + 1])
 
 
 class _BlockSparseAttention(torch.autograd.Function):

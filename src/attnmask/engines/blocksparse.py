@@ -47,8 +47,9 @@ import torch
 
 from ..errors import MaskValueError
 from ..layout import BlockLayout
+from ..threads import SMALL_OP as _SMALL_OP, SMALL_WORK as _SMALL_WORK, single_thread, threads_for
 
-__all__ = ["blocksparse_forward", "plan_for", "Plan"]
+__all__ = ["blocksparse_forward", "plan_for", "Plan", "head_runs"]
 
 _FULL, _PARTIAL = 2, 1
 # A full run at least this many blocks long inside a partially masked segment
@@ -58,6 +59,9 @@ _SPLIT_FULL_BLOCKS = 4
 _ONE_CALL_BLOCKS = 32
 # Tiles evaluated per tile_masks call while planning (bounds the planner's memory).
 _TILES_PER_EVAL = 64
+# Items of at most this many keys (a sink, a few key columns) are gathered into the calls of
+# their query block's larger items instead of running alone and merging by LSE.
+GATHER_KEYS = 64
 # Partial blocks may run as row pieces of this many rows, each trimmed to its keys ...
 _SUB_ROWS = 64
 # ... when the pieces' estimated kernel time is below this share of the whole block's.
@@ -65,13 +69,6 @@ _SPLIT_GAIN = 0.97
 # A causal region runs as one is_causal call unless row pieces cost less than this share of it
 # (the pieces make more, smaller calls).
 _REGION_GAIN = 1.1
-
-# Below this many scores a call runs on one thread: waking a thread pool costs more than
-# it saves, and on a busy machine each parallel region can wait a whole scheduler slice.
-_SMALL_WORK = 1 << 18
-# The same rule per kernel call of a larger forward. Measured on a quiet machine, two threads
-# already halve a 64 x 64 x 8-head call (64 vs 118 us), so only tiny calls stay on one.
-_SMALL_OP = 1 << 15
 
 # A batched call's output is a temporary before it lands in place; split calls so that
 # it stays under this many bytes (a 128K-token window forward then adds ~ its output).
@@ -91,7 +88,9 @@ class Op:
     indexes ``Plan.masks`` (bool ``[rows, span]``, the same for every g) or is
     None; ``causal`` means the top-left causal mask of the kernel (rows == span);
     ``rows_empty`` indexes ``Plan.row_empty``; ``first`` says no earlier op wrote
-    these rows (copy instead of merging).
+    these rows (copy instead of merging). ``extra``: key ranges ``[a, b)`` at fixed
+    positions (a sink, key columns) gathered in front of every item's keys, so the
+    call's keys are ``extra + [k0 + g * dk, + span)`` and the mask covers them all.
     """
     r0: int
     dr: int
@@ -104,6 +103,7 @@ class Op:
     causal: bool
     rows_empty: int | None
     first: bool
+    extra: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -141,12 +141,8 @@ def plan_for(layout: BlockLayout) -> Plan:
     plan = _plans.get(layout)
     if plan is None:
         # Planning is many small tensor ops: on one thread they never wait for a busy pool.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with single_thread():
             plan = _build_plan(layout)
-        finally:
-            torch.set_num_threads(threads)
         _plans[layout] = plan
     return plan
 
@@ -284,12 +280,48 @@ class _Builder:
         out = []
         for r, n in self.chunks(m):
             sub = m[r:r + n]
-            cols = sub.any(0).nonzero()
-            if len(cols) == 0:
-                continue
-            lo, hi = int(cols[0]), int(cols[-1]) + 1
-            out.append((r, n, lo, hi - lo) + self._mask_ids(sub[:, lo:hi].contiguous()))
+            for lo, hi in _key_clusters(sub.any(0)):
+                out.append((r, n, lo, hi - lo) + self._mask_ids(sub[:, lo:hi].contiguous()))
         return out
+
+    def gather_small(self, items: list[tuple]) -> list[tuple]:
+        """Fold the key-set items of one query block into the items that cover their rows.
+
+        ``items``: ``(row offset, rows, k0, span, mask id, rows-empty id)`` of one block, from
+        all its segments (disjoint keys). An item of at most ``GATHER_KEYS`` keys (a sink, a
+        few key columns) joins every larger item whose rows it covers: that item's call then
+        reads those keys too (gathered in front of its own) and the small item's own call and
+        its log-sum-exp merge disappear. Returns items with a 7th field, the gathered absolute
+        key ranges (``()`` when none).
+        """
+        out = [it + ((),) for it in items]
+        if len(items) < 2:
+            return out
+        small = [it for it in items if it[3] <= GATHER_KEYS]
+        large = [it for it in items if it[3] > GATHER_KEYS]
+        if not small or not large:
+            return out
+        # Each row of a small item must join exactly one large item (large items of two
+        # segments may share rows: the second one gets nothing).
+        covered = [np.zeros(it[1], dtype=bool) for it in small]
+        merged = []
+        for r, n, k0, span, m, re_ in large:
+            extra, cols = [], []
+            for j, (rs, ns, ks, ss, ms, _) in enumerate(small):
+                if rs <= r and r + n <= rs + ns and not covered[j][r - rs:r - rs + n].any():
+                    covered[j][r - rs:r - rs + n] = True
+                    extra.append((ks, ks + ss))
+                    cols.append(torch.ones((n, ss), dtype=torch.bool) if ms is None else
+                                self.masks[ms][r - rs:r - rs + n])
+            if not extra:
+                merged.append((r, n, k0, span, m, re_, ()))
+                continue
+            own = torch.ones((n, span), dtype=torch.bool) if m is None else self.masks[m]
+            mid, rid = self._mask_ids(torch.cat(cols + [own], 1))
+            merged.append((r, n, k0, span, mid, rid, tuple(extra)))
+        if not all(c.all() for c in covered):
+            return out           # some rows of a small item have no large item: keep the calls as they were
+        return merged
 
     def _mask_ids(self, m: torch.Tensor) -> tuple[int | None, int | None]:
         """(mask id, rows-empty id) of a trimmed bool mask, deduplicated; (None, None) if all True."""
@@ -309,6 +341,35 @@ class _Builder:
                 ridx = self.row_ids[rkey] = len(self.row_empty)
                 self.row_empty.append(empty)
         return idx, ridx
+
+
+def _key_clusters(used: torch.Tensor) -> list[tuple[int, int]]:
+    """Key ranges ``[lo, hi)`` one row chunk runs on, from the bool of the keys its rows use.
+
+    Normally one range, from the first key used to the last. Small clusters of keys (at most
+    GATHER_KEYS wide, e.g. a sink) separated from the rest by a gap of at least GATHER_KEYS
+    unused keys are split off at either end, so the plan can gather them instead of computing
+    the gap (``_Builder.gather_small``).
+
+        >>> used = torch.zeros(300, dtype=torch.bool); used[:4] = True; used[200:300] = True
+        >>> _key_clusters(used)
+        [(0, 4), (200, 300)]
+    """
+    idx = used.nonzero().flatten().tolist()
+    if not idx:
+        return []
+    clusters = [[idx[0], idx[0] + 1]]
+    for i in idx[1:]:
+        if i - clusters[-1][1] < GATHER_KEYS:
+            clusters[-1][1] = i + 1
+        else:
+            clusters.append([i, i + 1])
+    large = [j for j, (a, b) in enumerate(clusters) if b - a > GATHER_KEYS]
+    if len(clusters) == 1 or not large:
+        return [(idx[0], idx[-1] + 1)]
+    first, last = large[0], large[-1]
+    return ([tuple(c) for c in clusters[:first]] + [(clusters[first][0], clusters[last][1])]
+            + [tuple(c) for c in clusters[last + 1:]])
 
 
 def _kernel_cost(rows: int, keys: int) -> float:
@@ -450,9 +511,9 @@ def _build_plan(layout: BlockLayout) -> Plan:
                 continue
             scanned = j          # rejected: its tails are not weighed again (O(k^2) scans for k blocks)
         rows = min((b + 1) * bq, q_len) - b * bq
-        for seg in _segments(runs[b]):
-            for r, n, k0, span, m, re_ in bld.items(b, rows, seg):
-                items.append((b * bq + r, n, k0, span, m, re_))
+        block_items = [it for seg in _segments(runs[b]) for it in bld.items(b, rows, seg)]
+        for r, n, k0, span, m, re_, extra in bld.gather_small(block_items):
+            items.append((b * bq + r, n, k0, span, m, re_, extra))
         b += 1
 
     written = np.zeros(q_len, dtype=bool)       # rows some op has written so far
@@ -489,15 +550,16 @@ def _build_plan(layout: BlockLayout) -> Plan:
     # Generic items: batch consecutive items with equal shape and mask whose query and key starts
     # advance by constant steps (a sliding window's interior is one call per row piece).
     buckets: dict[tuple, list[tuple[int, int]]] = {}
-    for row0, rows, k0, span, m, re_ in items:
-        buckets.setdefault((rows, span, m, re_), []).append((row0, k0))
-    for (rows, span, m, re_), members in buckets.items():
+    for row0, rows, k0, span, m, re_, extra in items:
+        buckets.setdefault((rows, span, m, re_, extra), []).append((row0, k0))
+    for (rows, span, m, re_, extra), members in buckets.items():
         # Query-block order batches a window's interior (keys advance with the rows); key order
         # batches stretches that many blocks share (a mask's column pattern repeated down the rows).
         runs = min((_strided_runs(members, rows), _strided_runs(sorted(members, key=lambda x: (x[1], x[0])), rows)),
                    key=len)
         for (r0, k0), dr, dk, G in runs:
-            add(r0=r0, dr=dr, rows=rows, k0=k0, dk=dk, span=span, G=G, mask=m, causal=False, rows_empty=re_)
+            add(r0=r0, dr=dr, rows=rows, k0=k0, dk=dk, span=span, G=G, mask=m, causal=False, rows_empty=re_,
+                extra=extra)
     return Plan(ops, bld.masks, bld.row_empty, False, {}, bool(written.all()) and not mixed)
 
 
@@ -574,13 +636,9 @@ def _run_plan(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     [Z, Lq] start as 0 / -inf; ops either copy into them or merge by log-sum-exp.
     """
     neg_inf = float("-inf")
-    threads = torch.get_num_threads()
     for op in plan.ops:
         per_row = q.shape[0] * q.shape[2] * max(q.element_size(), 4)
-        small = threads > 1 and q.shape[0] * op.G * op.rows * op.span < _SMALL_OP
-        if small:
-            torch.set_num_threads(1)
-        try:
+        with threads_for(q.shape[0] * op.G * op.rows * op.span, _SMALL_OP):
             if op.G == 1 and not op.causal and op.mask is None and op.rows * per_row > _CHUNK_BYTES:
                 # One long query range on shared keys: cut its rows (a causal call cannot be cut,
                 # its triangle is anchored at the first row; masked ops are one block tall).
@@ -589,11 +647,14 @@ def _run_plan(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
                     _run_op(plan, part, 0, 1, q, k, v, scale, out, lse, neg_inf)
                 continue
             step = max(1, _CHUNK_BYTES // (op.rows * per_row))
+            if op.extra:          # the gathered K and V are temporaries too
+                step = max(1, min(step, _CHUNK_BYTES // (2 * (op.span + _extra_keys(op)) * per_row)))
             for g0 in range(0, op.G, step):
                 _run_op(plan, op, g0, min(step, op.G - g0), q, k, v, scale, out, lse, neg_inf)
-        finally:
-            if small:
-                torch.set_num_threads(threads)
+
+
+def _extra_keys(op: Op) -> int:
+    return sum(b - a for a, b in op.extra)
 
 
 def _row_cuts(rows: int, want: int) -> list[tuple[int, int]]:
@@ -615,6 +676,12 @@ def _run_op(plan: Plan, op: Op, g0: int, G: int, q, k, v, scale: float, out, lse
     qs = _view(q, r0, op.dr, G, op.rows)
     ks = _view(k, k0, op.dk, G, op.span)
     vs = _view(v, k0, op.dk, G, op.span)
+    if op.extra:
+        # Gathered keys (a sink, key columns) in front of every item's own: one copy of the
+        # keys the call reads (1 / rows of its work), instead of one more call and merge.
+        Z = k.shape[0]
+        ks = torch.cat([k[:, a:b].unsqueeze(1).expand(Z, G, b - a, k.shape[2]) for a, b in op.extra] + [ks], 2)
+        vs = torch.cat([v[:, a:b].unsqueeze(1).expand(Z, G, b - a, v.shape[2]) for a, b in op.extra] + [vs], 2)
     if op.causal:
         o, l = _flash(qs, ks, vs, 0.0, True, scale=scale)
     elif op.mask is None:
@@ -762,14 +829,8 @@ def blocksparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     used = torch.unique(head_layout).tolist()
     # Attended pairs x heads: exact from structure, no plan needed (dilated masks never plan the original).
     work = sum(layouts[li].attended_pairs() * int((head_layout == li).sum()) for li in used)
-    if work < _SMALL_WORK and torch.get_num_threads() > 1:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return _forward_groups(q, k, v, layouts, head_layout, used, scale, out, lse)
-        finally:
-            torch.set_num_threads(threads)
-    return _forward_groups(q, k, v, layouts, head_layout, used, scale, out, lse)
+    with threads_for(work, _SMALL_WORK):
+        return _forward_groups(q, k, v, layouts, head_layout, used, scale, out, lse)
 
 
 def _forward_groups(q, k, v, layouts, head_layout, used, scale, out, lse):
@@ -790,15 +851,39 @@ def _forward_groups(q, k, v, layouts, head_layout, used, scale, out, lse):
             _forward_one_layout(qv, ke, ve, lay, scale, out.view(B * Hkv, rep, Lq, D),
                                 lse.view(B * Hkv, rep, Lq))
         return out, lse
-    # Heads (or batch elements) with different layouts: gather each group's rows.
-    for li in used:
-        bs, hs = (head_layout == li).nonzero(as_tuple=True)
-        qg = q[bs, hs].unsqueeze(0)                       # [1, G, Lq, D]
-        kg = k[bs, hs // rep].unsqueeze(0)
-        vg = v[bs, hs // rep].unsqueeze(0)
-        og = torch.empty(qg.shape, dtype=q.dtype)
-        lg = torch.empty(qg.shape[:-1], dtype=lse.dtype)
-        _forward_one_layout(qg, kg, vg, layouts[li], scale, og, lg)
-        out[bs, hs] = og[0]
-        lse[bs, hs] = lg[0]
+    # Heads (or batch elements) with different layouts: each run of neighbouring heads with one
+    # layout inside a kv group is one problem on views (q[b, h0:h1] against k[b, j] broadcast with
+    # a zero stride), so nothing is gathered and GQA never repeats K/V.
+    for bs, h0, h1, j, li in head_runs(head_layout, Hkv):
+        n = h1 - h0
+        kv_shape = (bs.stop - bs.start, n, Lk, D)
+        _forward_one_layout(q[bs, h0:h1], k[bs, j:j + 1].expand(kv_shape), v[bs, j:j + 1].expand(kv_shape),
+                            layouts[li], scale, out[bs, h0:h1], lse[bs, h0:h1])
     return out, lse
+
+
+def head_runs(head_layout: torch.Tensor, Hkv: int) -> list[tuple[slice, int, int, int, int]]:
+    """``(batch slice, h0, h1, kv head, layout)``: maximal runs of query heads with one layout in one kv group.
+
+    O(B x H) Python work, no tensors. When every batch element has the same heads' layouts
+    (per-head masks, no per_batch), the batch slice covers them all.
+
+        >>> head_runs(torch.tensor([[0, 0, 1, 2, 2, 2]]), 2)
+        [(slice(0, 1, None), 0, 2, 0, 0), (slice(0, 1, None), 2, 3, 0, 1), (slice(0, 1, None), 3, 6, 1, 2)]
+    """
+    B, H = head_layout.shape
+    rep = H // Hkv
+    rows = head_layout.tolist()
+    batches = [slice(0, B)] if all(r == rows[0] for r in rows) else [slice(b, b + 1) for b in range(B)]
+    out = []
+    for bs in batches:
+        row = rows[bs.start]
+        for j in range(Hkv):
+            h = j * rep
+            while h < (j + 1) * rep:
+                h1 = h + 1
+                while h1 < (j + 1) * rep and row[h1] == row[h]:
+                    h1 += 1
+                out.append((bs, h, h1, j, row[h]))
+                h = h1
+    return out

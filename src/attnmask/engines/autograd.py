@@ -40,7 +40,7 @@ import torch
 from ..errors import MaskValueError
 from ..layout import BlockLayout
 from ..threads import threads_for
-from .blocksparse import (_Builder, _dilation, _segments, _strided_runs, block_runs,
+from .blocksparse import (_Builder, _causal_segments, _dilation, _segments, _strided_runs, block_runs,
                           blocksparse_forward, head_runs, partial_tiles)
 
 __all__ = ["blocksparse_attention_with_grad", "blocksparse_backward"]
@@ -159,34 +159,6 @@ def _plan(layout: BlockLayout) -> _Plan:
     if plan is None:
         plan = _plans[layout] = _Plan(layout)
     return plan
-
-
-def _causal_segments(layout: BlockLayout) -> list[tuple[int, int]] | None:
-    """[(start, end)] when the layout is top-left causal within consecutive segments, else None.
-
-    ``causal`` on a square layout is one segment; ``causal & document(n1, ...)`` is one per
-    document (positions past the documents attend nothing: no segment, zero gradient).
-    """
-    from ..masks import Intersection, Primitive
-    if layout.q_len != layout.kv_len or layout.q_offset != 0:
-        return None
-    parts = layout.mask.parts if isinstance(layout.mask, Intersection) else (layout.mask,)
-    names = sorted(p.name for p in parts if isinstance(p, Primitive))
-    L = layout.q_len
-    if len(names) != len(parts):
-        return None
-    if names == ["causal"]:
-        return [(0, L)]
-    if names == ["causal", "document"]:
-        doc = next(p for p in parts if p.name == "document")
-        out, start = [], 0
-        for n in doc.args:
-            if start >= L:
-                break
-            out.append((start, min(start + n, L)))
-            start += n
-        return out
-    return None
 
 
 def _one_layout(q, k, v, out, dout, lse0, dlse, layout: BlockLayout, scale: float, dq, dk, dv) -> None:

@@ -59,6 +59,9 @@ _SPLIT_FULL_BLOCKS = 4
 _ONE_CALL_BLOCKS = 32
 # Tiles evaluated per tile_masks call while planning (bounds the planner's memory).
 _TILES_PER_EVAL = 64
+# causal & document(...) runs one is_causal call per document when documents average at
+# least this many rows (below, the calls' fixed costs outweigh the plan's merged calls).
+_MIN_SEGMENT_ROWS = 256
 # Items of at most this many keys (a sink, a few key columns) are gathered into the calls of
 # their query block's larger items instead of running alone and merging by LSE.
 GATHER_KEYS = 64
@@ -735,6 +738,34 @@ def _dilation(mask) -> tuple[int, int] | None:
     return None
 
 
+def _causal_segments(layout: BlockLayout) -> list[tuple[int, int]] | None:
+    """[(start, end)] when the layout is top-left causal within consecutive segments, else None.
+
+    ``causal`` on a square layout is one segment; ``causal & document(n1, ...)`` is one per
+    document (positions past the documents attend nothing: no segment, zero gradient).
+    """
+    from ..masks import Intersection, Primitive
+    if layout.q_len != layout.kv_len or layout.q_offset != 0:
+        return None
+    parts = layout.mask.parts if isinstance(layout.mask, Intersection) else (layout.mask,)
+    names = sorted(p.name for p in parts if isinstance(p, Primitive))
+    L = layout.q_len
+    if len(names) != len(parts):
+        return None
+    if names == ["causal"]:
+        return [(0, L)]
+    if names == ["causal", "document"]:
+        doc = next(p for p in parts if p.name == "document")
+        out, start = [], 0
+        for n in doc.args:
+            if start >= L:
+                break
+            out.append((start, min(start + n, L)))
+            start += n
+        return out
+    return None
+
+
 def _forward_one_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
                         scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
     """q [X, Y, Lq, D], k/v [X, Y, Lk, D] (possibly stride-0 expanded) -> fills out, lse in place.
@@ -745,6 +776,13 @@ def _forward_one_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     """
     dil = _dilation(layout.mask)
     if dil is None or dil[1] == 1:
+        segments = _causal_segments(layout)
+        if segments is not None and len(segments) * _MIN_SEGMENT_ROWS <= layout.q_len:
+            # causal & document(...): each document is its own causal problem, one top-left
+            # is_causal call on its rows and keys (the kernel visits only the triangle).
+            with threads_for(layout.attended_pairs() * q.shape[0] * q.shape[1], _SMALL_WORK):
+                _forward_segments(q, k, v, segments, layout.q_len, scale, out, lse)
+            return
         _forward_plain(q, k, v, layout, scale, out, lse)
         return
     from ..masks import causal, sliding
@@ -762,6 +800,22 @@ def _forward_one_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
         sub = sub_mask.compile(len(range(i0, Lq, d)), len(range(r, Lk, d)), q_offset=(q_offset + i0 - r) // d,
                                block_size=layout.block_size)
         _forward_plain(q[:, :, i0::d], k[:, :, r::d], v[:, :, r::d], sub, scale, out[:, :, i0::d], lse[:, :, i0::d])
+
+
+def _forward_segments(q, k, v, segments: list[tuple[int, int]], L: int, scale: float, out, lse) -> None:
+    """One is_causal call per segment [a, b) of rows and keys; rows outside every segment attend nothing."""
+    covered = 0
+    for a, b in segments:
+        o, l = _flash(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], 0.0, True, scale=scale)
+        out[:, :, a:b].copy_(o)
+        lse[:, :, a:b].copy_(l)
+        covered += b - a
+    if covered < L:
+        seen = torch.zeros(L, dtype=torch.bool)
+        for a, b in segments:
+            seen[a:b] = True
+        out[:, :, ~seen] = 0
+        lse[:, :, ~seen] = float("-inf")
 
 
 def _forward_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,

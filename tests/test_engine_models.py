@@ -135,15 +135,26 @@ def test_per_head_gqa_prefill_forward_and_backward_match_float64(dtype):
                                   "causal & (sliding(300) | cols(5, 1200, 97)) - rows(700, 720)",
                                   "(causal & sliding(100)) | cols(0, 3) | cols(650)"])
 def test_gathered_key_sets_match_float64(expr):
+    # Forward and backward (the fused kernel path, and the matmul path when the lse gets a gradient).
     L, D = 1200, 32
     mask = am.parse(expr)
-    q, k, v = inputs(1, 2, 1, L, L, D, seed=5)
+    q, k, v = (t.requires_grad_() for t in inputs(1, 2, 1, L, L, D, seed=5))
     out, lse = am.attention(q, k, v, mask, enable_gqa=True, return_lse=True)
     allowed = mask.to_dense(L)
-    ref, ref_lse = reference(q, k, v, allowed)
-    assert scaled(out, ref, v) < 1e-5
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = reference(q64, k64, v64, allowed)
+    assert scaled(out, ref.detach(), v) < 1e-5
     empty = ~allowed.any(-1)
     assert bool((out[:, :, empty] == 0).all()) and bool(torch.isneginf(lse[:, :, empty]).all())
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    for with_lse in (False, True):
+        for t in (q, k, v, q64, k64, v64):
+            t.grad = None
+        extra = lambda x: x.masked_fill(torch.isneginf(x), 0).sum() if with_lse else 0      # noqa: E731
+        (out * w).sum().add(extra(lse)).backward(retain_graph=True)
+        (ref * w.double()).sum().add(extra(ref_lse)).backward(retain_graph=True)
+        for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+            assert float((got.double() - want).abs().max()) / float(want.abs().max()) < 1e-5, with_lse
 
 
 def test_a_sink_is_gathered_into_the_window_calls():

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,37 +46,19 @@ import torch
 
 from ..errors import MaskValueError
 from ..layout import BlockLayout
+from .cache import ByteLRU, tensor_bytes
 from ..threads import SMALL_OP as _SMALL_OP, SMALL_WORK as _SMALL_WORK, single_thread, threads_for
+from .costs import (BACKWARD, FORWARD, CHUNK_BYTES as _CHUNK_BYTES, GATHER_KEYS, MIN_SEGMENT_ROWS as _MIN_SEGMENT_ROWS,
+                    ONE_CALL_BLOCKS as _ONE_CALL_BLOCKS, REGION_GAIN as _REGION_GAIN,
+                    SPLIT_FULL_BLOCKS as _SPLIT_FULL_BLOCKS, SPLIT_GAIN as _SPLIT_GAIN, SUB_ROWS as _SUB_ROWS,
+                    Direction, causal_call_cost as _causal_call_cost, kernel_cost as _kernel_cost,
+                    pieces_cost as _pieces_cost)
 
-__all__ = ["blocksparse_forward", "plan_for", "Plan", "head_runs"]
+__all__ = ["blocksparse_forward", "plan_for", "Plan", "head_runs", "plans"]
 
 _FULL, _PARTIAL = 2, 1
-# A full run at least this many blocks long inside a partially masked segment
-# is split off into its own maskless call: the mask would cost more than the merge.
-_SPLIT_FULL_BLOCKS = 4
-# ... but a range of at most this many key blocks stays one call with its mask.
-_ONE_CALL_BLOCKS = 32
 # Tiles evaluated per tile_masks call while planning (bounds the planner's memory).
 _TILES_PER_EVAL = 64
-# causal & document(...) runs one is_causal call per document when documents average at
-# least this many rows (below, the calls' fixed costs outweigh the plan's merged calls).
-_MIN_SEGMENT_ROWS = 256
-# Items of at most this many keys (a sink, a few key columns) are gathered into the calls of
-# their query block's larger items instead of running alone and merging by LSE.
-GATHER_KEYS = 64
-# Partial blocks may run as row pieces of this many rows, each trimmed to its keys ...
-_SUB_ROWS = 64
-# ... when the pieces' estimated kernel time is below this share of the whole block's.
-_SPLIT_GAIN = 0.97
-# A causal region runs as one is_causal call unless row pieces cost less than this share of it
-# (the pieces make more, smaller calls).
-_REGION_GAIN = 1.1
-
-# A batched call's output is a temporary before it lands in place; split calls so that
-# it stays under this many bytes (a 128K-token window forward then adds ~ its output).
-# Below glibc's 32 MB mmap ceiling the buffer is reused from the heap call after call;
-# above it every call maps fresh pages and pays their faults (32K-token windows: ~6%).
-_CHUNK_BYTES = 16 << 20
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -119,6 +100,16 @@ class Plan:
     _typed: dict
     covered: bool = False                       # every row's first op writes it whole (no zero-fill needed)
 
+    def nbytes(self) -> int:
+        """Bytes the plan holds, counting one float32 additive copy of every mask (made on first use)."""
+        return 5 * tensor_bytes(self.masks) + tensor_bytes(self.row_empty) + 128 * len(self.ops) + 256
+
+    def items(self):
+        """Every op's items one by one: ``(row0, rows, k0, span, mask, causal, extra)``."""
+        for op in self.ops:
+            for g in range(op.G):
+                yield op.r0 + g * op.dr, op.rows, op.k0 + g * op.dk, op.span, op.mask, op.causal, op.extra
+
     def additive(self, idx: int, dtype: torch.dtype) -> torch.Tensor:
         """The mask ``idx`` as 0 / -inf in ``dtype`` (the kernel wants the query's dtype)."""
         key = (idx, dtype)
@@ -130,23 +121,38 @@ class Plan:
         return hit
 
 
-_plans: "weakref.WeakKeyDictionary[BlockLayout, Plan]" = weakref.WeakKeyDictionary()
+#: Plans of both directions, keyed by the layout's value (mask, shape, offset, blocks) and the
+#: direction, bounded in bytes (masks, their additive copies, ops): ~256 MB holds the plans of a
+#: 30-layer model with nine different masks per layer at several shapes (a 4K window plan is ~0.1 MB).
+plans = ByteLRU(256 << 20)
 
 
-def plan_for(layout: BlockLayout) -> Plan:
-    """The cached execution plan of ``layout`` (built once, O(runs + partial tiles)).
+def _layout_key(layout: BlockLayout) -> tuple:
+    return (layout.mask, layout.q_len, layout.kv_len, layout.q_offset, layout.block_q, layout.block_k)
+
+
+def plan_for(layout: BlockLayout, direction: Direction = FORWARD) -> Plan:
+    """The cached execution plan of ``layout`` for a pass (built once, O(runs + partial tiles)).
+
+    One planner for both directions; ``direction`` (:data:`~attnmask.engines.costs.FORWARD` or
+    ``BACKWARD``) says how rows are cut (see :mod:`attnmask.engines.costs`).
 
         >>> import attnmask as am
         >>> plan = plan_for((am.causal & am.sliding(256)).compile(1024, block_size=128))
         >>> [(op.r0, op.rows, op.span, op.G) for op in plan.ops][-2:]   # 64-row pieces; then one call for 12
         [(192, 64, 256, 1), (256, 64, 319, 12)]
+        >>> from attnmask.engines.costs import BACKWARD
+        >>> back = plan_for((am.causal & am.sliding(256)).compile(1024, block_size=128), BACKWARD)
+        >>> [(op.r0, op.rows, op.span, op.G) for op in back.ops][-1]       # the backward's 128-row items
+        (128, 128, 383, 7)
     """
-    plan = _plans.get(layout)
+    key = _layout_key(layout) + (direction,)
+    plan = plans.get(key)
     if plan is None:
         # Planning is many small tensor ops: on one thread they never wait for a busy pool.
         with single_thread():
-            plan = _build_plan(layout)
-        _plans[layout] = plan
+            plan = _build_plan(layout, direction)
+        plans.put(key, plan, plan.nbytes())
     return plan
 
 
@@ -203,13 +209,18 @@ def _cut_at_stretches(group: list[tuple[int, int, int]]) -> list[list[tuple[int,
 class _Builder:
     """Tiles -> deduplicated masks -> items, for the forward plan and the backward's.
 
-    ``chunks(mask)`` says how a partial segment's rows are cut (the forward: the cost model
-    of :func:`_row_chunks`; the backward, whose kernel prefers taller calls: fixed heights).
+    ``direction`` says how a partial segment's rows are cut (the forward: the cost model of
+    :func:`_row_chunks`; the backward, whose kernel prefers taller calls: fixed heights).
     """
 
-    def __init__(self, layout: BlockLayout, chunks=None):
+    def __init__(self, layout: BlockLayout, direction: Direction = FORWARD):
         self.layout = layout
-        self.chunks = _row_chunks if chunks is None else chunks
+        self.direction = direction
+        if direction.fixed_rows is None:
+            self.chunks = _row_chunks
+        else:
+            n = direction.fixed_rows
+            self.chunks = lambda m: [(r, min(n, m.shape[0] - r)) for r in range(0, m.shape[0], n)]
         self.bq, self.bk = layout.block_size
         self.masks: list[torch.Tensor] = []
         self.mask_ids: dict[bytes, int] = {}
@@ -375,38 +386,6 @@ def _key_clusters(used: torch.Tensor) -> list[tuple[int, int]]:
             + [tuple(c) for c in clusters[last + 1:]])
 
 
-def _kernel_cost(rows: int, keys: int) -> float:
-    """Relative time of one flash-kernel call on ``rows`` x ``keys`` scores (per batch element).
-
-    The CPU kernel splits queries into 32-, 64- or 256-row slices by the call's query
-    length (< 192, < 768, else); each slice streams every key, so small slices pay more
-    per score. Factors measured on this machine by benchmarks/bench_kernel_slices.py
-    (benchmarks/results/kernel_slices.md).
-    """
-    per_score = 1.0 if rows >= 768 else 1.08 if rows >= 192 else 1.18
-    return rows * keys * per_score
-
-
-def _causal_call_cost(n: int) -> float:
-    """Relative time of one top-left ``is_causal`` kernel call on an n x n triangle.
-
-    Each query slice computes whole 512-key slices up to its diagonal, so short
-    triangles pay for up to twice their cells.
-    """
-    qs = 256 if n >= 768 else 64 if n >= 192 else 32
-    kvs = min(512, n)
-    cells = 0
-    for m in range(0, n, qs):
-        rows = min(qs, n - m)
-        cells += rows * min(n, -(-(m + rows) // kvs) * kvs)
-    return cells * _kernel_cost(n, 1) / n
-
-
-def _pieces_cost(n: int) -> float:
-    """Relative time of an n x n lower triangle run as _SUB_ROWS-row pieces trimmed to the diagonal."""
-    return sum(_kernel_cost(min(_SUB_ROWS, n - r), min(r + _SUB_ROWS, n)) for r in range(0, n, _SUB_ROWS))
-
-
 def _row_chunks(m: torch.Tensor) -> list[tuple[int, int]]:
     """Row chunks ``(offset, rows)`` of a partial mask: whole, or pieces when cheaper.
 
@@ -454,13 +433,13 @@ def partial_tiles(runs: list[list[tuple[int, int, int]]]) -> list[tuple[int, int
     return [(b, c) for b in range(len(runs)) for s, e, t in runs[b] if t == _PARTIAL for c in range(s, e)]
 
 
-def _build_plan(layout: BlockLayout) -> Plan:
+def _build_plan(layout: BlockLayout, direction: Direction = FORWARD) -> Plan:
     if _is_exact_causal(layout):
         return Plan([], [], [], True, {}, True)
     bq, bk = layout.block_size
     q_len, kv_len, nqb = layout.q_len, layout.kv_len, layout.n_q_blocks
     runs = block_runs(layout)
-    bld = _Builder(layout)
+    bld = _Builder(layout, direction)
     bld.eval_tiles(partial_tiles(runs))
 
     # Causal regions: consecutive full-height blocks whose last run is the exact lower-triangular
@@ -515,7 +494,8 @@ def _build_plan(layout: BlockLayout) -> Plan:
             scanned = j          # rejected: its tails are not weighed again (O(k^2) scans for k blocks)
         rows = min((b + 1) * bq, q_len) - b * bq
         block_items = [it for seg in _segments(runs[b]) for it in bld.items(b, rows, seg)]
-        for r, n, k0, span, m, re_, extra in bld.gather_small(block_items):
+        gathered = bld.gather_small(block_items) if direction.gather else [it + ((),) for it in block_items]
+        for r, n, k0, span, m, re_, extra in gathered:
             items.append((b * bq + r, n, k0, span, m, re_, extra))
         b += 1
 

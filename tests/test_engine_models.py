@@ -157,17 +157,38 @@ def test_gathered_key_sets_match_float64(expr):
             assert float((got.double() - want).abs().max()) / float(want.abs().max()) < 1e-5, with_lse
 
 
-def test_a_sink_is_gathered_into_the_window_calls():
-    # The 4 sink keys join the window's calls: no call of their own, no extra LSE merge, ~4 keys a row more.
-    L = 4096
-    plain = plan_for((am.causal & am.sliding(256)).compile(L))
-    sink = plan_for((am.causal & (am.sliding(256) | am.sink(4))).compile(L))
+def test_a_sink_costs_about_its_keys():
+    # Narrow windows: the 4 sink keys join the window's calls (no call of their own, no merge).
+    # Wide windows (copying their keys would cost more than a merge): ONE extra call for the sink.
     work = lambda p: sum(op.G * op.rows * (op.span + sum(b - a for a, b in op.extra)) for op in p.ops)   # noqa: E731
-    assert not any(op.k0 == 0 and op.span == 4 and not op.extra for op in sink.ops)     # no call of its own
     merges = lambda p: sum(not op.first for op in p.ops)                                       # noqa: E731
-    assert merges(sink) <= merges(plain)
-    assert work(sink) <= work(plain) + 5 * L          # ~4 keys a row, plus a few rows near the start
-    assert any(op.extra == ((0, 4),) for op in sink.ops)
+    L = 4096
+    for w, folded in ((64, True), (512, False)):
+        plain = plan_for((am.causal & am.sliding(w)).compile(L))
+        sink = plan_for((am.causal & (am.sliding(w) | am.sink(4))).compile(L))
+        assert work(sink) <= work(plain) + 5 * L          # ~4 keys a row, plus a few rows near the start
+        alone = [op for op in sink.ops if op.span <= 4 and not op.causal]
+        if folded:
+            assert not alone and merges(sink) == merges(plain)
+            assert any(op.extra == ((0, 4),) for op in sink.ops)
+        else:
+            # one call for the rows far from the sink; blocks whose window reaches near it cut rows
+            # in 64-row pieces, whose sink keys make a second call
+            assert len(alone) <= 2 and merges(sink) <= merges(plain) + 2
+
+
+def test_key_columns_are_one_extra_call_per_block():
+    # 32 columns under a wide window: their keys are gathered into one call per query block,
+    # not one call (and one merge) per column.
+    L = 8192
+    cols = " | ".join(f"cols({7 + 230 * i})" for i in range(32))
+    plan = plan_for(am.parse(f"causal & (sliding(1024) | {cols})").compile(L))
+    calls_per_row = torch.zeros(L, dtype=torch.int64)
+    for op in plan.ops:
+        for g in range(op.G):
+            calls_per_row[op.r0 + g * op.dr:op.r0 + g * op.dr + op.rows] += 1
+    assert int(calls_per_row.max()) <= 3          # the window (at most two ranges) and the columns
+    assert max(len(op.extra) for op in plan.ops) >= 16
 
 
 def test_two_python_threads_get_right_results_and_keep_their_thread_count():

@@ -10,7 +10,7 @@ layout into a cached *plan* of calls of PyTorch's fused CPU flash kernel
   partial tiles (built from ``layout.tile_masks``; full tiles are never evaluated);
 - a partial block may run as row pieces (64 rows, and cuts where a document or
   chunk boundary falls inside the block), each trimmed to its own keys, when a
-  cost model of the kernel says so (``_kernel_cost``: the kernel slices queries
+  cost model of the kernel says so (``costs.kernel_cost``: the kernel slices queries
   into 32-, 64- or 256-row pieces by the call's length, and small slices cost
   more per score). A 1024-key window at block 128 then computes 1087 keys a row
   instead of 1151;
@@ -21,10 +21,10 @@ layout into a cached *plan* of calls of PyTorch's fused CPU flash kernel
   chunks, the signature cuts) runs as one top-left ``is_causal`` call, plus one
   call for the keys left of it that all its rows share, when that beats row
   pieces trimmed to the diagonal (the kernel computes whole 512-key slices of
-  a short triangle: ``_causal_call_cost``);
+  a short triangle: ``costs.causal_call_cost``);
 - results covering the same rows are merged in place by log-sum-exp (float32,
   float64 for float64 inputs), so memory stays O(N x D + masks of partial tiles);
-  calls are cut so that their output temporaries stay near 16 MB (``_CHUNK_BYTES``;
+  calls are cut so that their output temporaries stay near 16 MB (``costs.CHUNK_BYTES``;
   a long shared-key call only at bit-stable 256-row multiples of at least 1024 rows);
 - ``dilated(w, d)`` runs as d window problems on strided views (cost of the w
   keys kept, not of the w * d spanned); a plain ``causal`` layout is one call.
@@ -48,11 +48,8 @@ from ..errors import MaskValueError
 from ..layout import BlockLayout
 from .cache import ByteLRU, tensor_bytes
 from ..threads import SMALL_OP as _SMALL_OP, SMALL_WORK as _SMALL_WORK, single_thread, threads_for
-from .costs import (BACKWARD, FORWARD, CHUNK_BYTES as _CHUNK_BYTES, GATHER_KEYS, MIN_SEGMENT_ROWS as _MIN_SEGMENT_ROWS,
-                    ONE_CALL_BLOCKS as _ONE_CALL_BLOCKS, REGION_GAIN as _REGION_GAIN,
-                    SPLIT_FULL_BLOCKS as _SPLIT_FULL_BLOCKS, SPLIT_GAIN as _SPLIT_GAIN, SUB_ROWS as _SUB_ROWS,
-                    Direction, causal_call_cost as _causal_call_cost, kernel_cost as _kernel_cost,
-                    pieces_cost as _pieces_cost)
+from . import costs
+from .costs import BACKWARD, FORWARD, Direction
 
 __all__ = ["blocksparse_forward", "plan_for", "Plan", "head_runs", "plans"]
 
@@ -144,7 +141,7 @@ def plan_for(layout: BlockLayout, direction: Direction = FORWARD) -> Plan:
         >>> from attnmask.engines.costs import BACKWARD
         >>> back = plan_for((am.causal & am.sliding(256)).compile(1024, block_size=128), BACKWARD)
         >>> [(op.r0, op.rows, op.span, op.G) for op in back.ops][-1]       # the backward's 128-row items
-        (128, 128, 383, 7)
+        (256, 128, 383, 6)
     """
     key = _layout_key(layout) + (direction,)
     plan = plans.get(key)
@@ -169,16 +166,16 @@ def _segments(runs: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int
         if not any(t == _PARTIAL for _, _, t in g):
             out.append([(g[0][0], g[-1][1], _FULL)])
             continue
-        if g[-1][1] - g[0][0] <= _ONE_CALL_BLOCKS:
+        if g[-1][1] - g[0][0] <= costs.ONE_CALL_BLOCKS:
             out.append(g)      # a window-sized range: one masked call beats several calls and merges
             continue
         # Long full runs go alone (maskless); the rest stays together with its partial tiles,
-        # in stretches of at most _ONE_CALL_BLOCKS blocks cut at fixed key positions: a mask is
+        # in stretches of at most costs.ONE_CALL_BLOCKS blocks cut at fixed key positions: a mask is
         # then at most one stretch wide, and the stretches of different query blocks repeat
         # and are stored once (causal - cols(0, N, 2) kept N^2 / 2 mask cells before).
         cur: list[tuple[int, int, int]] = []
         for run in g:
-            if run[2] == _FULL and run[1] - run[0] >= _SPLIT_FULL_BLOCKS:
+            if run[2] == _FULL and run[1] - run[0] >= costs.SPLIT_FULL_BLOCKS:
                 if cur:
                     out += _cut_at_stretches(cur)
                     cur = []
@@ -191,14 +188,14 @@ def _segments(runs: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int
 
 
 def _cut_at_stretches(group: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int]]]:
-    """Cut contiguous runs at multiples of _ONE_CALL_BLOCKS key blocks (left as is if narrower)."""
-    if group[-1][1] - group[0][0] <= _ONE_CALL_BLOCKS:
+    """Cut contiguous runs at multiples of costs.ONE_CALL_BLOCKS key blocks (left as is if narrower)."""
+    if group[-1][1] - group[0][0] <= costs.ONE_CALL_BLOCKS:
         return [group]
     out: list[list[tuple[int, int, int]]] = []
     for s, e, t in group:
         while s < e:
-            stop = min(e, (s // _ONE_CALL_BLOCKS + 1) * _ONE_CALL_BLOCKS)
-            if out and out[-1][-1][1] == s and s % _ONE_CALL_BLOCKS:
+            stop = min(e, (s // costs.ONE_CALL_BLOCKS + 1) * costs.ONE_CALL_BLOCKS)
+            if out and out[-1][-1][1] == s and s % costs.ONE_CALL_BLOCKS:
                 out[-1].append((s, stop, t))
             else:
                 out.append([(s, stop, t)])
@@ -299,22 +296,39 @@ class _Builder:
         return out
 
     def gather_small(self, items: list[tuple]) -> list[tuple]:
-        """Fold the key-set items of one query block into the items that cover their rows.
+        """Gather the key-set items of one query block: fewer calls and merges, no gap computed.
 
         ``items``: ``(row offset, rows, k0, span, mask id, rows-empty id)`` of one block, from
-        all its segments (disjoint keys). An item of at most ``GATHER_KEYS`` keys (a sink, a
-        few key columns) joins every larger item whose rows it covers: that item's call then
-        reads those keys too (gathered in front of its own) and the small item's own call and
-        its log-sum-exp merge disappear. Returns items with a 7th field, the gathered absolute
-        key ranges (``()`` when none).
+        all its segments (disjoint keys). Items of at most ``costs.GATHER_KEYS`` keys (a sink, key
+        columns) are *small*. Returns items with a 7th field, gathered absolute key ranges
+        (``()`` when none) that the call reads in front of its own ``[k0, k0 + span)``:
+
+        - when every large item that covers a small item's rows is short (its keys plus the
+          gathered ones at most ``costs.GATHER_SPAN_ROWS`` x its rows, so copying them costs less
+          than a call and a merge), the small items join those calls;
+        - otherwise all small items of the block that cover the same rows become ONE item
+          whose keys are only the gathered ones (``span`` 0): one small extra call merged by
+          log-sum-exp, instead of one per item (32 key columns: 1 call, not 32).
         """
         out = [it + ((),) for it in items]
-        if len(items) < 2:
+        small = [it for it in items if it[3] <= costs.GATHER_KEYS]
+        large = [it for it in items if it[3] > costs.GATHER_KEYS]
+        if not small or (len(small) == 1 and not large):
             return out
-        small = [it for it in items if it[3] <= GATHER_KEYS]
-        large = [it for it in items if it[3] > GATHER_KEYS]
-        if not small or not large:
+        e = sum(it[3] for it in small)
+        if large and all(span + e <= costs.GATHER_SPAN_ROWS * n for _, n, _, span, _, _ in large):
+            folded = self._fold(small, large)
+            if folded is not None:
+                return folded
+        if len(small) < 2 or any((rs, ns) != small[0][:2] for rs, ns, *_ in small):
             return out
+        r, n = small[0][:2]
+        cols = [torch.ones((n, ss), dtype=torch.bool) if ms is None else self.masks[ms] for _, _, _, ss, ms, _ in small]
+        mid, rid = self._mask_ids(torch.cat(cols, 1))
+        return [it + ((),) for it in large] + [(r, n, 0, 0, mid, rid, tuple((ks, ks + ss) for _, _, ks, ss, _, _ in small))]
+
+    def _fold(self, small: list[tuple], large: list[tuple]) -> list[tuple] | None:
+        """Small items folded into the large items that cover their rows (None if some row has none)."""
         # Each row of a small item must join exactly one large item (large items of two
         # segments may share rows: the second one gets nothing).
         covered = [np.zeros(it[1], dtype=bool) for it in small]
@@ -334,7 +348,7 @@ class _Builder:
             mid, rid = self._mask_ids(torch.cat(cols + [own], 1))
             merged.append((r, n, k0, span, mid, rid, tuple(extra)))
         if not all(c.all() for c in covered):
-            return out           # some rows of a small item have no large item: keep the calls as they were
+            return None
         return merged
 
     def _mask_ids(self, m: torch.Tensor) -> tuple[int | None, int | None]:
@@ -361,26 +375,29 @@ def _key_clusters(used: torch.Tensor) -> list[tuple[int, int]]:
     """Key ranges ``[lo, hi)`` one row chunk runs on, from the bool of the keys its rows use.
 
     Normally one range, from the first key used to the last. Small clusters of keys (at most
-    GATHER_KEYS wide, e.g. a sink) separated from the rest by a gap of at least GATHER_KEYS
+    costs.GATHER_KEYS wide, e.g. a sink) separated from the rest by a gap of at least costs.GATHER_KEYS
     unused keys are split off at either end, so the plan can gather them instead of computing
     the gap (``_Builder.gather_small``).
 
         >>> used = torch.zeros(300, dtype=torch.bool); used[:4] = True; used[200:300] = True
         >>> _key_clusters(used)
         [(0, 4), (200, 300)]
+        >>> used[200:300] = False; used[290] = True
+        >>> _key_clusters(used)
+        [(0, 4), (290, 291)]
     """
     idx = used.nonzero().flatten().tolist()
     if not idx:
         return []
     clusters = [[idx[0], idx[0] + 1]]
     for i in idx[1:]:
-        if i - clusters[-1][1] < GATHER_KEYS:
+        if i - clusters[-1][1] < costs.GATHER_KEYS:
             clusters[-1][1] = i + 1
         else:
             clusters.append([i, i + 1])
-    large = [j for j, (a, b) in enumerate(clusters) if b - a > GATHER_KEYS]
-    if len(clusters) == 1 or not large:
-        return [(idx[0], idx[-1] + 1)]
+    large = [j for j, (a, b) in enumerate(clusters) if b - a > costs.GATHER_KEYS]
+    if not large:
+        return [tuple(c) for c in clusters]          # only small key sets (columns far apart)
     first, last = large[0], large[-1]
     return ([tuple(c) for c in clusters[:first]] + [(clusters[first][0], clusters[last][1])]
             + [tuple(c) for c in clusters[last + 1:]])
@@ -390,10 +407,10 @@ def _row_chunks(m: torch.Tensor) -> list[tuple[int, int]]:
     """Row chunks ``(offset, rows)`` of a partial mask: whole, or pieces when cheaper.
 
     Pieces are cut where consecutive rows see disjoint key ranges (a document or chunk
-    boundary inside the block), then every _SUB_ROWS rows. Trimming each piece to the keys
+    boundary inside the block), then every costs.SUB_ROWS rows. Trimming each piece to the keys
     its rows reach pays when rows see shifted key ranges (a window: 1151 keys for 128 rows
     of sliding(1024), 1087 for 64; a block straddling two documents: the first document's
-    keys for the second's rows), minus the cost of smaller kernel calls (_kernel_cost).
+    keys for the second's rows), minus the cost of smaller kernel calls (costs.kernel_cost).
     """
     rows = m.shape[0]
     any_row = m.any(1)
@@ -406,12 +423,12 @@ def _row_chunks(m: torch.Tensor) -> list[tuple[int, int]]:
     starts = [0] + (cut.nonzero().flatten() + 1).tolist()
     pieces = []
     for a, b in zip(starts, starts[1:] + [rows]):
-        pieces += [(r, min(_SUB_ROWS, b - r)) for r in range(a, b, _SUB_ROWS)]
+        pieces += [(r, min(costs.SUB_ROWS, b - r)) for r in range(a, b, costs.SUB_ROWS)]
     if len(pieces) == 1:
         return pieces
-    whole = _kernel_cost(rows, _span(m.any(0)))
-    split = sum(_kernel_cost(n, _span(m[r:r + n].any(0))) for r, n in pieces)
-    return pieces if split < _SPLIT_GAIN * whole else [(0, rows)]
+    whole = costs.kernel_cost(rows, _span(m.any(0)))
+    split = sum(costs.kernel_cost(n, _span(m[r:r + n].any(0))) for r, n in pieces)
+    return pieces if split < costs.SPLIT_GAIN * whole else [(0, rows)]
 
 
 def _span(cols: torch.Tensor) -> int:
@@ -487,7 +504,8 @@ def _build_plan(layout: BlockLayout, direction: Direction = FORWARD) -> Plan:
                 j += 1
             # One is_causal call for the triangle, unless row pieces trimmed to the diagonal are
             # cheaper (short triangles: the kernel computes whole 512-key slices of them).
-            if j - a >= 2 and _causal_call_cost((j - a) * bq) <= _REGION_GAIN * _pieces_cost((j - a) * bq):
+            n = (j - a) * bq
+            if j - a >= 2 and costs.causal_call_cost(n) <= costs.REGION_GAIN * costs.pieces_cost(n):
                 region_ops.append((a, j - a, ca, sig))
                 b = j
                 continue
@@ -622,16 +640,16 @@ def _run_plan(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     for op in plan.ops:
         per_row = q.shape[0] * q.shape[2] * max(q.element_size(), 4)
         with threads_for(q.shape[0] * op.G * op.rows * op.span, _SMALL_OP):
-            if op.G == 1 and not op.causal and op.mask is None and op.rows * per_row > _CHUNK_BYTES:
+            if op.G == 1 and not op.causal and op.mask is None and op.rows * per_row > costs.CHUNK_BYTES:
                 # One long query range on shared keys: cut its rows (a causal call cannot be cut,
                 # its triangle is anchored at the first row; masked ops are one block tall).
-                for r, n in _row_cuts(op.rows, _CHUNK_BYTES // per_row):
+                for r, n in _row_cuts(op.rows, costs.CHUNK_BYTES // per_row):
                     part = dataclasses.replace(op, r0=op.r0 + r, rows=n)
                     _run_op(plan, part, 0, 1, q, k, v, scale, out, lse, neg_inf)
                 continue
-            step = max(1, _CHUNK_BYTES // (op.rows * per_row))
+            step = max(1, costs.CHUNK_BYTES // (op.rows * per_row))
             if op.extra:          # the gathered K and V are temporaries too
-                step = max(1, min(step, _CHUNK_BYTES // (2 * (op.span + _extra_keys(op)) * per_row)))
+                step = max(1, min(step, costs.CHUNK_BYTES // (2 * (op.span + _extra_keys(op)) * per_row)))
             for g0 in range(0, op.G, step):
                 _run_op(plan, op, g0, min(step, op.G - g0), q, k, v, scale, out, lse, neg_inf)
 
@@ -757,7 +775,7 @@ def _forward_one_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     dil = _dilation(layout.mask)
     if dil is None or dil[1] == 1:
         segments = _causal_segments(layout)
-        if segments is not None and len(segments) * _MIN_SEGMENT_ROWS <= layout.q_len:
+        if segments is not None and len(segments) * costs.MIN_SEGMENT_ROWS <= layout.q_len:
             # causal & document(...): each document is its own causal problem, one top-left
             # is_causal call on its rows and keys (the kernel visits only the triangle).
             with threads_for(layout.attended_pairs() * q.shape[0] * q.shape[1], _SMALL_WORK):

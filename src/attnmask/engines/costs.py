@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 __all__ = ["Direction", "FORWARD", "BACKWARD", "kernel_cost", "causal_call_cost", "pieces_cost",
            "KERNEL_SLICE_FACTORS", "SUB_ROWS", "SPLIT_GAIN", "REGION_GAIN", "SPLIT_FULL_BLOCKS", "ONE_CALL_BLOCKS",
-           "GATHER_KEYS", "MIN_SEGMENT_ROWS", "CHUNK_BYTES", "KEYS_PER_CALL"]
+           "GATHER_KEYS", "GATHER_SPAN_ROWS", "MIN_SEGMENT_ROWS", "CHUNK_BYTES", "KEYS_PER_CALL"]
 
 #: Relative cost per score of the forward kernel by its query slice (256, 64, 32 rows: calls of
 #: >= 768, >= 192, < 192 rows). Rounded from bench_kernel_slices.py: 1.445 / 1.49-1.51 / 1.59 ns.
@@ -51,6 +51,11 @@ REGION_GAIN = 1.1
 #: query block's larger items instead of running alone and merging by LSE. The copy costs
 #: 1 / rows of the call's work; a call and a merge cost about a 64-key call each.
 GATHER_KEYS = 64
+#: Small key sets join a larger call only when its keys plus theirs are at most this many times its
+#: rows: the gathered copy of K and V is ~2 x keys / rows passes over the output, a call of their own
+#: plus its merge ~3 (measured: folding a sink into 64-row calls of a 1024-key window spent 23% of
+#: the forward in the copies, benchmarks/profile_bf16.py). Wider calls get one extra call instead.
+GATHER_SPAN_ROWS = 4
 #: ``causal & document(...)`` runs one is_causal call per document when documents average at least
 #: this many rows (below, the calls' fixed costs outweigh the plan's merged calls).
 MIN_SEGMENT_ROWS = 256
@@ -98,12 +103,14 @@ def causal_call_cost(n: int) -> float:
     return cells * kernel_cost(n, 1) / n
 
 
-def pieces_cost(n: int, sub_rows: int = SUB_ROWS) -> float:
-    """Relative time of an n x n lower triangle run as ``sub_rows``-row pieces trimmed to the diagonal.
+def pieces_cost(n: int, sub_rows: int | None = None) -> float:
+    """Relative time of an n x n lower triangle run as ``sub_rows``-row pieces (default ``SUB_ROWS``)
+    trimmed to the diagonal.
 
         >>> pieces_cost(256) < kernel_cost(256, 256)
         True
     """
+    sub_rows = SUB_ROWS if sub_rows is None else sub_rows
     return sum(kernel_cost(min(sub_rows, n - r), min(r + sub_rows, n)) for r in range(0, n, sub_rows))
 
 

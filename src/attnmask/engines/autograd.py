@@ -83,9 +83,10 @@ def _one_layout(q, k, v, out, dout, lse0, dlse, layout: BlockLayout, scale: floa
         from ..masks import causal, sliding
         w, d = dil
         Lq, Lk, q_offset = layout.q_len, layout.kv_len, layout.q_offset
-        for r in range(d):
-            i0 = (r - q_offset) % d                  # first query row at a position = r (mod d)
-            if i0 >= Lq or r >= Lk:
+        # Only the residues of the first min(d, Lq) rows have rows: loop over those (d can be huge).
+        for i0 in range(min(d, Lq)):
+            r = (q_offset + i0) % d                  # the residue class of row i0
+            if r >= Lk:
                 continue                             # no rows, or rows with no key: zero gradient
             sub = (causal & sliding(w)).compile(len(range(i0, Lq, d)), len(range(r, Lk, d)),
                                                q_offset=(q_offset + i0 - r) // d, block_size=layout.block_size)

@@ -787,10 +787,9 @@ def _forward_one_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     w, d = dil
     Lq, Lk, q_offset = layout.q_len, layout.kv_len, layout.q_offset
     sub_mask = causal & sliding(w)
-    for r in range(d):
-        i0 = (r - q_offset) % d                  # first query row at a position = r (mod d)
-        if i0 >= Lq:
-            continue                              # no rows
+    # Only the residues of the first min(d, Lq) rows have rows: loop over those (d can be huge).
+    for i0 in range(min(d, Lq)):
+        r = (q_offset + i0) % d                  # the residue class of row i0 (first row at position r mod d)
         if r >= Lk:
             out[:, :, i0::d].zero_()              # rows with no key: zeros / -inf
             lse[:, :, i0::d].fill_(float("-inf"))

@@ -121,7 +121,7 @@ def render(raw: dict) -> str:
                 "|---|---:|---|---:|---:|---:|---:|"]
         for row in q["rows"]:
             for t in row["texts"]:
-                out.append(f"| {row['plan']} | {t['density']:.3f} | {t['name']} | {t['loss_dense']:.4f} | "
+                out.append(f"| {row['plan'].replace('|', chr(92) + '|')} | {t['density']:.3f} | {t['name']} | {t['loss_dense']:.4f} | "
                            f"{t['loss_plan']:.4f} | {t['loss_plan'] - t['loss_dense']:+.4f} | "
                            f"{t['top1_agreement']:.3f} |")
         out.append("")
@@ -146,6 +146,8 @@ def render(raw: dict) -> str:
                        f"{d['plan']:.1f} | {kv['dense'] / 2**20:.1f} | {kv['plan'] / 2**20:.2f} | "
                        f"{kv['plan'] / kv['dense']:.4f} |")
         out.append("")
+        if c.get("note"):
+            out += [c["note"], ""]
         out.append("All prefill runs (s), in the order they ran: " + "; ".join(
             f"{row['length']}: SDPA {', '.join(f'{x:.1f}' for x in row['timing']['all_prefill_s']['dense'])} / "
             f"plan {', '.join(f'{x:.1f}' for x in row['timing']['all_prefill_s']['plan'])}" for row in c["rows"]))

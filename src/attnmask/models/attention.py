@@ -355,10 +355,12 @@ def _direct(q, k, v, allowed, scale, G, want_probs: bool = False):
     B, Hq, Lq, D = q.shape
     g, K = k.shape[1], k.shape[2]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qq = q.reshape(B, g, G, Lq, D).to(acc)
-    kk, vv = k.to(acc)[:, :, None], v.to(acc)[:, :, None]                     # [B, g, 1, K, D]
-    allowed = allowed.expand(B, Hq, Lq, K).reshape(B, g, G, Lq, K)
-    scores = torch.matmul(qq, kk.transpose(-1, -2)) * scale                    # [B, g, G, Lq, K]
+    # The G query heads of kv head h are heads h*G .. h*G+G-1: as rows of one [G*Lq, D] block they share
+    # their keys in a plain batched matmul (no repeated K/V, no broadcast batch dims).
+    qq = q.reshape(B, g, G * Lq, D).to(acc)
+    kk, vv = k.to(acc), v.to(acc)                                              # [B, g, K, D]
+    allowed = allowed.expand(B, Hq, Lq, K).reshape(B, g, G * Lq, K)
+    scores = torch.matmul(qq, kk.transpose(-1, -2)) * scale                    # [B, g, G*Lq, K]
     scores = scores.masked_fill(~allowed, float("-inf"))
     top = scores.amax(-1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))

@@ -88,7 +88,12 @@ def run_quality(model, tok, specs: list[str], length: int) -> list[dict]:
                               progress=lambda s: print("  ", s, file=sys.stderr))
         print(rep.table(), f"\n({time.perf_counter() - t0:.0f} s)\n", flush=True)
         d = rep.to_dict()
-        d["source"] = spec
+        d["source"] = os.path.basename(spec)
+        if spec.endswith(".json"):
+            keep = plan.meta.get("keep")
+            kind = "with data-dependent columns" if getattr(plan, "dynamic", None) else "static families"
+            d["plan"] = (f"fitted `{os.path.basename(spec)}` (keep {keep}, {kind}, "
+                         f"{len(plan.distinct())} distinct masks)")
         rows.append(d)
     return rows
 
@@ -181,7 +186,8 @@ def main() -> None:
             rows = run_quality(model, tok, specs, args.length)
             for r in rows:
                 r["command"], r["when"] = command, when
-            old = [r for r in raw.get("quality", {}).get("rows", []) if r["source"] not in specs]
+            names = {os.path.basename(x) for x in specs}
+            old = [r for r in raw.get("quality", {}).get("rows", []) if r["source"] not in names]
             raw["quality"] = dict(head, length=args.length, rows=old + rows)
         else:
             raw["cost"] = dict(head, rows=run_cost(model, tok, args.lengths, args.decode_tokens, args.repeats))

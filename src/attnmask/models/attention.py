@@ -41,6 +41,7 @@ import torch
 from ..errors import DenseTooLargeError, MaskError, MaskValueError
 from ..masks import Mask
 from ..plan import MaskPlan, as_plan
+from .capture import model_shape
 
 __all__ = ["IMPLEMENTATION", "MaskContext", "apply", "register", "attention_modules", "plan_of",
            "WEIGHTS_MAX_CELLS"]
@@ -133,12 +134,6 @@ def attention_modules(model) -> list:
     return mods
 
 
-def _model_shape(model) -> tuple[int, int, int]:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    heads = cfg.num_attention_heads
-    return cfg.num_hidden_layers, heads, getattr(cfg, "num_key_value_heads", None) or heads
-
-
 def apply(model, plan: "MaskPlan | Mask | str | Sequence", *, backend: str = "auto", block_size: int = 128):
     """Run ``model``'s attention through attnmask with ``plan``: a MaskPlan, one mask for
     every layer and head (Mask or text), or one per-head list for every layer.
@@ -156,7 +151,7 @@ def apply(model, plan: "MaskPlan | Mask | str | Sequence", *, backend: str = "au
     from ..engines.dispatch import BACKENDS
     if backend not in BACKENDS:
         raise MaskValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    layers, heads, _ = _model_shape(model)
+    layers, heads, _ = model_shape(model)
     plan = as_plan(plan, layers, heads)
     if getattr(plan, "dynamic", None):
         raise MaskValueError("the plan has data-dependent heads (their key columns depend on the input); resolve "

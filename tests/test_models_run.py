@@ -389,3 +389,23 @@ def test_padded_batch_gradients_equal_sequences_run_one_by_one():
     assert abs(loss.item() - one.item()) < 1e-4
     for g, p in zip(batched, model.parameters()):
         assert (g - p.grad).abs().max() <= 1e-4 * p.grad.abs().max().clamp_min(1e-12)
+
+
+def test_evaluate_resolves_data_dependent_heads_per_text():
+    model = make_model(seed=23)
+    spec = {"family": "top_columns", "window": 4, "sink": 1, "columns": 2, "last_queries": 8}
+    base = am.causal & (am.sliding(4) | am.sink(1))
+    plan = am.MaskPlan(((base, am.causal, base, am.causal), (am.causal,) * 4),
+                       dynamic=((spec, None, spec, None), (None,) * 4))
+    with pytest.raises(am.MaskError, match="data-dependent"):
+        models.apply(twin(model), plan)
+    ids = ids_of(1, 40, seed=24)[0]
+    report = models.evaluate(model, plan, [ids])
+    assert report.timing is None                       # no cost figures: the columns depend on the prompt
+    maps = models.capture(model, ids[None])
+    resolved = am.MaskPlan(tuple(plan.resolve(i, maps[i][0, :, -8:]) for i in range(2)))
+    assert "cols(" in str(resolved.layer(0)[0])
+    models.apply(model, resolved)
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(model(ids[None]).logits[0, :-1], ids[1:])
+    assert abs(report.texts[0].loss_plan - float(want)) < 1e-5

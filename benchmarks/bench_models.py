@@ -117,11 +117,14 @@ def render(raw: dict) -> str:
     q = raw.get("quality")
     if q:
         commands = sorted({(r.get("when", q["when"]), r.get("command", q["command"])) for r in q["rows"]})
-        out += [f"Held-out quality: revision {q['revision']}, {q['machine']}.",
-                "Commands: " + "; ".join(f"`{c}` ({w})" for w, c in commands) + ". Texts: the first {q['length']} tokens of shlex.py and textwrap.py "
+        out += [f"Held-out quality: {q['machine']}; revision {q['revision']} for the last run.",
+                "Commands: " + "; ".join(f"`{c}` ({w})" for w, c in commands) + f". Texts: the first {q['length']} tokens of shlex.py and textwrap.py "
                 f"(Python's standard library; not used by the fits). Loss is next-token cross entropy "
                 f"(nats/token); dense is SDPA; agreement is the share of positions whose most likely next "
-                f"token equals dense's.", "",
+                f"token equals dense's. Density: attended pairs / causal pairs over all layers and heads. "
+                f"Plans with data-dependent columns are resolved per text from the dense model's attention "
+                f"of that text's last queries (MInference's rule: the prompt chooses its own columns), so "
+                f"their density differs per text.", "",
                 "| plan | density | text | loss dense | loss plan | delta | top-1 agreement |",
                 "|---|---:|---|---:|---:|---:|---:|"]
         for row in q["rows"]:

@@ -125,7 +125,9 @@ plans = ByteLRU(256 << 20)
 
 
 def _layout_key(layout: BlockLayout) -> tuple:
-    return (layout.mask, layout.q_len, layout.kv_len, layout.q_offset, layout.block_q, layout.block_k)
+    # b and h: a mask_mod that reads them has one layout (and plan) per batch element / head
+    return (layout.mask, layout.q_len, layout.kv_len, layout.q_offset, layout.block_q, layout.block_k,
+            layout.b, layout.h)
 
 
 def plan_for(layout: BlockLayout, direction: Direction = FORWARD) -> Plan:

@@ -426,7 +426,7 @@ class Plan:
         >>> from attnmask import distributed as cp
         >>> p = cp.plan(am.causal & am.sliding(256), 2048, 4, block_size=128)
         >>> p.strategy, p.local_length(0)
-        ('balanced', 512)
+        ('balanced', 640)
     """
     masks: tuple
     per_head: bool
@@ -628,7 +628,7 @@ def plan(mask, length: int, world_size: int, block_size: int = 128, *, strategy:
         >>> from attnmask import distributed as cp
         >>> p = cp.plan(am.causal, 1000, 2, block_size=64)
         >>> [p.local_length(r) for r in range(2)], p.n_chunks
-        ([512, 488], 16)
+        ([488, 512], 16)
     """
     if strategy != "auto" and strategy not in STRATEGIES:
         raise PlanError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)} or 'auto'")

@@ -208,3 +208,29 @@ def test_a_rank_that_raises_brings_the_group_down(tmp_path):
     assert code1 != 0 and "boom on rank 1" in err1
     assert code0 != 0 and "CommunicationError" in err0 and "rank 0" in err0
     assert elapsed < 10 + 30          # the process group's timeout plus process start-up, not a hang
+
+
+# -- the command -----------------------------------------------------------------------------------
+
+def test_cp_plan_command_prints_the_comparison_and_draws(tmp_path, capsys):
+    from attnmask.cli import main
+    out_png = tmp_path / "plan.png"
+    assert main(["cp-plan", "causal & (sliding(512) | sink(4))", "--length", "16384", "--world", "8",
+                 "-o", str(out_png)]) == 0
+    text = capsys.readouterr().out
+    for word in ("busiest/mean", "step/ideal", "contiguous", "zigzag", "ptrr", "recv MiB", "per rank"):
+        assert word in text
+    assert len([line for line in text.splitlines() if line.strip()[:2].strip().isdigit()]) >= 8   # one per rank
+    assert out_png.stat().st_size > 10_000
+
+
+def test_cp_plan_command_json_and_bad_input(capsys):
+    from attnmask.cli import main
+    assert main(["cp-plan", "causal", "--length", "4096", "--world", "4", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["name"] for r in rows} == {"plan", "contiguous", "zigzag", "ptrr", "greedy", "balanced"}
+    assert main(["cp-plan", "causal", "--length", "100", "--world", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fewer than world_size 4" in err
+    assert main(["cp-plan", "causal", "--length", "4096", "--world", "4", "--strategy", "zag"]) == 2
+    assert "unknown strategy 'zag'" in capsys.readouterr().err

@@ -68,21 +68,30 @@ class CostModel:
     ``token_cost = (Hkv s / 2 H) * (flops per second / bytes per second)``.
     The default, 1000, is a GPU with NVLink-class links in bf16 without GQA
     (~500 TFLOP/s against ~500 GB/s); a CPU over loopback gloo is nearer 20.
-    ``message_cost``: the fixed cost of one message (latency).
+    ``message_cost``: the fixed cost of one message (latency). ``call_cost``:
+    the fixed cost of one kernel call; the runtime makes one per (query run,
+    key run) of each step, so scattered assignments pay it many times.
+    Defaults: ~20 us per message and per call on a GPU.
+    :meth:`cpu_gloo` is this project's 2-core CPU over loopback gloo (H=8, D=64,
+    float32: ~29 ns a pair, ~0.5 ms a call).
 
-        >>> CostModel().token_cost
-        1000.0
+        >>> CostModel().token_cost, CostModel.cpu_gloo().call_cost
+        (1000.0, 20000.0)
     """
     token_cost: float = 1000.0
     message_cost: float = 1e5
+    call_cost: float = 5e5
+
+    @classmethod
+    def cpu_gloo(cls) -> "CostModel":
+        return cls(token_cost=20.0, message_cost=2e3, call_cost=2e4)
 
     def __post_init__(self):
-        for name in ("token_cost", "message_cost"):
+        for name in ("token_cost", "message_cost", "call_cost"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise PlanError(f"CostModel.{name} must be a finite number >= 0, got {value!r}")
-        object.__setattr__(self, "token_cost", float(self.token_cost))
-        object.__setattr__(self, "message_cost", float(self.message_cost))
+            object.__setattr__(self, name, float(value))
 
 
 # -- exact work from the layout ----------------------------------------------------------------------
@@ -337,12 +346,26 @@ def _tokens_needed(need: np.ndarray, owner: np.ndarray, chunk_len: np.ndarray, W
     return tokens
 
 
+def _kernel_calls(need: np.ndarray, owner: np.ndarray, pairs: np.ndarray, W: int) -> np.ndarray:
+    """float [W, W]: kernel calls rank r makes against source s (its query runs x s's key runs it reads)."""
+    change = np.r_[True, owner[1:] != owner[:-1]]
+    q_runs = np.bincount(owner[change], minlength=W)
+    calls = np.zeros((W, W))
+    for r in range(W):
+        read = need[r]
+        starts = read & (np.r_[True, ~read[:-1]] | change)
+        calls[r] = q_runs[r] * np.bincount(owner[starts], minlength=W)
+    return np.where(pairs > 0, calls, 0.0)
+
+
 def _simulate(schedule: str, pairs: np.ndarray, tokens: np.ndarray, shard: np.ndarray,
-              cost: CostModel) -> Simulation:
+              cost: CostModel, calls: np.ndarray | None = None) -> Simulation:
     W = len(pairs)
+    ideal = pairs.sum() / W                      # pure compute, perfectly balanced
+    if calls is not None:
+        pairs = pairs + cost.call_cost * calls
     local = np.diag(pairs).copy()
     remote = pairs.sum(1) - local
-    ideal = pairs.sum() / W
     tc, mc = cost.token_cost, cost.message_cost
     if W == 1:
         return Simulation(schedule, local, [[0.0]], ideal)
@@ -599,6 +622,7 @@ def _make(masks, per_head, length, W, block, work, strategy, schedule, cost) -> 
     pairs, need = _exchange(work, owner, W)
     needed = _tokens_needed(need, owner, work.chunk_len, W)
     shard = np.bincount(owner, weights=work.chunk_len, minlength=W).astype(np.int64)
+    calls = _kernel_calls(need, owner, pairs, W)
     best = None
     for sched in (SCHEDULES if schedule == "auto" else (schedule,)):
         if sched == "allgather":
@@ -606,7 +630,7 @@ def _make(masks, per_head, length, W, block, work, strategy, schedule, cost) -> 
             np.fill_diagonal(tokens, 0)
         else:
             tokens = needed
-        sim = _simulate(sched, pairs, tokens, shard, cost)
+        sim = _simulate(sched, pairs, tokens, shard, cost, calls)
         if best is None or sim.time < best[0].time * (1 - 1e-9):
             best = (sim, tokens)
     sim, tokens = best

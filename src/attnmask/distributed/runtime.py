@@ -141,9 +141,9 @@ def _comm(fn, rank: int, what: str):
 
 def _check_group(plan: Plan, q, k, v, rank: int, W: int, group, enable_gqa: bool) -> None:
     """Every rank learns every rank's plan fingerprint and shapes, and all raise the same error."""
-    n_local = plan.local_length(rank)
     meta = [plan.fingerprint(), q.shape[0], q.shape[1], k.shape[1], q.shape[3], q.shape[2], k.shape[2],
-            v.shape[2], _DTYPES.get(q.dtype, 0), int(enable_gqa)]
+            v.shape[2], _DTYPES.get(q.dtype, 0), int(enable_gqa),
+            int(torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))]
     mine = torch.tensor(meta, dtype=torch.int64, device=q.device)
     everyone = [torch.empty_like(mine) for _ in range(W)]
     _comm(lambda: dist.all_gather(everyone, mine, group=group), rank, "the plan check (all-gather)")
@@ -165,6 +165,10 @@ def _check_group(plan: Plan, q, k, v, rank: int, W: int, group, enable_gqa: bool
         if len(set(vals)) > 1:
             raise PlanMismatchError(f"cp.attention: ranks disagree on the {name}: "
                                     + ", ".join(f"rank {r} has {x}" for r, x in enumerate(vals)))
+    if len({r[10] for r in rows}) > 1:
+        raise PlanMismatchError("cp.attention: some ranks need gradients and others do not (" + ", ".join(
+            f"rank {r}: {'grad' if x[10] else 'no grad'}" for r, x in enumerate(rows)) + "); the backward "
+            "exchanges dK/dV with every rank, so all must call it the same way")
     if len({r[8] for r in rows}) > 1 or len({r[9] for r in rows}) > 1:
         raise PlanMismatchError("cp.attention: ranks disagree on the dtype or enable_gqa: " + ", ".join(
             f"rank {r} has dtype code {x[8]}, enable_gqa={bool(x[9])}" for r, x in enumerate(rows)))
@@ -176,7 +180,6 @@ def _check_group(plan: Plan, q, k, v, rank: int, W: int, group, enable_gqa: bool
                                         f"but the plan gives it {want}; shard with cp.shard(t, plan, {r})")
     if plan.per_head and q.shape[1] != len(plan.masks):
         raise MaskValueError(f"the plan has {len(plan.masks)} per-head masks but q has {q.shape[1]} heads")
-    del n_local
 
 
 # -- per-rank geometry (cached on the plan) ----------------------------------------------------------
@@ -207,10 +210,6 @@ class _RankGeometry:
     def local_rows(self, chunks: np.ndarray, plan: Plan) -> torch.Tensor:
         """int64 local row indices of own ``chunks`` (in order)."""
         parts = [torch.arange(self.local_start[c], self.local_start[c] + int(plan.chunk_len[c])) for c in chunks.tolist()]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
-
-    def global_rows(self, chunks: np.ndarray, plan: Plan) -> torch.Tensor:
-        parts = [torch.arange(c * self.C, c * self.C + int(plan.chunk_len[c])) for c in chunks.tolist()]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
 
 
@@ -270,26 +269,83 @@ def _merge(acc, piece):
 
 # -- the autograd function ---------------------------------------------------------------------------
 
-def _kv_buffer(kv_parts, kmax: int, like: torch.Tensor) -> torch.Tensor:
-    """[2, B, Hkv, kmax, D] with each (global rows, rows [2, B, Hkv, n, D]) part placed at its positions."""
+# Masks built only from these primitives mean the same after shifting q and k by one offset, so a piece
+# can run on its keys alone with q_offset = (first query - first key) instead of a zero buffer from 0.
+_SHIFT_INVARIANT = frozenset({"full", "none", "causal", "diagonal", "band", "sliding", "dilated", "strided"})
+
+
+def _shift_invariant(plan: Plan) -> bool:
+    if "shift_invariant" not in plan._cache:
+        import re
+        names = set()
+        for m in plan.masks:
+            names |= set(re.findall(r"[A-Za-z_][A-Za-z_0-9]*", str(m)))
+        plan._cache["shift_invariant"] = names <= _SHIFT_INVARIANT
+    return plan._cache["shift_invariant"]
+
+
+def _segments(chunks: np.ndarray, offset_of, data: torch.Tensor, plan: Plan) -> list:
+    """(global start, global end, rows of ``data`` [2, B, Hkv, n, D]) per run of chunks consecutive in both."""
+    out = []
+    C = plan.block_size
+    for c in chunks.tolist():
+        ga, gb, lo = c * C, min((c + 1) * C, plan.length), int(offset_of(c))
+        if out and out[-1][1] == ga and out[-1][3] == lo:
+            out[-1] = (out[-1][0], gb, out[-1][2], lo + gb - ga)
+        else:
+            out.append((ga, gb, lo, lo + gb - ga))
+    return [(ga, gb, data[:, :, :, lo:hi]) for ga, gb, lo, hi in out]
+
+
+def _kv_buffer(segments, kmax: int, like: torch.Tensor) -> torch.Tensor:
+    """[2, B, Hkv, kmax, D]: zeros, with each segment's rows at its global positions."""
     buf = like.new_zeros((2,) + tuple(like.shape[1:3]) + (kmax, like.shape[-1]))
-    for rows, part in kv_parts:
-        buf = buf.index_copy(3, rows.to(buf.device), part)
+    for ga, gb, part in segments:
+        buf = buf.index_copy(3, torch.arange(ga, gb, device=buf.device), part)
     return buf
 
 
-def _pieces(plan: Plan, geo: _RankGeometry, q, kv_local, step: int, chunks, kv_parts, scale, enable_gqa, acc):
+def _offsets(chunks: np.ndarray, plan: Plan):
+    """Row offset of each chunk in a buffer holding ``chunks`` back to back."""
+    starts = dict(zip(chunks.tolist(), np.r_[0, np.cumsum(plan.chunk_len[chunks])[:-1]].tolist()))
+    return starts.__getitem__
+
+
+def _shifted_layouts(plan: Plan, rank: int, qa: int, qb: int, ka: int, kb: int):
+    key = ("shifted", rank, qa, qb, ka, kb)
+    if key not in plan._cache:
+        lays = [m.compile(qb - qa, kb - ka, q_offset=qa - ka, block_size=plan.block_size) for m in plan.masks]
+        empty = all(lay.counts()["empty"] == lay.n_q_blocks * lay.n_kv_blocks for lay in lays)
+        plan._cache[key] = None if empty else (lays if plan.per_head else lays[0])
+    return plan._cache[key]
+
+
+def _pieces(plan: Plan, geo: _RankGeometry, q, kv_local, step: int, chunks, segments, scale, enable_gqa, acc):
+    """Attention of every local query run against one step's keys, merged into ``acc``."""
+    from ..engines import attention as am_attention
+
+    def run(i, lo, n, k, v, lays):
+        o, l = am_attention(q[:, :, lo:lo + n], k, v, lays, scale=scale, enable_gqa=enable_gqa, return_lse=True)
+        if o.dtype in (torch.float16, torch.bfloat16):
+            o = o.float()                                   # merge in float32
+        acc[i] = _merge(acc[i], (o, l if l.dtype == torch.float64 else l.float()))
+
+    if not segments:
+        return acc
+    if _shift_invariant(plan):
+        for i, (qa, qb, lo) in enumerate(geo.q_runs):
+            for ga, gb, part in segments:
+                lays = _shifted_layouts(plan, geo.rank, qa, qb, ga, gb)
+                if lays is not None:
+                    run(i, lo, qb - qa, part[0], part[1], lays)
+        return acc
     kmax, per_run = _step_layouts(plan, geo.rank, step, chunks)
     if kmax == 0 or all(x is None for x in per_run):
         return acc
-    from ..engines import attention as am_attention
-    buf = _kv_buffer(kv_parts, kmax, kv_local)
+    buf = _kv_buffer(segments, kmax, kv_local)
     for i, ((qa, qb, lo), lays) in enumerate(zip(geo.q_runs, per_run)):
-        if lays is None:
-            continue
-        o, l = am_attention(q[:, :, lo:lo + qb - qa], buf[0], buf[1], lays, scale=scale, enable_gqa=enable_gqa,
-                            return_lse=True)
-        acc[i] = _merge(acc[i], (o, l.to(torch.float32) if l.dtype != torch.float64 else l))
+        if lays is not None:
+            run(i, lo, qb - qa, buf[0], buf[1], lays)
     return acc
 
 
@@ -298,8 +354,7 @@ def _forward(plan: Plan, geo: _RankGeometry, q, kv_local, group, scale, enable_g
     rank, W = geo.rank, plan.world_size
     acc = [None] * len(geo.q_runs)
     received: dict[int, torch.Tensor] = {}
-    own_rows = geo.local_rows(geo.own_needed, plan).to(q.device)
-    local_part = [(geo.global_rows(geo.own_needed, plan), kv_local.index_select(3, own_rows))]
+    local_part = _segments(geo.own_needed, geo.local_start.__getitem__, kv_local, plan)
 
     if plan.schedule == "allgather":
         longest = max(plan.local_length(r) for r in range(W))
@@ -320,7 +375,7 @@ def _forward(plan: Plan, geo: _RankGeometry, q, kv_local, group, scale, enable_g
             if grad:
                 leaf.requires_grad_(True)
             received[s] = leaf
-            parts.append((geo.global_rows(geo.recv[s], plan), leaf))
+            parts += _segments(geo.recv[s], _offsets(geo.recv[s], plan), leaf, plan)
             chunks.append(geo.recv[s])
         if chunks:
             acc = _pieces(plan, geo, q, kv_local, 1, np.sort(np.concatenate(chunks)), parts, scale, enable_gqa, acc)
@@ -375,8 +430,8 @@ def _forward(plan: Plan, geo: _RankGeometry, q, kv_local, group, scale, enable_g
             if grad:
                 leaf.requires_grad_(True)
             received[s] = leaf
-            acc = _pieces(plan, geo, q, kv_local, t, geo.recv[s], [(geo.global_rows(geo.recv[s], plan), leaf)],
-                          scale, enable_gqa, acc)
+            acc = _pieces(plan, geo, q, kv_local, t, geo.recv[s],
+                          _segments(geo.recv[s], _offsets(geo.recv[s], plan), leaf, plan), scale, enable_gqa, acc)
         for w in pending_sends:
             _comm(lambda: w.wait(), rank, "sending K/V chunks")
 

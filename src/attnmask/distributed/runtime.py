@@ -14,12 +14,14 @@ Each rank holds the q, k, v rows of the chunks the plan gives it (:func:`shard`)
 4. in the backward, keeps dQ local and sends each source the dK/dV of the
    chunks it read from it; owners add them to their own.
 
-How a piece is run through the public ``attention``: a piece's keys are laid
-out at their global positions in a buffer ``[B, Hkv, kmax, D]`` (zeros where
-the rank holds nothing) and the mask is restricted to the piece's key chunks
-with ``cols(...)``, so the block-sparse engine never reads the empty part;
-queries go in contiguous runs with ``q_offset`` = their first position. The
-buffer costs O(kmax) memory per step, linear in the length (see DESIGN.md).
+How a piece is run through the public ``attention`` (which places keys at
+positions 0..Lk): queries go in contiguous runs. For masks that only see
+``q - k`` (causal, sliding, band, dilated, strided, diagonal) each run of
+consecutive key chunks is its own call with ``q_offset`` = first query - first
+key. Other masks (sinks, documents, rows, cols, ...) get the piece's keys at
+their global positions in a zero buffer ``[B, Hkv, kmax, D]`` and the mask
+restricted with ``cols(...)`` to the piece's chunks, so the block-sparse
+engine never reads the zeros; that buffer is O(kmax) per step (DESIGN.md).
 
 The engine is whatever ``attnmask.attention`` picks for the device (blocksparse
 on CPU, FlexAttention on CUDA); the collectives are torch.distributed's own.
@@ -36,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import MaskValueError
-from .planner import Plan, PlanError
+from .planner import Plan, PlanError, _runs_of
 
 __all__ = ["shard", "unshard", "gather", "attention", "PlanMismatchError", "CommunicationError"]
 
@@ -227,13 +229,7 @@ def _step_layouts(plan: Plan, rank: int, step: int, chunks: np.ndarray):
         return plan._cache[key]
     from ..masks import cols
     geo = _geometry(plan, rank)
-    runs = []
-    for c in chunks.tolist():
-        a, b = c * plan.block_size, min((c + 1) * plan.block_size, plan.length)
-        if runs and runs[-1][1] == a:
-            runs[-1] = (runs[-1][0], b)
-        else:
-            runs.append((a, b))
+    runs = _runs_of(chunks, plan.block_size, plan.length)
     kmax = runs[-1][1] if runs else 0
     keys = functools.reduce(operator.or_, [cols(a, b) for a, b in runs]) if runs else None
     out = []

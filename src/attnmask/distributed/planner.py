@@ -26,7 +26,7 @@ every rank computes the same plan without talking to the others:
 
     >>> import attnmask as am
     >>> from attnmask import distributed as cp
-    >>> p = cp.plan(am.causal, 4096, 4, block_size=128)
+    >>> p = cp.plan(am.causal, 65536, 4, block_size=128)
     >>> p.imbalance() < 1.01
     True
 """
@@ -650,7 +650,7 @@ def plan(mask, length: int, world_size: int, block_size: int = 128, *, strategy:
 
         >>> import attnmask as am
         >>> from attnmask import distributed as cp
-        >>> p = cp.plan(am.causal, 1000, 2, block_size=64)
+        >>> p = cp.plan(am.causal, 1000, 2, block_size=64, strategy="zigzag")
         >>> [p.local_length(r) for r in range(2)], p.n_chunks
         ([488, 512], 16)
     """
@@ -677,7 +677,7 @@ def compare(mask, length: int, world_size: int, block_size: int = 128, *,
 
         >>> import attnmask as am
         >>> from attnmask import distributed as cp
-        >>> plans = cp.compare(am.causal, 4096, 4)
+        >>> plans = cp.compare(am.causal, 65536, 4)
         >>> sorted(plans)
         ['balanced', 'contiguous', 'greedy', 'plan', 'ptrr', 'zigzag']
         >>> plans['contiguous'].imbalance() > plans['plan'].imbalance()

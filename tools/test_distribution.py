@@ -117,6 +117,14 @@ def main(argv=None) -> int:
             vals = [f[name] for f in feats]
             cells.append("n/a" if any(v is None for v in vals) else f"{sum(vals)} ({100 * sum(vals) / len(vals):.0f}%)")
         out.append(f"| {name} | " + " | ".join(cells) + " |")
+    out += ["", "The first two columns are the older generic strategies (tiny lengths, any expression); the last "
+            "two are `strategies.engine_problems`. Long problems are fixed cases, not drawn: "
+            "`test_long_calls_on_shared_keys_match_float64` (4096 and 5000 query rows in one maskless call, cut "
+            "into row pieces) and `test_long_backward_of_a_window_matches_float64` (16384 tokens, the backward "
+            "split into several kernel calls), both in tests/test_engine_paths.py, with the fully masked rows "
+            "inside merged blocks of `test_fully_masked_rows_inside_merged_blocks` and the square q_offset "
+            "backward cases of `test_backward_with_q_offset_on_square_shapes`. Counts are per problem run "
+            "(n can exceed max_examples by hypothesis' retries of invalid draws)."]
     text = "\n".join(out) + "\n"
     print(text)
     if args.out:

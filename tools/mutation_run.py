@@ -95,7 +95,9 @@ class Mutant:
         return self.build if isinstance(self.build, str) else self.build()
 
     def label(self) -> str:
-        return f"{self.module}:{self.line} {self.kind}: `{self.before.strip()[:70]}` -> `{self.after.strip()[:70]}`"
+        def short(text: str) -> str:
+            return " ".join(text.split())[:90]
+        return f"{self.module}:{self.line} {self.kind}: `{short(self.before)}` -> `{short(self.after)}`"
 
 
 # -- listing sites --------------------------------------------------------------------------------
@@ -256,10 +258,13 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="write the markdown result here")
     ap.add_argument("--json", type=Path, help="write the raw results here")
     ap.add_argument("--list", action="store_true", help="only count the sites")
+    ap.add_argument("--jobs", type=int, default=1, help="mutants tested at once")
+    ap.add_argument("--dry-run", action="store_true", help="list the chosen mutants, run nothing")
+    ap.add_argument("--only", nargs="*", help="sample only these modules (default: all targets)")
     args = ap.parse_args(argv)
 
     TARGETS = targets()
-    modules = list(TARGETS)
+    modules = [m for m in TARGETS if not args.only or m in args.only]
     sites = {m: list_mutants(m) for m in modules}
     total = sum(len(v) for v in sites.values())
     print(f"{total} sites: " + ", ".join(f"{m} {len(v)}" for m, v in sites.items()), flush=True)
@@ -291,34 +296,43 @@ def main(argv=None) -> int:
         else:
             chosen.append((f"named: {name}", Mutant(module, 0, "named (site gone at this revision)", old, new, "")))
 
+    if args.dry_run:
+        for origin, mut in chosen:
+            print(f"{origin}: {mut.label()}{'' if mut.source else ' (site gone)'}")
+        return 0
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     work = Path(tempfile.mkdtemp(prefix="attnmask-mut-"))
     pristine = work / "orig"
     shutil.copytree(ROOT / "src", pristine, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     base_probe = probe(pristine)
-    results = []
     t_start = time.time()
-    try:
-        for i, (origin, mut) in enumerate(chosen):
-            if not mut.source:
-                results.append(dict(origin=origin, label=mut.label(), status="not applied (site gone)", seconds=0,
-                                    failure="", probe=""))
-                continue
-            mdir = work / "mut"
-            if mdir.exists():
-                shutil.rmtree(mdir)
-            shutil.copytree(pristine, mdir)
-            (mdir / "attnmask" / mut.module).write_text(mut.source)
+
+    def one(i: int) -> dict:
+        origin, mut = chosen[i]
+        if not mut.source:
+            return dict(origin=origin, label=mut.label(), status="not applied (site gone)", seconds=0, failure="",
+                        probe="")
+        mdir = work / f"mut{i}"
+        shutil.copytree(pristine, mdir)
+        (mdir / "attnmask" / mut.module).write_text(mut.source)
+        try:
             status, secs, failure = run_tests(mdir, TARGETS.get(mut.module, _ENGINE_TESTS), args.timeout)
             pr = ""
             if status == "survived":
                 got = probe(mdir)
                 pr = "no output change" if got == base_probe else (
                     "probe " + got if got.startswith(("error", "timeout")) else "outputs differ")
-            results.append(dict(origin=origin, label=mut.label(), status=status, seconds=round(secs, 1),
-                                failure=failure, probe=pr))
-            print(f"[{i + 1}/{len(chosen)}] {status:10s} {secs:6.1f}s {pr:16s} {origin}: {mut.label()}", flush=True)
+        finally:
+            shutil.rmtree(mdir, ignore_errors=True)
+        print(f"[{i + 1}/{len(chosen)}] {status:10s} {secs:6.1f}s {pr:16s} {origin}: {mut.label()}", flush=True)
+        return dict(origin=origin, label=mut.label(), status=status, seconds=round(secs, 1), failure=failure,
+                    probe=pr)
+
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:     # each mutant runs in its own process
+            results = list(pool.map(one, range(len(chosen))))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     wall = time.time() - t_start
@@ -345,7 +359,7 @@ def write_markdown(path: Path, rev, dirty, sites, results, wall, args, TARGETS) 
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {cpu.split(':', 1)[-1].strip()} "
         f"({platform.python_version()}), shared with other jobs",
         f"- command: `PYTHONPATH=src python tools/mutation_run.py --sample {args.sample} --seed {args.seed} "
-        f"--out {path}`",
+        f"--jobs {args.jobs}" + (f" --only {' '.join(args.only)}" if args.only else "") + f" --out {path}`",
         f"- sites listed: {sum(len(v) for v in sites.values())} ("
         + ", ".join(f"{m} {len(v)}" for m, v in sites.items()) + f"); sampled {args.sample} (seed {args.seed}) + "
         f"{len(NAMED)} named; tests per module: " + "; ".join(f"{m}: {', '.join(Path(t).name for t in ts)}"

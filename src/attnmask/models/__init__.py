@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from .attention import apply, plan_of, register
 from .cache import MaskCache, cache_bytes
+from .capture import capture, model_shape
 from .evaluate import EvalReport, evaluate
 from .loading import load, smollm2_path
 
-__all__ = ["load", "smollm2_path", "apply", "plan_of", "register", "MaskCache", "cache_bytes", "evaluate", "EvalReport"]
+__all__ = ["load", "smollm2_path", "capture", "model_shape", "apply", "plan_of", "register", "MaskCache",
+           "cache_bytes", "evaluate", "EvalReport"]

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         rec = Path(tmp) / "problems.jsonl"
         env = dict(os.environ, CI="true", ATTNMASK_TEST_DISTRIBUTION=str(rec), PYTHONPATH=str(ROOT / "src"))
         env.pop("ATTNMASK_HYPOTHESIS", None)
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W",
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-W",
                                "ignore::DeprecationWarning", *TESTS], cwd=ROOT, env=env, capture_output=True,
                               text=True)
         summary = [ln for ln in proc.stdout.splitlines() if "passed" in ln or "failed" in ln or "profile" in ln]

@@ -430,6 +430,13 @@ def test_backend_that_cannot_run_says_why():
     text = str(info.value)
     assert "backend 'flex' cannot run" in text and "head dim" in text
     assert "backends that can: blocksparse, dense" in text
+    # FlexAttention on CPU has no backward and returns no lse: refused up front, with the reason
+    # (a mutation that let it try survived the suite: torch's own error came instead)
+    qg = q.clone().requires_grad_()
+    with pytest.raises(am.MaskError, match="no backward pass on CPU"):
+        attention(qg, k, v, am.causal, backend="flex")
+    with pytest.raises(am.MaskError, match="cannot return the lse on CPU"):
+        attention(q, k, v, am.causal, backend="flex", return_lse=True)
     big = torch.zeros(1, 1, 1, 8).expand(1, 1, 70000, 8)
     with pytest.raises(am.MaskError, match="score matrix"):
         attention(big, big, big, am.causal, backend="dense")

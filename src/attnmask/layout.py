@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import operator
 from collections import OrderedDict
-from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 from .compiler import EMPTY, FULL, PARTIAL, Compiler, Grid, Pieces, count_pieces
 from .errors import DenseTooLargeError, MaskValueError
 from .masks import DEFAULT_DENSE_LIMIT, Mask, make_mask_mod, resolve_shape
+from .threads import single_thread  # the one thread clamp (re-exported: analysis uses it)
 
 _CACHE_SIZE = 64
 _cache: "OrderedDict[tuple, BlockLayout]" = OrderedDict()
@@ -60,25 +60,6 @@ def compile_layout(mask: Mask, q_len: int, kv_len: int | None = None, *, block_s
     if len(_cache) > _CACHE_SIZE:
         _cache.popitem(last=False)
     return layout
-
-
-@contextmanager
-def single_thread():
-    """Run torch on one intra-op thread inside the block (restored after).
-
-    The compiler's torch work is a few memory-bound passes over <= 2N
-    elements; intra-op threads gain little there, and on a busy machine their
-    spin-waits made a 5 ms compile take 250 ms.
-    """
-    before = torch.get_num_threads()
-    if before == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def clear_cache() -> None:

@@ -288,8 +288,13 @@ def main(argv=None) -> int:
             chosen.append(("sampled", x))
             taken += 1
     for name, module, old, new in NAMED:
-        path = ROOT / "src" / "attnmask" / module
-        text = path.read_text() if path.exists() else ""
+        # the text may have moved to another module in a rewrite: take the one that holds it once
+        for cand in [module] + [m for m in TARGETS if m != module]:
+            path = ROOT / "src" / "attnmask" / cand
+            text = path.read_text() if path.exists() else ""
+            if text.count(old) == 1:
+                module = cand
+                break
         if text.count(old) == 1:
             line = text[:text.index(old)].count("\n") + 1
             chosen.append((f"named: {name}", Mutant(module, line, "named", old, new, text.replace(old, new))))

@@ -8,7 +8,7 @@ benchmarks/results/attention.md and docs/bench_attention.png by default.
 
 import sys
 
-from attnmask.bench import main
+from harness import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(results="benchmarks/results/attention.md", plot="docs/bench_attention.png"))

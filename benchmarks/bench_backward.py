@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import attnmask as am
-from attnmask.bench import fwd_bwd, machine_description, reset_peak, save_results, status_kb
+from harness import fwd_bwd, machine_description, reset_peak, save_results, status_kb
 
 TARGETS = {"bwd_over_fwd": 3.0, "sdpa_mask_over_ours": 5.0, "memory_gb": 1.0}
 

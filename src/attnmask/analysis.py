@@ -34,7 +34,9 @@ from .compiler import FULL, PARTIAL, _expand_pairs
 from .errors import LayoutTooLargeError, MaskValueError
 from .layout import single_thread
 from .language import as_mask
+from .kinds import TileState
 from .masks import Mask, check_length
+from .primitives import causal
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -392,7 +394,7 @@ class AnalysisReport:
 
         head = f"{self.mask}  (length {n:,}, {self.layers} layer{'s' * (self.layers != 1)})"
         rows = [
-            ("", "this mask", "causal", "ratio"),
+            ("", "this mask", str(causal), "ratio"),
             ("attended pairs", num(self.attended_pairs), num(self.causal_pairs),
              ratio(self.attended_pairs, self.causal_pairs)),
             ("density", f"{self.density:.6g}", f"{self.causal_density:.6g}", ""),
@@ -484,7 +486,8 @@ def _report(mask: Mask, n: int, layers: int, block_size, head_dim: int, heads: i
         mask=str(mask), length=n, layers=layers, block_size=bs[0] if bs[0] == bs[1] else bs,
         head_dim=head_dim, heads=heads,
         attended_pairs=pairs, density=pairs / (n * n),
-        blocks_full=counts["full"], blocks_partial=counts["partial"], blocks_empty=counts["empty"],
+        blocks_full=counts[TileState.FULL.label], blocks_partial=counts[TileState.PARTIAL.label],
+        blocks_empty=counts[TileState.EMPTY.label],
         flops_forward=FORWARD_FLOPS_PER_PAIR_DIM * pairs * per_pair,
         flops_backward=BACKWARD_FLOPS_PER_PAIR_DIM * pairs * per_pair,
         causal_pairs=causal_pairs, causal_density=causal_pairs / (n * n),
@@ -543,7 +546,7 @@ def plot_analysis(mask: MaskLike, length: int, *, layers: int = 32, block_size: 
     x = np.arange(c.shape[0]) * buckets
     ax_kv.fill_between(x, c.min(axis=1), c.max(axis=1), color="#21918c", alpha=0.4, linewidth=0)
     ax_kv.plot(x, c.max(axis=1), color="#21918c", linewidth=1.2, label="this mask")
-    ax_kv.plot([0, n - 1], [1, n], color="0.5", linestyle="--", linewidth=1, label="causal")
+    ax_kv.plot([0, n - 1], [1, n], color="0.5", linestyle="--", linewidth=1, label=str(causal))
     ax_kv.plot([step], [curve[step]], "o", color="#440154")
     ax_kv.annotate(f"peak {int(curve[step]):,} at step {step:,}", (step, curve[step]),
                    textcoords="offset points", xytext=(8 if step <= n / 2 else -8, -10), va="top",

@@ -127,7 +127,7 @@ mask language: full none causal diagonal band(l, r) sliding(w) sink(n) prefix_lm
 
 def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     """The argument parser; ``with_bench`` imports the benchmark's own options."""
-    from . import __version__
+    from .version import __version__
     parser = _Parser(prog="attnmask", formatter_class=_formatter, epilog=MAIN_EPILOG,
                      description="Describe, see, measure and run attention masks.")
     parser.add_argument("--version", action="version", version=f"attnmask {__version__}")
@@ -189,7 +189,7 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
 
     bench_help = "side-by-side attention benchmark"
     if with_bench:
-        from . import bench
+        bench = load_bench_harness()
         p = sub.add_parser("bench", help=bench_help, formatter_class=_formatter, epilog=BENCH_EPILOG,
                            description="Time attnmask against SDPA (dense mask, is_causal) and FlexAttention "
                                        "side by side, in one process, and report the ratios.")
@@ -223,7 +223,7 @@ def _mask(expr: str):
 
 
 def cmd_demo(args) -> int:
-    from . import SIGNATURE
+    from .render import SIGNATURE
     from .render import render_signature
     from .terminal import show
     with _progress("drawing the signature picture"):
@@ -296,9 +296,28 @@ def cmd_export(args) -> int:
     return 0
 
 
+def load_bench_harness():
+    """The benchmark harness, benchmarks/harness.py of the source checkout this package runs from.
+
+    It is not part of the installed package (it times competitors, draws plots and
+    writes results files); from an installation without the repository there is
+    nothing to run, and the error says where it looked.
+    """
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "harness.py"
+    if not path.is_file():
+        raise MaskValueError(f"attnmask bench runs benchmarks/harness.py of a source checkout, not found at {path}; "
+                             f"clone the attnmask repository and run it from there (pip install -e .)")
+    spec = importlib.util.spec_from_file_location("attnmask_bench_harness", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module       # dataclasses in it look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def cmd_bench(args) -> int:
-    from . import bench
-    result = bench.run_from_args(args)
+    result = load_bench_harness().run_from_args(args)
     return int(result) if isinstance(result, int) else 0
 
 

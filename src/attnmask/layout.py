@@ -15,7 +15,9 @@ import torch
 
 from .compiler import EMPTY, FULL, PARTIAL, Compiler, Grid, Pieces, count_pieces
 from .errors import DenseTooLargeError, MaskValueError
-from .masks import DEFAULT_DENSE_LIMIT, Mask, make_mask_mod, resolve_shape
+from .kinds import TileState
+from . import late
+from .masks import DEFAULT_DENSE_LIMIT, Mask, resolve_shape
 
 _CACHE_SIZE = 64
 _cache: "OrderedDict[tuple, BlockLayout]" = OrderedDict()
@@ -184,8 +186,9 @@ class BlockLayout:
     def __repr__(self) -> str:
         c = self.counts()
         return (f"BlockLayout({str(self.mask)!r}, q_len={self.q_len}, kv_len={self.kv_len}, "
-                f"q_offset={self.q_offset}, block_size={self.block_size}, full={c['full']}, "
-                f"partial={c['partial']}, empty={c['empty']})")
+                f"q_offset={self.q_offset}, block_size={self.block_size}, "
+                + ", ".join(f"{s.label}={c[s.label]}" for s in (TileState.FULL, TileState.PARTIAL, TileState.EMPTY))
+                + ")")
 
     # -- counts --
     def counts(self) -> dict[str, int]:
@@ -194,19 +197,20 @@ class BlockLayout:
         state = self.run_state.numpy()
         full = int(length[state == FULL].sum())
         partial = int(length[state == PARTIAL].sum())
-        return {"empty": self.n_q_blocks * self.n_kv_blocks - full - partial, "partial": partial, "full": full}
+        return {TileState.EMPTY.label: self.n_q_blocks * self.n_kv_blocks - full - partial,
+                TileState.PARTIAL.label: partial, TileState.FULL.label: full}
 
     @property
     def blocks_full(self) -> int:
-        return self.counts()["full"]
+        return self.counts()[TileState.FULL.label]
 
     @property
     def blocks_partial(self) -> int:
-        return self.counts()["partial"]
+        return self.counts()[TileState.PARTIAL.label]
 
     @property
     def blocks_empty(self) -> int:
-        return self.counts()["empty"]
+        return self.counts()[TileState.EMPTY.label]
 
     def attended_pairs(self) -> int:
         """Exact number of attended (query, key) pairs, from structure (no dense matrix)."""
@@ -234,8 +238,7 @@ class BlockLayout:
     def runs(self, q_block: int) -> list[tuple[int, int, str]]:
         """Runs of query block ``q_block`` as (first key block, end key block, state)."""
         a, b = int(self.run_ptr[q_block]), int(self.run_ptr[q_block + 1])
-        names = {PARTIAL: "partial", FULL: "full"}
-        return [(int(s), int(e), names[int(t)]) for s, e, t in
+        return [(int(s), int(e), TileState(int(t)).label) for s, e, t in
                 zip(self.run_start[a:b], self.run_end[a:b], self.run_state[a:b])]
 
     def iter_runs(self) -> Iterator[tuple[int, int, int, int]]:
@@ -332,33 +335,7 @@ class BlockLayout:
             >>> bm.shape[-2:]
             (256, 256)
         """
-        from torch.nn.attention.flex_attention import BlockMask
-        nqb, nkb = self.n_q_blocks, self.n_kv_blocks
-        cells = nqb * nkb
-        if cells > DEFAULT_DENSE_LIMIT // 4:
-            raise DenseTooLargeError(f"FlexAttention's BlockMask needs {cells:,} index entries here; use a larger block_size")
-        qb = self._run_qb
-        s, e, t = self.run_start.numpy(), self.run_end.numpy(), self.run_state.numpy()
-        dev = torch.device("cpu") if device is None else torch.device(device)
-        from .compiler import _expand_pairs
-        tensors = []
-        for state in (PARTIAL, FULL):
-            sel = t == state
-            owner, c = _expand_pairs(s[sel], e[sel])          # one entry per tile: O(tiles), not O(cells)
-            rows = qb[sel][owner]
-            num = np.bincount(rows, minlength=nqb).astype(np.int32)
-            # position of each tile within its row's list (rows come sorted)
-            slot = np.arange(len(rows)) - np.searchsorted(rows, rows, side="left")
-            # The dense index table is FlexAttention's format: fill it where it will live,
-            # sending only the tiles (a 1M-token window: 73K tiles, not 8192^2 slots).
-            idx = torch.zeros((nqb, max(nkb, 1)), dtype=torch.int32, device=dev)
-            if len(rows):
-                idx[torch.from_numpy(rows).to(dev), torch.from_numpy(slot).to(dev)] = \
-                    torch.from_numpy(c.astype(np.int32)).to(dev)
-            tensors += [torch.from_numpy(num).to(dev)[None, None], idx[None, None]]
-        return BlockMask.from_kv_blocks(
-            *tensors, BLOCK_SIZE=self.block_size, mask_mod=make_mask_mod(self.mask, self.q_offset, dev),
-            seq_lengths=(self.q_len, self.kv_len))
+        return late.call("block_mask", self, batch, heads, device)
 
     def _check_lengths(self, q_len: int, kv_len: int) -> None:
         if (q_len, kv_len) != (self.q_len, self.kv_len):
@@ -367,5 +344,7 @@ class BlockLayout:
                 f"q_len={q_len}, kv_len={kv_len}; recompile with mask.compile({q_len}, {kv_len}, "
                 f"block_size={self.block_size})")
 
+
+late.provide("compile", compile_layout)
 
 __all__ = ["BlockLayout", "compile_layout", "clear_cache", "single_thread"]

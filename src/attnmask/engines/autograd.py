@@ -171,21 +171,18 @@ def _causal_segments(layout: BlockLayout) -> list[tuple[int, int]] | None:
     if layout.q_len != layout.kv_len or layout.q_offset != 0:
         return None
     parts = layout.mask.parts if isinstance(layout.mask, Intersection) else (layout.mask,)
-    names = sorted(p.name for p in parts if isinstance(p, Primitive))
-    L = layout.q_len
-    if len(names) != len(parts):
+    if not all(isinstance(p, Primitive) for p in parts):
         return None
-    if names == ["causal"]:
+    L = layout.q_len
+    # Asked of the primitive definitions: exactly one part is `k <= q`, at most one packs segments.
+    causal_parts = [p for p in parts if p.kind.is_causal(p.args)]
+    packings = [p for p in parts if not p.kind.is_causal(p.args)]
+    if len(causal_parts) != 1:
+        return None
+    if not packings:
         return [(0, L)]
-    if names == ["causal", "document"]:
-        doc = next(p for p in parts if p.name == "document")
-        out, start = [], 0
-        for n in doc.args:
-            if start >= L:
-                break
-            out.append((start, min(start + n, L)))
-            start += n
-        return out
+    if len(packings) == 1:
+        return packings[0].kind.causal_segments(packings[0].args, L)
     return None
 
 
@@ -199,7 +196,7 @@ def _one_layout(q, k, v, out, dout, lse0, dlse, layout: BlockLayout, scale: floa
     """
     dil = _dilation(layout.mask)
     if dil is not None and dil[1] > 1:
-        from ..masks import causal, sliding
+        from ..primitives import causal, sliding
         w, d = dil
         Lq, Lk, q_offset = layout.q_len, layout.kv_len, layout.q_offset
         for r in range(d):

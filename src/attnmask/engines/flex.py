@@ -11,12 +11,99 @@ backward for it).
 
 from __future__ import annotations
 
+from typing import Callable
+
+import numpy as np
 import torch
 
-from ..errors import MaskError, MaskValueError
+from .. import late
+from ..compiler import _expand_pairs
+from ..errors import DenseTooLargeError, MaskError, MaskValueError
+from ..kinds import TileState
 from ..layout import BlockLayout
+from ..masks import DEFAULT_DENSE_LIMIT, Mask, Primitive
 
-__all__ = ["flex_forward", "compiled_flex", "block_mask_for"]
+__all__ = ["flex_forward", "compiled_flex", "block_mask_for", "make_mask_mod", "layout_block_mask"]
+
+
+# ---------------------------------------------------------------------------
+# mask_mods and BlockMasks from attnmask's values (Mask.mask_mod, BlockLayout.to_flex_block_mask)
+# ---------------------------------------------------------------------------
+
+def warm_tables(mask: Mask, device=None) -> None:
+    """Build the tables primitives evaluate from (document ids) before tracing, so torch.compile only reads them.
+
+    On ``device`` if given; else on the CPU and, once the program uses CUDA, on the
+    current GPU too (``create_block_mask(m.mask_mod, ..., device="cuda")`` traces there).
+    """
+    devices = [device] if device is not None else \
+        [None] + (["cuda"] if torch.cuda.is_available() and torch.cuda.is_initialized() else [])
+    stack = [mask]
+    while stack:
+        m = stack.pop()
+        if isinstance(m, Primitive):
+            for dev in devices:
+                m.kind.prepare(m, dev)
+        stack.extend(m.children())
+
+
+def make_mask_mod(mask: Mask, q_offset: int, device=None) -> Callable:
+    """A FlexAttention mask_mod for ``mask`` with query row i at q_offset + i (tables ready on ``device``).
+
+        >>> import torch, attnmask as am
+        >>> mm = make_mask_mod(am.causal, 2)
+        >>> bool(mm(0, 0, torch.tensor(0), torch.tensor(2)))
+        True
+    """
+    warm_tables(mask, device)
+    # FlexAttention may pass int32 indices; positions plus parameters (up to
+    # 2**31 - 1) must not wrap, so evaluate in int64.
+    if q_offset == 0:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return mask._eval(q_idx.to(torch.int64), kv_idx.to(torch.int64))
+    else:
+        def mask_mod(b, h, q_idx, kv_idx):
+            return mask._eval(q_idx.to(torch.int64) + q_offset, kv_idx.to(torch.int64))
+    mask_mod.__name__ = f"attnmask_{_safe_name(str(mask))}"
+    return mask_mod
+
+
+def _safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text)[:60]
+
+
+def layout_block_mask(layout: BlockLayout, batch: int | None = None, heads: int | None = None, device=None):
+    """``layout.to_flex_block_mask()``: a torch BlockMask built from the runs (see that method)."""
+    from torch.nn.attention.flex_attention import BlockMask
+    nqb, nkb = layout.n_q_blocks, layout.n_kv_blocks
+    cells = nqb * nkb
+    if cells > DEFAULT_DENSE_LIMIT // 4:
+        raise DenseTooLargeError(f"FlexAttention's BlockMask needs {cells:,} index entries here; use a larger block_size")
+    qb = layout.run_q_blocks().numpy()
+    s, e, t = layout.run_start.numpy(), layout.run_end.numpy(), layout.run_state.numpy()
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    tensors = []
+    for state in (TileState.PARTIAL, TileState.FULL):
+        sel = t == state
+        owner, c = _expand_pairs(s[sel], e[sel])          # one entry per tile: O(tiles), not O(cells)
+        rows = qb[sel][owner]
+        num = np.bincount(rows, minlength=nqb).astype(np.int32)
+        # position of each tile within its row's list (rows come sorted)
+        slot = np.arange(len(rows)) - np.searchsorted(rows, rows, side="left")
+        # The dense index table is FlexAttention's format: fill it where it will live,
+        # sending only the tiles (a 1M-token window: 73K tiles, not 8192^2 slots).
+        idx = torch.zeros((nqb, max(nkb, 1)), dtype=torch.int32, device=dev)
+        if len(rows):
+            idx[torch.from_numpy(rows).to(dev), torch.from_numpy(slot).to(dev)] = \
+                torch.from_numpy(c.astype(np.int32)).to(dev)
+        tensors += [torch.from_numpy(num).to(dev)[None, None], idx[None, None]]
+    return BlockMask.from_kv_blocks(
+        *tensors, BLOCK_SIZE=layout.block_size, mask_mod=make_mask_mod(layout.mask, layout.q_offset, dev),
+        seq_lengths=(layout.q_len, layout.kv_len))
+
+
+late.provide("mask_mod", make_mask_mod)
+late.provide("block_mask", layout_block_mask)
 
 _compiled = None
 
@@ -63,7 +150,6 @@ def block_mask_for(layouts: list[BlockLayout], head_layout: torch.Tensor, device
     """
     from torch.nn.attention.flex_attention import BlockMask
 
-    from ..masks import DEFAULT_DENSE_LIMIT
     if len(layouts) == 1:
         return layouts[0].to_flex_block_mask(device=device)
     first = layouts[0]

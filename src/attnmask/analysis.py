@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 import torch
 
-from .compiler import FULL, PARTIAL, _expand_pairs
+from .compiler import FULL, PARTIAL, expand_ranges
 from .errors import LayoutTooLargeError, MaskValueError
 from .layout import single_thread
 from .language import as_mask
@@ -241,7 +241,7 @@ def _receptive(mask: Mask, n: int, layers: int, query: int, last: np.ndarray) ->
             break
         blocks, first = np.unique(new // bq, return_index=True)
         rows_end = np.append(first[1:], len(new))
-        owner, run = _expand_pairs(ptr[blocks], ptr[blocks + 1])
+        owner, run = expand_ranges(ptr[blocks], ptr[blocks + 1])
         if len(run) == 0:           # these rows attend nothing
             new = new[:0]
             sizes.append(size)
@@ -272,7 +272,7 @@ def _receptive(mask: Mask, n: int, layers: int, query: int, last: np.ndarray) ->
             hi = max(lo + 1, int(np.searchsorted(tiles_before, tiles_before[lo] + _TILE_CHUNK, side="right")) - 1)
             chunk = part[lo:hi]
             lo = hi
-            t_owner, t_c = _expand_pairs(r_start[run[chunk]], r_end[run[chunk]])
+            t_owner, t_c = expand_ranges(r_start[run[chunk]], r_end[run[chunk]])
             t_blk = owner[chunk][t_owner]
             useful = reach[t_c - c_lo] >= new[first[t_blk]]
             t_blk, t_c = t_blk[useful], t_c[useful]
@@ -284,7 +284,7 @@ def _receptive(mask: Mask, n: int, layers: int, query: int, last: np.ndarray) ->
                     f"{RECEPTIVE_BUDGET_CELLS:,} cells evaluated one by one (partial tiles with no structural "
                     f"shortcut, reached at layer {len(sizes) + 1}); analyse a shorter length or fewer layers")
             # (new row, tile) pairs, evaluated in bounded batches
-            p_tile, p_row = _expand_pairs(first[t_blk], rows_end[t_blk])
+            p_tile, p_row = expand_ranges(first[t_blk], rows_end[t_blk])
             per_batch = max(1, _BATCH_CELLS // bk)
             for i in range(0, len(p_tile), per_batch):
                 q = torch.from_numpy(new[p_row[i:i + per_batch]])[:, None]                      # [P, 1]

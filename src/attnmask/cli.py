@@ -234,8 +234,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_render(args) -> int:
-    from .render import _check_path, render
-    _check_path(args.output)  # refuse a bad extension before any work
+    from .render import check_path, render
+    check_path(args.output)  # refuse a bad extension before any work
     masks = [_mask(e) for e in args.expr]
     with _progress(f"rendering {args.length:,} positions"):
         render(masks if len(masks) > 1 else masks[0], args.length, kv_length=args.kv_length, q_offset=args.q_offset, block_size=args.block_size,
@@ -256,8 +256,8 @@ def cmd_show(args) -> int:
 
 def cmd_stats(args) -> int:
     if args.plot is not None:
-        from .render import _check_path
-        _check_path(args.plot)
+        from .render import check_path
+        check_path(args.plot)
     mask = _mask(args.expr)
     try:
         from . import analysis as am

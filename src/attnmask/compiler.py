@@ -128,7 +128,7 @@ def _sorted(grid: Grid, p: Pieces) -> Pieces:
     return p.take(order)
 
 
-def _coalesce(grid: Grid, p: Pieces) -> Pieces:
+def coalesce(grid: Grid, p: Pieces) -> Pieces:
     """Merge neighbouring pieces of the same row with equal state and residual."""
     if len(p) <= 1:
         return p
@@ -180,7 +180,7 @@ def _assemble(grid: Grid, regions: Pieces, seg_region: np.ndarray, seg_c0: np.nd
         np.concatenate((seg_state.astype(np.int8), np.full(m, gap_state, dtype=np.int8))),
         np.concatenate((seg_res.astype(np.int32), np.full(m, gap_res, dtype=np.int32))),
     )
-    return _coalesce(grid, _sorted(grid, out))
+    return coalesce(grid, _sorted(grid, out))
 
 
 def _states_from_counts(count: np.ndarray, total: np.ndarray) -> np.ndarray:
@@ -207,7 +207,7 @@ def _merge_unique(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return x[keep]
 
 
-def _expand_pairs(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def expand_ranges(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For ranges [lo_i, hi_i): (owner index i, value) for every value in every range."""
     n = np.maximum(hi - lo, 0)
     total = int(n.sum())
@@ -269,6 +269,16 @@ class Axis1D:
         if not hasattr(self, "_runs"):
             self._runs = _runs_1d(self.values)
         return self._runs
+
+    def window_states(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """int8 tile state of the axis positions [a, b] (inclusive, inside the axis), from the runs alone.
+
+        No prefix sums: a window is constant exactly when one run holds it.
+        """
+        rs, re, rv = self.runs()
+        i = np.searchsorted(rs, a - self.lo, side="right") - 1
+        one = re[i] > b - self.lo
+        return np.where(one, np.where(rv[i] == 1, FULL, EMPTY), PARTIAL).astype(np.int8)
 
     def count(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Attended values at axis positions [a, b] (inclusive), clipped to the axis."""
@@ -379,6 +389,15 @@ class Compiler:
     def _classify_k(self, mask: Mask, regions: Pieces) -> Pieces:
         g = self.grid
         ax = self.axis(mask, SC.K)
+        rid = self.residuals.id(mask)
+        if int((regions.c1 - regions.c0).sum()) < g.n_kv_blocks:
+            # Few narrow regions (row-level refinement of a handful of tiles): classify just
+            # their key blocks, not every block of the key axis.
+            owner, c = expand_ranges(regions.c0, regions.c1)
+            ks, ke = g.k_bounds(c)
+            st = _states_from_counts(ax.count(ks, ke - 1), ke - ks)
+            return coalesce(g, Pieces(regions.qb[owner], c, c + 1, st,
+                                      np.where(st == PARTIAL, rid, -1).astype(np.int32)))
         c = np.arange(g.n_kv_blocks, dtype=_I64)
         ks, ke = g.k_bounds(c)
         col_state = _states_from_counts(ax.count(ks, ke - 1), ke - ks)
@@ -386,11 +405,10 @@ class Compiler:
         # runs overlapping each region
         i0 = np.searchsorted(re, regions.c0, side="right")
         i1 = np.searchsorted(rs, regions.c1, side="left")
-        owner, run = _expand_pairs(i0, i1)
+        owner, run = expand_ranges(i0, i1)
         c0 = np.maximum(rs[run], regions.c0[owner])
         c1 = np.minimum(re[run], regions.c1[owner])
         st = rv[run]
-        rid = self.residuals.id(mask)
         return Pieces(regions.qb[owner], c0, c1, st, np.where(st == PARTIAL, rid, -1).astype(np.int32))
 
     def _classify_d(self, mask: Mask, regions: Pieces) -> Pieces:
@@ -414,7 +432,7 @@ class Compiler:
         d_max = qe - 1 - lo_c * bk
         i0 = np.searchsorted(b_run, d_min, side="left")
         i1 = np.searchsorted(a_run, d_max, side="right")
-        owner, run = _expand_pairs(i0, np.where(hi_c > lo_c, i1, i0))
+        owner, run = expand_ranges(i0, np.where(hi_c > lo_c, i1, i0))
         # window of tile c is [qs - (c+1) bk + 1, qe - 1 - c bk]; inside run [A, B] iff
         # ceil((qe - 1 - B) / bk) <= c <= floor((qs + 1 - A - bk) / bk)
         o_qs, o_qe = qs[owner], qe[owner]
@@ -431,9 +449,7 @@ class Compiler:
             has_last = (regions.c0 <= last) & (regions.c1 > last)
             idx = np.flatnonzero(has_last)
             ks = last * bk
-            cnt = ax.count(qs[idx] - (g.kv_len - 1), qe[idx] - 1 - ks)
-            width = (qe[idx] - 1 - ks) - (qs[idx] - (g.kv_len - 1)) + 1
-            st = _states_from_counts(cnt, width)
+            st = ax.window_states(qs[idx] - (g.kv_len - 1), qe[idx] - 1 - ks)
             seg_region = np.concatenate((seg_region, idx))
             seg_c0 = np.concatenate((seg_c0, np.full(len(idx), last, _I64)))
             seg_c1 = np.concatenate((seg_c1, np.full(len(idx), last + 1, _I64)))
@@ -498,7 +514,7 @@ class Compiler:
         seg_state = np.concatenate((st[inner], e_state))
         unknown = seg_state == UNKNOWN
         if unknown.any():
-            t_owner, c = _expand_pairs(seg_c0[unknown], seg_c1[unknown])
+            t_owner, c = expand_ranges(seg_c0[unknown], seg_c1[unknown])
             t_region = seg_region[unknown][t_owner]
             ks, ke = g.k_bounds(c)
             counts = prim.kind.count_rects(prim.args, qs[t_region], qe[t_region], ks, ke)
@@ -615,7 +631,7 @@ class Compiler:
                 ma, mb = self.residuals.masks[key // width], self.residuals.masks[key % width]
                 joint[i] = self.residuals.id(ma & mb if op == "&" else ma | mb if op == "|" else ma - mb)
             res[both] = joint[inverse.reshape(-1)]
-        return _coalesce(g, Pieces(qb, c0, c1, state, res))
+        return coalesce(g, Pieces(qb, c0, c1, state, res))
 
     # -- resolution of unknown pieces --
     def resolve(self, p: Pieces) -> Pieces:
@@ -633,11 +649,11 @@ class Compiler:
                 parts.append(self.classify(residual, Pieces(sel.qb, sel.c0, sel.c1, sel.state, sel.res)))
             else:
                 parts.append(self._resolve_dense(residual, rid, sel))
-        return _coalesce(self.grid, _sorted(self.grid, Pieces.concat(parts)))
+        return coalesce(self.grid, _sorted(self.grid, Pieces.concat(parts)))
 
     def _resolve_dense(self, residual: Mask, rid: int, sel: Pieces) -> Pieces:
         g = self.grid
-        owner, c = _expand_pairs(sel.c0, sel.c1)
+        owner, c = expand_ranges(sel.c0, sel.c1)
         qb = sel.qb[owner]
         qs, qe = g.q_bounds(qb)
         ks, ke = g.k_bounds(c)
@@ -664,13 +680,13 @@ class Compiler:
         if by_segments is not None:
             return by_segments
         if not self.refine_pays(mask):
-            owner, c = _expand_pairs(c0, c1)
+            owner, c = expand_ranges(c0, c1)
             self.dense_tiles += len(c)
             per_tile = tile_counts_dense(mask, g, qb[owner], c)
             return np.bincount(owner, weights=per_tile, minlength=len(qb)).astype(_I64)
         self.refined_tiles += int((c1 - c0).sum())
         r0 = qb * g.block_q
-        owner, row = _expand_pairs(r0, np.minimum(r0 + g.block_q, g.q_len))
+        owner, row = expand_ranges(r0, np.minimum(r0 + g.block_q, g.q_len))
         per_row = self.count_rows(mask, row, ks[owner], ke[owner])
         return np.bincount(owner, weights=per_row, minlength=len(qb)).astype(_I64)
 
@@ -700,7 +716,7 @@ class Compiler:
             has = rb > ra
             s0 = np.where(has, seg_of(np.where(has, ra, lo_real)), 0)
             s1 = np.where(has, seg_of(np.where(has, rb - 1, lo_real)) + 1, 0)
-            owner, sid = _expand_pairs(s0, s1)
+            owner, sid = expand_ranges(s0, s1)
             start = np.maximum(seg_start(sid), a[owner])
             end = np.minimum(seg_end(sid), b[owner])
             # padding before and after the real positions: one piece each, matching nothing
@@ -721,7 +737,7 @@ class Compiler:
         ko, ka, kz, ksid = ko[korder], ka[korder], kz[korder], ksid[korder]
         kfirst = np.searchsorted(ko, np.arange(len(qs)), side="left")
         klast = np.searchsorted(ko, np.arange(len(qs)), side="right")
-        pair_q, kidx = _expand_pairs(kfirst[qo], klast[qo])
+        pair_q, kidx = expand_ranges(kfirst[qo], klast[qo])
         owner = qo[pair_q]
         same = (qsid[pair_q] == ksid[kidx]) & (qsid[pair_q] >= 0)
         out = np.zeros(len(qs), _I64)
@@ -785,7 +801,7 @@ class Compiler:
         """count_rows by evaluating cells: each segment cut into pieces of <= block_k keys."""
         g = self.grid
         bk = g.block_k
-        owner, k0 = _expand_pairs(np.zeros(len(ks), _I64), -(-(ke - ks) // bk))
+        owner, k0 = expand_ranges(np.zeros(len(ks), _I64), -(-(ke - ks) // bk))
         k0 = ks[owner] + k0 * bk
         k1 = np.minimum(k0 + bk, ke[owner])
         out = np.zeros(len(owner), _I64)
@@ -910,7 +926,7 @@ def row_counts(compiler: Compiler, mask: Mask, p: Pieces) -> np.ndarray:
         sel = partial[p.res[partial] == rid]
         residual = compiler.residuals.masks[rid]
         r0 = p.qb[sel] * bq
-        owner, row = _expand_pairs(r0, np.minimum(r0 + bq, n))
+        owner, row = expand_ranges(r0, np.minimum(r0 + bq, n))
         if closed_form_countable(residual):
             q = row + g.q_offset
             cnt = count_rects(compiler, residual, q, q + 1, ks[sel][owner], ke[sel][owner], None)

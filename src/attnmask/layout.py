@@ -128,8 +128,8 @@ class BlockLayout:
         runs = Pieces(pieces.qb[nz], pieces.c0[nz], pieces.c1[nz], pieces.state[nz],
                       np.zeros(int(nz.sum()), np.int32))
         # Runs merge neighbours of equal state even if their residuals differ.
-        from .compiler import _coalesce
-        runs = _coalesce(grid, runs)
+        from .compiler import coalesce
+        runs = coalesce(grid, runs)
         self.run_start = torch.from_numpy(runs.c0.astype(np.int64))
         self.run_end = torch.from_numpy(runs.c1.astype(np.int64))
         self.run_state = torch.from_numpy(runs.state.astype(np.int8))
@@ -256,9 +256,9 @@ class BlockLayout:
 
         Materialises one entry per tile: O(non-empty tiles).
         """
-        from .compiler import _expand_pairs
+        from .compiler import expand_ranges
         sel = np.ones(self.n_runs, bool) if state is None else (self.run_state.numpy() == state)
-        owner, c = _expand_pairs(self.run_start.numpy()[sel], self.run_end.numpy()[sel])
+        owner, c = expand_ranges(self.run_start.numpy()[sel], self.run_end.numpy()[sel])
         return torch.from_numpy(self._run_qb[sel][owner].astype(np.int64)), torch.from_numpy(c)
 
     def tile_masks(self, q_blocks: torch.Tensor, kv_blocks: torch.Tensor) -> torch.Tensor:
@@ -279,9 +279,9 @@ class BlockLayout:
 
         Used for block-level pictures: cell value = count / tile area.
         """
-        from .compiler import _expand_pairs
+        from .compiler import expand_ranges
         p = self._pieces.take(self._pieces.state != EMPTY)
-        owner, c = _expand_pairs(p.c0, p.c1)
+        owner, c = expand_ranges(p.c0, p.c1)
         tiles = Pieces(p.qb[owner], c, c + 1, p.state[owner], p.res[owner])
         counts = count_pieces(self._compiler, tiles)
         return torch.from_numpy(tiles.qb.astype(np.int64)), torch.from_numpy(c), torch.from_numpy(counts)

@@ -114,7 +114,7 @@ def _viridis_ends() -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(cmap(0.0)), tuple(cmap(1.0))
 
 
-def _check_path(path) -> str:
+def check_path(path) -> str:
     ext = os.path.splitext(str(path))[1].lower()
     if ext not in SAVE_FORMATS:
         raise MaskValueError(f"cannot save a picture as {str(path)!r}: the extension must be one of "
@@ -262,7 +262,7 @@ def render(mask: MaskLike | Sequence[MaskLike], length: int, *, kv_length: int |
         titles = list(titles)
         if len(titles) != len(masks):
             raise MaskValueError(f"titles has {len(titles)} entries for {len(masks)} masks; give one per mask")
-    ext = _check_path(path) if path is not None else None
+    ext = check_path(path) if path is not None else None
     if ax is not None and len(masks) > 1:
         raise MaskValueError(f"ax= draws one mask, got {len(masks)}; leave ax unset for side-by-side panels")
 

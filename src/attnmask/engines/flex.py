@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .. import late
-from ..compiler import _expand_pairs
+from ..compiler import expand_ranges
 from ..errors import DenseTooLargeError, MaskError, MaskValueError
 from ..kinds import TileState
 from ..layout import BlockLayout
@@ -85,7 +85,7 @@ def layout_block_mask(layout: BlockLayout, batch: int | None = None, heads: int 
     tensors = []
     for state in (TileState.PARTIAL, TileState.FULL):
         sel = t == state
-        owner, c = _expand_pairs(s[sel], e[sel])          # one entry per tile: O(tiles), not O(cells)
+        owner, c = expand_ranges(s[sel], e[sel])          # one entry per tile: O(tiles), not O(cells)
         rows = qb[sel][owner]
         num = np.bincount(rows, minlength=nqb).astype(np.int32)
         # position of each tile within its row's list (rows come sorted)

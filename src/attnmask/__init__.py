@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .errors import DenseTooLargeError, LayoutTooLargeError, MaskError, MaskSyntaxError, MaskValueError
 from .language import parse
-from .layout import BlockLayout, clear_cache
+from .layout import BlockLayout, cache_info, clear_cache, set_cache_limit
 from .plan import MaskPlan
 # render.py imports matplotlib only inside its functions; importing the function
 # eagerly keeps `am.render` the function even after `import attnmask.render`.
@@ -41,7 +41,7 @@ def __getattr__(name):
 
 __all__ = ["Mask", "BlockLayout", "MaskPlan", "MaskError", "MaskSyntaxError", "MaskValueError", "DenseTooLargeError",
            "LayoutTooLargeError",
-           "parse", "clear_cache", "from_mask_mod", "full", "none", "causal", "diagonal", "band", "sliding",
+           "parse", "clear_cache", "set_cache_limit", "cache_info", "from_mask_mod", "full", "none", "causal", "diagonal", "band", "sliding",
            "sink", "prefix_lm", "chunked", "dilated", "strided", "document", "rows", "cols", "window2d", "attention",
            "per_batch", "PerBatch",
            "render", "analyze", "plot_analysis", "SIGNATURE"]

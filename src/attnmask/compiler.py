@@ -51,7 +51,7 @@ MAX_PIECES = 1 << 26
 _REFINE_BATCH_ROWS = 1 << 18
 
 
-@dataclass
+@dataclass(frozen=True)
 class Grid:
     """The shape being compiled: lengths, offset and block sizes."""
 

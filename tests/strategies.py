@@ -320,3 +320,69 @@ def resolved(shape: tuple[int, int | None, int | None]) -> tuple[int, int, int]:
     q_len, kv_len, q_offset = shape
     kv_len = q_len if kv_len is None else kv_len
     return q_len, kv_len, (kv_len - q_len if q_offset is None else q_offset)
+
+
+# ---------------------------------------------------------------------------
+# problems shaped like real use, for the engines (forward and backward)
+# ---------------------------------------------------------------------------
+#
+# Random expressions over tiny lengths (above) reach the language's corners but
+# rarely the engine's: most are 1 x 1, a single query block, all-true or
+# all-masked. These problems have several query blocks, masks from the families
+# models use, scaled to the length (so rows gather keys from several runs of tiles
+# and the engine merges partial results), fully masked rows cut out of them,
+# explicit and default offsets, square and not. Their measured distribution is in
+# tests/README.md ("What the strategies generate").
+
+def _family_spec(draw, L: int) -> Spec:
+    """A mask spec from the families models use, with parameters scaled to length L."""
+    third = max(1, L // 3)
+    fam = draw(st.sampled_from(["causal", "window+sink", "documents", "band+cols", "chunks+sink",
+                                "dilated", "prefix", "random"]))
+    causal = ("prim", "causal", ())
+    if fam == "causal":
+        return causal
+    if fam == "window+sink":
+        w = draw(st.integers(1, third))
+        s = draw(st.integers(1, 4))
+        return ("and", causal, ("or", ("prim", "sliding", (w,)), ("prim", "sink", (s,))))
+    if fam == "documents":
+        docs = tuple(draw(st.lists(st.integers(1, max(1, L // 2)), min_size=1, max_size=6)))
+        return ("and", ("prim", "document", docs), causal)
+    if fam == "band+cols":
+        lo, hi = draw(st.integers(0, third)), draw(st.integers(0, third))
+        a = draw(st.integers(0, L))
+        return ("or", ("prim", "band", (lo, hi)), ("prim", "cols", (a, a + draw(st.integers(1, 8)))))
+    if fam == "chunks+sink":
+        return ("or", ("prim", "chunked", (draw(st.integers(1, third)),)), ("prim", "sink", (draw(st.integers(1, 3)),)))
+    if fam == "dilated":
+        w, d = draw(st.integers(1, 12)), draw(st.integers(1, 5))
+        return ("and", causal, ("prim", "dilated", (w, d))) if draw(st.booleans()) else ("prim", "dilated", (w, d))
+    if fam == "prefix":
+        return ("prim", "prefix_lm", (draw(st.integers(0, L)),))
+    return draw(mask_specs(max_leaves=4))
+
+
+@st.composite
+def engine_problems(draw, *, max_blocks: int = 8) -> dict:
+    """One attention problem: spec, lengths, q_offset, block size, B, H, Hkv, D, seed.
+
+    Lengths span 2..max_blocks query blocks (not always a multiple of the block);
+    half the masks lose some rows entirely (``- rows(a, b, s)`` on positions the
+    queries hold), so fully masked rows sit inside blocks whose other rows merge.
+    """
+    bq = draw(st.sampled_from([8, 16, 32]))
+    bk = draw(st.sampled_from([bq, 2 * bq, bq // 2]))
+    Lq = draw(st.integers(2 * bq - bq // 2, max_blocks * bq))
+    Lk = Lq if draw(st.integers(0, 2)) else draw(st.integers(max(1, Lq // 2), 2 * Lq))
+    q_offset = draw(st.one_of(st.none(), st.integers(-bq, Lk)))
+    pos0 = Lk - Lq if q_offset is None else q_offset           # position of query row 0
+    spec = _family_spec(draw, max(Lq, Lk))
+    if draw(st.booleans()):
+        a = max(0, pos0 + draw(st.integers(0, Lq - 1)))
+        cut = ("prim", "rows", (a, a + draw(st.integers(1, max(1, Lq // 4))), draw(st.integers(1, 4))))
+        spec = ("sub", spec, cut)
+    hkv = draw(st.sampled_from([1, 2]))
+    return dict(spec=spec, Lq=Lq, Lk=Lk, q_offset=q_offset, block=(bq, bk), B=draw(st.integers(1, 2)),
+                H=hkv * draw(st.sampled_from([1, 2])), Hkv=hkv, D=draw(st.sampled_from([4, 8, 16])),
+                seed=draw(st.integers(0, 2**16)))

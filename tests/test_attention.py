@@ -1,7 +1,9 @@
 """Exactness, edge cases and errors of ``attnmask.attention`` against a float64 dense reference.
 
-The reference is computed here, in float64, from ``mask.to_dense`` (the
-semantics oracle), never from an engine. Every backend is held to it.
+The reference (``numerics.reference``) is computed by the tests in float64 from
+``mask.to_dense`` (the semantics oracle), never by an engine; every backend is
+held to it. Errors are scaled to the inputs (``numerics.scaled_error``: outputs
+against max |v|), so an exactly-zero reference is measured sensibly.
 """
 
 from __future__ import annotations
@@ -11,30 +13,15 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import attnmask as am
 from attnmask.engines import attention, per_batch
 from attnmask.engines.blocksparse import blocksparse_forward
+from numerics import output_unit, reference, scaled_error
 
 # -- helpers -------------------------------------------------------------------------------------
-
-
-def reference(q, k, v, allowed, scale):
-    """float64 attention; allowed is bool broadcastable to [B, H, Lq, Lk]; kv heads expanded here."""
-    rep = q.shape[1] // k.shape[1]
-    k = k.double().repeat_interleave(rep, 1)
-    v = v.double().repeat_interleave(rep, 1)
-    s = (q.double() @ k.transpose(-1, -2)) * scale
-    s = s.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    return torch.exp(s - safe[..., None]) @ v, lse
-
-
-def rel_err(x, ref):
-    return float((x.double() - ref).abs().max()) / max(float(ref.abs().max()), 1e-30)
 
 
 def leaf(draw):
@@ -100,7 +87,6 @@ def tensors(b, h, hkv, lq, lk, d, seed, dtype=torch.float32):
 
 
 @given(problems())
-@settings(max_examples=60)
 def test_random_masks_match_float64(problem):
     mask, b, h, hkv, lq, lk, q_offset, d, bs, seed = problem
     q, k, v = tensors(b, h, hkv, lq, lk, d, seed)
@@ -113,7 +99,7 @@ def test_random_masks_match_float64(problem):
         assert out.dtype == torch.float32 and lse.dtype == torch.float32
         assert out.shape == q.shape and lse.shape == (b, h, lq)
         assert not torch.isnan(out).any() and not torch.isnan(lse).any()
-        assert rel_err(out, ref) < 1e-5, backend
+        assert scaled_error(out, ref, output_unit(v)) < 1e-5, backend
         live = torch.isfinite(ref_lse)
         assert torch.equal(torch.isfinite(lse), live), backend
         if live.any():
@@ -124,7 +110,6 @@ def test_random_masks_match_float64(problem):
 
 
 @given(problems(), st.sampled_from([4, 8, 16]))
-@settings(max_examples=40)
 def test_row_pieces_and_their_cuts_match_float64(problem, sub_rows):
     # The planner cuts partial blocks into row pieces (every _SUB_ROWS rows and at document
     # boundaries) and decides between one is_causal call and pieces by a cost model; with
@@ -143,7 +128,7 @@ def test_row_pieces_and_their_cuts_match_float64(problem, sub_rows):
     finally:
         bs_mod._SUB_ROWS, bs_mod._SPLIT_GAIN = saved
         bs_mod._plans.pop(lay, None)
-    assert rel_err(out, ref) < 1e-5
+    assert scaled_error(out, ref, output_unit(v)) < 1e-5
     assert all(op.rows <= sub_rows for op in plan.ops if op.mask is not None)
 
 
@@ -157,7 +142,7 @@ def test_window_blocks_run_as_row_pieces_trimmed_to_their_keys():
     assert computed < 2048 * (128 + 255) * 0.9
     q, k, v = tensors(1, 2, 2, 2048, 2048, 16, seed=3)
     ref, _ = reference(q, k, v, lay.to_dense(), 0.25)
-    assert rel_err(attention(q, k, v, lay, scale=0.25), ref) < 1e-5
+    assert scaled_error(attention(q, k, v, lay, scale=0.25), ref, output_unit(v)) < 1e-5
 
 
 def test_blocks_straddling_documents_are_cut_at_the_boundary():
@@ -170,7 +155,7 @@ def test_blocks_straddling_documents_are_cut_at_the_boundary():
     assert any(op.r0 == 100 and op.k0 >= 100 for op in plan.ops)
     q, k, v = tensors(1, 2, 1, 612, 612, 16, seed=4)
     ref, _ = reference(q, k, v, mask.to_dense(612), 0.25)
-    assert rel_err(attention(q, k, v, lay, scale=0.25, enable_gqa=True), ref) < 1e-5
+    assert scaled_error(attention(q, k, v, lay, scale=0.25, enable_gqa=True), ref, output_unit(v)) < 1e-5
 
 
 def test_ops_merging_into_rows_no_op_wrote_yet():
@@ -182,7 +167,7 @@ def test_ops_merging_into_rows_no_op_wrote_yet():
     assert not bs_mod.plan_for(lay).covered
     q, k, v = tensors(1, 2, 2, 53, 53, 8, seed=5)
     ref, _ = reference(q, k, v, mask.to_dense(53), 0.3)
-    assert rel_err(attention(q, k, v, lay, scale=0.3), ref) < 1e-5
+    assert scaled_error(attention(q, k, v, lay, scale=0.3), ref, output_unit(v)) < 1e-5
 
 
 def test_plan_masks_stay_bounded_when_every_tile_is_partial():
@@ -203,7 +188,7 @@ def test_stretches_of_partial_tiles_match_float64():
     q, k, v = tensors(1, 2, 2, 900, 900, 8, seed=6)
     ref, _ = reference(q, k, v, mask.to_dense(900), 0.3)
     out = attention(q, k, v, mask, scale=0.3, block_size=16)        # 57 key blocks: two stretches of 32
-    assert rel_err(out, ref) < 1e-5
+    assert scaled_error(out, ref, output_unit(v)) < 1e-5
 
 
 @pytest.mark.parametrize("rows,want", [(1500, 1), (2100, 1), (5000, 1), (32768, 8192), (40000, 3000)])
@@ -237,7 +222,7 @@ def test_known_masks_match_float64(expr, lq, lk, q_offset, bs):
     ref, ref_lse = reference(q, k, v, mask.to_dense(lq, lk, q_offset=q_offset), 0.2)
     out, lse = attention(q, k, v, mask, scale=0.2, q_offset=q_offset, enable_gqa=True, return_lse=True,
                          block_size=bs)
-    assert rel_err(out, ref) < 1e-5
+    assert scaled_error(out, ref, output_unit(v)) < 1e-5
     assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse))
 
 
@@ -247,24 +232,52 @@ def test_float64_inputs_stay_float64_exact():
     ref, _ = reference(q, k, v, mask.to_dense(200), 0.5)
     out = attention(q, k, v, mask, scale=0.5, block_size=32)
     assert out.dtype == torch.float64
-    assert rel_err(out, ref) < 1e-12
+    assert scaled_error(out, ref, output_unit(v)) < 1e-12
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("expr", ["causal & (sliding(100) | sink(4))", "document(70, 200, 30) & causal",
-                                  "causal", "dilated(20, 3) | diagonal",
-                                  "dilated(30, 4)"])
-def test_half_precision_within_the_measuring_stick(dtype, expr):
-    # The fast result may not be much further from float64 than the same-dtype
-    # dense reference (fp32 accumulation, output rounded to the dtype) is.
+@pytest.mark.parametrize("expr,L,block", [
+    ("causal & (sliding(100) | sink(4))", 300, 64), ("document(70, 200, 30) & causal", 300, 64),
+    ("causal", 300, 64), ("dilated(20, 3) | diagonal", 300, 64), ("dilated(30, 4)", 300, 64),
+    # rows gather many partial results (documents, a sink and a key run, small blocks): the merge
+    # must happen in float32 (merging in the dtype measured 3.4x the stick)
+    ("(causal & document(100, 200, 300)) | sink(8) | cols(400, 420)", 600, 16)])
+def test_half_precision_within_the_measuring_stick(dtype, expr, L, block):
+    # The stick: the float64 result rounded to the dtype, the best any kernel can return.
+    # Measured: the engine is within 1.7x of it; the same attention with p @ v summed key by
+    # key in the dtype (a wrong accumulation dtype) is 2.8-8.2x away (the next test checks one).
     mask = am.parse(expr)
-    q, k, v = tensors(1, 4, 4, 300, 300, 64, seed=11, dtype=dtype)
-    ref, _ = reference(q, k, v, mask.to_dense(300), 0.125)
-    stick = float((attention(q, k, v, mask, scale=0.125, backend="dense").double() - ref).abs().max())
-    out = attention(q, k, v, mask, scale=0.125, block_size=64)
+    q, k, v = tensors(1, 4, 4, L, L, 64, seed=11, dtype=dtype)
+    allowed = mask.to_dense(L)
+    ref, _ = reference(q, k, v, allowed, 0.125)
+    unit = output_unit(v)
+    stick = scaled_error(ref.to(dtype), ref, unit)
+    out = attention(q, k, v, mask, scale=0.125, block_size=block)
     assert out.dtype == dtype
-    err = float((out.double() - ref).abs().max())
-    assert err <= 2 * stick + 1e-6, (err, stick)
+    err = scaled_error(out, ref, unit)
+    assert err <= 2 * stick, (err, stick)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_bound_rejects_a_sum_in_the_dtype(dtype):
+    """The bound above can tell: exact weights with p @ v summed in the dtype fail it."""
+    mask = am.causal & (am.sliding(100) | am.sink(4))
+    q, k, v = tensors(1, 4, 4, 300, 300, 64, seed=11, dtype=dtype)
+    allowed = mask.to_dense(300)
+    ref, _ = reference(q, k, v, allowed, 0.125)
+    stick = scaled_error(ref.to(dtype), ref, output_unit(v))
+    wrong = scaled_error(_summed_in(dtype, q, k, v, allowed, 0.125), ref, output_unit(v))
+    assert wrong > 2 * stick, (wrong, stick)
+
+
+def _summed_in(dtype, q, k, v, allowed, scale):
+    """Attention with exact weights but p @ v accumulated in ``dtype``, one key at a time."""
+    s = (q.double() @ k.double().transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, -1).to(dtype)
+    acc = torch.zeros(q.shape, dtype=dtype)
+    for j in range(k.shape[2]):
+        acc = acc + p[..., j:j + 1] * v[:, :, j:j + 1, :]
+    return acc
 
 
 def test_per_head_masks():
@@ -274,7 +287,7 @@ def test_per_head_masks():
     ref, _ = reference(q, k, v, allowed, 0.25)
     for backend in ("blocksparse", "dense"):
         out = attention(q, k, v, heads, scale=0.25, enable_gqa=True, backend=backend, block_size=32)
-        assert rel_err(out, ref) < 1e-5, backend
+        assert scaled_error(out, ref, output_unit(v)) < 1e-5, backend
 
 
 def test_per_batch_masks_with_per_head_lists_and_layouts():
@@ -290,7 +303,7 @@ def test_per_batch_masks_with_per_head_lists_and_layouts():
     assert isinstance(pb, am.engines.PerBatch) and hash(pb) == hash(per_batch(items))
     for backend in ("blocksparse", "dense"):
         out = attention(q, k, v, pb, scale=0.25, enable_gqa=True, backend=backend, block_size=16)
-        assert rel_err(out, ref) < 1e-5, backend
+        assert scaled_error(out, ref, output_unit(v)) < 1e-5, backend
 
 
 def test_block_layout_input_and_blocksparse_forward_interface():
@@ -299,7 +312,7 @@ def test_block_layout_input_and_blocksparse_forward_interface():
     q, k, v = tensors(1, 4, 2, 150, 190, 16, seed=1)
     ref, ref_lse = reference(q, k, v, mask.to_dense(150, 190, q_offset=20), 0.25)
     out = attention(q, k, v, lay, scale=0.25, enable_gqa=True)
-    assert rel_err(out, ref) < 1e-5
+    assert scaled_error(out, ref, output_unit(v)) < 1e-5
     out2, lse2 = blocksparse_forward(q, k, v, [lay], torch.zeros(1, 4, dtype=torch.int64), 0.25)
     assert torch.equal(out, out2)
     assert lse2.dtype == torch.float32 and torch.equal(torch.isfinite(lse2), torch.isfinite(ref_lse))
@@ -309,7 +322,7 @@ def test_default_scale_and_q_offset():
     mask = am.causal & am.sliding(10)
     q, k, v = tensors(1, 1, 1, 5, 40, 8, seed=2)
     ref, _ = reference(q, k, v, mask.to_dense(5, 40), 1 / math.sqrt(8))   # queries are the last 5 positions
-    assert rel_err(attention(q, k, v, mask), ref) < 1e-5
+    assert scaled_error(attention(q, k, v, mask), ref, output_unit(v)) < 1e-5
 
 
 def test_fully_masked_rows_are_exact_zeros_with_minus_inf_lse():
@@ -352,7 +365,7 @@ def test_flex_backend_matches_float64():
     q, k, v = tensors(1, 2, 1, 128, 128, 16, seed=7)
     ref, _ = reference(q, k, v, mask.to_dense(128), 0.25)
     out = attention(q, k, v, mask, scale=0.25, enable_gqa=True, backend="flex")
-    assert rel_err(out, ref) < 1e-5
+    assert scaled_error(out, ref, output_unit(v)) < 1e-5
     assert torch.equal(out[:, :, 3:5], torch.zeros_like(out[:, :, 3:5]))
 
 
@@ -364,12 +377,12 @@ def test_flex_backend_per_head_and_per_batch_masks_match_float64():
     allowed = torch.stack([m.to_dense(128) for m in heads])[None]            # [1, H, L, L]
     ref, _ = reference(q, k, v, allowed, 0.25)
     out = attention(q, k, v, heads, scale=0.25, enable_gqa=True, backend="flex")
-    assert rel_err(out, ref) < 1e-5
+    assert scaled_error(out, ref, output_unit(v)) < 1e-5
     rows = [am.causal & am.document(30, 98), am.causal - am.rows(10, 20)]
     allowed = torch.stack([m.to_dense(128) for m in rows])[:, None]          # [B, 1, L, L]
     ref, _ = reference(q, k, v, allowed, 0.25)
     out = attention(q, k, v, per_batch(rows), scale=0.25, enable_gqa=True, backend="flex")
-    assert rel_err(out, ref) < 1e-5
+    assert scaled_error(out, ref, output_unit(v)) < 1e-5
     assert torch.equal(out[1, :, 10:20], torch.zeros_like(out[1, :, 10:20]))
 
 
@@ -452,6 +465,6 @@ def test_key_ranges_moving_left_down_the_rows():
     q = torch.randn(1, 2, 192, 8, generator=g, dtype=torch.float64)
     k = torch.randn(1, 2, 400, 8, generator=g, dtype=torch.float64)
     v = torch.randn(1, 2, 400, 8, generator=g, dtype=torch.float64)
-    ref = am.attention(q, k, v, m, q_offset=0, block_size=64, backend="dense")
+    ref, _ = reference(q, k, v, m.to_dense(192, 400, q_offset=0), 8 ** -0.5)
     out = am.attention(q.float(), k.float(), v.float(), m, q_offset=0, block_size=64)
-    assert ((out.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+    assert scaled_error(out, ref, output_unit(v)) < 1e-5

@@ -1,9 +1,12 @@
 """The block-sparse backward: exact gradients against float64 autograd through dense attention.
 
-The reference is built here from ``mask.to_dense`` and plain PyTorch ops in
-float64, independent of the engines. Both backward paths are checked: the
-fused-kernel path (loss uses the output only) and the matmul path (a gradient
-also flows through the returned lse).
+The reference (``numerics.reference``) is built by the tests from ``mask.to_dense``
+and plain PyTorch ops in float64, independent of the engines; the gradients under
+test come from ``am.attention(..., backend="blocksparse")`` by autograd. Errors
+are scaled to the inputs (``numerics.gradient_units``), so a gradient that is
+exactly zero in float64 (dq of a row that sees one key) is measured against the
+size of the numbers that produced it. Both backward paths are checked: loss on
+the output only, and a gradient also flowing through the returned lse.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import attnmask as am
-from attnmask.engines.autograd import blocksparse_attention_with_grad, blocksparse_backward
+from attnmask.engines import per_batch
+from attnmask.engines.autograd import blocksparse_attention_with_grad
+from numerics import gradient_units, output_unit, reference, scaled_error
 from strategies import masks as mask_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,14 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # -- the float64 measuring stick --------------------------------------------------------------------
 
-def dense_reference(q, k, v, allowed, scale):
-    """softmax(q k^T * scale, masked) v with lse, in plain torch; allowed bool [B|1, H|1, Lq, Lk]."""
-    G = q.shape[1] // k.shape[1]
-    kk, vv = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
-    s = (q @ kk.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    p = torch.exp(s - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
-    return p @ vv, lse
+dense_reference = reference        # softmax(q k^T * scale, masked) v with lse, float64, written in tests/
 
 
 def allowed_of(masks, head_layout, Lq, Lk, q_offset=None):
@@ -58,13 +56,14 @@ def loss_of(out, lse, w_out, w_lse, use_lse):
     return loss
 
 
-def rel_err(got, ref):
-    return float((got.detach().double() - ref.detach()).abs().max() / ref.detach().abs().max().clamp_min(1e-30))
+def public_mask(masks, head_layout):
+    """The per-(batch, head) choice ``masks[head_layout[b, h]]`` as am.attention takes it."""
+    return per_batch([[masks[int(i)] for i in row] for row in head_layout])
 
 
 def check_case(B, H, Hkv, Lq, Lk, D, masks, head_layout, *, block_size, q_offset=None, use_lse=False,
                seed=0, tol=1e-5):
-    """Gradients of blocksparse_attention_with_grad (fp32) vs float64 dense autograd."""
+    """Gradients of am.attention (blocksparse, fp32) vs float64 dense autograd."""
     g = torch.Generator().manual_seed(seed)
     q64, k64, v64 = (torch.randn(shape, generator=g, dtype=torch.float64)
                      for shape in ((B, H, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, D)))
@@ -75,14 +74,15 @@ def check_case(B, H, Hkv, Lq, Lk, D, masks, head_layout, *, block_size, q_offset
     w_out, w_lse = weights(out_ref, lse_ref, seed + 1)
     ref = torch.autograd.grad(loss_of(out_ref, lse_ref, w_out, w_lse, use_lse), (qr, kr, vr))
 
-    layouts = [m.compile(Lq, Lk, block_size=block_size, q_offset=q_offset) for m in masks]
     q, k, v = (t.float().requires_grad_() for t in (q64, k64, v64))
-    out, lse = blocksparse_attention_with_grad(q, k, v, layouts, head_layout, scale)
+    out, lse = am.attention(q, k, v, public_mask(masks, head_layout), scale=scale, q_offset=q_offset,
+                            enable_gqa=True, return_lse=True, backend="blocksparse", block_size=block_size)
     got = torch.autograd.grad(loss_of(out, lse, w_out, w_lse, use_lse), (q, k, v))
-    for name, a, b in zip("qkv", got, ref):
+    for name, a, b, unit in zip("qkv", got, ref, gradient_units(q64, k64, v64, w_out, scale)):
         assert a.dtype == torch.float32 and a.shape == b.shape
         assert not torch.isnan(a).any(), f"NaN in d{name}"
-        assert rel_err(a, b) < tol, f"d{name}: relative error {rel_err(a, b):.2e} >= {tol}"
+        err = scaled_error(a, b, unit)
+        assert err < tol, f"d{name}: error {err:.2e} >= {tol}"
     return got, allowed
 
 
@@ -121,7 +121,6 @@ def test_gradients_match_float64(name, use_lse):
                use_lse=use_lse)
 
 
-@settings(max_examples=25)
 @given(masks=st.lists(mask_strategy(max_leaves=4), min_size=1, max_size=2),
        Lq=st.integers(1, 40), Lk=st.integers(1, 40), q_offset=st.one_of(st.none(), st.integers(-10, 40)),
        gqa=st.sampled_from([(2, 2), (4, 2), (3, 1)]), bq=st.sampled_from([1, 3, 8, 16]),
@@ -157,15 +156,15 @@ def test_fully_masked_rows_and_unseen_keys_get_zero_gradient():
 ])
 def test_gradcheck_float64(masks, hl, Hkv, use_lse):
     Lq, Lk, D = 9, 11, 3
-    layouts = [m.compile(Lq, Lk, block_size=(2, 4)) for m in masks]
-    head_layout = torch.tensor(hl)
+    mask = public_mask(masks, hl)
     g = torch.Generator().manual_seed(3)
     q = torch.randn(1, 2, Lq, D, dtype=torch.float64, generator=g, requires_grad=True)
     k = torch.randn(1, Hkv, Lk, D, dtype=torch.float64, generator=g, requires_grad=True)
     v = torch.randn(1, Hkv, Lk, D, dtype=torch.float64, generator=g, requires_grad=True)
 
     def f(q, k, v):
-        out, lse = blocksparse_attention_with_grad(q, k, v, layouts, head_layout, 0.7)
+        out, lse = am.attention(q, k, v, mask, scale=0.7, enable_gqa=True, return_lse=True,
+                                backend="blocksparse", block_size=(2, 4))
         assert lse.dtype == torch.float64          # float64 inputs keep a float64 lse
         if use_lse:
             # The lse enters the loss (rows with no key, -inf, masked out): the dlse path.
@@ -177,9 +176,10 @@ def test_gradcheck_float64(masks, hl, Hkv, use_lse):
 
 # -- determinism, dtypes, errors ------------------------------------------------------------------
 
-def _grads(q, k, v, layouts, hl, use_lse):
+def _grads(q, k, v, mask, use_lse):
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out, lse = blocksparse_attention_with_grad(q, k, v, layouts, hl, 0.125)
+    out, lse = am.attention(q, k, v, mask, scale=0.125, enable_gqa=True, return_lse=True, backend="blocksparse",
+                            block_size=64)
     loss = (out * torch.linspace(-1, 1, out.shape[-1])).sum()
     if use_lse:
         loss = loss + lse.masked_fill(torch.isneginf(lse), 0.0).sum()
@@ -192,50 +192,62 @@ def _grads(q, k, v, layouts, hl, use_lse):
 def test_gradients_are_bit_identical_run_to_run(per_head, use_lse):
     L = 600
     masks = [am.causal & (am.sliding(200) | am.sink(4)), am.document(250, 350) & am.causal]
-    layouts = [m.compile(L, block_size=64) for m in masks]
-    hl = torch.tensor([[0, 1, 1, 0]] if per_head else [[0, 0, 0, 0]])
+    mask = [masks[i] for i in ([0, 1, 1, 0] if per_head else [0, 0, 0, 0])]
     q, k, v = torch.randn(1, 4, L, 32), torch.randn(1, 2, L, 32), torch.randn(1, 2, L, 32)
-    first = _grads(q, k, v, layouts, hl, use_lse)
+    first = _grads(q, k, v, mask, use_lse)
     for _ in range(2):
-        again = _grads(q, k, v, layouts, hl, use_lse)
+        again = _grads(q, k, v, mask, use_lse)
         assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_reduced_precision_accumulates_in_float32(dtype):
-    """Measuring stick: no further from float64 than dense attention computed in that dtype is."""
-    B, H, L, D = 1, 2, 300, 32
-    mask = am.causal & (am.sliding(100) | am.sink(2))
+@pytest.mark.parametrize("expr,L,block", [
+    ("causal & (sliding(100) | sink(2))", 300, 64),
+    # many row pieces add into the same keys' dK/dV (documents, a sink, a key run, small blocks)
+    ("(causal & document(100, 200, 300)) | sink(8) | cols(400, 420)", 600, 16),
+])
+def test_reduced_precision_accumulates_in_float32(dtype, expr, L, block):
+    """Within 3x the stick: float64 gradients (of the dtype's inputs) rounded to the dtype.
+
+    Measured: the engine is at 1.0-2.3x the stick; with dK/dV summed in the dtype instead of
+    float32 it was 3.3-9.2x, and dV summed block by block in the dtype (computed here) fails too.
+    """
+    B, H, D = 1, 2, 32
+    mask = am.parse(expr)
     g = torch.Generator().manual_seed(5)
-    q64, k64, v64 = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64) for _ in range(3))
+    q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64).to(dtype) for _ in range(3))
     w = torch.randn(B, H, L, D, generator=g, dtype=torch.float64)
     allowed = mask.to_dense(L)
     scale = D ** -0.5
 
-    def grads(dtype_, fn):
-        q, k, v = (t.to(dtype_).clone().requires_grad_() for t in (q64, k64, v64))
-        out = fn(q, k, v)
-        (out * w.to(dtype_)).sum().backward()
-        return [t.grad for t in (q, k, v)]
+    def grads(fn, *inputs):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        (fn(*leaves).double() * w).sum().backward()
+        return [t.grad for t in leaves]
 
-    ref = grads(torch.float64, lambda q, k, v: dense_reference(q, k, v, allowed, scale)[0])
-    stick = grads(dtype, lambda q, k, v: dense_reference(q, k, v, allowed, scale)[0])
-    lay = [mask.compile(L, block_size=64)]
-    hl = torch.zeros(B, H, dtype=torch.int64)
-    got = grads(dtype, lambda q, k, v: blocksparse_attention_with_grad(q, k, v, lay, hl, scale)[0])
-    for a, s, r in zip(got, stick, ref):
+    ref = grads(lambda q_, k_, v_: reference(q_, k_, v_, allowed, scale)[0], q.double(), k.double(), v.double())
+    got = grads(lambda q_, k_, v_: am.attention(q_, k_, v_, mask, scale=scale, block_size=block), q, k, v)
+    units = gradient_units(q, k, v, w, scale)
+    for name, a, r, unit in zip(("dq", "dk", "dv"), got, ref, units):
         assert a.dtype == dtype and not torch.isnan(a).any()
-        assert rel_err(a, r) <= 1.5 * rel_err(s, r) + 1e-3, (rel_err(a, r), rel_err(s, r))
+        stick, err = scaled_error(r.to(dtype), r, unit), scaled_error(a, r, unit)
+        assert err <= 3 * stick, f"{name}: error {err:.2e} > 3 x stick {stick:.2e}"
+    # The bound can tell: exact dV = sum over 16-row pieces of P_piece^T dout_piece, summed in the dtype.
+    p = torch.exp(reference(q, k, v, allowed, scale)[1].neg()[..., None]
+                  + (q.double() @ k.double().transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf")))
+    wrong = torch.zeros(B, H, L, D, dtype=dtype)
+    for r0 in range(0, L, 16):
+        wrong += (p[:, :, r0:r0 + 16].transpose(-1, -2) @ w[:, :, r0:r0 + 16]).to(dtype)
+    assert scaled_error(wrong, ref[2], units[2]) > 3 * scaled_error(ref[2].to(dtype), ref[2], units[2])
 
 
 def test_double_backward_says_it_is_unsupported():
     q, k, v = (torch.randn(1, 1, 16, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    lay = [am.causal.compile(16, block_size=4)]
-    out, _ = blocksparse_attention_with_grad(q, k, v, lay, torch.zeros(1, 1, dtype=torch.int64), 0.5)
+    out = am.attention(q, k, v, am.causal, scale=0.5, backend="blocksparse", block_size=4)
     with pytest.raises(am.MaskError, match="double backward.*not supported.*backend='dense'"):
         torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
     # The first-order gradient still works afterwards.
-    out, _ = blocksparse_attention_with_grad(q, k, v, lay, torch.zeros(1, 1, dtype=torch.int64), 0.5)
+    out = am.attention(q, k, v, am.causal, scale=0.5, backend="blocksparse", block_size=4)
     (gq,) = torch.autograd.grad(out.pow(2).sum(), q)
     assert gq.shape == q.shape and not torch.isnan(gq).any()
 
@@ -251,57 +263,56 @@ def test_bad_head_layout_is_a_mask_error():
         blocksparse_attention_with_grad(q, q, q, [am.causal.compile(9)], torch.zeros(1, 2, dtype=torch.int64), 0.5)
 
 
-def test_backward_function_direct_matches_autograd():
-    L = 130
-    lay = [(am.causal & am.sliding(40)).compile(L, block_size=32)]
-    hl = torch.zeros(1, 2, dtype=torch.int64)
-    q, k, v = (torch.randn(1, 2, L, 16, requires_grad=True) for _ in range(3))
-    out, lse = blocksparse_attention_with_grad(q, k, v, lay, hl, 0.25)
-    dout = torch.randn_like(out)
-    out.backward(dout)
-    dq, dk, dv = blocksparse_backward(q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), dout,
-                                      lay, hl, 0.25)
-    assert torch.equal(dq, q.grad) and torch.equal(dk, k.grad) and torch.equal(dv, v.grad)
-
-
 # -- through the public entry point ---------------------------------------------------------------
 
-def _public_grads(backend, q, k, v, mask, **kw):
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = am.attention(q, k, v, mask, backend=backend, **kw)
-    (out * torch.cos(torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape))).sum().backward()
-    return out, (q.grad, k.grad, v.grad)
+def _weights(shape, dtype=torch.float64):
+    return torch.cos(torch.arange(math.prod(shape), dtype=dtype).reshape(shape))
 
 
 @pytest.mark.parametrize("kind", ["one-mask", "per-head", "per-batch", "gqa-offset", "float64"])
-def test_public_attention_blocksparse_matches_dense_backend(kind):
+def test_public_attention_gradients_match_float64(kind):
     g = torch.Generator().manual_seed(11)
     B, H, Hkv, Lq, Lk, D = 2, 4, 4, 96, 96, 16
     kw: dict = {}
+    q_offset = None
     dtype = torch.float32
     if kind == "one-mask":
         mask = am.causal & (am.sliding(30) | am.sink(2))
+        allowed = mask.to_dense(Lq)
     elif kind == "per-head":
-        mask = [am.causal & am.sliding(10), am.causal, am.document(40, 56) & am.causal, am.parse(am.SIGNATURE)]
+        heads = [am.causal & am.sliding(10), am.causal, am.document(40, 56) & am.causal, am.parse(am.SIGNATURE)]
+        mask, allowed = heads, torch.stack([m.to_dense(Lq) for m in heads])[None]        # [1, H, Lq, Lk]
     elif kind == "per-batch":
-        from attnmask.engines import per_batch
-        mask = per_batch([am.document(30, 66) & am.causal, am.document(50, 20) & am.causal])
+        rows = [am.document(30, 66) & am.causal, am.document(50, 20) & am.causal]
+        mask, allowed = per_batch(rows), torch.stack([m.to_dense(Lq) for m in rows])[:, None]  # [B, 1, Lq, Lk]
     elif kind == "gqa-offset":
-        Hkv, Lq = 2, 40
+        Hkv, Lq, q_offset = 2, 40, 50
         mask = am.causal & am.sliding(25)
-        kw = dict(enable_gqa=True, q_offset=50)
+        allowed = mask.to_dense(Lq, Lk, q_offset=q_offset)
+        kw = dict(enable_gqa=True, q_offset=q_offset)
     else:
         dtype = torch.float64
         mask = am.causal & am.sliding(7)
+        allowed = mask.to_dense(Lq)
     q = torch.randn(B, H, Lq, D, generator=g, dtype=dtype)
     k, v = (torch.randn(B, Hkv, Lk, D, generator=g, dtype=dtype) for _ in range(2))
-    out_b, grads_b = _public_grads("blocksparse", q, k, v, mask, block_size=32, **kw)
-    out_d, grads_d = _public_grads("dense", q, k, v, mask, **kw)
+    w = _weights(q.shape)
+    scale = D ** -0.5
+
+    def grads(fn, *inputs):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        out = fn(*leaves)
+        (out.double() * w).sum().backward()
+        return out, [t.grad for t in leaves]
+    out, got = grads(lambda q_, k_, v_: am.attention(q_, k_, v_, mask, backend="blocksparse", block_size=32, **kw),
+                     q, k, v)
+    ref_out, want = grads(lambda q_, k_, v_: reference(q_, k_, v_, allowed, scale)[0],
+                          q.double(), k.double(), v.double())
     # float64 gradients are limited by the forward's float32 lse (its documented contract).
     tol = 1e-6 if dtype == torch.float64 else 1e-5
-    assert rel_err(out_b, out_d.double()) < tol
-    for a, b in zip(grads_b, grads_d):
-        assert a.dtype == dtype and rel_err(a, b.double()) < tol
+    assert scaled_error(out, ref_out, output_unit(v)) < tol
+    for a, b, unit in zip(got, want, gradient_units(q, k, v, w, scale)):
+        assert a.dtype == dtype and scaled_error(a, b, unit) < tol
 
 
 # -- the training example -------------------------------------------------------------------------
@@ -325,15 +336,14 @@ def test_training_example_smoke(tmp_path):
 def test_non_contiguous_inputs_as_models_produce_them():
     """q, k, v sliced out of one [B, L, 3, H, D] projection (as in a model) give the same gradients."""
     B, L, H, D = 2, 150, 2, 16
-    lay = [(am.causal & (am.sliding(40) | am.sink(2))).compile(L, block_size=32)]
-    hl = torch.zeros(B, H, dtype=torch.int64)
+    mask = am.causal & (am.sliding(40) | am.sink(2))
     base = torch.randn(B, L, 3, H, D)
     w = torch.randn(B, H, L, D)
 
     def grads(make):
         leaf = base.clone().requires_grad_()
         q, k, v = make(leaf)
-        out, _ = blocksparse_attention_with_grad(q, k, v, lay, hl, 0.25)
+        out = am.attention(q, k, v, mask, scale=0.25, backend="blocksparse", block_size=32)
         (out * w).sum().backward()
         return out.detach(), leaf.grad
 
@@ -343,24 +353,22 @@ def test_non_contiguous_inputs_as_models_produce_them():
 
 
 def test_key_ranges_that_move_left_down_the_rows():
-    """Equal-shaped ranges whose keys move left as rows go down (no negative strides in batching).
-
-    The backward runs on out/lse of the float64 reference, so it is checked on its own.
-    """
+    """Equal-shaped ranges whose keys move left as rows go down (no negative strides in batching)."""
     m = ((am.rows(0, 64) & am.cols(300, 364)) | (am.rows(64, 128) & am.cols(100, 164))
          | (am.rows(128, 192) & am.cols(0, 64)) | (am.rows(192, 256) & am.cols(0, 64)))
     Lq, Lk, D = 256, 400, 8
-    lay = m.compile(Lq, Lk, block_size=64, q_offset=0)
     g = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(1, 2, n, D, generator=g, dtype=torch.float64, requires_grad=True)
-               for n in (Lq, Lk, Lk))
-    out, lse = dense_reference(q, k, v, m.to_dense(Lq, Lk, q_offset=0), 0.3)
-    dout = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    ref = torch.autograd.grad(out, (q, k, v), dout)
-    got = blocksparse_backward(q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), dout, [lay],
-                               torch.zeros(1, 2, dtype=torch.int64), 0.3)
-    for a, b in zip(got, ref):
-        assert rel_err(a, b) < 1e-12
+    q, k, v = (torch.randn(1, 2, n, D, generator=g, dtype=torch.float64) for n in (Lq, Lk, Lk))
+    dout = torch.randn(1, 2, Lq, D, generator=g, dtype=torch.float64)
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        return torch.autograd.grad(fn(*leaves), leaves, dout)
+    want = grads(lambda q_, k_, v_: reference(q_, k_, v_, m.to_dense(Lq, Lk, q_offset=0), 0.3)[0])
+    got = grads(lambda q_, k_, v_: am.attention(q_, k_, v_, m, scale=0.3, q_offset=0, backend="blocksparse",
+                                                block_size=64))
+    for a, b, unit in zip(got, want, gradient_units(q, k, v, dout, 0.3)):
+        assert scaled_error(a, b, unit) < 1e-12
 
 
 def test_backward_plan_masks_stay_bounded_for_causal_like_masks():

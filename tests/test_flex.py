@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import attnmask as am
+from numerics import output_unit, reference, scaled_error
 
 fa = pytest.importorskip("torch.nn.attention.flex_attention")
 
@@ -140,12 +141,8 @@ def test_huge_flex_block_mask_is_refused():
 
 
 def dense_attention_fp64(q, k, v, dense: torch.Tensor) -> torch.Tensor:
-    """Reference: softmax(q k^T / sqrt(D)) v with the bool mask, in float64; empty rows give 0."""
-    q, k, v = q.double(), k.double(), v.double()
-    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-    scores = scores.masked_fill(~dense, float("-inf"))
-    p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    return p @ v
+    """Reference: softmax(q k^T / sqrt(D)) v with the bool mask, in float64 (numerics.reference)."""
+    return reference(q, k, v, dense, q.shape[-1] ** -0.5)[0]
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +168,8 @@ def test_flex_attention_equals_dense_fp64(compiled_flex, mask, q_len, kv_len, q_
     out = compiled_flex(q, k, v, block_mask=lay.to_flex_block_mask())
     ref = dense_attention_fp64(q, k, v, dense)
     assert out.dtype == torch.float32 and out.shape == (B, H, q_len, D)
-    rel = float((out.double() - ref).abs().max() / ref.abs().max())
-    assert rel < 1e-5, f"flex_attention vs fp64 dense: relative error {rel:.3g}"
+    rel = scaled_error(out, ref, output_unit(v))
+    assert rel < 1e-5, f"flex_attention vs fp64 dense: error {rel:.3g}"
     # The comparison is sensitive to the block structure: the kernel really skips
     # what the BlockMask leaves out (same mask_mod and shapes, so no recompile).
     bm = lay.to_flex_block_mask()
@@ -181,7 +178,7 @@ def test_flex_attention_equals_dense_fp64(compiled_flex, mask, q_len, kv_len, q_
                                           bm.full_kv_indices, BLOCK_SIZE=bm.BLOCK_SIZE, mask_mod=bm.mask_mod,
                                           seq_lengths=bm.seq_lengths)
     wrong = compiled_flex(q, k, v, block_mask=no_full)
-    assert float((wrong.double() - ref).abs().max() / ref.abs().max()) > 1e-2
+    assert scaled_error(wrong, ref, output_unit(v)) > 1e-2
 
 
 def test_flex_backend_runs_document_masks():
@@ -191,8 +188,8 @@ def test_flex_backend_runs_document_masks():
     q, k, v = (torch.randn(1, 2, 256, 16, generator=g) for _ in range(3))
     m = am.causal & am.document(100, 60, 80)
     out = am.attention(q, k, v, m, backend="flex")
-    ref = am.attention(q.double(), k.double(), v.double(), m, backend="dense")
-    assert ((out.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+    ref, _ = reference(q, k, v, m.to_dense(256), 16 ** -0.5)
+    assert scaled_error(out, ref, output_unit(v)) < 1e-5
     assert torch.equal(out[:, :, 240:], torch.zeros_like(out[:, :, 240:]))   # padding rows attend nothing
 
 

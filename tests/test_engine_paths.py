@@ -1,0 +1,209 @@
+"""Problems shaped to reach the engine's real paths, held to the tests' own float64 attention.
+
+Black-box: everything goes through ``am.attention`` (forward, and backward by
+autograd) and is compared with ``numerics.reference`` / ``banded_reference``;
+nothing here names an engine internal, so the tests keep their meaning when the
+engines are rewritten. What they are shaped to reach, and what the random
+problems generate, is measured in tests/README.md ("What the strategies generate").
+
+* several query blocks whose rows collect keys from more than one run of tiles
+  (partial results merged by log-sum-exp), with fully masked rows inside them;
+* long maskless calls past the engine's temporary-memory bound (>= 2048 rows);
+* the backward with an explicit q_offset on square shapes, with and without a
+  gradient through the lse;
+* the backward at long lengths, where its work is split into several kernel calls.
+
+Each named test below catches a one-line mutation of the engine that the rest of
+the suite once let through (issue 11); the mutation is named in the test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import attnmask as am
+
+from distribution import record
+from numerics import banded_reference, gradient_units, one_thread, output_unit, reference, scaled_error
+from strategies import build, engine_problems
+
+#: fp32 against float64, scaled to the inputs (measured: <= 3e-7 on these problems).
+FP32_TOL = 1e-5
+
+
+def _randn(shape, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def _qkv(B, H, Hkv, Lq, Lk, D, seed, dtype=torch.float32):
+    return (_randn((B, H, Lq, D), seed, dtype), _randn((B, Hkv, Lk, D), seed + 1, dtype),
+            _randn((B, Hkv, Lk, D), seed + 2, dtype))
+
+
+def _check_forward(q, k, v, mask, allowed, *, scale, q_offset=None, block_size=128):
+    out, lse = am.attention(q, k, v, mask, scale=scale, q_offset=q_offset, enable_gqa=True, return_lse=True,
+                            block_size=block_size)
+    ref, ref_lse = reference(q, k, v, allowed, scale)
+    assert not torch.isnan(out).any(), f"NaN in rows {torch.isnan(out).any(-1).nonzero()[:5].tolist()}"
+    err = scaled_error(out, ref, output_unit(v))
+    assert err < FP32_TOL, f"output error {err:.2e}"
+    live = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), live)
+    if live.any():
+        assert scaled_error(lse[live], ref_lse[live], 1.0) < FP32_TOL
+    dead = ~live
+    assert torch.equal(out[dead], torch.zeros_like(out[dead])), "rows with no key must be exact zeros"
+    return out
+
+
+def _grads(fn, q, k, v, w_out, w_lse):
+    """Gradients of sum(out * w_out) (+ sum(lse * w_lse) over rows with a key) w.r.t. q, k, v."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, lse = fn(q, k, v)
+    loss = (out.double() * w_out).sum()
+    if w_lse is not None:
+        loss = loss + (lse.double().masked_fill(torch.isneginf(lse), 0.0) * w_lse).sum()
+    return out, torch.autograd.grad(loss, (q, k, v))
+
+
+def _check_backward(q, k, v, mask, allowed, *, scale, q_offset=None, block_size=128, use_lse=False, seed=0,
+                    ref_fn=None, tol=FP32_TOL):
+    """am.attention's gradients against float64 autograd through the tests' reference."""
+    B, H, Lq, D = q.shape
+    w_out = _randn((B, H, Lq, D), seed + 7, torch.float64)
+    w_lse = _randn((B, H, Lq), seed + 8, torch.float64) if use_lse else None
+
+    def engine(q_, k_, v_):
+        return am.attention(q_, k_, v_, mask, scale=scale, q_offset=q_offset, enable_gqa=True, return_lse=True,
+                            block_size=block_size)
+    ref_fn = ref_fn or (lambda q_, k_, v_: reference(q_, k_, v_, allowed, scale))
+    _, got = _grads(engine, q, k, v, w_out, w_lse)
+    with one_thread():                     # the backward of the reference runs here, not in ref_fn
+        _, want = _grads(ref_fn, q.double(), k.double(), v.double(), w_out, w_lse)
+    units = gradient_units(q, k, v, w_out, scale)
+    for name, a, b, unit in zip(("dq", "dk", "dv"), got, want, units):
+        assert a.dtype == q.dtype and not torch.isnan(a).any(), f"NaN in {name}"
+        err = scaled_error(a, b, unit)
+        assert err < tol, f"{name}: error {err:.2e} >= {tol}"
+
+
+# -- (a) the forward's log-sum-exp merge meets a fully masked row ---------------------------------
+
+@pytest.mark.parametrize("expr,L,block", [
+    # mutation caught: deleting the isfinite guard on the running maximum in the forward's merge
+    # (exp(-inf - -inf) = NaN for a row that no result has reached yet)
+    ("causal & (sliding(8) | sink(2)) - rows(100)", 200, 16),
+    ("(band(3, 3) | cols(0, 2) | cols(150, 152)) - rows(40, 60, 3)", 180, (16, 32)),
+    ("(causal & document(50, 70, 60) | sink(1)) - rows(0, 180, 17)", 180, 32),
+])
+def test_fully_masked_rows_inside_merged_blocks(expr, L, block):
+    mask = am.parse(expr)
+    allowed = mask.to_dense(L)
+    assert (~allowed.any(1)).any(), "the case must hold a row with no key"
+    q, k, v = _qkv(2, 4, 2, L, L, 16, seed=L)
+    _check_forward(q, k, v, mask, allowed, scale=0.3, block_size=block)
+
+
+# -- (b) a long maskless call is cut into row pieces ------------------------------------------------
+
+@pytest.mark.parametrize("expr,keys,L,H,D", [
+    # mutation caught: a row cut that does not advance its start (every piece recomputes rows 0..)
+    # 4096 rows x 8 heads x 256 dims: 32 MiB of queries in one call on 32 shared keys.
+    ("cols(0, 32)", list(range(32)), 4096, 8, 256),
+    # not a multiple of the kernel's 256-row slices, two runs of keys, one far from the first
+    ("cols(700, 720) | sink(3)", [0, 1, 2] + list(range(700, 720)), 5000, 4, 512),
+])
+def test_long_calls_on_shared_keys_match_float64(expr, keys, L, H, D):
+    mask = am.parse(expr)
+    q, k, v = _qkv(1, H, H, L, L, D, seed=D)
+    out = am.attention(q, k, v, mask, scale=D ** -0.5)
+    # Every row attends exactly ``keys``: the float64 reference on those keys alone.
+    with one_thread():
+        ref, _ = reference(q, k[:, :, keys], v[:, :, keys], torch.tensor(True), D ** -0.5)
+    err = scaled_error(out, ref, output_unit(v))
+    assert err < FP32_TOL, f"output error {err:.2e}"
+    # the keys named are the mask's (checked on a few rows; the dense mask at this size costs more
+    # than the attention)
+    rows = [0, 1, L // 2, L - 1]
+    want = torch.zeros(len(rows), L, dtype=torch.bool)
+    want[:, keys] = True
+    assert torch.equal(_rows_of(mask, L, rows), want)
+
+
+def _rows_of(mask: am.Mask, L: int, rows: list[int]) -> torch.Tensor:
+    """Rows of mask.to_dense(L) through a one-row query window at each position."""
+    return torch.cat([mask.to_dense(1, L, q_offset=r) for r in rows])
+
+
+# -- (c) the backward with an explicit q_offset on a square shape ---------------------------------
+
+@pytest.mark.parametrize("use_lse", [False, True], ids=["out", "out+lse"])
+@pytest.mark.parametrize("expr,L,q_offset", [
+    # mutation caught: the backward taking a square causal layout as top-left causal whatever its
+    # q_offset (its is_causal fast path without the q_offset == 0 guard)
+    ("causal", 64, 10),
+    ("causal", 64, -5),
+    ("causal & document(20, 30, 14)", 64, 7),
+    ("causal", 300, 200),
+])
+def test_backward_with_q_offset_on_square_shapes(expr, L, q_offset, use_lse):
+    mask = am.parse(expr)
+    q, k, v = _qkv(1, 2, 2, L, L, 8, seed=L + q_offset)
+    allowed = mask.to_dense(L, L, q_offset=q_offset)
+    _check_backward(q, k, v, mask, allowed, scale=0.35, q_offset=q_offset, block_size=16, use_lse=use_lse)
+
+
+# -- (d) the backward at long lengths ---------------------------------------------------------------
+
+@pytest.mark.parametrize("L,w,block", [
+    # mutation caught: a backward chunk (a group of equal row pieces run as one kernel call)
+    # whose start does not advance; at this length the work is several calls
+    (16384, 64, 128),
+])
+def test_long_backward_of_a_window_matches_float64(L, w, block):
+    mask = am.causal & am.sliding(w)
+    q, k, v = _qkv(1, 1, 1, L, L, 8, seed=3)
+
+    def window(qp, kp):
+        return (kp <= qp) & (qp - kp < w)
+
+    def ref_fn(q_, k_, v_):
+        return banded_reference(q_, k_, v_, window, lambda r0, r1: (max(0, r0 - w + 1), r1), 0.35,
+                                rows_per_step=512)
+    _check_backward(q, k, v, mask, None, scale=0.35, block_size=block, ref_fn=ref_fn)
+
+
+# -- random problems shaped like real use ---------------------------------------------------------
+
+def _problem_tensors(p: dict):
+    return _qkv(p["B"], p["H"], p["Hkv"], p["Lq"], p["Lk"], p["D"], seed=p["seed"])
+
+
+def _record(test: str, p: dict, mask: am.Mask, **extra) -> None:
+    record(test, mask=str(mask), Lq=p["Lq"], Lk=p["Lk"], q_offset=p["q_offset"], block=list(p["block"]),
+           B=p["B"], H=p["H"], Hkv=p["Hkv"], D=p["D"], **extra)
+
+
+@given(engine_problems())
+def test_random_engine_problems_forward(p):
+    mask = build(p["spec"])
+    _record("test_random_engine_problems_forward", p, mask)
+    q, k, v = _problem_tensors(p)
+    allowed = mask.to_dense(p["Lq"], p["Lk"], q_offset=p["q_offset"])
+    _check_forward(q, k, v, mask, allowed, scale=0.3, q_offset=p["q_offset"], block_size=p["block"])
+
+
+@given(engine_problems(max_blocks=5), st.booleans())
+def test_random_engine_problems_backward(p, use_lse):
+    mask = build(p["spec"])
+    _record("test_random_engine_problems_backward", p, mask, use_lse=use_lse)
+    q, k, v = _problem_tensors(p)
+    allowed = mask.to_dense(p["Lq"], p["Lk"], q_offset=p["q_offset"])
+    _check_backward(q, k, v, mask, allowed, scale=0.3, q_offset=p["q_offset"], block_size=p["block"],
+                    use_lse=use_lse, seed=p["seed"])

@@ -20,7 +20,7 @@ before it. Ratios are printed against the issue's targets and written to
     python benchmarks/bench_backward.py --length 2048 --memory-length 8192 --results ''   # quick look
 
 ``attnmask bench --mode backward`` runs the same forward + backward engines
-over the benchmark's masks and lengths (``attnmask.bench.MODES["backward"]``).
+over the benchmark's masks and lengths (``harness.MODES["backward"]``).
 """
 
 from __future__ import annotations

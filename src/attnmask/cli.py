@@ -112,6 +112,8 @@ EXPORT_EPILOG = """examples:
 BENCH_EPILOG = """examples:
   attnmask bench --masks sliding,causal --lengths 4096 --no-flex --no-extras
   attnmask bench --lengths 4k,8k,16k --results results.md --plot bench.png
+
+Runs benchmarks/harness.py of the source checkout; writes files only where asked.
 """
 MAIN_EPILOG = """examples:
   attnmask demo
@@ -121,7 +123,8 @@ MAIN_EPILOG = """examples:
   attnmask export "causal" --length 1024 -o causal.npy
 
 mask language: full none causal diagonal band(l, r) sliding(w) sink(n) prefix_lm(p) chunked(c)
-  dilated(w, d) strided(s) document(n1, n2, ...) rows(a, b, s) cols(a, b, s), with | & - ~ and ( ).
+  dilated(w, d) strided(s) document(n1, n2, ...) rows(a, b, s) cols(a, b, s) window2d(w, h, kw, kh),
+  with | & - ~ and ( ).
 """
 
 

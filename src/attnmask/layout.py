@@ -173,7 +173,7 @@ class BlockLayout:
     """
 
     __slots__ = ("mask", "_grid", "run_ptr", "run_start", "run_end", "run_state", "_run_qb", "_partial",
-                 "_residuals", "_dense_tiles", "_refined_tiles", "_pairs", "_frozen", "__weakref__")
+                 "_residuals", "_dense_tiles", "_refined_tiles", "_pairs", "__weakref__")
 
     def __init__(self, mask: Mask, grid: Grid, pieces: Pieces, residuals: tuple[Mask, ...], *,
                  dense_tiles: int = 0, refined_tiles: int = 0):
@@ -199,7 +199,6 @@ class BlockLayout:
         set_(self, "_dense_tiles", dense_tiles)
         set_(self, "_refined_tiles", refined_tiles)
         set_(self, "_pairs", None)
-        set_(self, "_frozen", True)
 
     def __setattr__(self, name, value):
         raise AttributeError(f"BlockLayout is an immutable value; cannot set {name!r}")

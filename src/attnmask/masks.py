@@ -258,7 +258,7 @@ class Primitive(Mask):
 
     def lowered(self) -> "Mask | None":
         """An equal expression of other primitives that the compiler classifies instead, or None."""
-        return self.cached("lowered", lambda: self.kind.lower(self.args) or _NOTHING) or None
+        return self.cached("lowered", lambda: (self.kind.lower(self.args),))[0]   # a tuple: None is a value
 
     def _eval(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         return self.kind.evaluate(self, q, k)
@@ -274,24 +274,6 @@ class Primitive(Mask):
             value = build()
             object.__setattr__(self, "_c_" + key, value)
         return value
-
-    def cached_on(self, device, key: str, build) -> torch.Tensor:
-        """A CPU tensor built by ``build`` (cached under ``key``), on ``device``, copied there once."""
-        table = self.cached(key, build)
-        if device is None or torch.device(device).type == "cpu":
-            return table
-        return self.cached(f"{key}@{_device_key(device)}", lambda: table.to(device))
-
-
-_NOTHING = False     # cached marker for "no lowering" (None means "not computed yet")
-
-
-def _device_key(device) -> str:
-    d = torch.device(device)
-    index = d.index
-    if index is None and d.type == "cuda":
-        index = torch.cuda.current_device()     # "cuda" and "cuda:0" are one table
-    return f"{d.type}:{index or 0}"
 
 
 # ---------------------------------------------------------------------------

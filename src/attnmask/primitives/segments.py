@@ -27,6 +27,22 @@ _I64 = np.int64
 DOC_TABLE_LIMIT = 1 << 24
 
 
+def _on_device(node, device, key: str, build) -> torch.Tensor:
+    """A CPU table built by ``build`` (cached on the node under ``key``), on ``device``, copied there once."""
+    table = node.cached(key, build)
+    if device is None or torch.device(device).type == "cpu":
+        return table
+    return node.cached(f"{key}@{_device_key(device)}", lambda: table.to(device))
+
+
+def _device_key(device) -> str:
+    d = torch.device(device)
+    index = d.index
+    if index is None and d.type == "cuda":
+        index = torch.cuda.current_device()     # "cuda" and "cuda:0" are one table
+    return f"{d.type}:{index or 0}"
+
+
 @register
 class CHUNKED(PrimitiveKind):
     name = "chunked"
@@ -81,12 +97,12 @@ class DOCUMENT(PrimitiveKind):
     # query's device, so FlexAttention on a GPU reads a GPU table (a CPU one fails to lower).
     def ids(self, node, device=None) -> torch.Tensor:
         """int32 document id of every packed position, on ``device`` (cached)."""
-        return node.cached_on(device, "ids", lambda: torch.repeat_interleave(
+        return _on_device(node, device, "ids", lambda: torch.repeat_interleave(
             torch.arange(len(node.args), dtype=torch.int32), torch.tensor(node.args, dtype=torch.int64)))
 
     def ends(self, node, device=None) -> torch.Tensor:
         """int64 exclusive end position of each document, on ``device`` (cached)."""
-        return node.cached_on(device, "ends", lambda: torch.tensor(node.args, dtype=torch.int64).cumsum(0))
+        return _on_device(node, device, "ends", lambda: torch.tensor(node.args, dtype=torch.int64).cumsum(0))
 
     def prepare(self, node, device):
         if sum(node.args) <= DOC_TABLE_LIMIT:

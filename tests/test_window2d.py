@@ -80,7 +80,8 @@ def test_in_expressions_and_against_a_flex_style_mask_mod(case, other):
     prim = am.window2d(*args)
     flex = am.from_mask_mod(natten_mask_mod(*args), "natten2d")
     o = am.parse(other)
-    for expr_prim, expr_flex in ((prim, flex), (prim & o, flex & o), (o - prim, o - flex)):
+    for expr_prim, expr_flex in ((prim, flex), (prim & o, flex & o), (o - prim, o - flex), (~prim, ~flex),
+                                 (~prim | o, ~flex | o)):
         lay = expr_prim.compile(q_len, kv_len, q_offset=q_offset, block_size=block)
         ref = expr_flex.compile(q_len, kv_len, q_offset=q_offset, block_size=block)
         assert torch.equal(lay.to_dense(), ref.to_dense())

@@ -397,8 +397,9 @@ class Complement(Mask):
 
     def structure_class(self) -> StructureClass:
         c = self.inner.structure_class()
-        # The complement of a same-segment predicate is no longer one.
-        return StructureClass.MIXED if c == StructureClass.SEG else c
+        # A 1-D class stays one (its axis is negated); the hooks of a SEG or RECT primitive
+        # describe the primitive, not its complement, which the compiler negates piecewise.
+        return c if (c.one_axis or c in (StructureClass.CONST, StructureClass.OPAQUE)) else StructureClass.MIXED
 
     def _eval(self, q, k):
         return ~self.inner._eval(q, k)

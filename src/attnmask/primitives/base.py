@@ -68,7 +68,12 @@ class PrimitiveKind:
 
     # ----- parameters and text -------------------------------------------
     def make(self, *args) -> Primitive:
-        """The primitive with these parameters (validated)."""
+        """The primitive with these parameters (validated); one shared value for a parameterless one."""
+        if not args and self.max_args == 0:
+            const = self.__dict__.get("_constant")
+            if const is None:
+                const = self.__dict__["_constant"] = Primitive(self, ())
+            return const
         return Primitive(self, tuple(args))
 
     def normalize(self, args: tuple) -> tuple:
@@ -95,6 +100,8 @@ class PrimitiveKind:
 
     def whole(self, pname: str, value) -> int:
         """``value`` as a bounded whole number, or a MaskValueError naming the parameter."""
+        if type(value) is int and -MAX_PARAM <= value <= MAX_PARAM:     # the common case, fast
+            return value
         if isinstance(value, bool) or not hasattr(value, "__index__"):
             raise MaskValueError(f"{self.signature} needs whole numbers, got {pname}={value!r}")
         value = operator.index(value)

@@ -79,8 +79,8 @@ class PrimitiveKind:
     def normalize(self, args: tuple) -> tuple:
         """Validated parameters with defaults filled, so equal masks compare equal."""
         self.check_count(args)
-        vals = tuple(self.whole(p, a) for p, a in zip(self.params, args))
-        if self.minimum is not None:
+        vals = tuple(map(self.whole, self.params, args))
+        if self.minimum is not None and vals and min(vals) < self.minimum:
             for p, v in zip(self.params, vals):
                 if v < self.minimum:
                     raise MaskValueError(f"{self.signature} needs {p} >= {self.minimum}, got {p}={v}")

@@ -199,10 +199,10 @@ def _one_layout(q, k, v, out, dout, lse0, dlse, layout: BlockLayout, scale: floa
         from ..primitives import causal, sliding
         w, d = dil
         Lq, Lk, q_offset = layout.q_len, layout.kv_len, layout.q_offset
-        for r in range(d):
+        for r in range(min(d, Lk)):                  # classes r >= Lk hold no key: zero gradient
             i0 = (r - q_offset) % d                  # first query row at a position = r (mod d)
-            if i0 >= Lq or r >= Lk:
-                continue                             # no rows, or rows with no key: zero gradient
+            if i0 >= Lq:
+                continue                             # no rows
             sub = (causal & sliding(w)).compile(len(range(i0, Lq, d)), len(range(r, Lk, d)),
                                                q_offset=(q_offset + i0 - r) // d, block_size=layout.block_size)
             qr, kr = (slice(None), slice(None), slice(i0, None, d)), (slice(None), slice(None), slice(r, None, d))

@@ -690,14 +690,15 @@ def _forward_one_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     w, d = dil
     Lq, Lk, q_offset = layout.q_len, layout.kv_len, layout.q_offset
     sub_mask = causal & sliding(w)
-    for r in range(d):
+    if d > Lk:
+        # Residue classes r >= Lk hold no key: their rows attend nothing (zeros / -inf). Only the
+        # classes with keys are visited (d may be 2**31 - 1: no loop over every class).
+        out.zero_()
+        lse.fill_(float("-inf"))
+    for r in range(min(d, Lk)):
         i0 = (r - q_offset) % d                  # first query row at a position = r (mod d)
         if i0 >= Lq:
             continue                              # no rows
-        if r >= Lk:
-            out[:, :, i0::d].zero_()              # rows with no key: zeros / -inf
-            lse[:, :, i0::d].fill_(float("-inf"))
-            continue
         sub = sub_mask.compile(len(range(i0, Lq, d)), len(range(r, Lk, d)), q_offset=(q_offset + i0 - r) // d,
                                block_size=layout.block_size)
         _forward_plain(q[:, :, i0::d], k[:, :, r::d], v[:, :, r::d], sub, scale, out[:, :, i0::d], lse[:, :, i0::d])

@@ -33,6 +33,12 @@ def __getattr__(name):
     if name in ("attention", "per_batch", "PerBatch"):
         from . import engines
         return getattr(engines, name)
+    if name in ("coverage", "fit", "plan_coverage"):
+        from . import fitting
+        return getattr(fitting, name)
+    if name in ("render_weights", "render_overview", "render_census", "render_plan", "head_census"):
+        from . import weights
+        return getattr(weights, name)
     if name in ("analyze", "AnalysisReport", "plot_analysis"):
         from . import analysis
         return getattr(analysis, name)
@@ -44,4 +50,5 @@ __all__ = ["Mask", "BlockLayout", "MaskPlan", "MaskError", "MaskSyntaxError", "M
            "parse", "clear_cache", "set_cache_limit", "cache_info", "from_mask_mod", "full", "none", "causal", "diagonal", "band", "sliding",
            "sink", "prefix_lm", "chunked", "dilated", "strided", "document", "rows", "cols", "window2d", "attention",
            "per_batch", "PerBatch",
-           "render", "analyze", "plot_analysis", "SIGNATURE"]
+           "render", "analyze", "plot_analysis", "SIGNATURE", "coverage", "fit", "plan_coverage",
+           "render_weights", "render_overview", "render_census", "render_plan", "head_census"]

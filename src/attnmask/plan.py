@@ -5,6 +5,15 @@ holds whatever the fit measured per head (kept mass, pairs, family), and
 ``meta`` the fit's settings (target share, texts, length). It saves to JSON as
 canonical mask text, so a plan file is readable and editable by hand.
 
+A head may also carry a data-dependent part, ``dynamic[layer][head]``: a named
+family whose key columns are chosen per input. The one family so far,
+``{"family": "top_columns", "window": w, "sink": s, "columns": K,
+"last_queries": n}``, means: the head attends its base mask
+``masks[layer][head]`` (``causal & (sliding(w) | sink(s))``) plus the K keys
+outside it that the input's last n queries weigh most (MInference's vertical
+lines). :meth:`MaskPlan.resolve` turns it into ordinary language text for one
+input: ``causal & (sliding(w) | sink(s) | cols(p1) | cols(p2, p3) ...)``.
+
     >>> import attnmask as am
     >>> plan = am.MaskPlan.uniform(am.causal & am.sliding(64), layers=2, heads=3)
     >>> plan.n_layers, plan.n_heads, str(plan.layer(1)[2])
@@ -18,13 +27,18 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
+
+import torch
 
 from .errors import MaskValueError
 from .language import parse
 from .masks import Mask
+from .primitives import causal, cols, sink, sliding
 
 FORMAT = "attnmask.MaskPlan/1"
+DYNAMIC_FAMILY = "top_columns"
+_DYNAMIC_KEYS = ("window", "sink", "columns", "last_queries")
 
 
 @dataclass(frozen=True, eq=False)
@@ -34,6 +48,7 @@ class MaskPlan:
     masks: tuple[tuple[Mask, ...], ...]
     figures: tuple[tuple[dict, ...], ...] | None = None   # per layer, per head: fit figures (JSON-able)
     meta: dict = field(default_factory=dict)               # fit settings and totals (JSON-able)
+    dynamic: tuple[tuple[dict | None, ...], ...] | None = None   # per layer, per head: data-dependent part or None
 
     def __post_init__(self):
         masks = tuple(tuple(layer) for layer in self.masks)
@@ -53,6 +68,12 @@ class MaskPlan:
                 raise MaskValueError("MaskPlan figures must have one entry per layer and head")
             object.__setattr__(self, "figures", figs)
         object.__setattr__(self, "meta", dict(self.meta))
+        if self.dynamic is not None:
+            dyn = tuple(tuple(None if d is None else _check_dynamic(d, i, h) for h, d in enumerate(layer))
+                        for i, layer in enumerate(self.dynamic))
+            if len(dyn) != len(masks) or any(len(d) != heads for d in dyn):
+                raise MaskValueError("MaskPlan dynamic must have one entry (a dict or None) per layer and head")
+            object.__setattr__(self, "dynamic", dyn if any(d for layer in dyn for d in layer) else None)
 
     # ----- construction ----------------------------------------------------
     @classmethod
@@ -79,10 +100,86 @@ class MaskPlan:
     def distinct(self) -> set[Mask]:
         return {m for layer in self.masks for m in layer}
 
+    def resolve(self, layer: int, last_weights: "torch.Tensor") -> tuple[Mask, ...]:
+        """The per-head masks of one layer for one input, data-dependent heads resolved.
+
+        ``last_weights [H, n, Lk]`` are the layer's attention weights of the
+        input's last n queries (at least each dynamic head's ``last_queries``
+        are used when present). Static heads return their mask unchanged.
+
+            >>> import torch, attnmask as am
+            >>> spec = {"family": "top_columns", "window": 4, "sink": 1, "columns": 1, "last_queries": 8}
+            >>> plan = am.MaskPlan(((am.causal & (am.sliding(4) | am.sink(1)),),), dynamic=((spec,),))
+            >>> w = torch.zeros(1, 8, 32); w[..., 20] = 1.0
+            >>> str(plan.resolve(0, w)[0])
+            'causal & (sliding(4) | sink(1) | cols(20))'
+        """
+        masks = self.layer(layer)
+        if self.dynamic is None or not any(self.dynamic[layer]):
+            return masks
+        if last_weights.dim() != 3 or last_weights.shape[0] != self.n_heads:
+            raise MaskValueError(f"last_weights must be [{self.n_heads}, n, Lk] for this plan, "
+                                 f"got {tuple(last_weights.shape)}")
+        return tuple(m if d is None else resolve_columns(d, last_weights[h])
+                     for h, (m, d) in enumerate(zip(masks, self.dynamic[layer])))
+
+    def analyze(self, length: int, *, head_dim: int = 64, kv_heads: int | None = None) -> dict:
+        """Totals at one length against dense causal attention: pairs, FLOPs, KV-cache entries.
+
+        FLOPs count the forward, 4 x pairs x head_dim per head (QK^T and PV).
+        KV-cache: the keys held at the last decoding step, per key/value head the
+        union of its query heads' masks (``kv_heads`` groups of consecutive
+        heads, default one per head); a data-dependent head adds its K columns
+        (an upper bound: a column inside the window is counted twice).
+
+            >>> import attnmask as am
+            >>> r = am.MaskPlan.uniform("causal & sliding(16)", layers=2, heads=2).analyze(64)
+            >>> r["pairs"], r["dense_pairs"], r["kv_cache"], r["dense_kv_cache"]
+            (3616, 8320, 64, 256)
+        """
+        from .analysis import kv_cache_curve
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise MaskValueError(f"length must be a whole number >= 1, got {length!r}")
+        kv_heads = kv_heads or self.n_heads
+        if self.n_heads % kv_heads:
+            raise MaskValueError(f"kv_heads must divide the {self.n_heads} heads, got {kv_heads}")
+        group = self.n_heads // kv_heads
+        pairs_of: dict[Mask, int] = {}
+        cache_of: dict[Mask, int] = {}
+        pairs = kv = 0
+        per_layer = []
+        for i, layer in enumerate(self.masks):
+            dyn = self.dynamic[i] if self.dynamic is not None else (None,) * self.n_heads
+            layer_pairs = 0
+            for m, d in zip(layer, dyn):
+                if m not in pairs_of:
+                    pairs_of[m] = m.compile(length).attended_pairs()
+                extra = 0
+                if d is not None:  # each column adds at most the rows below its window
+                    extra = int(d["columns"]) * max(0, length - int(d["window"]) - int(d["sink"]))
+                layer_pairs += min(pairs_of[m] + extra, length * (length + 1) // 2)
+            for g in range(kv_heads):
+                heads = range(g * group, (g + 1) * group)
+                union = layer[heads[0]]
+                for h in heads[1:]:
+                    union = union | layer[h]
+                if union not in cache_of:
+                    cache_of[union] = int(kv_cache_curve(union, length)[-1])
+                cols_extra = sum(int(dyn[h]["columns"]) for h in heads if dyn[h] is not None)
+                kv += min(length, cache_of[union] + cols_extra)
+            pairs += layer_pairs
+            per_layer.append(layer_pairs)
+        dense_pairs = self.n_layers * self.n_heads * length * (length + 1) // 2
+        return {"length": length, "pairs": pairs, "dense_pairs": dense_pairs, "density": pairs / dense_pairs,
+                "flops_forward": 4 * pairs * head_dim, "dense_flops_forward": 4 * dense_pairs * head_dim,
+                "kv_cache": kv, "dense_kv_cache": self.n_layers * kv_heads * length,
+                "kv_cache_ratio": kv / (self.n_layers * kv_heads * length), "pairs_per_layer": per_layer}
+
     def __eq__(self, other) -> bool:
         if not isinstance(other, MaskPlan):
             return NotImplemented
-        return self.masks == other.masks and self.figures == other.figures and self.meta == other.meta
+        return (self.masks == other.masks and self.figures == other.figures and self.meta == other.meta
+                and self.dynamic == other.dynamic)
 
     def __hash__(self) -> int:
         return hash(self.masks)
@@ -95,6 +192,8 @@ class MaskPlan:
         out: dict[str, Any] = {"format": FORMAT, "layers": [[str(m) for m in layer] for layer in self.masks]}
         if self.figures is not None:
             out["figures"] = [list(layer) for layer in self.figures]
+        if self.dynamic is not None:
+            out["dynamic"] = [list(layer) for layer in self.dynamic]
         if self.meta:
             out["meta"] = self.meta
         return out
@@ -108,7 +207,8 @@ class MaskPlan:
             if not isinstance(layer, list):
                 raise MaskValueError(f"MaskPlan layer {i} must be a list of mask texts")
             masks.append(tuple(parse(text) for text in layer))
-        return cls(tuple(masks), figures=data.get("figures"), meta=data.get("meta") or {})
+        return cls(tuple(masks), figures=data.get("figures"), meta=data.get("meta") or {},
+                   dynamic=data.get("dynamic"))
 
     def to_json(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:
@@ -125,6 +225,81 @@ class MaskPlan:
         except json.JSONDecodeError as e:
             raise MaskValueError(f"{os.fspath(path)!r} is not JSON: {e}") from None
         return cls.from_dict(data)
+
+
+def _check_dynamic(spec, layer: int, head: int) -> dict:
+    if not isinstance(spec, dict) or spec.get("family") != DYNAMIC_FAMILY:
+        raise MaskValueError(f"MaskPlan layer {layer} head {head}: a data-dependent part must be a dict with "
+                             f"family {DYNAMIC_FAMILY!r}, got {spec!r}")
+    for key in _DYNAMIC_KEYS:
+        value = spec.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "sink" else 1):
+            raise MaskValueError(f"MaskPlan layer {layer} head {head}: {DYNAMIC_FAMILY} needs a whole number "
+                                 f"{key!r} (>= {0 if key == 'sink' else 1}), got {value!r}")
+    return dict(spec)
+
+
+def _merge_runs(positions: Iterable[int]) -> list[tuple[int, int]]:
+    runs: list[tuple[int, int]] = []
+    for p in sorted(set(int(p) for p in positions)):
+        if runs and runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], p + 1)
+        else:
+            runs.append((p, p + 1))
+    return runs
+
+
+def with_columns(window: int, sink_size: int, positions: Iterable[int]) -> Mask:
+    """``causal & (sliding(window) | sink(sink_size) | cols(p) ...)`` with runs of positions merged.
+
+        >>> str(with_columns(16, 4, [9, 10, 11, 40]))
+        'causal & (sliding(16) | sink(4) | cols(9, 12) | cols(40))'
+    """
+    m = sliding(window) | sink(sink_size) if sink_size else sliding(window)
+    for a, b in _merge_runs(positions):
+        m = m | (cols(a) if b == a + 1 else cols(a, b))
+    return causal & m
+
+
+def top_column_positions(spec: dict, last_weights: torch.Tensor) -> list[int]:
+    """The key positions a ``top_columns`` head adds for one input (see :func:`resolve_columns`).
+
+        >>> import torch
+        >>> w = torch.zeros(4, 32); w[:, 5] = 1.0; w[:, 30] = 0.5
+        >>> top_column_positions({"family": "top_columns", "window": 4, "sink": 1, "columns": 1,
+        ...                       "last_queries": 4}, w)
+        [5]
+    """
+    if spec.get("family") != DYNAMIC_FAMILY:
+        raise MaskValueError(f"unknown data-dependent family {spec.get('family')!r}; known: {DYNAMIC_FAMILY!r}")
+    window, s, count, n_last = (int(spec[k]) for k in _DYNAMIC_KEYS)
+    if last_weights.dim() != 2:
+        raise MaskValueError(f"last_weights must be [n, Lk], got {tuple(last_weights.shape)}")
+    lk = last_weights.shape[-1]
+    wl = last_weights[-n_last:].to(torch.float64)
+    wl = wl / wl.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    q = torch.arange(lk - wl.shape[0], lk)
+    # a key's score: the last queries' mass on it from outside their window (inside it is kept anyway)
+    score = (wl * ((q.view(-1, 1) - torch.arange(lk).view(1, -1)) >= window)).sum(0)
+    score[:s] = -1.0                                                  # the sink holds those keys already
+    return sorted(torch.topk(score, min(count, lk - s)).indices.tolist())
+
+
+def resolve_columns(spec: dict, last_weights: torch.Tensor) -> Mask:
+    """The concrete mask of a ``top_columns`` head for one input.
+
+    ``last_weights [n, Lk]`` are the head's attention weights of the input's
+    last queries (``spec["last_queries"]`` of them are used); the
+    ``spec["columns"]`` keys with the most mass outside the window and the sink
+    become ``cols(p)`` terms.
+
+        >>> import torch
+        >>> w = torch.zeros(4, 32); w[:, 5] = 1.0
+        >>> str(resolve_columns({"family": "top_columns", "window": 4, "sink": 1, "columns": 1,
+        ...                      "last_queries": 4}, w))
+        'causal & (sliding(4) | sink(1) | cols(5))'
+    """
+    return with_columns(int(spec["window"]), int(spec["sink"]), top_column_positions(spec, last_weights))
 
 
 def as_plan(obj: "MaskPlan | Mask | str | Sequence", layers: int, heads: int) -> MaskPlan:

@@ -7,6 +7,11 @@ Needs the extra: ``pip install "attnmask[models]"`` (transformers, gguf, acceler
 
 from __future__ import annotations
 
+from .attention import apply, plan_of, register
+from .cache import MaskCache, cache_bytes
+from .capture import capture, model_shape
+from .evaluate import EvalReport, evaluate
 from .loading import load, smollm2_path
 
-__all__ = ["load", "smollm2_path"]
+__all__ = ["load", "smollm2_path", "capture", "model_shape", "apply", "plan_of", "register", "MaskCache",
+           "cache_bytes", "evaluate", "EvalReport"]

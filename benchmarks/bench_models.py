@@ -88,7 +88,12 @@ def run_quality(model, tok, specs: list[str], length: int) -> list[dict]:
                               progress=lambda s: print("  ", s, file=sys.stderr))
         print(rep.table(), f"\n({time.perf_counter() - t0:.0f} s)\n", flush=True)
         d = rep.to_dict()
-        d["source"] = spec
+        d["source"] = os.path.basename(spec)
+        if spec.endswith(".json"):
+            keep = plan.meta.get("keep")
+            kind = "with data-dependent columns" if getattr(plan, "dynamic", None) else "static families"
+            d["plan"] = (f"fitted `{os.path.basename(spec)}` (keep {keep}, {kind}, "
+                         f"{len(plan.distinct())} distinct masks)")
         rows.append(d)
     return rows
 
@@ -112,16 +117,19 @@ def render(raw: dict) -> str:
     q = raw.get("quality")
     if q:
         commands = sorted({(r.get("when", q["when"]), r.get("command", q["command"])) for r in q["rows"]})
-        out += [f"Held-out quality: revision {q['revision']}, {q['machine']}.",
-                "Commands: " + "; ".join(f"`{c}` ({w})" for w, c in commands) + ". Texts: the first {q['length']} tokens of shlex.py and textwrap.py "
+        out += [f"Held-out quality: {q['machine']}; revision {q['revision']} for the last run.",
+                "Commands: " + "; ".join(f"`{c}` ({w})" for w, c in commands) + f". Texts: the first {q['length']} tokens of shlex.py and textwrap.py "
                 f"(Python's standard library; not used by the fits). Loss is next-token cross entropy "
                 f"(nats/token); dense is SDPA; agreement is the share of positions whose most likely next "
-                f"token equals dense's.", "",
+                f"token equals dense's. Density: attended pairs / causal pairs over all layers and heads. "
+                f"Plans with data-dependent columns are resolved per text from the dense model's attention "
+                f"of that text's last queries (MInference's rule: the prompt chooses its own columns), so "
+                f"their density differs per text.", "",
                 "| plan | density | text | loss dense | loss plan | delta | top-1 agreement |",
                 "|---|---:|---|---:|---:|---:|---:|"]
         for row in q["rows"]:
             for t in row["texts"]:
-                out.append(f"| {row['plan']} | {t['density']:.3f} | {t['name']} | {t['loss_dense']:.4f} | "
+                out.append(f"| {row['plan'].replace('|', chr(92) + '|')} | {t['density']:.3f} | {t['name']} | {t['loss_dense']:.4f} | "
                            f"{t['loss_plan']:.4f} | {t['loss_plan'] - t['loss_dense']:+.4f} | "
                            f"{t['top1_agreement']:.3f} |")
         out.append("")
@@ -146,6 +154,8 @@ def render(raw: dict) -> str:
                        f"{d['plan']:.1f} | {kv['dense'] / 2**20:.1f} | {kv['plan'] / 2**20:.2f} | "
                        f"{kv['plan'] / kv['dense']:.4f} |")
         out.append("")
+        if c.get("note"):
+            out += [c["note"], ""]
         out.append("All prefill runs (s), in the order they ran: " + "; ".join(
             f"{row['length']}: SDPA {', '.join(f'{x:.1f}' for x in row['timing']['all_prefill_s']['dense'])} / "
             f"plan {', '.join(f'{x:.1f}' for x in row['timing']['all_prefill_s']['plan'])}" for row in c["rows"]))
@@ -179,7 +189,8 @@ def main() -> None:
             rows = run_quality(model, tok, specs, args.length)
             for r in rows:
                 r["command"], r["when"] = command, when
-            old = [r for r in raw.get("quality", {}).get("rows", []) if r["source"] not in specs]
+            names = {os.path.basename(x) for x in specs}
+            old = [r for r in raw.get("quality", {}).get("rows", []) if r["source"] not in names]
             raw["quality"] = dict(head, length=args.length, rows=old + rows)
         else:
             raw["cost"] = dict(head, rows=run_cost(model, tok, args.lengths, args.decode_tokens, args.repeats))

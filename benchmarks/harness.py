@@ -283,27 +283,29 @@ def machine_description() -> str:
 def run_sweep(args, console) -> list[dict]:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     engines = MODES[args.mode]
-    dtype = getattr(torch, args.dtype)
     rows: list[dict] = []
-    jobs = [(n, m) for n in args.lengths for m in args.masks]
+    # dtypes side by side: for each length, every mask in every dtype before the next length
+    jobs = [(n, m, dt) for n in args.lengths for dt in _dtypes(args.dtype) for m in args.masks]
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=console, transient=False) as progress:
         task = progress.add_task("benchmark", total=len(jobs) * len(engines))
         tensors = {}
         anchor_ms: dict[int, float] = {}
-        for n, mname in jobs:
-            if n not in tensors:
+        for n, mname, dtype_name in jobs:
+            dtype = getattr(torch, dtype_name)
+            if (n, dtype) not in tensors:
                 tensors.clear()
                 g = torch.Generator().manual_seed(0)
-                tensors[n] = tuple(torch.randn(1, args.heads, n, args.dim, generator=g).to(dtype) for _ in range(3))
-            q, k, v = tensors[n]
+                tensors[(n, dtype)] = tuple(torch.randn(1, args.heads, n, args.dim, generator=g).to(dtype)
+                                            for _ in range(3))
+            q, k, v = tensors[(n, dtype)]
             case = Case(mname, MASKS[mname](n), n, args.heads, args.dim, dtype, q, k, v, args)
-            row = {"mask": mname, "text": case.mask_text, "n": n, "ms": {}, "skip": {}}
+            row = {"mask": mname, "text": case.mask_text, "n": n, "dtype": dtype_name, "ms": {}, "skip": {}}
             calls: dict[str, Callable] = {}
             for label, prep in engines.items():
                 progress.update(task, description=f"N={n:>6} {mname:<10} {label:<15}")
-                if label == ANCHOR and n in anchor_ms and not args.anchor_every_mask:
-                    row["ms"][label] = anchor_ms[n]       # mask-independent: measured once per length
+                if label == ANCHOR and (n, dtype) in anchor_ms and not args.anchor_every_mask:
+                    row["ms"][label] = anchor_ms[(n, dtype)]       # mask-independent: once per length
                     continue
                 try:
                     fn = prep(case)
@@ -327,15 +329,25 @@ def run_sweep(args, console) -> list[dict]:
                     continue
                 row["ms"][label] = ms
                 if label == ANCHOR:
-                    anchor_ms[n] = ms
+                    anchor_ms[(n, dtype)] = ms
             progress.advance(task, len(engines))
             row.update({k2: case.notes[k2] for k2 in case.notes})
             if not console.is_terminal:   # no live bar in a log file: one line per case instead
-                console.print(f"N={n} {mname}: " + ", ".join(f"{lab} {ms:.1f} ms" for lab, ms in row["ms"].items()))
+                console.print(f"N={n} {mname} {dtype_name}: " + ", ".join(f"{lab} {ms:.1f} ms" for lab, ms in row["ms"].items()))
             if ANCHOR in row["ms"] and "attended" in row:
                 row["ideal_ms"] = row["ms"][ANCHOR] * row["attended"] / (n * (n + 1) / 2)
             rows.append(row)
     return rows
+
+
+def _dtypes(text: str) -> list[str]:
+    """``--dtype`` as a list: ``"float32,bfloat16"`` times both dtypes side by side."""
+    names = [d.strip() for d in text.split(",") if d.strip()]
+    from attnmask.errors import MaskValueError
+    for d in names:
+        if d not in ("float32", "bfloat16", "float16"):
+            raise MaskValueError(f"--dtype takes float32, bfloat16 or float16 (comma-separated), got {d!r}")
+    return names
 
 
 def _fmt_ms(x: float | None) -> str:
@@ -347,14 +359,14 @@ def _fmt_ms(x: float | None) -> str:
 def table_rows(rows: list[dict], mode: str) -> tuple[list[str], list[list[str]]]:
     labels = list(MODES[mode])
     ours = labels[0]
-    head = ["mask", "N", "density"] + [f"{lab} ms" for lab in labels] + ["ideal ms", "/ ideal"]
+    head = ["mask", "N", "dtype", "density"] + [f"{lab} ms" for lab in labels] + ["ideal ms", "/ ideal"]
     versus = [lab for lab in labels[1:] if lab != ANCHOR]
     head += [f"vs {lab}" for lab in versus] + ["flex compile s"]
     out = []
     for r in rows:
         ms = r["ms"]
         density = r.get("attended", 0) / (r["n"] * r["n"])
-        line = [r["mask"], str(r["n"]), f"{density:.3f}"]
+        line = [r["mask"], str(r["n"]), r.get("dtype", "float32"), f"{density:.3f}"]
         line += [_fmt_ms(ms.get(lab)) if lab in ms else "skip" for lab in labels]
         ideal = r.get("ideal_ms")
         line += [_fmt_ms(ideal), f"{ms[ours] / ideal:.2f}x" if ideal and ours in ms else "-"]
@@ -369,13 +381,13 @@ def save_plot(rows: list[dict], mode: str, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    masks = list(dict.fromkeys(r["mask"] for r in rows))
+    masks = list(dict.fromkeys((r["mask"], r.get("dtype", "float32")) for r in rows))
     labels = list(MODES[mode])
     cols = min(4, len(masks))
     nrows = math.ceil(len(masks) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.4 * nrows), squeeze=False)
     for ax, m in zip(axes.flat, masks):
-        sel = [r for r in rows if r["mask"] == m]
+        sel = [r for r in rows if (r["mask"], r.get("dtype", "float32")) == m]
         for lab in labels:
             pts = [(r["n"], r["ms"][lab]) for r in sel if lab in r["ms"]]
             if pts:
@@ -385,7 +397,7 @@ def save_plot(rows: list[dict], mode: str, path: str) -> None:
             ax.plot(*zip(*pts), linestyle="--", color="gray", label="ideal")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_title(m)
+        ax.set_title(f"{m[0]} ({m[1]})" if len({d for _, d in masks}) > 1 else m[0])
         ax.set_xlabel("length N")
         ax.set_ylabel("ms")
         ax.grid(True, which="both", alpha=0.3)
@@ -569,7 +581,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, results: str = "", plot: s
     parser.add_argument("--lengths", default="4096,8192,16384,32768", help="comma-separated lengths (4k style ok)")
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="float32",
+                        help="float32, bfloat16 or float16; comma-separated for rows of each side by side")
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per engine (best is kept)")
     parser.add_argument("--max-dense-gb", type=float, default=3.0, help="skip SDPA+mask above this mask memory")

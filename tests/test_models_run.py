@@ -367,3 +367,45 @@ def test_cli_eval_errors_are_one_line(capsys, tmp_path):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err, (argv, err)
+
+
+def test_padded_batch_gradients_equal_sequences_run_one_by_one():
+    model = twin(make_model(seed=21))
+    models.apply(model, "causal & (sliding(6) | sink(2))")
+    model.train()
+    ids = ids_of(2, 20, seed=22)
+    att = torch.ones(2, 20, dtype=torch.long)
+    att[0, :6] = 0
+    pos = (att.cumsum(1) - 1).clamp(min=0)
+    logits = model(ids, attention_mask=att, position_ids=pos, use_cache=False).logits
+    loss = sum(torch.nn.functional.cross_entropy(logits[b, att[b].bool()][:-1], ids[b, att[b].bool()][1:],
+                                                 reduction="sum") for b in range(2))
+    loss.backward()
+    batched = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    one = sum(torch.nn.functional.cross_entropy(model(x, use_cache=False).logits[0, :-1], x[0, 1:], reduction="sum")
+              for x in (ids[0:1, 6:], ids[1:2]))
+    one.backward()
+    assert abs(loss.item() - one.item()) < 1e-4
+    for g, p in zip(batched, model.parameters()):
+        assert (g - p.grad).abs().max() <= 1e-4 * p.grad.abs().max().clamp_min(1e-12)
+
+
+def test_evaluate_resolves_data_dependent_heads_per_text():
+    model = make_model(seed=23)
+    spec = {"family": "top_columns", "window": 4, "sink": 1, "columns": 2, "last_queries": 8}
+    base = am.causal & (am.sliding(4) | am.sink(1))
+    plan = am.MaskPlan(((base, am.causal, base, am.causal), (am.causal,) * 4),
+                       dynamic=((spec, None, spec, None), (None,) * 4))
+    with pytest.raises(am.MaskError, match="data-dependent"):
+        models.apply(twin(model), plan)
+    ids = ids_of(1, 40, seed=24)[0]
+    report = models.evaluate(model, plan, [ids])
+    assert report.timing is None                       # no cost figures: the columns depend on the prompt
+    maps = models.capture(model, ids[None])
+    resolved = am.MaskPlan(tuple(plan.resolve(i, maps[i][0, :, -8:]) for i in range(2)))
+    assert "cols(" in str(resolved.layer(0)[0])
+    models.apply(model, resolved)
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(model(ids[None]).logits[0, :-1], ids[1:])
+    assert abs(report.texts[0].loss_plan - float(want)) < 1e-5

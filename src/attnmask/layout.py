@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import operator
 from collections import OrderedDict
-from contextlib import contextmanager
 from typing import Iterator
 
 import numpy as np
@@ -15,9 +14,10 @@ import torch
 
 from .compiler import EMPTY, FULL, PARTIAL, Compiler, Grid, Pieces, coalesce, count_pieces, expand_ranges, row_counts
 from .errors import DenseTooLargeError, MaskValueError
-from .kinds import TileState
 from . import late
+from .kinds import TileState
 from .masks import DEFAULT_DENSE_LIMIT, Mask, resolve_shape
+from .threads import single_thread  # the one thread clamp (re-exported: analysis uses it)
 
 #: Default bound on the bytes the layout cache holds (runs, partial pieces, residual tables).
 DEFAULT_CACHE_BYTES = 256 << 20
@@ -108,25 +108,6 @@ def cache_info() -> dict[str, int]:
         1
     """
     return {"layouts": len(_cache), "bytes": _cache_bytes, "limit_bytes": _cache_limit}
-
-
-@contextmanager
-def single_thread():
-    """Run torch on one intra-op thread inside the block (restored after).
-
-    The compiler's torch work is a few memory-bound passes over <= 2N
-    elements; intra-op threads gain little there, and on a busy machine their
-    spin-waits made a 5 ms compile take 250 ms.
-    """
-    before = torch.get_num_threads()
-    if before == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def clear_cache() -> None:

@@ -32,19 +32,16 @@ Double backward is not implemented and says so (:class:`MaskValueError`).
 
 from __future__ import annotations
 
-import weakref
-from dataclasses import dataclass
-
 import torch
 
 from ..errors import MaskValueError
 from ..layout import BlockLayout
-from .blocksparse import (_SMALL_WORK, _Builder, _dilation, _segments, _strided_runs, block_runs,
-                          blocksparse_forward, partial_tiles)
+from ..threads import threads_for
+from .blocksparse import Plan, _causal_segments, _dilation, blocksparse_forward, head_runs, plan_for
+from .costs import BACKWARD, KEYS_PER_CALL
 
 __all__ = ["blocksparse_attention_with_grad", "blocksparse_backward"]
 
-# Small problems run on one thread, by the forward's rule (_SMALL_WORK in blocksparse.py).
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
@@ -68,122 +65,9 @@ def _check_inputs(q, k, v, layouts, head_layout) -> None:
         lay._check_lengths(Lq, Lk)
 
 
-@dataclass(frozen=True)
-class _Item:
-    """Query rows [r0, r1) against keys [k0, k1); ``mask`` indexes ``_Plan.masks`` or is None (all attended)."""
-
-    r0: int
-    r1: int
-    k0: int
-    k1: int
-    mask: int | None
-
-
-@dataclass(frozen=True)
-class _Op:
-    """``G`` items of equal shape and mask whose rows and keys advance by constant steps.
-
-    Item g covers rows ``r0 + g * dr + [0, rows)`` and keys ``k0 + g * dk + [0, span)``;
-    ``dr >= rows`` (query rows never overlap), key ranges may (a sliding window's do).
-    One kernel call runs all of them through strided views, no copies.
-    """
-
-    r0: int
-    dr: int
-    rows: int
-    k0: int
-    dk: int
-    span: int
-    G: int
-    mask: int | None
-
-
-class _Plan:
-    """The backward's work items for one layout, in a fixed order (query block, then key).
-
-    Segments, masks and their deduplication come from the forward's builder
-    (:class:`~attnmask.engines.blocksparse._Builder`): each stretch of non-empty key
-    blocks is one item, with a bool mask ``[rows, keys]`` only if it holds partial
-    tiles, trimmed of all-False key columns. Rows are cut every ``rows_per_item``
-    rows, not by the forward's cost model: the backward kernel runs 64-row calls
-    ~18% slower per score than 128-row ones (measured at N=8192, sliding(1024)).
-    """
-
-    def __init__(self, layout: BlockLayout, rows_per_item: int = 128):
-        bq = layout.block_q
-
-        def chunks(m: torch.Tensor) -> list[tuple[int, int]]:
-            return [(r, min(rows_per_item, m.shape[0] - r)) for r in range(0, m.shape[0], rows_per_item)]
-
-        runs = block_runs(layout)
-        bld = _Builder(layout, chunks)
-        bld.eval_tiles(partial_tiles(runs))
-        self.items: list[_Item] = []
-        for qb, block in enumerate(runs):
-            r0 = qb * bq
-            rows = min(r0 + bq, layout.q_len) - r0
-            for seg in _segments(block):
-                for r, n, k0, span, m, _ in bld.items(qb, rows, seg):
-                    self.items.append(_Item(r0 + r, r0 + r + n, k0, k0 + span, m))
-        self.masks = bld.masks
-        self._additive: dict[tuple[int, torch.dtype], torch.Tensor] = {}
-        self.ops = self._group(self.items)
-
-    @staticmethod
-    def _group(items: list[_Item]) -> list[_Op]:
-        """Batch runs of items with equal (rows, span, mask) and constant row / key steps."""
-        buckets: dict[tuple, list[tuple[int, int]]] = {}
-        for it in items:
-            buckets.setdefault((it.r1 - it.r0, it.k1 - it.k0, it.mask), []).append((it.r0, it.k0))
-        ops: list[_Op] = []
-        for (rows, span, mask), members in buckets.items():
-            runs = min((_strided_runs(members, rows),
-                        _strided_runs(sorted(members, key=lambda x: (x[1], x[0])), rows)), key=len)
-            ops += [_Op(r0, dr, rows, k0, dk, span, G, mask) for (r0, k0), dr, dk, G in runs]
-        return ops
-
-    def additive(self, idx: int, dtype: torch.dtype) -> torch.Tensor:
-        """Mask ``idx`` as 0 / -inf in ``dtype`` (the fused kernel adds it to the scores)."""
-        hit = self._additive.get((idx, dtype))
-        if hit is None:
-            m = self.masks[idx]
-            hit = self._additive[(idx, dtype)] = torch.zeros(m.shape, dtype=dtype).masked_fill_(~m, float("-inf"))
-        return hit
-
-
-_plans: "weakref.WeakKeyDictionary[BlockLayout, _Plan]" = weakref.WeakKeyDictionary()
-
-
-def _plan(layout: BlockLayout) -> _Plan:
-    plan = _plans.get(layout)
-    if plan is None:
-        plan = _plans[layout] = _Plan(layout)
-    return plan
-
-
-def _causal_segments(layout: BlockLayout) -> list[tuple[int, int]] | None:
-    """[(start, end)] when the layout is top-left causal within consecutive segments, else None.
-
-    ``causal`` on a square layout is one segment; ``causal & document(n1, ...)`` is one per
-    document (positions past the documents attend nothing: no segment, zero gradient).
-    """
-    from ..masks import Intersection, Primitive
-    if layout.q_len != layout.kv_len or layout.q_offset != 0:
-        return None
-    parts = layout.mask.parts if isinstance(layout.mask, Intersection) else (layout.mask,)
-    if not all(isinstance(p, Primitive) for p in parts):
-        return None
-    L = layout.q_len
-    # Asked of the primitive definitions: exactly one part is `k <= q`, at most one packs segments.
-    causal_parts = [p for p in parts if p.kind.is_causal(p.args)]
-    packings = [p for p in parts if not p.kind.is_causal(p.args)]
-    if len(causal_parts) != 1:
-        return None
-    if not packings:
-        return [(0, L)]
-    if len(packings) == 1:
-        return packings[0].kind.causal_segments(packings[0].args, L)
-    return None
+def _plan(layout: BlockLayout) -> Plan:
+    """The backward's plan: the one planner's, cut for the backward kernel (see engines/costs.py)."""
+    return plan_for(layout, BACKWARD)
 
 
 def _one_layout(q, k, v, out, dout, lse0, dlse, layout: BlockLayout, scale: float, dq, dk, dv) -> None:
@@ -199,10 +83,11 @@ def _one_layout(q, k, v, out, dout, lse0, dlse, layout: BlockLayout, scale: floa
         from ..primitives import causal, sliding
         w, d = dil
         Lq, Lk, q_offset = layout.q_len, layout.kv_len, layout.q_offset
-        for r in range(min(d, Lk)):                  # classes r >= Lk hold no key: zero gradient
-            i0 = (r - q_offset) % d                  # first query row at a position = r (mod d)
-            if i0 >= Lq:
-                continue                             # no rows
+        # Only the residues of the first min(d, Lq) rows have rows: loop over those (d can be huge).
+        for i0 in range(min(d, Lq)):
+            r = (q_offset + i0) % d                  # the residue class of row i0
+            if r >= Lk:
+                continue                             # no rows, or rows with no key: zero gradient
             sub = (causal & sliding(w)).compile(len(range(i0, Lq, d)), len(range(r, Lk, d)),
                                                q_offset=(q_offset + i0 - r) // d, block_size=layout.block_size)
             qr, kr = (slice(None), slice(None), slice(i0, None, d)), (slice(None), slice(None), slice(r, None, d))
@@ -232,26 +117,22 @@ def _one_layout(q, k, v, out, dout, lse0, dlse, layout: BlockLayout, scale: floa
     l3, d3 = lse0.reshape(bsz * hk, g, Lq, 1), delta.reshape(bsz * hk, g, Lq, 1)
     k3, v3 = k.reshape(bsz * hk, 1, -1, D), v.reshape(bsz * hk, 1, -1, D)
     dq3, dk3, dv3 = dq.view(bsz * hk, g, Lq, D), dk.view(bsz * hk, -1, D), dv.view(bsz * hk, -1, D)
-    for it in plan.items:
-        r0, r1, k0, k1 = it.r0, it.r1, it.k0, it.k1
-        s = torch.matmul(qs[:, :, r0:r1], k3[:, :, k0:k1].transpose(-1, -2))     # [n, g, R, Ks]
-        if it.mask is not None:
-            s.masked_fill_(~plan.masks[it.mask], float("-inf"))
+    items = [(0, Lq, 0, layout.kv_len, None, True, ())] if plan.causal else plan.items()
+    for r0, rows, k0, span, mask, causal, extra in items:
+        r1 = r0 + rows
+        keys = torch.cat([torch.arange(a_, b_) for a_, b_ in extra] + [torch.arange(k0, k0 + span)])
+        kk, vv = k3.index_select(2, keys), v3.index_select(2, keys)
+        s = torch.matmul(qs[:, :, r0:r1], kk.transpose(-1, -2))                  # [n, g, R, Ks]
+        if mask is not None:
+            s.masked_fill_(~plan.masks[mask], float("-inf"))
+        elif causal:
+            s.masked_fill_(~torch.ones(rows, span, dtype=torch.bool).tril_(), float("-inf"))
         p = s.sub_(l3[:, :, r0:r1]).exp_()
         dov = do[:, :, r0:r1]
-        dv3[:, k0:k1] += torch.matmul(p.transpose(-1, -2), dov).sum(1)
-        ds = torch.matmul(dov, v3[:, :, k0:k1].transpose(-1, -2)).sub_(d3[:, :, r0:r1]).mul_(p)
-        dq3[:, :, r0:r1] += torch.matmul(ds, k3[:, :, k0:k1]) * scale
-        dk3[:, k0:k1] += torch.matmul(ds.transpose(-1, -2), qs[:, :, r0:r1]).sum(1)
-
-
-#: Most key rows (summed over the items of one call) whose dK/dV one kernel call may return:
-#: bounds the call's temporary gradients to about this x (batch x kv heads x D) floats.
-#: Measured at N=8192, sliding(1024), 2 threads: on a quiet machine 2048 is ~10% faster than
-#: 16384-32768; on the shared, oversubscribed one (load 5) 32768 is 2-3x faster than 2048,
-#: because every parallel region can wait a scheduler slice. 32768 made a 64K-token step
-#: add 847 MB (vs 603 MB at 2048), so 16384 is the compromise.
-_KEYS_PER_CALL = 16384
+        dv3.index_add_(1, keys, torch.matmul(p.transpose(-1, -2), dov).sum(1))
+        ds = torch.matmul(dov, vv.transpose(-1, -2)).sub_(d3[:, :, r0:r1]).mul_(p)
+        dq3[:, :, r0:r1] += torch.matmul(ds, kk) * scale
+        dk3.index_add_(1, keys, torch.matmul(ds.transpose(-1, -2), qs[:, :, r0:r1]).sum(1))
 
 
 def _view(t: torch.Tensor, start: int, step: int, G: int, n: int) -> torch.Tensor | None:
@@ -267,37 +148,59 @@ def _view(t: torch.Tensor, start: int, step: int, G: int, n: int) -> torch.Tenso
                         t.storage_offset() + start * st[2])
 
 
-def _run_ops(plan: _Plan, q, k, v, out, dout, lse0, scale: float, dq, dk, dv) -> None:
+def _run_ops(plan: Plan, q, k, v, out, dout, lse0, scale: float, dq, dk, dv) -> None:
     """The fused-kernel backward over a plan's ops: one kernel call per op (or per chunk of it).
 
     The kernel sees the G items of an op as G batch entries and the (batch, head) pairs as
     heads (kv head = query head // (H / Hkv) holds for the merged index too, so GQA is native).
     dQ lands in non-overlapping row views; dK/dV of overlapping key ranges are added item by
-    item in a fixed order.
+    item in a fixed order. Gathered keys (``op.extra``) sit in front of each item's own; their
+    gradients are summed over the items and added back where those keys live.
     """
+    if plan.causal:
+        # The layout is exactly causal: one is_causal call.
+        ga, gb, gc = _flash_bwd(dout, q, k, v, out, lse0, 0.0, True, scale=scale)
+        dq.add_(ga), dk.add_(gb), dv.add_(gc)
+        return
     for op in plan.ops:
         mask = None if op.mask is None else plan.additive(op.mask, q.dtype)
-        step = max(1, _KEYS_PER_CALL // max(op.span, 1))
+        e = sum(b_ - a_ for a_, b_ in op.extra)
+        step = max(1, KEYS_PER_CALL // max(op.span + e, 1))
         for g0 in range(0, op.G, step):
             G = min(step, op.G - g0)
             r0, k0 = op.r0 + g0 * op.dr, op.k0 + g0 * op.dk
             views = [_view(t, r0, op.dr, G, op.rows) for t in (dout, q, out, dq)]
             kvs = [_view(t, k0, op.dk, G, op.span) for t in (k, v)]
             lv = _view(lse0.unsqueeze(-1), r0, op.dr, G, op.rows)
-            if any(x is None for x in views + kvs) or lv is None:
+            extra = [[_view(t, a_, 0, G, b_ - a_) for a_, b_ in op.extra] for t in (k, v)]
+            if any(x is None for x in views + kvs + extra[0] + extra[1]) or lv is None:
                 for g in range(G):                  # strides do not allow batching: item by item
                     a_, b_ = r0 + g * op.dr, k0 + g * op.dk
                     rows = (slice(None), slice(None), slice(a_, a_ + op.rows))
                     keys = (slice(None), slice(None), slice(b_, b_ + op.span))
-                    ga, gb, gc = _flash_bwd(dout[rows], q[rows], k[keys], v[keys], out[rows], lse0[rows], 0.0,
-                                            False, attn_mask=mask, scale=scale)
-                    dq[rows].add_(ga), dk[keys].add_(gb), dv[keys].add_(gc)
+                    kk = torch.cat([k[:, :, x:y] for x, y in op.extra] + [k[keys]], 2)
+                    vv = torch.cat([v[:, :, x:y] for x, y in op.extra] + [v[keys]], 2)
+                    ga, gb, gc = _flash_bwd(dout[rows], q[rows], kk, vv, out[rows], lse0[rows], 0.0,
+                                            op.causal, attn_mask=mask, scale=scale)
+                    dq[rows].add_(ga)
+                    dk[keys].add_(gb[:, :, e:])
+                    dv[keys].add_(gc[:, :, e:])
+                    _add_extra(op.extra, dk, dv, gb[:, :, :e], gc[:, :, :e])
                 continue
             do_v, q_v, o_v, dq_v = views
             k_v, v_v = kvs
-            ga, gb, gc = _flash_bwd(do_v, q_v, k_v, v_v, o_v, lv.squeeze(-1), 0.0, False, attn_mask=mask,
+            if op.extra:
+                k_v = torch.cat(extra[0] + [k_v], 2)
+                v_v = torch.cat(extra[1] + [v_v], 2)
+            ga, gb, gc = _flash_bwd(do_v, q_v, k_v, v_v, o_v, lv.squeeze(-1), 0.0, op.causal, attn_mask=mask,
                                     scale=scale)
             dq_v.add_(ga)
+            if op.extra:
+                # [G, B * X, e, D] summed over the items (their gathered keys are the same ones).
+                B, X = dk.shape[0], dk.shape[1]
+                _add_extra(op.extra, dk, dv, gb[:, :, :e].sum(0).view(B, X, e, -1),
+                           gc[:, :, :e].sum(0).view(B, X, e, -1))
+                gb, gc = gb[:, :, e:], gc[:, :, e:]
             if op.dk >= op.span or G == 1:
                 _view(dk, k0, op.dk, G, op.span).add_(gb)
                 _view(dv, k0, op.dk, G, op.span).add_(gc)
@@ -313,6 +216,15 @@ def _run_ops(plan: _Plan, q, k, v, out, dout, lse0, scale: float, dq, dk, dv) ->
                     w = min(op.dk, op.span - c0)
                     _view(dk, k0 + c0, op.dk, G, w).add_(gb[:, :, c0:c0 + w])
                     _view(dv, k0 + c0, op.dk, G, w).add_(gc[:, :, c0:c0 + w])
+
+
+def _add_extra(extra, dk, dv, gk, gv) -> None:
+    """Add the gradients of gathered keys ([B, X, e, D], in ``extra``'s order) where those keys live."""
+    c = 0
+    for a_, b_ in extra:
+        dk[:, :, a_:b_].add_(gk[:, :, c:c + b_ - a_])
+        dv[:, :, a_:b_].add_(gv[:, :, c:c + b_ - a_])
+        c += b_ - a_
 
 
 def blocksparse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -350,14 +262,7 @@ def blocksparse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     if q.numel() and k.numel():
         used = torch.unique(head_layout).tolist()
         work = sum(layouts[li].attended_pairs() * int((head_layout == li).sum()) for li in used)
-        threads = torch.get_num_threads()
-        if work < _SMALL_WORK and threads > 1:
-            torch.set_num_threads(1)
-            try:
-                _backward_layouts(q_, k_, v_, o_, do_, lse0, dlse_, layouts, head_layout, used, scale, dq, dk, dv)
-            finally:
-                torch.set_num_threads(threads)
-        else:
+        with threads_for(work):
             _backward_layouts(q_, k_, v_, o_, do_, lse0, dlse_, layouts, head_layout, used, scale, dq, dk, dv)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
@@ -367,25 +272,13 @@ def _backward_layouts(q_, k_, v_, o_, do_, lse0, dlse_, layouts, head_layout, us
     if len(used) == 1:
         _one_layout(q_, k_, v_, o_, do_, lse0, dlse_, layouts[used[0]], scale, dq, dk, dv)
         return
-    # Heads with different layouts: gather each group's heads, run it, put results back.
-    # dK/dV are first kept per *query* head (each written once), then summed over the
-    # G heads of a kv head in a fixed order, so nothing races.
-    B, H, Lq, D = q_.shape
-    Hkv, Lk = k_.shape[1], k_.shape[2]
-    G = H // Hkv
-    dk_h = torch.zeros(B, H, Lk, D, dtype=dk.dtype)
-    dv_h = torch.zeros(B, H, Lk, dv.shape[-1], dtype=dv.dtype)
-    for li in used:
-        bs, hs = (head_layout == li).nonzero(as_tuple=True)
-        kvh = hs // G
-        qg, og, dog = (x[bs, hs].unsqueeze(0) for x in (q_, o_, do_))    # [1, n, Lq, D]
-        kg, vg = (x[bs, kvh].unsqueeze(0) for x in (k_, v_))               # [1, n, Lk, D]
-        gq, gk, gv = torch.zeros_like(qg), torch.zeros_like(kg), torch.zeros_like(vg)
-        _one_layout(qg, kg, vg, og, dog, lse0[bs, hs].unsqueeze(0),
-                    None if dlse_ is None else dlse_[bs, hs].unsqueeze(0), layouts[li], scale, gq, gk, gv)
-        dq[bs, hs], dk_h[bs, hs], dv_h[bs, hs] = gq[0], gk[0], gv[0]
-    torch.sum(dk_h.view(B, Hkv, G, Lk, D), 2, out=dk)
-    torch.sum(dv_h.view(B, Hkv, G, Lk, -1), 2, out=dv)
+    # Heads with different layouts: each run of neighbouring heads with one layout inside a kv
+    # group runs on views (no gather, no K/V repetition); dK/dV of a kv head are accumulated run
+    # after run in a fixed order, so the sums are deterministic.
+    for bs, h0, h1, j, li in head_runs(head_layout, k_.shape[1]):
+        _one_layout(q_[bs, h0:h1], k_[bs, j:j + 1], v_[bs, j:j + 1], o_[bs, h0:h1], do_[bs, h0:h1],
+                    lse0[bs, h0:h1], None if dlse_ is None else dlse_[bs, h0:h1], layouts[li], scale,
+                    dq[bs, h0:h1], dk[bs, j:j + 1], dv[bs, j:j + 1])
 
 
 class _BlockSparseAttention(torch.autograd.Function):

@@ -10,7 +10,7 @@ layout into a cached *plan* of calls of PyTorch's fused CPU flash kernel
   partial tiles (built from ``layout.tile_masks``; full tiles are never evaluated);
 - a partial block may run as row pieces (64 rows, and cuts where a document or
   chunk boundary falls inside the block), each trimmed to its own keys, when a
-  cost model of the kernel says so (``_kernel_cost``: the kernel slices queries
+  cost model of the kernel says so (``costs.kernel_cost``: the kernel slices queries
   into 32-, 64- or 256-row pieces by the call's length, and small slices cost
   more per score). A 1024-key window at block 128 then computes 1087 keys a row
   instead of 1151;
@@ -21,10 +21,10 @@ layout into a cached *plan* of calls of PyTorch's fused CPU flash kernel
   chunks, the signature cuts) runs as one top-left ``is_causal`` call, plus one
   call for the keys left of it that all its rows share, when that beats row
   pieces trimmed to the diagonal (the kernel computes whole 512-key slices of
-  a short triangle: ``_causal_call_cost``);
+  a short triangle: ``costs.causal_call_cost``);
 - results covering the same rows are merged in place by log-sum-exp (float32,
   float64 for float64 inputs), so memory stays O(N x D + masks of partial tiles);
-  calls are cut so that their output temporaries stay near 16 MB (``_CHUNK_BYTES``;
+  calls are cut so that their output temporaries stay near 16 MB (``costs.CHUNK_BYTES``;
   a long shared-key call only at bit-stable 256-row multiples of at least 1024 rows);
 - ``dilated(w, d)`` runs as d window problems on strided views (cost of the w
   keys kept, not of the w * d spanned); a plain ``causal`` layout is one call.
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,37 +46,16 @@ import torch
 
 from ..errors import MaskValueError
 from ..layout import BlockLayout
+from .cache import ByteLRU, tensor_bytes
+from ..threads import SMALL_OP as _SMALL_OP, SMALL_WORK as _SMALL_WORK, single_thread, threads_for
+from . import costs
+from .costs import BACKWARD, FORWARD, Direction
 
-__all__ = ["blocksparse_forward", "plan_for", "Plan"]
+__all__ = ["blocksparse_forward", "plan_for", "Plan", "head_runs", "plans"]
 
 _FULL, _PARTIAL = 2, 1
-# A full run at least this many blocks long inside a partially masked segment
-# is split off into its own maskless call: the mask would cost more than the merge.
-_SPLIT_FULL_BLOCKS = 4
-# ... but a range of at most this many key blocks stays one call with its mask.
-_ONE_CALL_BLOCKS = 32
 # Tiles evaluated per tile_masks call while planning (bounds the planner's memory).
 _TILES_PER_EVAL = 64
-# Partial blocks may run as row pieces of this many rows, each trimmed to its keys ...
-_SUB_ROWS = 64
-# ... when the pieces' estimated kernel time is below this share of the whole block's.
-_SPLIT_GAIN = 0.97
-# A causal region runs as one is_causal call unless row pieces cost less than this share of it
-# (the pieces make more, smaller calls).
-_REGION_GAIN = 1.1
-
-# Below this many scores a call runs on one thread: waking a thread pool costs more than
-# it saves, and on a busy machine each parallel region can wait a whole scheduler slice.
-_SMALL_WORK = 1 << 18
-# The same rule per kernel call of a larger forward. Measured on a quiet machine, two threads
-# already halve a 64 x 64 x 8-head call (64 vs 118 us), so only tiny calls stay on one.
-_SMALL_OP = 1 << 15
-
-# A batched call's output is a temporary before it lands in place; split calls so that
-# it stays under this many bytes (a 128K-token window forward then adds ~ its output).
-# Below glibc's 32 MB mmap ceiling the buffer is reused from the heap call after call;
-# above it every call maps fresh pages and pays their faults (32K-token windows: ~6%).
-_CHUNK_BYTES = 16 << 20
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -91,7 +69,9 @@ class Op:
     indexes ``Plan.masks`` (bool ``[rows, span]``, the same for every g) or is
     None; ``causal`` means the top-left causal mask of the kernel (rows == span);
     ``rows_empty`` indexes ``Plan.row_empty``; ``first`` says no earlier op wrote
-    these rows (copy instead of merging).
+    these rows (copy instead of merging). ``extra``: key ranges ``[a, b)`` at fixed
+    positions (a sink, key columns) gathered in front of every item's keys, so the
+    call's keys are ``extra + [k0 + g * dk, + span)`` and the mask covers them all.
     """
     r0: int
     dr: int
@@ -104,6 +84,7 @@ class Op:
     causal: bool
     rows_empty: int | None
     first: bool
+    extra: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass
@@ -116,6 +97,16 @@ class Plan:
     _typed: dict
     covered: bool = False                       # every row's first op writes it whole (no zero-fill needed)
 
+    def nbytes(self) -> int:
+        """Bytes the plan holds, counting one float32 additive copy of every mask (made on first use)."""
+        return 5 * tensor_bytes(self.masks) + tensor_bytes(self.row_empty) + 128 * len(self.ops) + 256
+
+    def items(self):
+        """Every op's items one by one: ``(row0, rows, k0, span, mask, causal, extra)``."""
+        for op in self.ops:
+            for g in range(op.G):
+                yield op.r0 + g * op.dr, op.rows, op.k0 + g * op.dk, op.span, op.mask, op.causal, op.extra
+
     def additive(self, idx: int, dtype: torch.dtype) -> torch.Tensor:
         """The mask ``idx`` as 0 / -inf in ``dtype`` (the kernel wants the query's dtype)."""
         key = (idx, dtype)
@@ -127,27 +118,38 @@ class Plan:
         return hit
 
 
-_plans: "weakref.WeakKeyDictionary[BlockLayout, Plan]" = weakref.WeakKeyDictionary()
+#: Plans of both directions, keyed by the layout's value (mask, shape, offset, blocks) and the
+#: direction, bounded in bytes (masks, their additive copies, ops): ~256 MB holds the plans of a
+#: 30-layer model with nine different masks per layer at several shapes (a 4K window plan is ~0.1 MB).
+plans = ByteLRU(256 << 20)
 
 
-def plan_for(layout: BlockLayout) -> Plan:
-    """The cached execution plan of ``layout`` (built once, O(runs + partial tiles)).
+def _layout_key(layout: BlockLayout) -> tuple:
+    return (layout.mask, layout.q_len, layout.kv_len, layout.q_offset, layout.block_q, layout.block_k)
+
+
+def plan_for(layout: BlockLayout, direction: Direction = FORWARD) -> Plan:
+    """The cached execution plan of ``layout`` for a pass (built once, O(runs + partial tiles)).
+
+    One planner for both directions; ``direction`` (:data:`~attnmask.engines.costs.FORWARD` or
+    ``BACKWARD``) says how rows are cut (see :mod:`attnmask.engines.costs`).
 
         >>> import attnmask as am
         >>> plan = plan_for((am.causal & am.sliding(256)).compile(1024, block_size=128))
         >>> [(op.r0, op.rows, op.span, op.G) for op in plan.ops][-2:]   # 64-row pieces; then one call for 12
         [(192, 64, 256, 1), (256, 64, 319, 12)]
+        >>> from attnmask.engines.costs import BACKWARD
+        >>> back = plan_for((am.causal & am.sliding(256)).compile(1024, block_size=128), BACKWARD)
+        >>> [(op.r0, op.rows, op.span, op.G) for op in back.ops][-1]       # the backward's 128-row items
+        (256, 128, 383, 6)
     """
-    plan = _plans.get(layout)
+    key = _layout_key(layout) + (direction,)
+    plan = plans.get(key)
     if plan is None:
         # Planning is many small tensor ops: on one thread they never wait for a busy pool.
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            plan = _build_plan(layout)
-        finally:
-            torch.set_num_threads(threads)
-        _plans[layout] = plan
+        with single_thread():
+            plan = _build_plan(layout, direction)
+        plans.put(key, plan, plan.nbytes())
     return plan
 
 
@@ -164,16 +166,16 @@ def _segments(runs: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int
         if not any(t == _PARTIAL for _, _, t in g):
             out.append([(g[0][0], g[-1][1], _FULL)])
             continue
-        if g[-1][1] - g[0][0] <= _ONE_CALL_BLOCKS:
+        if g[-1][1] - g[0][0] <= costs.ONE_CALL_BLOCKS:
             out.append(g)      # a window-sized range: one masked call beats several calls and merges
             continue
         # Long full runs go alone (maskless); the rest stays together with its partial tiles,
-        # in stretches of at most _ONE_CALL_BLOCKS blocks cut at fixed key positions: a mask is
+        # in stretches of at most costs.ONE_CALL_BLOCKS blocks cut at fixed key positions: a mask is
         # then at most one stretch wide, and the stretches of different query blocks repeat
         # and are stored once (causal - cols(0, N, 2) kept N^2 / 2 mask cells before).
         cur: list[tuple[int, int, int]] = []
         for run in g:
-            if run[2] == _FULL and run[1] - run[0] >= _SPLIT_FULL_BLOCKS:
+            if run[2] == _FULL and run[1] - run[0] >= costs.SPLIT_FULL_BLOCKS:
                 if cur:
                     out += _cut_at_stretches(cur)
                     cur = []
@@ -186,14 +188,14 @@ def _segments(runs: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int
 
 
 def _cut_at_stretches(group: list[tuple[int, int, int]]) -> list[list[tuple[int, int, int]]]:
-    """Cut contiguous runs at multiples of _ONE_CALL_BLOCKS key blocks (left as is if narrower)."""
-    if group[-1][1] - group[0][0] <= _ONE_CALL_BLOCKS:
+    """Cut contiguous runs at multiples of costs.ONE_CALL_BLOCKS key blocks (left as is if narrower)."""
+    if group[-1][1] - group[0][0] <= costs.ONE_CALL_BLOCKS:
         return [group]
     out: list[list[tuple[int, int, int]]] = []
     for s, e, t in group:
         while s < e:
-            stop = min(e, (s // _ONE_CALL_BLOCKS + 1) * _ONE_CALL_BLOCKS)
-            if out and out[-1][-1][1] == s and s % _ONE_CALL_BLOCKS:
+            stop = min(e, (s // costs.ONE_CALL_BLOCKS + 1) * costs.ONE_CALL_BLOCKS)
+            if out and out[-1][-1][1] == s and s % costs.ONE_CALL_BLOCKS:
                 out[-1].append((s, stop, t))
             else:
                 out.append([(s, stop, t)])
@@ -204,13 +206,18 @@ def _cut_at_stretches(group: list[tuple[int, int, int]]) -> list[list[tuple[int,
 class _Builder:
     """Tiles -> deduplicated masks -> items, for the forward plan and the backward's.
 
-    ``chunks(mask)`` says how a partial segment's rows are cut (the forward: the cost model
-    of :func:`_row_chunks`; the backward, whose kernel prefers taller calls: fixed heights).
+    ``direction`` says how a partial segment's rows are cut (the forward: the cost model of
+    :func:`_row_chunks`; the backward, whose kernel prefers taller calls: fixed heights).
     """
 
-    def __init__(self, layout: BlockLayout, chunks=None):
+    def __init__(self, layout: BlockLayout, direction: Direction = FORWARD):
         self.layout = layout
-        self.chunks = _row_chunks if chunks is None else chunks
+        self.direction = direction
+        if direction.fixed_rows is None:
+            self.chunks = _row_chunks
+        else:
+            n = direction.fixed_rows
+            self.chunks = lambda m: [(r, min(n, m.shape[0] - r)) for r in range(0, m.shape[0], n)]
         self.bq, self.bk = layout.block_size
         self.masks: list[torch.Tensor] = []
         self.mask_ids: dict[bytes, int] = {}
@@ -284,12 +291,65 @@ class _Builder:
         out = []
         for r, n in self.chunks(m):
             sub = m[r:r + n]
-            cols = sub.any(0).nonzero()
-            if len(cols) == 0:
-                continue
-            lo, hi = int(cols[0]), int(cols[-1]) + 1
-            out.append((r, n, lo, hi - lo) + self._mask_ids(sub[:, lo:hi].contiguous()))
+            for lo, hi in _key_clusters(sub.any(0)):
+                out.append((r, n, lo, hi - lo) + self._mask_ids(sub[:, lo:hi].contiguous()))
         return out
+
+    def gather_small(self, items: list[tuple]) -> list[tuple]:
+        """Gather the key-set items of one query block: fewer calls and merges, no gap computed.
+
+        ``items``: ``(row offset, rows, k0, span, mask id, rows-empty id)`` of one block, from
+        all its segments (disjoint keys). Items of at most ``costs.GATHER_KEYS`` keys (a sink, key
+        columns) are *small*. Returns items with a 7th field, gathered absolute key ranges
+        (``()`` when none) that the call reads in front of its own ``[k0, k0 + span)``:
+
+        - when every large item that covers a small item's rows is short (its keys plus the
+          gathered ones at most ``costs.GATHER_SPAN_ROWS`` x its rows, so copying them costs less
+          than a call and a merge), the small items join those calls;
+        - otherwise all small items of the block that cover the same rows become ONE item
+          whose keys are only the gathered ones (``span`` 0): one small extra call merged by
+          log-sum-exp, instead of one per item (32 key columns: 1 call, not 32).
+        """
+        out = [it + ((),) for it in items]
+        small = [it for it in items if it[3] <= costs.GATHER_KEYS]
+        large = [it for it in items if it[3] > costs.GATHER_KEYS]
+        if not small or (len(small) == 1 and not large):
+            return out
+        e = sum(it[3] for it in small)
+        if large and all(span + e <= costs.GATHER_SPAN_ROWS * n for _, n, _, span, _, _ in large):
+            folded = self._fold(small, large)
+            if folded is not None:
+                return folded
+        if len(small) < 2 or any((rs, ns) != small[0][:2] for rs, ns, *_ in small):
+            return out
+        r, n = small[0][:2]
+        cols = [torch.ones((n, ss), dtype=torch.bool) if ms is None else self.masks[ms] for _, _, _, ss, ms, _ in small]
+        mid, rid = self._mask_ids(torch.cat(cols, 1))
+        return [it + ((),) for it in large] + [(r, n, 0, 0, mid, rid, tuple((ks, ks + ss) for _, _, ks, ss, _, _ in small))]
+
+    def _fold(self, small: list[tuple], large: list[tuple]) -> list[tuple] | None:
+        """Small items folded into the large items that cover their rows (None if some row has none)."""
+        # Each row of a small item must join exactly one large item (large items of two
+        # segments may share rows: the second one gets nothing).
+        covered = [np.zeros(it[1], dtype=bool) for it in small]
+        merged = []
+        for r, n, k0, span, m, re_ in large:
+            extra, cols = [], []
+            for j, (rs, ns, ks, ss, ms, _) in enumerate(small):
+                if rs <= r and r + n <= rs + ns and not covered[j][r - rs:r - rs + n].any():
+                    covered[j][r - rs:r - rs + n] = True
+                    extra.append((ks, ks + ss))
+                    cols.append(torch.ones((n, ss), dtype=torch.bool) if ms is None else
+                                self.masks[ms][r - rs:r - rs + n])
+            if not extra:
+                merged.append((r, n, k0, span, m, re_, ()))
+                continue
+            own = torch.ones((n, span), dtype=torch.bool) if m is None else self.masks[m]
+            mid, rid = self._mask_ids(torch.cat(cols + [own], 1))
+            merged.append((r, n, k0, span, mid, rid, tuple(extra)))
+        if not all(c.all() for c in covered):
+            return None
+        return merged
 
     def _mask_ids(self, m: torch.Tensor) -> tuple[int | None, int | None]:
         """(mask id, rows-empty id) of a trimmed bool mask, deduplicated; (None, None) if all True."""
@@ -311,46 +371,46 @@ class _Builder:
         return idx, ridx
 
 
-def _kernel_cost(rows: int, keys: int) -> float:
-    """Relative time of one flash-kernel call on ``rows`` x ``keys`` scores (per batch element).
+def _key_clusters(used: torch.Tensor) -> list[tuple[int, int]]:
+    """Key ranges ``[lo, hi)`` one row chunk runs on, from the bool of the keys its rows use.
 
-    The CPU kernel splits queries into 32-, 64- or 256-row slices by the call's query
-    length (< 192, < 768, else); each slice streams every key, so small slices pay more
-    per score. Factors measured on this machine by benchmarks/bench_kernel_slices.py
-    (benchmarks/results/kernel_slices.md).
+    Normally one range, from the first key used to the last. Small clusters of keys (at most
+    costs.GATHER_KEYS wide, e.g. a sink) separated from the rest by a gap of at least costs.GATHER_KEYS
+    unused keys are split off at either end, so the plan can gather them instead of computing
+    the gap (``_Builder.gather_small``).
+
+        >>> used = torch.zeros(300, dtype=torch.bool); used[:4] = True; used[200:300] = True
+        >>> _key_clusters(used)
+        [(0, 4), (200, 300)]
+        >>> used[200:300] = False; used[290] = True
+        >>> _key_clusters(used)
+        [(0, 4), (290, 291)]
     """
-    per_score = 1.0 if rows >= 768 else 1.08 if rows >= 192 else 1.18
-    return rows * keys * per_score
-
-
-def _causal_call_cost(n: int) -> float:
-    """Relative time of one top-left ``is_causal`` kernel call on an n x n triangle.
-
-    Each query slice computes whole 512-key slices up to its diagonal, so short
-    triangles pay for up to twice their cells.
-    """
-    qs = 256 if n >= 768 else 64 if n >= 192 else 32
-    kvs = min(512, n)
-    cells = 0
-    for m in range(0, n, qs):
-        rows = min(qs, n - m)
-        cells += rows * min(n, -(-(m + rows) // kvs) * kvs)
-    return cells * _kernel_cost(n, 1) / n
-
-
-def _pieces_cost(n: int) -> float:
-    """Relative time of an n x n lower triangle run as _SUB_ROWS-row pieces trimmed to the diagonal."""
-    return sum(_kernel_cost(min(_SUB_ROWS, n - r), min(r + _SUB_ROWS, n)) for r in range(0, n, _SUB_ROWS))
+    idx = used.nonzero().flatten().tolist()
+    if not idx:
+        return []
+    clusters = [[idx[0], idx[0] + 1]]
+    for i in idx[1:]:
+        if i - clusters[-1][1] < costs.GATHER_KEYS:
+            clusters[-1][1] = i + 1
+        else:
+            clusters.append([i, i + 1])
+    large = [j for j, (a, b) in enumerate(clusters) if b - a > costs.GATHER_KEYS]
+    if not large:
+        return [tuple(c) for c in clusters]          # only small key sets (columns far apart)
+    first, last = large[0], large[-1]
+    return ([tuple(c) for c in clusters[:first]] + [(clusters[first][0], clusters[last][1])]
+            + [tuple(c) for c in clusters[last + 1:]])
 
 
 def _row_chunks(m: torch.Tensor) -> list[tuple[int, int]]:
     """Row chunks ``(offset, rows)`` of a partial mask: whole, or pieces when cheaper.
 
     Pieces are cut where consecutive rows see disjoint key ranges (a document or chunk
-    boundary inside the block), then every _SUB_ROWS rows. Trimming each piece to the keys
+    boundary inside the block), then every costs.SUB_ROWS rows. Trimming each piece to the keys
     its rows reach pays when rows see shifted key ranges (a window: 1151 keys for 128 rows
     of sliding(1024), 1087 for 64; a block straddling two documents: the first document's
-    keys for the second's rows), minus the cost of smaller kernel calls (_kernel_cost).
+    keys for the second's rows), minus the cost of smaller kernel calls (costs.kernel_cost).
     """
     rows = m.shape[0]
     any_row = m.any(1)
@@ -363,12 +423,12 @@ def _row_chunks(m: torch.Tensor) -> list[tuple[int, int]]:
     starts = [0] + (cut.nonzero().flatten() + 1).tolist()
     pieces = []
     for a, b in zip(starts, starts[1:] + [rows]):
-        pieces += [(r, min(_SUB_ROWS, b - r)) for r in range(a, b, _SUB_ROWS)]
+        pieces += [(r, min(costs.SUB_ROWS, b - r)) for r in range(a, b, costs.SUB_ROWS)]
     if len(pieces) == 1:
         return pieces
-    whole = _kernel_cost(rows, _span(m.any(0)))
-    split = sum(_kernel_cost(n, _span(m[r:r + n].any(0))) for r, n in pieces)
-    return pieces if split < _SPLIT_GAIN * whole else [(0, rows)]
+    whole = costs.kernel_cost(rows, _span(m.any(0)))
+    split = sum(costs.kernel_cost(n, _span(m[r:r + n].any(0))) for r, n in pieces)
+    return pieces if split < costs.SPLIT_GAIN * whole else [(0, rows)]
 
 
 def _span(cols: torch.Tensor) -> int:
@@ -390,13 +450,13 @@ def partial_tiles(runs: list[list[tuple[int, int, int]]]) -> list[tuple[int, int
     return [(b, c) for b in range(len(runs)) for s, e, t in runs[b] if t == _PARTIAL for c in range(s, e)]
 
 
-def _build_plan(layout: BlockLayout) -> Plan:
+def _build_plan(layout: BlockLayout, direction: Direction = FORWARD) -> Plan:
     if _is_exact_causal(layout):
         return Plan([], [], [], True, {}, True)
     bq, bk = layout.block_size
     q_len, kv_len, nqb = layout.q_len, layout.kv_len, layout.n_q_blocks
     runs = block_runs(layout)
-    bld = _Builder(layout)
+    bld = _Builder(layout, direction)
     bld.eval_tiles(partial_tiles(runs))
 
     # Causal regions: consecutive full-height blocks whose last run is the exact lower-triangular
@@ -444,15 +504,17 @@ def _build_plan(layout: BlockLayout) -> Plan:
                 j += 1
             # One is_causal call for the triangle, unless row pieces trimmed to the diagonal are
             # cheaper (short triangles: the kernel computes whole 512-key slices of them).
-            if j - a >= 2 and _causal_call_cost((j - a) * bq) <= _REGION_GAIN * _pieces_cost((j - a) * bq):
+            n = (j - a) * bq
+            if j - a >= 2 and costs.causal_call_cost(n) <= costs.REGION_GAIN * costs.pieces_cost(n):
                 region_ops.append((a, j - a, ca, sig))
                 b = j
                 continue
             scanned = j          # rejected: its tails are not weighed again (O(k^2) scans for k blocks)
         rows = min((b + 1) * bq, q_len) - b * bq
-        for seg in _segments(runs[b]):
-            for r, n, k0, span, m, re_ in bld.items(b, rows, seg):
-                items.append((b * bq + r, n, k0, span, m, re_))
+        block_items = [it for seg in _segments(runs[b]) for it in bld.items(b, rows, seg)]
+        gathered = bld.gather_small(block_items) if direction.gather else [it + ((),) for it in block_items]
+        for r, n, k0, span, m, re_, extra in gathered:
+            items.append((b * bq + r, n, k0, span, m, re_, extra))
         b += 1
 
     written = np.zeros(q_len, dtype=bool)       # rows some op has written so far
@@ -488,15 +550,16 @@ def _build_plan(layout: BlockLayout) -> Plan:
     # Generic items: batch consecutive items with equal shape and mask whose query and key starts
     # advance by constant steps (a sliding window's interior is one call per row piece).
     buckets: dict[tuple, list[tuple[int, int]]] = {}
-    for row0, rows, k0, span, m, re_ in items:
-        buckets.setdefault((rows, span, m, re_), []).append((row0, k0))
-    for (rows, span, m, re_), members in buckets.items():
+    for row0, rows, k0, span, m, re_, extra in items:
+        buckets.setdefault((rows, span, m, re_, extra), []).append((row0, k0))
+    for (rows, span, m, re_, extra), members in buckets.items():
         # Query-block order batches a window's interior (keys advance with the rows); key order
         # batches stretches that many blocks share (a mask's column pattern repeated down the rows).
         runs = min((_strided_runs(members, rows), _strided_runs(sorted(members, key=lambda x: (x[1], x[0])), rows)),
                    key=len)
         for (r0, k0), dr, dk, G in runs:
-            add(r0=r0, dr=dr, rows=rows, k0=k0, dk=dk, span=span, G=G, mask=m, causal=False, rows_empty=re_)
+            add(r0=r0, dr=dr, rows=rows, k0=k0, dk=dk, span=span, G=G, mask=m, causal=False, rows_empty=re_,
+                extra=extra)
     return Plan(ops, bld.masks, bld.row_empty, False, {}, bool(written.all()) and not mixed)
 
 
@@ -573,26 +636,25 @@ def _run_plan(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     [Z, Lq] start as 0 / -inf; ops either copy into them or merge by log-sum-exp.
     """
     neg_inf = float("-inf")
-    threads = torch.get_num_threads()
     for op in plan.ops:
         per_row = q.shape[0] * q.shape[2] * max(q.element_size(), 4)
-        small = threads > 1 and q.shape[0] * op.G * op.rows * op.span < _SMALL_OP
-        if small:
-            torch.set_num_threads(1)
-        try:
-            if op.G == 1 and not op.causal and op.mask is None and op.rows * per_row > _CHUNK_BYTES:
+        with threads_for(q.shape[0] * op.G * op.rows * op.span, _SMALL_OP):
+            if op.G == 1 and not op.causal and op.mask is None and op.rows * per_row > costs.CHUNK_BYTES:
                 # One long query range on shared keys: cut its rows (a causal call cannot be cut,
                 # its triangle is anchored at the first row; masked ops are one block tall).
-                for r, n in _row_cuts(op.rows, _CHUNK_BYTES // per_row):
+                for r, n in _row_cuts(op.rows, costs.CHUNK_BYTES // per_row):
                     part = dataclasses.replace(op, r0=op.r0 + r, rows=n)
                     _run_op(plan, part, 0, 1, q, k, v, scale, out, lse, neg_inf)
                 continue
-            step = max(1, _CHUNK_BYTES // (op.rows * per_row))
+            step = max(1, costs.CHUNK_BYTES // (op.rows * per_row))
+            if op.extra:          # the gathered K and V are temporaries too
+                step = max(1, min(step, costs.CHUNK_BYTES // (2 * (op.span + _extra_keys(op)) * per_row)))
             for g0 in range(0, op.G, step):
                 _run_op(plan, op, g0, min(step, op.G - g0), q, k, v, scale, out, lse, neg_inf)
-        finally:
-            if small:
-                torch.set_num_threads(threads)
+
+
+def _extra_keys(op: Op) -> int:
+    return sum(b - a for a, b in op.extra)
 
 
 def _row_cuts(rows: int, want: int) -> list[tuple[int, int]]:
@@ -614,6 +676,12 @@ def _run_op(plan: Plan, op: Op, g0: int, G: int, q, k, v, scale: float, out, lse
     qs = _view(q, r0, op.dr, G, op.rows)
     ks = _view(k, k0, op.dk, G, op.span)
     vs = _view(v, k0, op.dk, G, op.span)
+    if op.extra:
+        # Gathered keys (a sink, key columns) in front of every item's own: one copy of the
+        # keys the call reads (1 / rows of its work), instead of one more call and merge.
+        Z = k.shape[0]
+        ks = torch.cat([k[:, a:b].unsqueeze(1).expand(Z, G, b - a, k.shape[2]) for a, b in op.extra] + [ks], 2)
+        vs = torch.cat([v[:, a:b].unsqueeze(1).expand(Z, G, b - a, v.shape[2]) for a, b in op.extra] + [vs], 2)
     if op.causal:
         o, l = _flash(qs, ks, vs, 0.0, True, scale=scale)
     elif op.mask is None:
@@ -674,6 +742,31 @@ def _dilation(mask) -> tuple[int, int] | None:
     return None
 
 
+def _causal_segments(layout: BlockLayout) -> list[tuple[int, int]] | None:
+    """[(start, end)] when the layout is top-left causal within consecutive segments, else None.
+
+    ``causal`` on a square layout is one segment; ``causal & document(n1, ...)`` is one per
+    document (positions past the documents attend nothing: no segment, zero gradient).
+    """
+    from ..masks import Intersection, Primitive
+    if layout.q_len != layout.kv_len or layout.q_offset != 0:
+        return None
+    parts = layout.mask.parts if isinstance(layout.mask, Intersection) else (layout.mask,)
+    if not all(isinstance(p, Primitive) for p in parts):
+        return None
+    L = layout.q_len
+    # Asked of the primitive definitions: exactly one part is `k <= q`, at most one packs segments.
+    causal_parts = [p for p in parts if p.kind.is_causal(p.args)]
+    packings = [p for p in parts if not p.kind.is_causal(p.args)]
+    if len(causal_parts) != 1:
+        return None
+    if not packings:
+        return [(0, L)]
+    if len(packings) == 1:
+        return packings[0].kind.causal_segments(packings[0].args, L)
+    return None
+
+
 def _forward_one_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
                         scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
     """q [X, Y, Lq, D], k/v [X, Y, Lk, D] (possibly stride-0 expanded) -> fills out, lse in place.
@@ -684,24 +777,45 @@ def _forward_one_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     """
     dil = _dilation(layout.mask)
     if dil is None or dil[1] == 1:
+        segments = _causal_segments(layout)
+        if segments is not None and len(segments) * costs.MIN_SEGMENT_ROWS <= layout.q_len:
+            # causal & document(...): each document is its own causal problem, one top-left
+            # is_causal call on its rows and keys (the kernel visits only the triangle).
+            with threads_for(layout.attended_pairs() * q.shape[0] * q.shape[1], _SMALL_WORK):
+                _forward_segments(q, k, v, segments, layout.q_len, scale, out, lse)
+            return
         _forward_plain(q, k, v, layout, scale, out, lse)
         return
     from ..primitives import causal, sliding
     w, d = dil
     Lq, Lk, q_offset = layout.q_len, layout.kv_len, layout.q_offset
     sub_mask = causal & sliding(w)
-    if d > Lk:
-        # Residue classes r >= Lk hold no key: their rows attend nothing (zeros / -inf). Only the
-        # classes with keys are visited (d may be 2**31 - 1: no loop over every class).
-        out.zero_()
-        lse.fill_(float("-inf"))
-    for r in range(min(d, Lk)):
-        i0 = (r - q_offset) % d                  # first query row at a position = r (mod d)
-        if i0 >= Lq:
-            continue                              # no rows
+    # Only the residues of the first min(d, Lq) rows have rows: loop over those (d can be huge).
+    for i0 in range(min(d, Lq)):
+        r = (q_offset + i0) % d                  # the residue class of row i0 (first row at position r mod d)
+        if r >= Lk:
+            out[:, :, i0::d].zero_()              # rows with no key: zeros / -inf
+            lse[:, :, i0::d].fill_(float("-inf"))
+            continue
         sub = sub_mask.compile(len(range(i0, Lq, d)), len(range(r, Lk, d)), q_offset=(q_offset + i0 - r) // d,
                                block_size=layout.block_size)
         _forward_plain(q[:, :, i0::d], k[:, :, r::d], v[:, :, r::d], sub, scale, out[:, :, i0::d], lse[:, :, i0::d])
+
+
+def _forward_segments(q, k, v, segments: list[tuple[int, int]], L: int, scale: float, out, lse) -> None:
+    """One is_causal call per segment [a, b) of rows and keys; rows outside every segment attend nothing."""
+    covered = 0
+    for a, b in segments:
+        o, l = _flash(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], 0.0, True, scale=scale)
+        out[:, :, a:b].copy_(o)
+        lse[:, :, a:b].copy_(l)
+        covered += b - a
+    if covered < L:
+        seen = torch.zeros(L, dtype=torch.bool)
+        for a, b in segments:
+            seen[a:b] = True
+        out[:, :, ~seen] = 0
+        lse[:, :, ~seen] = float("-inf")
 
 
 def _forward_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
@@ -769,14 +883,8 @@ def blocksparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     used = torch.unique(head_layout).tolist()
     # Attended pairs x heads: exact from structure, no plan needed (dilated masks never plan the original).
     work = sum(layouts[li].attended_pairs() * int((head_layout == li).sum()) for li in used)
-    if work < _SMALL_WORK and torch.get_num_threads() > 1:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return _forward_groups(q, k, v, layouts, head_layout, used, scale, out, lse)
-        finally:
-            torch.set_num_threads(threads)
-    return _forward_groups(q, k, v, layouts, head_layout, used, scale, out, lse)
+    with threads_for(work, _SMALL_WORK):
+        return _forward_groups(q, k, v, layouts, head_layout, used, scale, out, lse)
 
 
 def _forward_groups(q, k, v, layouts, head_layout, used, scale, out, lse):
@@ -797,15 +905,39 @@ def _forward_groups(q, k, v, layouts, head_layout, used, scale, out, lse):
             _forward_one_layout(qv, ke, ve, lay, scale, out.view(B * Hkv, rep, Lq, D),
                                 lse.view(B * Hkv, rep, Lq))
         return out, lse
-    # Heads (or batch elements) with different layouts: gather each group's rows.
-    for li in used:
-        bs, hs = (head_layout == li).nonzero(as_tuple=True)
-        qg = q[bs, hs].unsqueeze(0)                       # [1, G, Lq, D]
-        kg = k[bs, hs // rep].unsqueeze(0)
-        vg = v[bs, hs // rep].unsqueeze(0)
-        og = torch.empty(qg.shape, dtype=q.dtype)
-        lg = torch.empty(qg.shape[:-1], dtype=lse.dtype)
-        _forward_one_layout(qg, kg, vg, layouts[li], scale, og, lg)
-        out[bs, hs] = og[0]
-        lse[bs, hs] = lg[0]
+    # Heads (or batch elements) with different layouts: each run of neighbouring heads with one
+    # layout inside a kv group is one problem on views (q[b, h0:h1] against k[b, j] broadcast with
+    # a zero stride), so nothing is gathered and GQA never repeats K/V.
+    for bs, h0, h1, j, li in head_runs(head_layout, Hkv):
+        n = h1 - h0
+        kv_shape = (bs.stop - bs.start, n, Lk, D)
+        _forward_one_layout(q[bs, h0:h1], k[bs, j:j + 1].expand(kv_shape), v[bs, j:j + 1].expand(kv_shape),
+                            layouts[li], scale, out[bs, h0:h1], lse[bs, h0:h1])
     return out, lse
+
+
+def head_runs(head_layout: torch.Tensor, Hkv: int) -> list[tuple[slice, int, int, int, int]]:
+    """``(batch slice, h0, h1, kv head, layout)``: maximal runs of query heads with one layout in one kv group.
+
+    O(B x H) Python work, no tensors. When every batch element has the same heads' layouts
+    (per-head masks, no per_batch), the batch slice covers them all.
+
+        >>> head_runs(torch.tensor([[0, 0, 1, 2, 2, 2]]), 2)
+        [(slice(0, 1, None), 0, 2, 0, 0), (slice(0, 1, None), 2, 3, 0, 1), (slice(0, 1, None), 3, 6, 1, 2)]
+    """
+    B, H = head_layout.shape
+    rep = H // Hkv
+    rows = head_layout.tolist()
+    batches = [slice(0, B)] if all(r == rows[0] for r in rows) else [slice(b, b + 1) for b in range(B)]
+    out = []
+    for bs in batches:
+        row = rows[bs.start]
+        for j in range(Hkv):
+            h = j * rep
+            while h < (j + 1) * rep:
+                h1 = h + 1
+                while h1 < (j + 1) * rep and row[h1] == row[h]:
+                    h1 += 1
+                out.append((bs, h, h1, j, row[h]))
+                h = h1
+    return out

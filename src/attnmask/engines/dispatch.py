@@ -17,7 +17,8 @@ import torch
 
 from ..errors import MaskError, MaskValueError
 from ..layout import BlockLayout
-from ..masks import Mask
+from ..masks import Mask, resolve_shape
+from .short import SHORT_ROWS, fits as short_fits, short_forward
 
 __all__ = ["attention", "per_batch", "PerBatch", "BACKENDS", "DEFAULT_BLOCK_SIZE"]
 
@@ -106,27 +107,38 @@ def _check_tensors(q, k, v, enable_gqa: bool) -> None:
 
 
 def _resolve_masks(mask, B: int, H: int, Lq: int, Lk: int, q_offset: int | None,
-                   block_size) -> tuple[list[BlockLayout], torch.Tensor]:
-    """(distinct layouts, int64 [B, H] index into them) for any accepted mask argument."""
-    layouts: list[BlockLayout] = []
-    index: dict[int, int] = {}
+                   block_size, compile: bool = True) -> tuple[list, torch.Tensor]:
+    """(distinct layouts, int64 [B, H] index into them) for any accepted mask argument.
+
+    With ``compile=False`` nothing is compiled: the entries are ``(Mask, q_offset)`` pairs
+    (a BlockLayout gives its own), for the short-call path that evaluates masks directly.
+    """
+    layouts: list = []
+    index: dict = {}
+    by_id: dict[int, int] = {}
+    default_offset = resolve_shape(Lq, Lk, q_offset)[2] if not compile else None
 
     def layout_of(item: MaskLike, where: str) -> int:
+        hit = by_id.get(id(item))
+        if hit is not None:
+            return hit
         if isinstance(item, BlockLayout):
             item._check_lengths(Lq, Lk)
             if q_offset is not None and q_offset != item.q_offset:
                 raise MaskValueError(f"{where}: the layout was compiled with q_offset={item.q_offset} but "
                                      f"q_offset={q_offset} was passed; recompile with mask.compile({Lq}, {Lk}, "
                                      f"q_offset={q_offset}) or drop q_offset")
-            lay = item
+            lay = item if compile else (item.mask, item.q_offset)
         elif isinstance(item, Mask):
-            lay = item.compile(Lq, Lk, q_offset=q_offset, block_size=block_size)
+            lay = item.compile(Lq, Lk, q_offset=q_offset, block_size=block_size) if compile \
+                else (item, default_offset)
         else:
             raise MaskValueError(f"{where} must be a Mask or a BlockLayout, got {type(item).__name__}")
-        key = id(lay)
+        key = id(lay) if compile else lay
         if key not in index:
             index[key] = len(layouts)
             layouts.append(lay)
+        by_id[id(item)] = index[key]
         return index[key]
 
     def heads_of(item, where: str) -> list[int]:
@@ -282,8 +294,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, *, scale:
         scale = float(scale)
     except (TypeError, ValueError):
         raise MaskValueError(f"scale must be a number, got {scale!r}") from None
-    layouts, head_layout = _resolve_masks(mask, B, H, Lq, Lk, q_offset, block_size)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if backend in ("auto", "blocksparse") and q.device.type == "cpu" and not needs_grad and 0 < Lq <= SHORT_ROWS \
+            and Lk > 0 and D > 0 and B > 0 and H > 0:
+        # Short calls and decode steps: nothing is compiled (the shape changes every step).
+        items, head_index = _resolve_masks(mask, B, H, Lq, Lk, q_offset, block_size, compile=False)
+        if short_fits(len(items), Lq, Lk):
+            out, lse = short_forward(q, k, v, items, head_index, scale)
+            return (out, lse) if return_lse else out
+    layouts, head_layout = _resolve_masks(mask, B, H, Lq, Lk, q_offset, block_size)
     call = _Call(q, k, v, layouts, head_layout, scale, enable_gqa, needs_grad, return_lse)
 
     if backend == "auto":

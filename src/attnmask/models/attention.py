@@ -41,6 +41,7 @@ import torch
 from ..errors import DenseTooLargeError, MaskError, MaskValueError
 from ..masks import Mask
 from ..plan import MaskPlan, as_plan
+from .capture import model_shape
 
 __all__ = ["IMPLEMENTATION", "MaskContext", "apply", "register", "attention_modules", "plan_of",
            "WEIGHTS_MAX_CELLS"]
@@ -133,12 +134,6 @@ def attention_modules(model) -> list:
     return mods
 
 
-def _model_shape(model) -> tuple[int, int, int]:
-    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    heads = cfg.num_attention_heads
-    return cfg.num_hidden_layers, heads, getattr(cfg, "num_key_value_heads", None) or heads
-
-
 def apply(model, plan: "MaskPlan | Mask | str | Sequence", *, backend: str = "auto", block_size: int = 128):
     """Run ``model``'s attention through attnmask with ``plan``: a MaskPlan, one mask for
     every layer and head (Mask or text), or one per-head list for every layer.
@@ -156,7 +151,7 @@ def apply(model, plan: "MaskPlan | Mask | str | Sequence", *, backend: str = "au
     from ..engines.dispatch import BACKENDS
     if backend not in BACKENDS:
         raise MaskValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    layers, heads, _ = _model_shape(model)
+    layers, heads, _ = model_shape(model)
     plan = as_plan(plan, layers, heads)
     if getattr(plan, "dynamic", None):
         raise MaskValueError("the plan has data-dependent heads (their key columns depend on the input); resolve "
@@ -355,10 +350,12 @@ def _direct(q, k, v, allowed, scale, G, want_probs: bool = False):
     B, Hq, Lq, D = q.shape
     g, K = k.shape[1], k.shape[2]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qq = q.reshape(B, g, G, Lq, D).to(acc)
-    kk, vv = k.to(acc)[:, :, None], v.to(acc)[:, :, None]                     # [B, g, 1, K, D]
-    allowed = allowed.expand(B, Hq, Lq, K).reshape(B, g, G, Lq, K)
-    scores = torch.matmul(qq, kk.transpose(-1, -2)) * scale                    # [B, g, G, Lq, K]
+    # The G query heads of kv head h are heads h*G .. h*G+G-1: as rows of one [G*Lq, D] block they share
+    # their keys in a plain batched matmul (no repeated K/V, no broadcast batch dims).
+    qq = q.reshape(B, g, G * Lq, D).to(acc)
+    kk, vv = k.to(acc), v.to(acc)                                              # [B, g, K, D]
+    allowed = allowed.expand(B, Hq, Lq, K).reshape(B, g, G * Lq, K)
+    scores = torch.matmul(qq, kk.transpose(-1, -2)) * scale                    # [B, g, G*Lq, K]
     scores = scores.masked_fill(~allowed, float("-inf"))
     top = scores.amax(-1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))

@@ -278,9 +278,10 @@ class MaskCache(Cache):
     """
 
     def __init__(self, model):
-        from .attention import IMPLEMENTATION, _model_shape, plan_of
+        from .attention import IMPLEMENTATION, plan_of
+        from .capture import model_shape
         plan = plan_of(model)
-        layers, heads, kv_heads = _model_shape(model)
+        layers, heads, kv_heads = model_shape(model)
         self._config = model.config
         self._implementation = IMPLEMENTATION
         Cache.__init__(self, layers=[MaskCacheLayer(plan.layer(i), kv_heads) for i in range(plan.n_layers)])

@@ -31,7 +31,8 @@ import torch
 
 from ..errors import MaskValueError
 from ..plan import MaskPlan, as_plan
-from .attention import IMPLEMENTATION, _model_shape, apply
+from .attention import IMPLEMENTATION, apply
+from .capture import model_shape
 from .cache import MaskCache, cache_bytes
 
 __all__ = ["evaluate", "EvalReport", "TextResult", "plan_density", "resolve_for_input"]
@@ -241,7 +242,7 @@ def evaluate(model, plan, texts: Sequence, *, tokenizer=None, length: int = 1024
     (:func:`resolve_for_input`) and gets no cost figures. The model is left
     running the plan (static plans). Returns an :class:`EvalReport`.
     """
-    layers, heads, _ = _model_shape(model)
+    layers, heads, _ = model_shape(model)
     plan = as_plan(plan, layers, heads)
     say = progress or (lambda message: None)
     device = next(model.parameters()).device

@@ -1,0 +1,137 @@
+"""The block-sparse planner's measured cost constants, and the two directions it plans for.
+
+One home for every number the planner (``engines/blocksparse.py``) weighs its
+choices with. Each was measured on the project's machine by the script named
+beside it; rerun that script before changing one:
+
+- ``benchmarks/bench_kernel_slices.py`` (``benchmarks/results/kernel_slices.md``):
+  the fused CPU flash kernel's cost per score by query rows per call
+  (``KERNEL_SLICE_FACTORS``), which decides row pieces and causal regions;
+- ``benchmarks/bench_backward.py`` (``benchmarks/results/backward.md``): the
+  backward kernel's preference for 128-row calls (``BACKWARD.fixed_rows``) and
+  the key rows one backward call may return (``KEYS_PER_CALL``);
+- ``benchmarks/bench_attention.py`` (``benchmarks/results/attention.md``): the
+  temporaries' byte bound (``CHUNK_BYTES``) and the document rule.
+
+A :class:`Direction` says how one planner cuts work for the forward or the
+backward pass; the plan's steps (segments, tile masks, key gathering, causal
+regions, batching) are the same code for both.
+
+    >>> kernel_cost(64, 1000) > kernel_cost(1024, 1000) / 16     # small calls pay more per score
+    True
+    >>> FORWARD.name, BACKWARD.fixed_rows
+    ('forward', 128)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Direction", "FORWARD", "BACKWARD", "kernel_cost", "causal_call_cost", "pieces_cost",
+           "KERNEL_SLICE_FACTORS", "SUB_ROWS", "SPLIT_GAIN", "REGION_GAIN", "SPLIT_FULL_BLOCKS", "ONE_CALL_BLOCKS",
+           "GATHER_KEYS", "GATHER_SPAN_ROWS", "MIN_SEGMENT_ROWS", "CHUNK_BYTES", "KEYS_PER_CALL"]
+
+#: Relative cost per score of the forward kernel by its query slice (256, 64, 32 rows: calls of
+#: >= 768, >= 192, < 192 rows). Rounded from bench_kernel_slices.py: 1.445 / 1.49-1.51 / 1.59 ns.
+KERNEL_SLICE_FACTORS = {256: 1.0, 64: 1.08, 32: 1.18}
+
+#: A full run at least this many blocks long inside a partially masked segment is split off into
+#: its own maskless call: the mask would cost more than the merge.
+SPLIT_FULL_BLOCKS = 4
+#: ... but a range of at most this many key blocks stays one call with its mask.
+ONE_CALL_BLOCKS = 32
+#: Partial blocks may run as row pieces of this many rows, each trimmed to its keys ...
+SUB_ROWS = 64
+#: ... when the pieces' estimated kernel time is below this share of the whole block's.
+SPLIT_GAIN = 0.97
+#: A causal region runs as one is_causal call unless row pieces cost less than this share of it
+#: (the pieces make more, smaller calls).
+REGION_GAIN = 1.1
+#: Items of at most this many keys (a sink, a few key columns) are gathered into the calls of their
+#: query block's larger items instead of running alone and merging by LSE. The copy costs
+#: 1 / rows of the call's work; a call and a merge cost about a 64-key call each.
+GATHER_KEYS = 64
+#: Small key sets join a larger call only when its keys plus theirs are at most this many times its
+#: rows: the gathered copy of K and V is ~2 x keys / rows passes over the output, a call of their own
+#: plus its merge ~3 (measured: folding a sink into 64-row calls of a 1024-key window spent 23% of
+#: the forward in the copies, benchmarks/profile_bf16.py). Wider calls get one extra call instead.
+GATHER_SPAN_ROWS = 4
+#: ``causal & document(...)`` runs one is_causal call per document when documents average at least
+#: this many rows (below, the calls' fixed costs outweigh the plan's merged calls).
+MIN_SEGMENT_ROWS = 256
+#: A batched call's output is a temporary before it lands in place; calls are split so that it stays
+#: under this many bytes. Below glibc's 32 MB mmap ceiling the buffer is reused from the heap call
+#: after call; above it every call maps fresh pages and pays their faults (32K-token windows: ~6%).
+CHUNK_BYTES = 16 << 20
+#: Most key rows (summed over the items of one call) whose dK/dV one backward call may return:
+#: bounds the call's temporary gradients to about this x (batch x kv heads x D) floats. Measured at
+#: N=8192, sliding(1024), 2 threads: on a quiet machine 2048 is ~10% faster than 16384-32768; on
+#: the shared, oversubscribed one (load 5) 32768 is 2-3x faster than 2048, because every parallel
+#: region can wait a scheduler slice. 32768 made a 64K-token step add 847 MB (vs 603 MB at 2048).
+KEYS_PER_CALL = 16384
+
+
+def kernel_cost(rows: int, keys: int) -> float:
+    """Relative time of one forward flash-kernel call on ``rows`` x ``keys`` scores (per batch element).
+
+    The CPU kernel splits queries into 32-, 64- or 256-row slices by the call's query
+    length (< 192, < 768, else); each slice streams every key, so small slices pay more
+    per score (``KERNEL_SLICE_FACTORS``).
+
+        >>> kernel_cost(1024, 10), kernel_cost(100, 10)
+        (10240.0, 1180.0)
+    """
+    per_score = KERNEL_SLICE_FACTORS[256 if rows >= 768 else 64 if rows >= 192 else 32]
+    return rows * keys * per_score
+
+
+def causal_call_cost(n: int) -> float:
+    """Relative time of one top-left ``is_causal`` kernel call on an n x n triangle.
+
+    Each query slice computes whole 512-key slices up to its diagonal, so short
+    triangles pay for up to twice their cells.
+
+        >>> causal_call_cost(512) / kernel_cost(512, 512) > 0.5       # more than the triangle's half
+        True
+    """
+    qs = 256 if n >= 768 else 64 if n >= 192 else 32
+    kvs = min(512, n)
+    cells = 0
+    for m in range(0, n, qs):
+        rows = min(qs, n - m)
+        cells += rows * min(n, -(-(m + rows) // kvs) * kvs)
+    return cells * kernel_cost(n, 1) / n
+
+
+def pieces_cost(n: int, sub_rows: int | None = None) -> float:
+    """Relative time of an n x n lower triangle run as ``sub_rows``-row pieces (default ``SUB_ROWS``)
+    trimmed to the diagonal.
+
+        >>> pieces_cost(256) < kernel_cost(256, 256)
+        True
+    """
+    sub_rows = SUB_ROWS if sub_rows is None else sub_rows
+    return sum(kernel_cost(min(sub_rows, n - r), min(r + sub_rows, n)) for r in range(0, n, sub_rows))
+
+
+@dataclass(frozen=True)
+class Direction:
+    """How the one planner cuts work for a pass.
+
+    ``fixed_rows``: partial segments are cut into row pieces of exactly this height
+    (None: the forward's cost model decides, ``SUB_ROWS`` pieces when cheaper);
+    ``gather``: small key sets join their block's larger calls (``GATHER_KEYS``).
+
+        >>> BACKWARD.fixed_rows, FORWARD.fixed_rows is None
+        (128, True)
+    """
+    name: str
+    fixed_rows: int | None
+    gather: bool = True
+
+
+#: The forward pass: row pieces by the kernel cost model, key sets gathered.
+FORWARD = Direction("forward", None)
+#: The backward pass: its kernel runs 64-row calls ~18% slower per score than 128-row ones
+#: (measured at N=8192, sliding(1024)), so rows are cut at fixed 128-row heights.
+BACKWARD = Direction("backward", 128)

@@ -1,0 +1,227 @@
+"""The engine at the shapes real models use: decode steps, per-head lists with GQA, sinks and key columns.
+
+Every result is held to a float64 attention computed here in plain PyTorch from
+the mask's dense oracle (``Mask.to_dense``, tested against a naive evaluator in
+test_masks.py); bf16 results to twice the error of a same-dtype SDPA call on
+the same inputs (the measuring stick). Errors are scaled by the size of v (an
+input), never by a reference that can be zero.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import attnmask as am
+from attnmask.engines.blocksparse import plan_for
+from attnmask.engines.cache import ByteLRU
+from attnmask.engines.short import short_plans
+
+NINE = ["causal & (sliding(16) | sink(4))", "causal & (sliding(32) | sink(4))", "causal & sliding(64)",
+        "causal & (sliding(128) | sink(1))", "causal", "causal & sliding(8) - rows(0, 40)",
+        "causal & (sliding(24) | cols(3, 200, 37))", "none", "causal & chunked(48)"]
+
+
+def inputs(B, H, Hkv, Lq, Lk, D, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, Lq, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, Lk, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, Lk, D, generator=g).to(dtype)
+    return q, k, v
+
+
+def allowed_of(masks, B, H, Lq, Lk, q_offset=None):
+    """bool [B, H, Lq, Lk] from one mask, a per-head list, or a list of per-head lists (per batch)."""
+    rows = masks if isinstance(masks[0], list) else [masks] * B
+    return torch.stack([torch.stack([m.to_dense(Lq, Lk, q_offset=q_offset) for m in row]) for row in rows])
+
+
+def reference(q, k, v, allowed, scale=None):
+    """float64 attention; rows with no key give zeros and lse -inf."""
+    H, Hkv = q.shape[1], k.shape[1]
+    kk = k.double().repeat_interleave(H // Hkv, 1)
+    vv = v.double().repeat_interleave(H // Hkv, 1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (q.double() @ kk.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
+    return p @ vv, lse
+
+
+def stick(q, k, v, allowed):
+    """Error of a same-dtype SDPA call (bool mask) against float64: what the dtype itself costs."""
+    H, Hkv = q.shape[1], k.shape[1]
+    rep = H // Hkv
+    safe = allowed | ~allowed.any(-1, keepdim=True)          # SDPA gives NaN on rows with no key
+    o = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                                         attn_mask=safe)
+    o = o.masked_fill(~allowed.any(-1, keepdim=True), 0)
+    return float((o.double() - reference(q, k, v, allowed)[0]).abs().max())
+
+
+def scaled(got, ref, v):
+    return float((got.detach().double() - ref).abs().max()) / max(float(v.detach().double().abs().max()), 1e-30)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lq,lk", [(1, 3000), (3, 515), (16, 700)])
+def test_decode_steps_with_per_head_lists_match_float64(dtype, lq, lk):
+    B, H, Hkv, D = 2, 9, 3, 32
+    masks = [am.parse(t) for t in NINE]
+    q, k, v = inputs(B, H, Hkv, lq, lk, D, dtype, seed=lq)
+    allowed = allowed_of(masks, B, H, lq, lk)
+    out, lse = am.attention(q, k, v, masks, enable_gqa=True, return_lse=True)
+    ref, ref_lse = reference(q, k, v, allowed)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    err = scaled(out, ref, v)
+    if dtype == torch.float32:
+        assert err < 1e-5, err
+    else:
+        assert err <= 2 * stick(q, k, v, allowed) / float(v.double().abs().max()) + 1e-6, err
+    empty = ~allowed.any(-1)                               # head 7 is `none`; rows(0, 40) empties rows too
+    assert empty[:, 7].all()
+    assert bool((out[empty] == 0).all()) and bool(torch.isneginf(lse[empty]).all())
+    finite = ~empty
+    assert float((lse[finite].double() - ref_lse[finite]).abs().max()) < (1e-5 if dtype == torch.float32 else 0.05)
+
+
+def test_decode_per_batch_masks_and_offsets_match_float64():
+    # Padding as am.per_batch: batch element 0 sees all keys, element 1 not the first 40 (left padding).
+    B, H, Hkv, D, Lk = 2, 4, 2, 16, 600
+    pad = am.causal - am.cols(0, 40)
+    pb = am.per_batch([am.causal & (am.sliding(50) | am.sink(2)), [pad, pad, am.causal & am.sliding(9), pad]])
+    q, k, v = inputs(B, H, Hkv, 2, Lk, D, seed=4)
+    out = am.attention(q, k, v, pb, enable_gqa=True, q_offset=300)
+    rows = [[am.causal & (am.sliding(50) | am.sink(2))] * H, [pad, pad, am.causal & am.sliding(9), pad]]
+    ref, _ = reference(q, k, v, allowed_of(rows, B, H, 2, Lk, q_offset=300))
+    assert scaled(out, ref, v) < 1e-5
+
+
+def test_decode_is_deterministic_and_its_plan_cached_per_shape():
+    q, k, v = inputs(1, 9, 3, 1, 2048, 64, torch.bfloat16, seed=9)
+    masks = [am.parse(t) for t in NINE]
+    short_plans.clear()
+    a = am.attention(q, k, v, masks, enable_gqa=True)
+    n = len(short_plans)
+    b = am.attention(q, k, v, masks, enable_gqa=True)
+    assert torch.equal(a, b) and len(short_plans) == n == 1
+    am.attention(q, k[:, :, :2047], v[:, :, :2047], masks, enable_gqa=True)     # a new shape: one more plan
+    assert len(short_plans) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_head_gqa_prefill_forward_and_backward_match_float64(dtype):
+    # Heads with equal layouts next to each other in a kv group (0, 1) and apart (2 vs 5), per-batch rows.
+    B, H, Hkv, L, D = 2, 6, 2, 300, 16
+    m = [am.parse(t) for t in ["causal & sliding(40)", "causal & sliding(40)", "causal & (sliding(20) | sink(3))",
+                               "causal", "causal - rows(100, 180)", "causal & (sliding(20) | sink(3))"]]
+    q, k, v = (t.requires_grad_() for t in inputs(B, H, Hkv, L, L, D, dtype, seed=2))
+    out = am.attention(q, k, v, m, enable_gqa=True, block_size=64)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    (out.float() * w).sum().backward()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, _ = reference(q64, k64, v64, allowed_of(m, B, H, L, L))
+    (ref * w.double()).sum().backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert scaled(out, ref.detach(), v) < tol
+    for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert float((got.double() - want).abs().max()) / float(want.abs().max()) < (1e-5 if dtype == torch.float32
+                                                                                     else 3e-2)
+
+
+@pytest.mark.parametrize("expr", ["causal & (sliding(200) | sink(4))", "causal & (sliding(64) | sink(4))",
+                                  "causal & (sliding(300) | cols(5, 1200, 97)) - rows(700, 720)",
+                                  "(causal & sliding(100)) | cols(0, 3) | cols(650)"])
+def test_gathered_key_sets_match_float64(expr):
+    # Forward and backward (the fused kernel path, and the matmul path when the lse gets a gradient).
+    L, D = 1200, 32
+    mask = am.parse(expr)
+    q, k, v = (t.requires_grad_() for t in inputs(1, 2, 1, L, L, D, seed=5))
+    out, lse = am.attention(q, k, v, mask, enable_gqa=True, return_lse=True)
+    allowed = mask.to_dense(L)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = reference(q64, k64, v64, allowed)
+    assert scaled(out, ref.detach(), v) < 1e-5
+    empty = ~allowed.any(-1)
+    assert bool((out[:, :, empty] == 0).all()) and bool(torch.isneginf(lse[:, :, empty]).all())
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    for with_lse in (False, True):
+        for t in (q, k, v, q64, k64, v64):
+            t.grad = None
+        extra = lambda x: x.masked_fill(torch.isneginf(x), 0).sum() if with_lse else 0      # noqa: E731
+        (out * w).sum().add(extra(lse)).backward(retain_graph=True)
+        (ref * w.double()).sum().add(extra(ref_lse)).backward(retain_graph=True)
+        for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+            assert float((got.double() - want).abs().max()) / float(want.abs().max()) < 1e-5, with_lse
+
+
+def test_a_sink_costs_about_its_keys():
+    # Narrow windows: the 4 sink keys join the window's calls (no call of their own, no merge).
+    # Wide windows (copying their keys would cost more than a merge): ONE extra call for the sink.
+    work = lambda p: sum(op.G * op.rows * (op.span + sum(b - a for a, b in op.extra)) for op in p.ops)   # noqa: E731
+    merges = lambda p: sum(not op.first for op in p.ops)                                       # noqa: E731
+    L = 4096
+    for w, folded in ((64, True), (512, False)):
+        plain = plan_for((am.causal & am.sliding(w)).compile(L))
+        sink = plan_for((am.causal & (am.sliding(w) | am.sink(4))).compile(L))
+        assert work(sink) <= work(plain) + 5 * L          # ~4 keys a row, plus a few rows near the start
+        alone = [op for op in sink.ops if op.span <= 4 and not op.causal]
+        if folded:
+            assert not alone and merges(sink) == merges(plain)
+            assert any(op.extra == ((0, 4),) for op in sink.ops)
+        else:
+            # one call for the rows far from the sink; blocks whose window reaches near it cut rows
+            # in 64-row pieces, whose sink keys make a second call
+            assert len(alone) <= 2 and merges(sink) <= merges(plain) + 2
+
+
+def test_key_columns_are_one_extra_call_per_block():
+    # 32 columns under a wide window: their keys are gathered into one call per query block,
+    # not one call (and one merge) per column.
+    L = 8192
+    cols = " | ".join(f"cols({7 + 230 * i})" for i in range(32))
+    plan = plan_for(am.parse(f"causal & (sliding(1024) | {cols})").compile(L))
+    calls_per_row = torch.zeros(L, dtype=torch.int64)
+    for op in plan.ops:
+        for g in range(op.G):
+            calls_per_row[op.r0 + g * op.dr:op.r0 + g * op.dr + op.rows] += 1
+    assert int(calls_per_row.max()) <= 3          # the window (at most two ranges) and the columns
+    assert max(len(op.extra) for op in plan.ops) >= 16
+
+
+def test_two_python_threads_get_right_results_and_keep_their_thread_count():
+    before = torch.get_num_threads()
+    cases = [(inputs(1, 4, 2, n, n, 16, seed=n), am.causal & (am.sliding(n // 4) | am.sink(2))) for n in (64, 700)]
+    cases.append((inputs(1, 4, 2, 1, 900, 16, seed=3), am.causal & am.sliding(100)))
+    want = [am.attention(q, k, v, m, enable_gqa=True) for (q, k, v), m in cases]
+    errors, counts = [], []
+
+    def worker():
+        try:
+            mine = torch.get_num_threads()
+            for _ in range(15):
+                for ((q, k, v), m), w in zip(cases, want):
+                    if not torch.equal(am.attention(q, k, v, m, enable_gqa=True), w):
+                        errors.append("result differs")
+            counts.append(torch.get_num_threads() == mine)
+        except Exception as e:          # pragma: no cover - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and counts == [True, True]
+    assert torch.get_num_threads() == before
+
+
+def test_byte_lru_evicts_by_bytes():
+    c = ByteLRU(1000)
+    for i in range(10):
+        c.put(i, i, 300)
+    assert len(c) == 3 and c.nbytes == 900 and c.get(9) == 9 and c.get(0) is None
+    c.put("huge", 0, 5000)
+    assert c.get("huge") is None and len(c) == 3

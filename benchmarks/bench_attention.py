@@ -129,7 +129,7 @@ def model_shapes(repeats: int, lengths=(1024, 4096), decode_keys=(4096, 65536), 
             ms = _median_rounds(calls, repeats)
             for case in ("nine per-head masks", "nine per-head masks, growing cache", "causal & (sliding(64) | sink(4))"):
                 target = "<= 2" if case.startswith("nine") else ""
-                lines.append(f"| {dtype_name} | decode, {Lk} keys | {case} | {ms[case]:.3f} | SDPA decode | "
+                lines.append(f"| {dtype_name} | decode, {Lk} keys | {case.replace('|', chr(92) + '|')} | {ms[case]:.3f} | SDPA decode | "
                              f"{ms['sdpa']:.3f} | {ms[case] / ms['sdpa']:.2f} | {target} |")
                 log(lines[-1])
     return lines

@@ -1,7 +1,7 @@
 """The ``attnmask`` command: a thin shell over the public API.
 
-Subcommands: ``demo``, ``render``, ``show``, ``stats``, ``export``, ``bench``, and with the models
-extra ``inspect`` (a model's heads on a text), ``fit`` (per-head masks from calibration texts)
+Subcommands: ``demo``, ``render``, ``show``, ``stats``, ``export``, ``bench``, ``cp-plan``, and with the
+models extra ``inspect`` (a model's heads on a text), ``fit`` (per-head masks from calibration texts)
 and ``eval`` (a model run with a mask or plan, against dense).
 Each parses its arguments, calls one library function and prints or writes
 the result; all figures come from the library. Bad input of any kind gives
@@ -134,6 +134,11 @@ BENCH_EPILOG = """examples:
 
 Runs benchmarks/harness.py of the source checkout; writes files only where asked.
 """
+CP_PLAN_EPILOG = """examples:
+  attnmask cp-plan causal --length 1048576 --world 64
+  attnmask cp-plan "causal & (sliding(4096) | sink(4))" --length 1048576 --world 8 -o plan.png
+  attnmask cp-plan "causal & document(300, 500, 224)" --length 1024 --world 4 --block-size 64 --json
+"""
 INSPECT_EPILOG = """examples:
   attnmask inspect --model smollm2 --text /usr/lib/python3.11/shlex.py --layer 12 -o heads.png
   attnmask inspect --model smollm2 --text a.py --layer 3 --heads 0,4,8 --window 0:256 --scale sqrt -o h.png
@@ -224,6 +229,26 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     _add_shape(p, block=False)
     p.add_argument("-o", "--output", required=True, metavar="PATH", help="output file ending in .npy")
 
+    p = sub.add_parser("cp-plan", help="plan context-parallel attention over W ranks (no cluster needed)",
+                       epilog=CP_PLAN_EPILOG, formatter_class=_formatter,
+                       description="Split the sequence across --world ranks, balanced by the mask's exact "
+                                   "attended pairs, and print each rank's work, the busiest rank against the "
+                                   "mean, the per-step waits and the bytes moved, beside contiguous, zigzag "
+                                   "and torch's PTRR sharding in the same run.")
+    _add_shape(p, kv=False, block_help="chunk size in positions: the unit of assignment (default 128)")
+    p.add_argument("--world", "-w", type=_length, required=True, metavar="W", help="number of ranks")
+    p.add_argument("--strategy", default="auto", help="auto (default), balanced, greedy, zigzag, contiguous, ptrr")
+    p.add_argument("--schedule", default="auto", help="auto (default), grouped, ring, allgather")
+    p.add_argument("--token-cost", type=float, default=None, metavar="T",
+                   help="cost of moving one K/V token, in attended-pair compute times (default 1000: GPU, "
+                        "NVLink-class links; ~20 for CPU gloo)")
+    p.add_argument("--kv-bytes", type=_length, default=4096, metavar="BYTES",
+                   help="K/V bytes per token for the byte figures: 2 x kv heads x head dim x dtype size "
+                        "(default 4096 = 2 x 8 x 128 x 2)")
+    p.add_argument("-o", "--output", default=None, metavar="PATH",
+                   help="draw the assignment over the block heatmap (.png, .svg or .pdf)")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    p.add_argument("--no-ranks", action="store_true", help="leave out the per-rank table")
     p = sub.add_parser("inspect", help="draw a model's attention heads on a text (needs attnmask[models])",
                        epilog=INSPECT_EPILOG, formatter_class=_formatter,
                        description="Run the model on the first --length tokens of a text file, capture the "
@@ -587,6 +612,31 @@ def cmd_bench(args) -> int:
     return int(result) if isinstance(result, int) else 0
 
 
+def cmd_cp_plan(args) -> int:
+    from . import distributed as cp
+    if args.output is not None:
+        from .render import _check_path
+        _check_path(args.output)
+    mask = _mask(args.expr)
+    cost = cp.CostModel() if args.token_cost is None else cp.CostModel(token_cost=args.token_cost)
+    block = 128 if args.block_size is None else args.block_size
+    with _progress(f"planning {args.length:,} positions on {args.world} ranks"):
+        plans = cp.compare(mask, args.length, args.world, block, cost=cost)
+        if args.strategy != "auto" or args.schedule != "auto":
+            plans["plan"] = cp.plan(mask, args.length, args.world, block, strategy=args.strategy,
+                                    schedule=args.schedule, cost=cost)
+    if args.json:
+        print(json.dumps(cp.summary_rows(plans, args.kv_bytes), indent=2))
+    else:
+        print(cp.format_report(plans, args.kv_bytes, per_rank=not args.no_ranks))
+    if args.output is not None:
+        with _progress("drawing the assignment"):
+            cp.draw(plans, args.output)
+        print(f"wrote {args.output}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+
 def cmd_eval(args) -> int:
     import os
     from rich.console import Console
@@ -617,7 +667,8 @@ def cmd_eval(args) -> int:
 
 
 COMMANDS = {"eval": cmd_eval, "demo": cmd_demo, "render": cmd_render, "show": cmd_show, "stats": cmd_stats,
-            "export": cmd_export, "bench": cmd_bench, "inspect": cmd_inspect, "fit": cmd_fit}
+            "export": cmd_export, "bench": cmd_bench, "inspect": cmd_inspect, "fit": cmd_fit,
+            "cp-plan": cmd_cp_plan}
 
 
 def _one_line(err: BaseException) -> str:

@@ -145,7 +145,8 @@ def render_weights(weights, *, mask: Mask | str | Sequence[Mask | str] | None = 
     ``ncols`` panels per row (default: up to 3). ``window`` crops to query and
     key positions: ``(start, stop)`` for both or ``((q0, q1), (k0, k1))``.
     ``mask`` (one for all heads or one per head) is outlined over the weights
-    and each title gives the share of mass it keeps in the window's rows.
+    (at the picture's tile resolution) and each title gives the share of mass
+    it keeps in the window's rows.
     A window wider than ``max_cells`` is pooled to tiles (``pool="max"``
     keeps one-key columns visible; ``"mean"`` averages).
 
@@ -209,10 +210,11 @@ def render_weights(weights, *, mask: Mask | str | Sequence[Mask | str] | None = 
         if m is not None:
             if m not in dense_cache:
                 dense_cache[m] = m.to_dense(q_len, kv_len, q_offset=q_offset).numpy()[q0 - q_offset:q1 - q_offset, k0:k1]
-            dense = dense_cache[m]
-            # the outline at token resolution: edges between attended and masked cells
-            ax.contour(np.arange(k0, k1) + 0.5, np.arange(q0, q1) + 0.5, dense.astype(np.float32), levels=[0.5],
-                       colors=[OUTLINE], linewidths=0.9)
+            # the outline at the picture's resolution: edges between attended and masked cells (a tile is
+            # attended when any pair in it is), so a mask of many close columns reads as bands, not a fill
+            cells = _pool(dense_cache[m].astype(np.float64), tile, "max")
+            ax.contour(k0 + (np.arange(cells.shape[1]) + 0.5) * tile, q0 + (np.arange(cells.shape[0]) + 0.5) * tile,
+                       cells, levels=[0.5], colors=[OUTLINE], linewidths=0.8)
             kept = coverage(m, w[i:i + 1], rows=(q0 - q_offset, q1 - q_offset), q_offset=q_offset)
             head += f" · kept {kept.mean:.1%}"
         ax.set_title(head, fontsize=10)

@@ -1,0 +1,519 @@
+"""Context-parallel attention over a torch.distributed process group, following a :class:`Plan`.
+
+Each rank holds the q, k, v rows of the chunks the plan gives it (:func:`shard`).
+:func:`attention` then, on every rank:
+
+1. checks that all ranks hold the same plan and compatible tensors (one small
+   all-gather of a fingerprint and the shapes; a mismatch raises on every rank,
+   naming the ranks and what differs);
+2. posts the K/V exchange of the plan's schedule (``grouped``: every needed
+   chunk sent at once; ``ring``: one step ahead; ``allgather``: whole shards);
+3. computes its own keys first, then each source's piece as it arrives, with
+   ``attnmask.attention(..., return_lse=True)``, and merges the pieces exactly
+   by their log-sum-exp;
+4. in the backward, keeps dQ local and sends each source the dK/dV of the
+   chunks it read from it; owners add them to their own.
+
+How a piece is run through the public ``attention`` (which places keys at
+positions 0..Lk): queries go in contiguous runs. For masks that only see
+``q - k`` (causal, sliding, band, dilated, strided, diagonal) each run of
+consecutive key chunks is its own call with ``q_offset`` = first query - first
+key. Other masks (sinks, documents, rows, cols, ...) get the piece's keys at
+their global positions in a zero buffer ``[B, Hkv, kmax, D]`` and the mask
+restricted with ``cols(...)`` to the piece's chunks, so the block-sparse
+engine never reads the zeros; that buffer is O(kmax) per step (DESIGN.md).
+
+The engine is whatever ``attnmask.attention`` picks for the device (blocksparse
+on CPU, FlexAttention on CUDA); the collectives are torch.distributed's own.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..errors import MaskValueError
+from .planner import Plan, PlanError, _runs_of
+
+__all__ = ["shard", "unshard", "gather", "attention", "PlanMismatchError", "CommunicationError"]
+
+
+class PlanMismatchError(PlanError):
+    """Ranks of one process group called :func:`attention` with different plans or incompatible tensors."""
+
+
+class CommunicationError(RuntimeError):
+    """A collective or point-to-point transfer failed (a peer died, timed out or disconnected)."""
+
+
+# -- layout of local tensors -------------------------------------------------------------------------
+
+def _positions(plan: Plan, rank: int, device) -> torch.Tensor:
+    key = ("positions", rank)
+    if key not in plan._cache:
+        plan._cache[key] = plan.positions(rank)
+    return plan._cache[key].to(device)
+
+
+def shard(t: torch.Tensor, plan: Plan, rank: int) -> torch.Tensor:
+    """Rank's rows of ``t`` along the sequence dim -2 (``[..., L, D]`` -> ``[..., local_length, D]``).
+
+        >>> import torch, attnmask as am
+        >>> from attnmask import distributed as cp
+        >>> p = cp.plan(am.causal, 8, 2, block_size=2, strategy="zigzag")
+        >>> cp.shard(torch.arange(8.0)[:, None], p, 1).flatten().tolist()
+        [2.0, 3.0, 4.0, 5.0]
+    """
+    if not isinstance(t, torch.Tensor) or t.dim() < 2:
+        raise PlanError(f"shard needs a tensor [..., L, D] with the sequence on dim -2, got "
+                        f"{type(t).__name__ if not isinstance(t, torch.Tensor) else list(t.shape)}")
+    if t.shape[-2] != plan.length:
+        raise PlanError(f"shard: the tensor has {t.shape[-2]} positions on dim -2 but the plan is for "
+                        f"length {plan.length}; make the plan with cp.plan(mask, {t.shape[-2]}, ...)")
+    return t.index_select(-2, _positions(plan, rank, t.device))
+
+
+def unshard(shards: Sequence[torch.Tensor], plan: Plan) -> torch.Tensor:
+    """The full tensor from every rank's shard, in rank order (inverse of :func:`shard`).
+
+        >>> import torch, attnmask as am
+        >>> from attnmask import distributed as cp
+        >>> p = cp.plan(am.causal, 8, 2, block_size=2, strategy="zigzag")
+        >>> x = torch.randn(1, 2, 8, 3)
+        >>> torch.equal(cp.unshard([cp.shard(x, p, r) for r in range(2)], p), x)
+        True
+    """
+    if len(shards) != plan.world_size:
+        raise PlanError(f"unshard needs one shard per rank ({plan.world_size}), got {len(shards)}")
+    first = shards[0]
+    out = first.new_empty(first.shape[:-2] + (plan.length, first.shape[-1]))
+    for r, s in enumerate(shards):
+        if s.shape[-2] != plan.local_length(r):
+            raise PlanError(f"unshard: rank {r}'s shard has {s.shape[-2]} positions, the plan gives it "
+                            f"{plan.local_length(r)}")
+        out.index_copy_(-2 if out.dim() > 1 else 0, _positions(plan, r, s.device), s)
+    return out
+
+
+def gather(out_local: torch.Tensor, plan: Plan, group=None) -> torch.Tensor:
+    """The full tensor on every rank of ``group``: all-gathers the shards and unshards them.
+
+    Not differentiable (it is for results and checks); shards are padded to
+    the longest so that the all-gather has equal sizes.
+    """
+    rank, W = _rank_world(plan, group)
+    longest = max(plan.local_length(r) for r in range(W))
+    x = out_local.detach()
+    pad = longest - x.shape[-2]
+    if pad:
+        x = torch.cat([x, x.new_zeros(x.shape[:-2] + (pad, x.shape[-1]))], dim=-2)
+    bufs = [torch.empty_like(x) for _ in range(W)]
+    _comm(lambda: dist.all_gather(bufs, x.contiguous(), group=group), rank, "gather's all-gather")
+    return unshard([b[..., :plan.local_length(r), :] for r, b in enumerate(bufs)], plan)
+
+
+# -- checks across ranks -----------------------------------------------------------------------------
+
+_DTYPES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+
+
+def _rank_world(plan: Plan, group) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise PlanError("cp needs an initialised process group: call torch.distributed.init_process_group("
+                        "'gloo' or 'nccl', ...) first (or use am.attention on one process)")
+    rank, W = dist.get_rank(group), dist.get_world_size(group)
+    if W != plan.world_size:
+        raise PlanError(f"the process group has {W} ranks but the plan was made for world_size="
+                        f"{plan.world_size}; make it with cp.plan(mask, length, {W})")
+    return rank, W
+
+
+def _comm(fn, rank: int, what: str):
+    try:
+        return fn()
+    except (RuntimeError, dist.DistBackendError) as e:      # gloo/NCCL report peers' deaths as these
+        raise CommunicationError(f"cp.attention on rank {rank}: {what} failed ({type(e).__name__}: {e}); "
+                                 f"another rank probably raised or died, see its error") from e
+
+
+def _check_group(plan: Plan, q, k, v, rank: int, W: int, group, enable_gqa: bool) -> None:
+    """Every rank learns every rank's plan fingerprint and shapes, and all raise the same error."""
+    meta = [plan.fingerprint(), q.shape[0], q.shape[1], k.shape[1], q.shape[3], q.shape[2], k.shape[2],
+            v.shape[2], _DTYPES.get(q.dtype, 0), int(enable_gqa),
+            int(torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))]
+    mine = torch.tensor(meta, dtype=torch.int64, device=q.device)
+    everyone = [torch.empty_like(mine) for _ in range(W)]
+    _comm(lambda: dist.all_gather(everyone, mine, group=group), rank, "the plan check (all-gather)")
+    rows = [t.tolist() for t in everyone]
+    fps = [r[0] for r in rows]
+    if len(set(fps)) > 1:
+        described = [None] * W
+        _comm(lambda: dist.all_gather_object(described, plan.describe(), group=group), rank,
+              "the plan check (names)")
+        groups: dict = {}
+        for r, f in enumerate(fps):
+            groups.setdefault(f, []).append(r)
+        lines = "; ".join(f"rank(s) {','.join(map(str, rs))}: {described[rs[0]]}" for rs in groups.values())
+        raise PlanMismatchError(f"cp.attention: ranks hold different plans ({lines}); every rank must call "
+                                f"cp.plan with the same mask, length, world_size, block_size and options")
+    names = ["batch", "query heads", "kv heads", "head dim"]
+    for i, name in enumerate(names, start=1):
+        vals = [r[i] for r in rows]
+        if len(set(vals)) > 1:
+            raise PlanMismatchError(f"cp.attention: ranks disagree on the {name}: "
+                                    + ", ".join(f"rank {r} has {x}" for r, x in enumerate(vals)))
+    if len({r[10] for r in rows}) > 1:
+        raise PlanMismatchError("cp.attention: some ranks need gradients and others do not (" + ", ".join(
+            f"rank {r}: {'grad' if x[10] else 'no grad'}" for r, x in enumerate(rows)) + "); the backward "
+            "exchanges dK/dV with every rank, so all must call it the same way")
+    if len({r[8] for r in rows}) > 1 or len({r[9] for r in rows}) > 1:
+        raise PlanMismatchError("cp.attention: ranks disagree on the dtype or enable_gqa: " + ", ".join(
+            f"rank {r} has dtype code {x[8]}, enable_gqa={bool(x[9])}" for r, x in enumerate(rows)))
+    for r, row in enumerate(rows):
+        want = plan.local_length(r)
+        for name, got in (("q", row[5]), ("k", row[6]), ("v", row[7])):
+            if got != want:
+                raise PlanMismatchError(f"cp.attention: rank {r} passed {name} with {got} positions on dim -2, "
+                                        f"but the plan gives it {want}; shard with cp.shard(t, plan, {r})")
+    if plan.per_head and q.shape[1] != len(plan.masks):
+        raise MaskValueError(f"the plan has {len(plan.masks)} per-head masks but q has {q.shape[1]} heads")
+
+
+# -- per-rank geometry (cached on the plan) ----------------------------------------------------------
+
+class _RankGeometry:
+    """Local rows, query runs, and the send/receive lists of one rank under a plan."""
+
+    def __init__(self, plan: Plan, rank: int):
+        C, L = plan.block_size, plan.length
+        self.C, self.L = C, L
+        self.rank = rank
+        self.chunks = plan.chunks_of(rank)
+        lens = plan.chunk_len[self.chunks]
+        self.local_start = dict(zip(self.chunks.tolist(), np.r_[0, np.cumsum(lens)[:-1]].tolist()))
+        # query runs: (global start, global end, local start)
+        self.q_runs = [(a, b, self._local_row(a)) for a, b in plan.position_runs(rank)]
+        W = plan.world_size
+        # chunks rank reads from each source, and chunks each destination reads from rank
+        self.recv = {s: plan.needed_chunks(rank, s) for s in range(W) if s != rank and plan.tokens[rank, s] > 0}
+        self.send = {d: plan.needed_chunks(d, rank) for d in range(W) if d != rank and plan.tokens[d, rank] > 0}
+        self.own_needed = plan.needed_chunks(rank, rank)
+        self.steps = plan.steps(rank)
+
+    def _local_row(self, pos: int) -> int:
+        c = pos // self.C
+        return int(self.local_start[c] + pos - c * self.C)
+
+    def local_rows(self, chunks: np.ndarray, plan: Plan) -> torch.Tensor:
+        """int64 local row indices of own ``chunks`` (in order)."""
+        parts = [torch.arange(self.local_start[c], self.local_start[c] + int(plan.chunk_len[c])) for c in chunks.tolist()]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
+
+def _geometry(plan: Plan, rank: int) -> _RankGeometry:
+    key = ("geometry", rank)
+    if key not in plan._cache:
+        plan._cache[key] = _RankGeometry(plan, rank)
+    return plan._cache[key]
+
+
+def _step_layouts(plan: Plan, rank: int, step: int, chunks: np.ndarray):
+    """Per query run: (kmax, layouts per head or one layout, or None when the run has no pairs here)."""
+    key = ("layouts", rank, step)
+    if key in plan._cache:
+        return plan._cache[key]
+    from ..primitives import cols
+    geo = _geometry(plan, rank)
+    runs = _runs_of(chunks, plan.block_size, plan.length)
+    kmax = runs[-1][1] if runs else 0
+    keys = functools.reduce(operator.or_, [cols(a, b) for a, b in runs]) if runs else None
+    out = []
+    for qa, qb, _ in geo.q_runs:
+        if keys is None:
+            out.append(None)
+            continue
+        lays = [(m & keys).compile(qb - qa, kmax, q_offset=qa, block_size=plan.block_size) for m in plan.masks]
+        if all(lay.counts()["empty"] == lay.n_q_blocks * lay.n_kv_blocks for lay in lays):
+            out.append(None)
+        else:
+            out.append(lays if plan.per_head else lays[0])
+    plan._cache[key] = (kmax, out)
+    return plan._cache[key]
+
+
+# -- the exact merge ---------------------------------------------------------------------------------
+
+def _merge(acc, piece):
+    """Merge two partial attentions (out [B, H, n, D], lse [B, H, n]) of the same rows exactly."""
+    if acc is None:
+        return piece
+    (o1, l1), (o2, l2) = acc, piece
+    top = torch.maximum(l1, l2).detach()
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)   # rows with no keys at all: -inf, -inf
+    w1, w2 = torch.exp(l1 - top), torch.exp(l2 - top)
+    total = w1 + w2
+    safe = torch.where(total > 0, total, torch.ones_like(total))
+    out = (o1 * (w1 / safe)[..., None].to(o1.dtype) + o2 * (w2 / safe)[..., None].to(o2.dtype))
+    lse = torch.where(total > 0, top + torch.log(safe), torch.full_like(top, -float("inf")))
+    return out, lse
+
+
+# -- the autograd function ---------------------------------------------------------------------------
+
+# Masks built only from these primitives mean the same after shifting q and k by one offset, so a piece
+# can run on its keys alone with q_offset = (first query - first key) instead of a zero buffer from 0.
+_SHIFT_INVARIANT = frozenset({"full", "none", "causal", "diagonal", "band", "sliding", "dilated", "strided"})
+
+
+def _shift_invariant(plan: Plan) -> bool:
+    if "shift_invariant" not in plan._cache:
+        import re
+        names = set()
+        for m in plan.masks:
+            names |= set(re.findall(r"[A-Za-z_][A-Za-z_0-9]*", str(m)))
+        plan._cache["shift_invariant"] = names <= _SHIFT_INVARIANT
+    return plan._cache["shift_invariant"]
+
+
+def _segments(chunks: np.ndarray, offset_of, data: torch.Tensor, plan: Plan) -> list:
+    """(global start, global end, rows of ``data`` [2, B, Hkv, n, D]) per run of chunks consecutive in both."""
+    out = []
+    C = plan.block_size
+    for c in chunks.tolist():
+        ga, gb, lo = c * C, min((c + 1) * C, plan.length), int(offset_of(c))
+        if out and out[-1][1] == ga and out[-1][3] == lo:
+            out[-1] = (out[-1][0], gb, out[-1][2], lo + gb - ga)
+        else:
+            out.append((ga, gb, lo, lo + gb - ga))
+    return [(ga, gb, data[:, :, :, lo:hi]) for ga, gb, lo, hi in out]
+
+
+def _kv_buffer(segments, kmax: int, like: torch.Tensor) -> torch.Tensor:
+    """[2, B, Hkv, kmax, D]: zeros, with each segment's rows at its global positions."""
+    buf = like.new_zeros((2,) + tuple(like.shape[1:3]) + (kmax, like.shape[-1]))
+    for ga, gb, part in segments:
+        buf = buf.index_copy(3, torch.arange(ga, gb, device=buf.device), part)
+    return buf
+
+
+def _offsets(chunks: np.ndarray, plan: Plan):
+    """Row offset of each chunk in a buffer holding ``chunks`` back to back."""
+    starts = dict(zip(chunks.tolist(), np.r_[0, np.cumsum(plan.chunk_len[chunks])[:-1]].tolist()))
+    return starts.__getitem__
+
+
+def _shifted_layouts(plan: Plan, rank: int, qa: int, qb: int, ka: int, kb: int):
+    key = ("shifted", rank, qa, qb, ka, kb)
+    if key not in plan._cache:
+        lays = [m.compile(qb - qa, kb - ka, q_offset=qa - ka, block_size=plan.block_size) for m in plan.masks]
+        empty = all(lay.counts()["empty"] == lay.n_q_blocks * lay.n_kv_blocks for lay in lays)
+        plan._cache[key] = None if empty else (lays if plan.per_head else lays[0])
+    return plan._cache[key]
+
+
+def _pieces(plan: Plan, geo: _RankGeometry, q, kv_local, step: int, chunks, segments, scale, enable_gqa, acc):
+    """Attention of every local query run against one step's keys, merged into ``acc``."""
+    from ..engines import attention as am_attention
+
+    def run(i, lo, n, k, v, lays):
+        o, l = am_attention(q[:, :, lo:lo + n], k, v, lays, scale=scale, enable_gqa=enable_gqa, return_lse=True)
+        if o.dtype in (torch.float16, torch.bfloat16):
+            o = o.float()                                   # merge in float32
+        acc[i] = _merge(acc[i], (o, l if l.dtype == torch.float64 else l.float()))
+
+    if not segments:
+        return acc
+    if _shift_invariant(plan):
+        for i, (qa, qb, lo) in enumerate(geo.q_runs):
+            for ga, gb, part in segments:
+                lays = _shifted_layouts(plan, geo.rank, qa, qb, ga, gb)
+                if lays is not None:
+                    run(i, lo, qb - qa, part[0], part[1], lays)
+        return acc
+    kmax, per_run = _step_layouts(plan, geo.rank, step, chunks)
+    if kmax == 0 or all(x is None for x in per_run):
+        return acc
+    buf = _kv_buffer(segments, kmax, kv_local)
+    for i, ((qa, qb, lo), lays) in enumerate(zip(geo.q_runs, per_run)):
+        if lays is not None:
+            run(i, lo, qb - qa, buf[0], buf[1], lays)
+    return acc
+
+
+def _forward(plan: Plan, geo: _RankGeometry, q, kv_local, group, scale, enable_gqa, grad: bool):
+    """The forward on one rank; returns (out [B, H, n, D], received leaves {source: kv [2,B,Hkv,n,D]})."""
+    rank, W = geo.rank, plan.world_size
+    acc = [None] * len(geo.q_runs)
+    received: dict[int, torch.Tensor] = {}
+    local_part = _segments(geo.own_needed, geo.local_start.__getitem__, kv_local, plan)
+
+    if plan.schedule == "allgather":
+        longest = max(plan.local_length(r) for r in range(W))
+        pad = longest - kv_local.shape[3]
+        mine = kv_local.detach()
+        if pad:
+            mine = torch.cat([mine, mine.new_zeros(mine.shape[:3] + (pad, mine.shape[4]))], dim=3)
+        bufs = [torch.empty_like(mine) for _ in range(W)]
+        work = _comm(lambda: dist.all_gather(bufs, mine.contiguous(), group=group, async_op=True), rank,
+                     "the K/V all-gather")
+        acc = _pieces(plan, geo, q, kv_local, 0, geo.own_needed, local_part, scale, enable_gqa, acc)
+        _comm(lambda: work.wait(), rank, "the K/V all-gather")
+        parts, chunks = [], []
+        for s in geo.recv:
+            other = _geometry(plan, s)
+            rows = other.local_rows(geo.recv[s], plan).to(q.device)
+            leaf = bufs[s].index_select(3, rows)
+            if grad:
+                leaf.requires_grad_(True)
+            received[s] = leaf
+            parts += _segments(geo.recv[s], _offsets(geo.recv[s], plan), leaf, plan)
+            chunks.append(geo.recv[s])
+        if chunks:
+            acc = _pieces(plan, geo, q, kv_local, 1, np.sort(np.concatenate(chunks)), parts, scale, enable_gqa, acc)
+    else:
+        sources = [s for (s,) in geo.steps[1:]]
+        recv_bufs = {s: kv_local.new_empty(kv_local.shape[:3] + (int(plan.tokens[rank, s]), kv_local.shape[4]))
+                     for s in sources}
+        detached = kv_local.detach()
+
+        def ops_for(pairs_send, pairs_recv):
+            ops = []
+            for d in pairs_send:
+                rows = geo.local_rows(geo.send[d], plan).to(q.device)
+                ops.append(dist.P2POp(dist.isend, detached.index_select(3, rows).contiguous(), d, group))
+            for s in pairs_recv:
+                ops.append(dist.P2POp(dist.irecv, recv_bufs[s], s, group))
+            return ops
+
+        def post(ops):
+            if not ops:
+                return []
+            works = _comm(lambda: dist.batch_isend_irecv(ops), rank, "posting the K/V sends")
+            return works if len(works) == len(ops) else [works[-1]] * len(ops)   # NCCL coalesces into one
+
+        waits: dict[int, object] = {}
+        if plan.schedule == "grouped":
+            sends = list(geo.send)
+            works = post(ops_for(sends, sources))
+            waits = {s: works[len(sends) + i] for i, s in enumerate(sources)}
+            pending_sends = works[:len(sends)]
+        else:   # ring: step t sends to rank + t and receives from rank - t, posted one step ahead
+            pending_sends = []
+
+            def post_step(t):
+                d, s = (rank + t) % W, (rank - t) % W
+                sd = [d] if d in geo.send else []
+                rs = [s] if s in recv_bufs else []
+                works = post(ops_for(sd, rs))
+                pending_sends.extend(works[:len(sd)])
+                for i, src in enumerate(rs):
+                    waits[src] = works[len(sd) + i]
+            post_step(1)
+        acc = _pieces(plan, geo, q, kv_local, 0, geo.own_needed, local_part, scale, enable_gqa, acc)
+        for t in range(1, W):
+            if plan.schedule == "ring" and t + 1 < W:
+                post_step(t + 1)
+            s = (rank - t) % W
+            if s not in recv_bufs:
+                continue
+            _comm(lambda: waits[s].wait(), rank, f"receiving K/V chunks from rank {s}")
+            leaf = recv_bufs[s]
+            if grad:
+                leaf.requires_grad_(True)
+            received[s] = leaf
+            acc = _pieces(plan, geo, q, kv_local, t, geo.recv[s],
+                          _segments(geo.recv[s], _offsets(geo.recv[s], plan), leaf, plan), scale, enable_gqa, acc)
+        for w in pending_sends:
+            _comm(lambda: w.wait(), rank, "sending K/V chunks")
+
+    B, H, _, D = q.shape
+    outs = []
+    for (qa, qb, _), a in zip(geo.q_runs, acc):
+        outs.append(q.new_zeros((B, H, qb - qa, D)) if a is None else a[0].to(q.dtype))
+    return torch.cat(outs, dim=2), received
+
+
+class _ContextParallelAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan, geo, group, scale, enable_gqa):
+        grad = any(ctx.needs_input_grad[:3])
+        with torch.enable_grad() if grad else torch.no_grad():
+            q_leaf = q.detach().requires_grad_(grad)
+            k_leaf = k.detach().requires_grad_(grad)
+            v_leaf = v.detach().requires_grad_(grad)
+            kv_local = torch.stack([k_leaf, v_leaf])          # [2, B, Hkv, n, D]
+            out, received = _forward(plan, geo, q_leaf, kv_local, group, scale, enable_gqa, grad)
+        ctx.plan, ctx.geo, ctx.group = plan, geo, group
+        if grad:
+            ctx.graph = (out, q_leaf, k_leaf, v_leaf, received)
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        plan, geo, group = ctx.plan, ctx.geo, ctx.group
+        out, q_leaf, k_leaf, v_leaf, received = ctx.graph
+        del ctx.graph
+        sources = sorted(received)
+        inputs = [q_leaf, k_leaf, v_leaf] + [received[s] for s in sources]
+        with torch.enable_grad():
+            grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+        dq, dk, dv = (torch.zeros_like(t) if g is None else g for t, g in zip(inputs[:3], grads[:3]))
+        # dK/dV of what rank read from each source go back to it; rank gets its readers' contributions
+        ops, incoming = [], {}
+        for s, g in zip(sources, grads[3:]):
+            g = torch.zeros_like(received[s]) if g is None else g
+            ops.append(dist.P2POp(dist.isend, g.contiguous(), s, group))
+        for d, chunks in geo.send.items():
+            n = int(plan.chunk_len[chunks].sum())
+            incoming[d] = dq.new_empty((2,) + tuple(dk.shape[:2]) + (n, dk.shape[3]))
+            ops.append(dist.P2POp(dist.irecv, incoming[d], d, group))
+        if ops:
+            works = _comm(lambda: dist.batch_isend_irecv(ops), geo.rank, "posting the dK/dV sends")
+            for w in works:
+                _comm(lambda: w.wait(), geo.rank, "returning dK/dV to their owners")
+        dkv = torch.stack([dk, dv])
+        for d, g in incoming.items():
+            dkv.index_add_(3, geo.local_rows(geo.send[d], plan).to(dkv.device), g)
+        return dq, dkv[0], dkv[1], None, None, None, None, None
+
+
+def attention(q_local: torch.Tensor, k_local: torch.Tensor, v_local: torch.Tensor, plan: Plan, group=None,
+              enable_gqa: bool = False, scale: float | None = None) -> torch.Tensor:
+    """Masked attention of this rank's queries over the whole sequence held across ``group``.
+
+    ``q_local`` ``[B, H, n, D]``, ``k_local``/``v_local`` ``[B, Hkv, n, D]``:
+    this rank's rows as :func:`shard` lays them out (n = ``plan.local_length(rank)``).
+    Returns this rank's output rows ``[B, H, n, D]``, exactly what
+    ``attnmask.attention`` gives on the full tensors. Differentiable: dQ stays
+    local, dK/dV of the chunks other ranks read come back to this rank and are
+    added. Every rank of ``group`` must call it with the same plan (checked).
+
+    A runnable example needs a process group; see tests/test_distributed.py
+    and the README. With a group of one::
+
+        >>> import os, torch, torch.distributed as dist, attnmask as am
+        >>> from attnmask import distributed as cp
+        >>> os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
+        >>> store = dist.HashStore()
+        >>> dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        >>> p = cp.plan(am.causal, 256, 1, block_size=64)
+        >>> q = torch.randn(1, 2, 256, 16)
+        >>> torch.allclose(cp.attention(q, q, q, p), am.attention(q, q, q, am.causal), atol=1e-6)
+        True
+        >>> dist.destroy_process_group()
+    """
+    if not isinstance(plan, Plan):
+        raise PlanError(f"plan must be a cp.plan(...) result, got {type(plan).__name__}")
+    for name, t in (("q_local", q_local), ("k_local", k_local), ("v_local", v_local)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise MaskValueError(f"{name} must be a 4-D tensor [B, H, n, D], got "
+                                 f"{list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    rank, W = _rank_world(plan, group)
+    _check_group(plan, q_local, k_local, v_local, rank, W, group, enable_gqa)
+    geo = _geometry(plan, rank)
+    return _ContextParallelAttention.apply(q_local, k_local, v_local, plan, geo, group, scale, enable_gqa)

@@ -615,8 +615,8 @@ def cmd_bench(args) -> int:
 def cmd_cp_plan(args) -> int:
     from . import distributed as cp
     if args.output is not None:
-        from .render import _check_path
-        _check_path(args.output)
+        from .render import check_path
+        check_path(args.output)
     mask = _mask(args.expr)
     cost = cp.CostModel() if args.token_cost is None else cp.CostModel(token_cost=args.token_cost)
     block = 128 if args.block_size is None else args.block_size

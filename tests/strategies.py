@@ -337,8 +337,9 @@ def resolved(shape: tuple[int, int | None, int | None]) -> tuple[int, int, int]:
 def _family_spec(draw, L: int) -> Spec:
     """A mask spec from the families models use, with parameters scaled to length L."""
     third = max(1, L // 3)
-    fam = draw(st.sampled_from(["causal", "window+sink", "documents", "band+cols", "chunks+sink",
-                                "dilated", "prefix", "random"]))
+    # window+sink and chunks+sink listed twice: they most often give rows both full and partial tiles
+    fam = draw(st.sampled_from(["causal", "window+sink", "window+sink", "documents", "band+cols", "chunks+sink",
+                                "chunks+sink", "dilated", "prefix", "random"]))
     causal = ("prim", "causal", ())
     if fam == "causal":
         return causal
@@ -368,8 +369,10 @@ def engine_problems(draw, *, max_blocks: int = 8) -> dict:
     """One attention problem: spec, lengths, q_offset, block size, B, H, Hkv, D, seed.
 
     Lengths span 2..max_blocks query blocks (not always a multiple of the block);
-    half the masks lose some rows entirely (``- rows(a, b, s)`` on positions the
-    queries hold), so fully masked rows sit inside blocks whose other rows merge.
+    half the masks gain extra keys (a sink or a few key columns, so rows gather
+    keys from separate runs of tiles and the engine merges partial results); half
+    lose some rows entirely (``- rows(a, b, s)`` on positions the queries hold), so
+    fully masked rows sit inside blocks whose other rows merge.
     """
     bq = draw(st.sampled_from([8, 16, 32]))
     bk = draw(st.sampled_from([bq, 2 * bq, bq // 2]))
@@ -378,6 +381,14 @@ def engine_problems(draw, *, max_blocks: int = 8) -> dict:
     q_offset = draw(st.one_of(st.none(), st.integers(-bq, Lk)))
     pos0 = Lk - Lq if q_offset is None else q_offset           # position of query row 0
     spec = _family_spec(draw, max(Lq, Lk))
+    extra = draw(st.sampled_from(["none", "none", "sink", "cols"]))
+    # Extra keys a block wide or more give rows a run of full tiles beside their partial ones:
+    # two kernel results to merge.
+    if extra == "sink":             # attention sinks: a second run of keys far from the diagonal
+        spec = ("or", spec, ("prim", "sink", (draw(st.integers(1, 2 * bk)),)))
+    elif extra == "cols":           # heavy-hitter key columns
+        a = draw(st.integers(0, Lk - 1))
+        spec = ("or", spec, ("prim", "cols", (a, a + draw(st.integers(1, 2 * bk)))))
     if draw(st.booleans()):
         a = max(0, pos0 + draw(st.integers(0, Lq - 1)))
         cut = ("prim", "rows", (a, a + draw(st.integers(1, max(1, Lq // 4))), draw(st.integers(1, 4))))

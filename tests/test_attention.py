@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import attnmask as am
 from attnmask.engines import attention, per_batch
 from attnmask.engines.blocksparse import blocksparse_forward
+from distribution import record
 from numerics import output_unit, reference, scaled_error
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -89,6 +90,7 @@ def tensors(b, h, hkv, lq, lk, d, seed, dtype=torch.float32):
 @given(problems())
 def test_random_masks_match_float64(problem):
     mask, b, h, hkv, lq, lk, q_offset, d, bs, seed = problem
+    record("test_random_masks_match_float64", mask=str(mask), Lq=lq, Lk=lk, q_offset=q_offset, block=bs)
     q, k, v = tensors(b, h, hkv, lq, lk, d, seed)
     allowed = mask.to_dense(lq, lk, q_offset=q_offset)
     ref, ref_lse = reference(q, k, v, allowed, 0.3)
@@ -431,6 +433,13 @@ def test_backend_that_cannot_run_says_why():
     text = str(info.value)
     assert "backend 'flex' cannot run" in text and "head dim" in text
     assert "backends that can: blocksparse, dense" in text
+    # FlexAttention on CPU has no backward and returns no lse: refused up front, with the reason
+    # (a mutation that let it try survived the suite: torch's own error came instead)
+    qg = q.clone().requires_grad_()
+    with pytest.raises(am.MaskError, match="no backward pass on CPU"):
+        attention(qg, k, v, am.causal, backend="flex")
+    with pytest.raises(am.MaskError, match="cannot return the lse on CPU"):
+        attention(q, k, v, am.causal, backend="flex", return_lse=True)
     big = torch.zeros(1, 1, 1, 8).expand(1, 1, 70000, 8)
     with pytest.raises(am.MaskError, match="score matrix"):
         attention(big, big, big, am.causal, backend="dense")

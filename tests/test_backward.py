@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 import attnmask as am
 from attnmask.engines import per_batch
 from attnmask.engines.autograd import blocksparse_attention_with_grad
+from distribution import record
 from numerics import gradient_units, output_unit, reference, scaled_error
 from strategies import masks as mask_strategy
 
@@ -128,6 +129,8 @@ def test_gradients_match_float64(name, use_lse):
 def test_random_masks_and_shapes(masks, Lq, Lk, q_offset, gqa, bq, bk, use_lse, data):
     H, Hkv = gqa
     B = 2
+    record("test_random_masks_and_shapes", mask=str(masks[0]), Lq=Lq, Lk=Lk, q_offset=q_offset, block=[bq, bk],
+           use_lse=use_lse)
     hl = torch.tensor(data.draw(st.lists(st.integers(0, len(masks) - 1), min_size=B * H, max_size=B * H)))
     check_case(B, H, Hkv, Lq, Lk, 8, masks, hl.reshape(B, H), block_size=(bq, bk), q_offset=q_offset,
                use_lse=use_lse, seed=Lq * 41 + Lk)

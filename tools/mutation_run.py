@@ -1,0 +1,384 @@
+"""A mutation run over the compiler, the layout and the engines: does the suite notice wrong code?
+
+Each mutant is one small change to one site of the library (a comparison
+flipped, + for -, a constant off by one, ``and`` for ``or``, a ``not`` dropped,
+an ``if`` forced, a re-assignment deleted), applied to a copy of ``src/`` in a
+temporary folder; the tests for that module run against the copy (``-x``, the
+``ci`` hypothesis profile), and the mutant is *caught* when they fail. Sites are
+listed from the AST of the current code (so the run follows the code as it is
+rewritten), then sampled with a fixed seed; docstrings, f-strings and ``raise``
+statements (error messages) are skipped. Named mutants (below) are the ones
+issue 11 found surviving; each is applied if its text still exists.
+
+A survivor is then *probed*: a battery of problems (layouts at several shapes,
+forward and backward on the blocksparse engine) runs on the original and the
+mutant, and the result says whether any output bit changed. "no output change"
+marks a likely equivalent mutant (a cost model or threshold that only moves work
+around); "outputs differ" is a gap in the tests.
+
+    PYTHONPATH=src python tools/mutation_run.py --sample 40 --out benchmarks/results/mutation.md
+
+(not a test: minutes per mutant on two cores.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_COMPILE_TESTS = ["tests/test_compiler.py", "tests/test_layout.py", "tests/test_analysis.py"]
+_ENGINE_TESTS = ["tests/test_engine_paths.py", "tests/test_attention.py", "tests/test_backward.py"]
+
+
+def targets() -> dict[str, list[str]]:
+    """module (relative to src/attnmask) -> the test files that hold it to its contract, fastest first.
+
+    The compiler and the layout, and every engine module but FlexAttention's (its tests compile
+    kernels for minutes) and the package's __init__; listed from the tree, so new modules join.
+    """
+    pkg = ROOT / "src" / "attnmask"
+    out = {m: list(_COMPILE_TESTS) for m in ("compiler.py", "layout.py") if (pkg / m).exists()}
+    if "layout.py" in out:
+        out["layout.py"].append("tests/test_flex.py")          # the BlockMask conversion lives there
+    for f in sorted((pkg / "engines").glob("*.py")):
+        if f.name not in ("__init__.py", "flex.py"):
+            out[f"engines/{f.name}"] = list(_ENGINE_TESTS)
+    return out
+
+
+#: slow tests that exercise nothing of these modules' own logic (torch.compile of FlexAttention, dynamo
+#: tracing, a subprocess training run); test_flex's BlockMask-structure tests still run
+DESELECT = ("not training_example and not flex_attention_equals and not flex_backend and not graph_breaks "
+            "and not recompile_limit")
+
+#: issue 11's surviving mutants (text at the revision the issue reviewed), plus two wrong accumulation dtypes
+NAMED = [
+    ("a: merge without the isfinite guard", "engines/blocksparse.py",
+     "    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))\n", ""),
+    ("b: long-call row cut not advancing", "engines/blocksparse.py",
+     "part = dataclasses.replace(op, r0=op.r0 + r, rows=n)", "part = dataclasses.replace(op, r0=op.r0, rows=n)"),
+    ("c: backward causal path without the q_offset guard", "engines/autograd.py",
+     "if layout.q_len != layout.kv_len or layout.q_offset != 0:", "if layout.q_len != layout.kv_len:"),
+    ("d: backward chunk start not advancing", "engines/autograd.py",
+     "            r0, k0 = op.r0 + g0 * op.dr, op.k0 + g0 * op.dk", "            r0, k0 = op.r0, op.k0"),
+    ("forward accumulator in the input dtype", "engines/blocksparse.py",
+     "    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32", "    acc_dtype = q.dtype"),
+    ("backward dK/dV accumulated in the input dtype", "engines/autograd.py",
+     "    dk = torch.zeros(B, Hkv, Lk, D, dtype=cd)\n    dv = torch.zeros(B, Hkv, Lk, v.shape[-1], dtype=cd)",
+     "    dk = torch.zeros(B, Hkv, Lk, D, dtype=k.dtype)\n    dv = torch.zeros(B, Hkv, Lk, v.shape[-1], dtype=v.dtype)"),
+]
+
+
+@dataclasses.dataclass
+class Mutant:
+    module: str
+    line: int
+    kind: str
+    before: str
+    after: str
+    build: object                    # () -> the whole mutated module (a str for named mutants)
+
+    @property
+    def source(self) -> str:
+        return self.build if isinstance(self.build, str) else self.build()
+
+    def label(self) -> str:
+        def short(text: str) -> str:
+            return " ".join(text.split())[:90]
+        return f"{self.module}:{self.line} {self.kind}: `{short(self.before)}` -> `{short(self.after)}`"
+
+
+# -- listing sites --------------------------------------------------------------------------------
+
+_CMP_SWAP = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
+             ast.NotEq: ast.Eq}
+_BIN_SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.FloorDiv, ast.FloorDiv: ast.Mult}
+
+
+def _skip_ranges(tree: ast.AST) -> list[tuple[int, int]]:
+    """Line ranges not worth mutating: docstrings, raise statements (messages), f-strings."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                out.append((body[0].lineno, body[0].end_lineno))
+        if isinstance(node, (ast.Raise, ast.JoinedStr, ast.Assert)):
+            out.append((node.lineno, node.end_lineno))
+    return out
+
+
+def _splice(src_lines: list[str], node: ast.AST, text: str) -> str:
+    """The module with ``node``'s exact span replaced by ``text``."""
+    lines = list(src_lines)
+    a, b = node.lineno - 1, node.end_lineno - 1
+    head = lines[a][:node.col_offset]
+    tail = lines[b][node.end_col_offset:]
+    lines[a:b + 1] = [head + text + tail]
+    return "".join(lines)
+
+
+def _segment(src: str, node: ast.AST) -> str:
+    return ast.get_source_segment(src, node) or ""
+
+
+def list_mutants(module: str) -> list[Mutant]:
+    path = ROOT / "src" / "attnmask" / module
+    src = path.read_text()
+    lines = src.splitlines(keepends=True)
+    tree = ast.parse(src)
+    skip = _skip_ranges(tree)
+
+    def skipped(node) -> bool:
+        return any(a <= node.lineno <= b for a, b in skip)
+
+    out: list[Mutant] = []
+
+    def add(node, kind, new_text, whole_lines=False):
+        def build() -> str:             # the mutated module, made (and parsed) only when sampled
+            if whole_lines:
+                indent = lines[node.lineno - 1][:node.col_offset]
+                new_lines = list(lines)
+                new_lines[node.lineno - 1:node.end_lineno] = [indent + new_text + "\n"]
+                return "".join(new_lines)
+            return _splice(lines, node, new_text)
+        out.append(Mutant(module, node.lineno, kind, _segment(src, node), new_text, build))
+
+    for fn in ast.walk(tree):
+        if not isinstance(fn, ast.FunctionDef):
+            continue
+        seen: set[str] = {a.arg for a in fn.args.args + fn.args.kwonlyargs}
+        for stmt in ast.walk(fn):
+            if isinstance(stmt, ast.Assign) and all(isinstance(t, ast.Name) for t in stmt.targets):
+                names = {t.id for t in stmt.targets}
+                if names <= seen and not skipped(stmt):
+                    add(stmt, "delete re-assignment", "pass", whole_lines=True)
+                seen |= names
+            elif isinstance(stmt, ast.AugAssign) and not skipped(stmt):
+                add(stmt, "delete augmented assignment", "pass", whole_lines=True)
+
+    for node in ast.walk(tree):
+        if not hasattr(node, "lineno") or skipped(node):
+            continue
+        if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in _CMP_SWAP:
+            new = ast.Compare(node.left, [_CMP_SWAP[type(node.ops[0])]()], node.comparators)
+            add(node, "comparison", "(" + ast.unparse(new) + ")")
+        elif isinstance(node, ast.BinOp) and type(node.op) in _BIN_SWAP:
+            new = ast.BinOp(node.left, _BIN_SWAP[type(node.op)](), node.right)
+            add(node, "arithmetic", "(" + ast.unparse(new) + ")")
+        elif isinstance(node, ast.BoolOp):
+            new = ast.BoolOp(ast.Or() if isinstance(node.op, ast.And) else ast.And(), node.values)
+            add(node, "boolean", "(" + ast.unparse(new) + ")")
+        elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            add(node, "drop not", "(" + ast.unparse(node.operand) + ")")
+        elif isinstance(node, ast.Constant) and type(node.value) is int and not isinstance(node.value, bool):
+            add(node, "constant", repr(node.value + 1))
+        elif isinstance(node, ast.If):
+            for forced in ("True", "False"):
+                add(node.test, f"if forced {forced}", forced)
+    return out
+
+
+# -- running ------------------------------------------------------------------------------------------
+
+def run_tests(src_dir: Path, tests: list[str], timeout: float) -> tuple[str, float, str]:
+    env = dict(os.environ, PYTHONPATH=str(src_dir), CI="true", PYTHONDONTWRITEBYTECODE="1")
+    env.pop("ATTNMASK_HYPOTHESIS", None)
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
+           "-k", DESELECT, *tests]
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "caught (timeout)", time.time() - t0, ""
+    tail = [ln for ln in proc.stdout.splitlines() if ln.startswith(("FAILED", "ERROR"))]
+    status = "survived" if proc.returncode == 0 else "caught"
+    if proc.returncode not in (0, 1):
+        status = f"caught (pytest exit {proc.returncode})"
+    return status, time.time() - t0, tail[0][:160] if tail else ""
+
+
+PROBE = r'''
+import hashlib, json, sys, torch
+import attnmask as am
+torch.set_num_threads(1)
+h = hashlib.sha256()
+def feed(t):
+    h.update(t.detach().contiguous().numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+cases = [("causal", 200, 200, None, 16), ("causal & (sliding(8) | sink(2)) - rows(100)", 200, 200, None, 16),
+         ("document(50, 70, 60) & causal | sink(1)", 180, 180, None, 32), ("causal", 64, 64, 10, 16),
+         ("band(3, 5) | cols(0, 2) - rows(3, 40, 3)", 90, 130, 20, (8, 16)), ("dilated(5, 3)", 77, 77, None, 16),
+         ("causal & sliding(64)", 3000, 3000, None, 128), ("cols(0, 32)", 2600, 2600, None, 128),
+         ("chunked(7) | sink(2)", 53, 53, None, (4, 8)), ("prefix_lm(30) - cols(5)", 100, 60, None, 32)]
+for expr, lq, lk, off, bs in cases:
+    m = am.parse(expr)
+    lay = m.compile(lq, lk, q_offset=off, block_size=bs)
+    feed(lay.block_states()); feed(lay.row_counts()); h.update(str(lay.attended_pairs()).encode())
+    for D, H in ((8, 2), (64, 8)) if lq > 2000 else ((8, 2),):
+        g = torch.Generator().manual_seed(lq)
+        q = torch.randn(1, H, lq, D, generator=g, requires_grad=True)
+        k = torch.randn(1, H // 2, lk, D, generator=g, requires_grad=True)
+        v = torch.randn(1, H // 2, lk, D, generator=g, requires_grad=True)
+        out, lse = am.attention(q, k, v, m, q_offset=off, block_size=bs, enable_gqa=True, return_lse=True)
+        feed(out); feed(lse)
+        (out * torch.cos(torch.arange(out.numel()).reshape(out.shape).float())).sum().backward()
+        feed(q.grad); feed(k.grad); feed(v.grad)
+print(h.hexdigest())
+'''
+
+
+def probe(src_dir: Path, timeout: float = 300) -> str:
+    env = dict(os.environ, PYTHONPATH=str(src_dir))
+    try:
+        proc = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout"
+    return proc.stdout.strip() if proc.returncode == 0 else "error: " + proc.stderr.strip().splitlines()[-1][:120]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sample", type=int, default=40, help="random mutants in all (spread over the modules)")
+    ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per mutant")
+    ap.add_argument("--out", type=Path, help="write the markdown result here")
+    ap.add_argument("--json", type=Path, help="write the raw results here")
+    ap.add_argument("--list", action="store_true", help="only count the sites")
+    ap.add_argument("--jobs", type=int, default=1, help="mutants tested at once")
+    ap.add_argument("--dry-run", action="store_true", help="list the chosen mutants, run nothing")
+    ap.add_argument("--only", nargs="*", help="sample only these modules (default: all targets)")
+    args = ap.parse_args(argv)
+
+    TARGETS = targets()
+    modules = [m for m in TARGETS if not args.only or m in args.only]
+    sites = {m: list_mutants(m) for m in modules}
+    total = sum(len(v) for v in sites.values())
+    print(f"{total} sites: " + ", ".join(f"{m} {len(v)}" for m, v in sites.items()), flush=True)
+    if args.list:
+        return 0
+    rng = random.Random(args.seed)
+    chosen: list[tuple[str, Mutant]] = []
+    for m in modules:                                   # proportional to the sites, at least 2 per module
+        n = max(2, round(args.sample * len(sites[m]) / total))
+        order = rng.sample(sites[m], len(sites[m]))
+        taken = 0
+        for x in order:                                 # skip the rare splice that does not parse
+            if taken == n:
+                break
+            try:
+                text = x.source
+                ast.parse(text)
+            except SyntaxError:
+                continue
+            x.build = text
+            chosen.append(("sampled", x))
+            taken += 1
+    for name, module, old, new in NAMED:
+        # the text may have moved to another module in a rewrite: take the one that holds it once
+        for cand in [module] + [m for m in TARGETS if m != module]:
+            path = ROOT / "src" / "attnmask" / cand
+            text = path.read_text() if path.exists() else ""
+            if text.count(old) == 1:
+                module = cand
+                break
+        if text.count(old) == 1:
+            line = text[:text.index(old)].count("\n") + 1
+            chosen.append((f"named: {name}", Mutant(module, line, "named", old, new, text.replace(old, new))))
+        else:
+            chosen.append((f"named: {name}", Mutant(module, 0, "named (site gone at this revision)", old, new, "")))
+
+    if args.dry_run:
+        for origin, mut in chosen:
+            print(f"{origin}: {mut.label()}{'' if mut.source else ' (site gone)'}")
+        return 0
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    work = Path(tempfile.mkdtemp(prefix="attnmask-mut-"))
+    pristine = work / "orig"
+    shutil.copytree(ROOT / "src", pristine, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    base_probe = probe(pristine)
+    t_start = time.time()
+
+    def one(i: int) -> dict:
+        origin, mut = chosen[i]
+        if not mut.source:
+            return dict(origin=origin, label=mut.label(), status="not applied (site gone)", seconds=0, failure="",
+                        probe="")
+        mdir = work / f"mut{i}"
+        shutil.copytree(pristine, mdir)
+        (mdir / "attnmask" / mut.module).write_text(mut.source)
+        try:
+            status, secs, failure = run_tests(mdir, TARGETS.get(mut.module, _ENGINE_TESTS), args.timeout)
+            pr = ""
+            if status == "survived":
+                got = probe(mdir)
+                pr = "no output change" if got == base_probe else (
+                    "probe " + got if got.startswith(("error", "timeout")) else "outputs differ")
+        finally:
+            shutil.rmtree(mdir, ignore_errors=True)
+        print(f"[{i + 1}/{len(chosen)}] {status:10s} {secs:6.1f}s {pr:16s} {origin}: {mut.label()}", flush=True)
+        return dict(origin=origin, label=mut.label(), status=status, seconds=round(secs, 1), failure=failure,
+                    probe=pr)
+
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:     # each mutant runs in its own process
+            results = list(pool.map(one, range(len(chosen))))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    wall = time.time() - t_start
+    if args.json:
+        args.json.write_text(json.dumps(dict(revision=rev, dirty=bool(dirty), results=results), indent=1))
+    caught = sum(r["status"].startswith("caught") for r in results)
+    applied = sum(not r["status"].startswith("not applied") for r in results)
+    print(f"{applied} mutants, {caught} caught, {applied - caught} survived, {wall:.0f} s")
+    if args.out:
+        write_markdown(args.out, rev, bool(dirty), sites, results, wall, args, TARGETS)
+    return 0
+
+
+def write_markdown(path: Path, rev, dirty, sites, results, wall, args, TARGETS) -> None:
+    import platform
+    cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.strip()
+    applied = [r for r in results if not r["status"].startswith("not applied")]
+    caught = [r for r in applied if r["status"].startswith("caught")]
+    surv = [r for r in applied if r["status"] == "survived"]
+    lines = [
+        "# Mutation run: compiler, layout, engines",
+        "",
+        f"- revision: `{rev}`{' (with uncommitted changes in src/)' if dirty else ''}; date "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {cpu.split(':', 1)[-1].strip()} "
+        f"({platform.python_version()}), shared with other jobs",
+        f"- command: `PYTHONPATH=src python tools/mutation_run.py --sample {args.sample} --seed {args.seed} "
+        f"--jobs {args.jobs}" + (f" --only {' '.join(args.only)}" if args.only else "") + f" --out {path}`",
+        f"- sites listed: {sum(len(v) for v in sites.values())} ("
+        + ", ".join(f"{m} {len(v)}" for m, v in sites.items()) + f"); sampled {args.sample} (seed {args.seed}) + "
+        f"{len(NAMED)} named; tests per module: " + "; ".join(f"{m}: {', '.join(Path(t).name for t in ts)}"
+                                                          for m, ts in TARGETS.items()),
+        f"- **{len(applied)} mutants, {len(caught)} caught, {len(surv)} survived** ({wall / 60:.1f} min)",
+        "",
+        "| origin | mutant | result | first failing test / probe |",
+        "|---|---|---|---|",
+    ]
+    for r in results:
+        detail = r["probe"] if r["status"] == "survived" else r["failure"].replace("|", "\\|")
+        lines.append(f"| {r['origin']} | {r['label'].replace('|', chr(92) + '|')} | {r['status']} | {detail} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,7 +19,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from attnmask.bench import machine_description
+from harness import machine_description
 
 DOC_COUNT, DOC_SEED = 1000, 0
 TARGET_S = 5.0

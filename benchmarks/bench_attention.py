@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import attnmask as am
-from attnmask.bench import machine_description, main, save_results
+from harness import machine_description, main, save_results
 
 #: Nine different masks for the heads of one layer, as a per-head fit gives them (mean density ~0.2).
 NINE_MASKS = ["causal & (sliding(32) | sink(4))", "causal & (sliding(64) | sink(4))",
@@ -177,4 +177,4 @@ if __name__ == "__main__":
     argv = sys.argv[1:]
     if "--model-shapes" in argv:
         sys.exit(run_model_shapes(argv))
-    sys.exit(main())
+    sys.exit(main(results="benchmarks/results/attention.md", plot="docs/bench_attention.png"))

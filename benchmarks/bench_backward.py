@@ -20,7 +20,7 @@ before it. Ratios are printed against the issue's targets and written to
     python benchmarks/bench_backward.py --length 2048 --memory-length 8192 --results ''   # quick look
 
 ``attnmask bench --mode backward`` runs the same forward + backward engines
-over the benchmark's masks and lengths (``attnmask.bench.MODES["backward"]``).
+over the benchmark's masks and lengths (``harness.MODES["backward"]``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 import attnmask as am
-from attnmask.bench import fwd_bwd, machine_description, reset_peak, save_results, status_kb
+from harness import fwd_bwd, machine_description, reset_peak, save_results, status_kb
 
 TARGETS = {"bwd_over_fwd": 3.0, "sdpa_mask_over_ours": 5.0, "memory_gb": 1.0}
 

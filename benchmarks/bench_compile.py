@@ -32,7 +32,7 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from attnmask.bench import machine_description, reset_peak, status_kb
+from harness import machine_description, reset_peak, status_kb
 
 CASES = ["window_sink", "prefix_lm", "chunked", "document", "row_cut", "dilated"]
 DEFAULT_LENGTHS = [65536, 262144, 1048576]

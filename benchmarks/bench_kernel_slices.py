@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from attnmask.bench import machine_description, save_results
+from harness import machine_description, save_results
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 

@@ -163,7 +163,7 @@ def run_case(kind: str, n: int, repeats: int, eager_max: int, cbm: bool) -> dict
 
 def _machine() -> str:
     try:
-        from attnmask.bench import machine_description
+        from harness import machine_description        # benchmarks/harness.py (next to this script)
         return machine_description()
     except ImportError:                          # the harness may live elsewhere
         import platform

@@ -64,7 +64,7 @@ def write_section(body: str) -> None:
 
 
 def machine() -> str:
-    from attnmask.bench import machine_description
+    from harness import machine_description
     return machine_description()
 
 

@@ -26,7 +26,7 @@ import torch
 
 import attnmask as am
 from attnmask import models
-from attnmask.bench import machine_description
+from harness import machine_description
 from attnmask.fitting import FAMILIES, Calibration, plan_coverage
 
 CALIBRATION = ("argparse.py", "dataclasses.py", "functools.py", "typing.py")

@@ -28,7 +28,7 @@ import time
 import torch
 
 import attnmask as am
-from attnmask.bench import machine_description
+from harness import machine_description
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 

@@ -21,7 +21,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import attnmask as am
-from attnmask.bench import MASKS, machine_description, save_results
+from harness import MASKS, machine_description, save_results
 from attnmask.engines.blocksparse import _dilation, plan_for
 
 

@@ -35,7 +35,7 @@ MAX_PARAM = 2**31 - 1
 
 #: Every primitive of the language, in the order of the PRODUCT.md table.
 PRIMITIVES = ("full", "none", "causal", "diagonal", "band", "sliding", "sink", "prefix_lm",
-              "chunked", "dilated", "strided", "document", "rows", "cols")
+              "chunked", "dilated", "strided", "document", "rows", "cols", "window2d")
 CONSTANT_NAMES = ("full", "none", "causal", "diagonal")
 
 Spec = tuple
@@ -95,7 +95,21 @@ def naive_primitive(name: str, args: tuple[int, ...], q: int, k: int) -> bool:
         s = args[2] if len(args) > 2 else 1
         x = q if name == "rows" else k
         return a <= x < b and (x - a) % s == 0
+    if name == "window2d":
+        return naive_window2d(args, q, k)
     raise AssertionError(f"unknown primitive {name}")
+
+
+def naive_window2d(args: tuple[int, ...], q: int, k: int) -> bool:
+    """PRODUCT.md's window2d(w, h, kw, kh), written from its table row with Python ints."""
+    w, h, kw, kh = args
+    if not (0 <= q < w * h and 0 <= k < w * h):
+        return False                       # positions past the canvas attend nothing
+    row_q, col_q = q // w, q % w
+    row_k, col_k = k // w, k % w
+    rc = min(max(row_q, kh // 2), h - 1 - kh // 2)      # the kernel centre, clamped (NATTEN's rule)
+    cc = min(max(col_q, kw // 2), w - 1 - kw // 2)
+    return abs(cc - col_k) <= kw // 2 and abs(rc - row_k) <= kh // 2
 
 
 # from_mask_mod leaves: fixed module-level functions so that the wrapped Masks
@@ -247,7 +261,21 @@ def primitive_args(name: str) -> st.SearchStrategy[tuple[int, ...]]:
         return st.lists(small_ints(1, 12), min_size=1, max_size=6).map(tuple)
     if name in ("rows", "cols"):
         return _rows_cols_args()
+    if name == "window2d":
+        return window2d_args()
     raise AssertionError(name)
+
+
+def window2d_args(max_side: int = 8) -> st.SearchStrategy[tuple[int, int, int, int]]:
+    """(w, h, kw, kh): canvases of 1..max_side a side (lengths past them are common), odd kernels that fit."""
+    @st.composite
+    def gen(draw):
+        w = draw(small_ints(1, max_side))
+        h = draw(small_ints(1, max_side))
+        kw = 2 * draw(st.integers(0, (w - 1) // 2)) + 1
+        kh = 2 * draw(st.integers(0, (h - 1) // 2)) + 1
+        return (w, h, kw, kh)
+    return gen()
 
 
 def primitive_specs(names: tuple[str, ...] = PRIMITIVES) -> st.SearchStrategy[Spec]:

@@ -382,3 +382,20 @@ def test_backward_plan_masks_stay_bounded_for_causal_like_masks():
         cells = [sum(x.numel() for x in _plan(m.compile(n)).masks) for n in (8192, 32768)]
         assert cells[1] == cells[0] or cells[1] < 2 * cells[0], (str(m), cells)
         assert cells[1] < 32768 * 32768 // 64
+
+
+def test_dilation_with_a_huge_spacing_visits_only_the_classes_with_keys():
+    # dilated(w, d) runs as one window problem per residue class mod d; with d = 2**31 - 1 a loop
+    # over every class never ended (found by hypothesis at Lq = Lk = 19). Only classes with keys run.
+    import time
+    n, big = 19, 2**31 - 1
+    mask = am.dilated(big, big) & am.causal
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, n, 8, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3))
+    t0 = time.perf_counter()
+    out = am.attention(q, k, v, mask, backend="blocksparse", block_size=8)
+    out.square().sum().backward()
+    assert time.perf_counter() - t0 < 30
+    # dilated(big, big) within 19 positions is the diagonal: every row attends only itself
+    assert torch.allclose(out, v, atol=1e-12, rtol=0)
+    assert torch.allclose(q.grad, torch.zeros_like(q.grad), atol=1e-12)

@@ -81,7 +81,7 @@ def test_pure_difference_class_needs_no_tile_evaluation():
     states, sums = _dense_tile_states(mask, 1000, 1000, 0, 16, 16)
     assert torch.equal(lay.block_states(), states)
     assert lay.attended_pairs() == int(sums.sum())
-    assert lay.dense_tiles_evaluated == 0 and lay._compiler.refined_tiles == 0
+    assert lay.dense_tiles_evaluated == 0 and lay.refined_tiles == 0
 
 
 def test_mask_mod_leaves_are_evaluated_only_where_undecided():
@@ -133,4 +133,4 @@ def test_segment_cut_counts_are_exact(mask):
     assert torch.equal(lay.block_states(), states)
     qb, kb, n = lay.tile_counts()
     assert torch.equal(sums[qb, kb], n)
-    assert lay.dense_tiles_evaluated == 0 and lay._compiler.refined_tiles == 0
+    assert lay.dense_tiles_evaluated == 0 and lay.refined_tiles == 0

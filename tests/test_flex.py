@@ -198,8 +198,8 @@ def test_document_tables_follow_the_query_device():
     # (found on an H200, benchmarks/results/gpu.md). The table must be built on the query's device.
     m = am.document(3, 7)
     q = torch.arange(10, device="meta")
-    assert m._document_ids(q.device).device.type == "meta"
-    assert m._document_ids().device.type == "cpu"
+    assert m.kind.ids(m, q.device).device.type == "meta"
+    assert m.kind.ids(m).device.type == "cpu"
     assert m.evaluate(q[:, None], q[None, :]).device.type == "meta"
     expect = am.document(3, 7).to_dense(10)
     assert torch.equal(m.evaluate(torch.arange(10)[:, None], torch.arange(10)[None, :]), expect)

@@ -51,11 +51,13 @@ PARAMS = {
     "document": [(1,), (3,), (2, 3), (1, 1, 1), (4, 2, 1), (5, 5, 5), (2, 3, 1, 2, 1, 3), (100,)],
     "rows": [(0,), (3,), (12,), (40,), (0, 0), (2, 5), (1, 9, 2), (0, 13, 3), (3, 4, 5), (5, 5, 2), (0, 100, 7)],
     "cols": [(0,), (3,), (12,), (40,), (0, 0), (2, 5), (1, 9, 2), (0, 13, 3), (3, 4, 5), (5, 5, 2), (0, 100, 7)],
+    "window2d": [(1, 1, 1, 1), (4, 3, 3, 1), (3, 4, 1, 3), (5, 2, 3, 1), (2, 5, 1, 5), (4, 4, 3, 3), (7, 1, 7, 1),
+                 (1, 13, 1, 13), (3, 3, 3, 3)],
 }
 
 
 def test_param_table_covers_every_primitive():
-    assert set(PARAMS) == set(PRIMITIVES) == set(am.masks.SPECS)
+    assert set(PARAMS) == set(PRIMITIVES) == set(am.primitives.names())
 
 
 @pytest.mark.parametrize("name", PRIMITIVES)

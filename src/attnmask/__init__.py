@@ -14,19 +14,19 @@ from __future__ import annotations
 
 from .errors import DenseTooLargeError, LayoutTooLargeError, MaskError, MaskSyntaxError, MaskValueError
 from .language import parse
-from .layout import BlockLayout, clear_cache
+from .layout import BlockLayout, cache_info, clear_cache, set_cache_limit
 from .plan import MaskPlan
 # render.py imports matplotlib only inside its functions; importing the function
 # eagerly keeps `am.render` the function even after `import attnmask.render`.
-from .render import render
-from .masks import (Mask, band, causal, chunked, cols, diagonal, dilated, document, full, none, prefix_lm,
-                    rows, sink, sliding, strided)
+from .render import SIGNATURE, render
+from .masks import Mask
 from .maskmod import MaskModWarning, from_mask_mod
-
-__version__ = "0.1.0"
-
-SIGNATURE = "causal - (rows(36, 64, 8) - diagonal)"
-"""The mask of the picture the project started from (length 64)."""
+from .primitives import (band, causal, chunked, cols, diagonal, dilated, document, full, none, prefix_lm, rows,
+                         sink, sliding, strided, window2d)
+from .version import __version__
+# The flex engine provides Mask.mask_mod and BlockLayout.to_flex_block_mask (see attnmask/late.py);
+# it imports FlexAttention itself only when used.
+from .engines import flex as _flex  # noqa: F401
 
 
 def __getattr__(name):
@@ -48,8 +48,9 @@ def __getattr__(name):
 
 __all__ = ["Mask", "BlockLayout", "MaskPlan", "MaskError", "MaskSyntaxError", "MaskValueError", "DenseTooLargeError",
            "LayoutTooLargeError",
-           "parse", "clear_cache", "from_mask_mod", "MaskModWarning", "full", "none", "causal", "diagonal", "band", "sliding",
-           "sink", "prefix_lm", "chunked", "dilated", "strided", "document", "rows", "cols", "attention",
+           "parse", "clear_cache", "set_cache_limit", "cache_info", "from_mask_mod", "MaskModWarning", "full", "none",
+           "causal", "diagonal", "band", "sliding",
+           "sink", "prefix_lm", "chunked", "dilated", "strided", "document", "rows", "cols", "window2d", "attention",
            "per_batch", "PerBatch",
            "render", "analyze", "plot_analysis", "SIGNATURE", "coverage", "fit", "plan_coverage",
            "render_weights", "render_overview", "render_census", "render_plan", "head_census"]

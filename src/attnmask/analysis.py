@@ -30,11 +30,13 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 import torch
 
-from .compiler import FULL, PARTIAL, _expand_pairs
+from .compiler import FULL, PARTIAL, expand_ranges
 from .errors import LayoutTooLargeError, MaskValueError
 from .layout import single_thread
 from .language import as_mask
+from .kinds import TileState
 from .masks import Mask, check_length
+from .primitives import causal
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -239,7 +241,7 @@ def _receptive(mask: Mask, n: int, layers: int, query: int, last: np.ndarray) ->
             break
         blocks, first = np.unique(new // bq, return_index=True)
         rows_end = np.append(first[1:], len(new))
-        owner, run = _expand_pairs(ptr[blocks], ptr[blocks + 1])
+        owner, run = expand_ranges(ptr[blocks], ptr[blocks + 1])
         if len(run) == 0:           # these rows attend nothing
             new = new[:0]
             sizes.append(size)
@@ -270,7 +272,7 @@ def _receptive(mask: Mask, n: int, layers: int, query: int, last: np.ndarray) ->
             hi = max(lo + 1, int(np.searchsorted(tiles_before, tiles_before[lo] + _TILE_CHUNK, side="right")) - 1)
             chunk = part[lo:hi]
             lo = hi
-            t_owner, t_c = _expand_pairs(r_start[run[chunk]], r_end[run[chunk]])
+            t_owner, t_c = expand_ranges(r_start[run[chunk]], r_end[run[chunk]])
             t_blk = owner[chunk][t_owner]
             useful = reach[t_c - c_lo] >= new[first[t_blk]]
             t_blk, t_c = t_blk[useful], t_c[useful]
@@ -282,7 +284,7 @@ def _receptive(mask: Mask, n: int, layers: int, query: int, last: np.ndarray) ->
                     f"{RECEPTIVE_BUDGET_CELLS:,} cells evaluated one by one (partial tiles with no structural "
                     f"shortcut, reached at layer {len(sizes) + 1}); analyse a shorter length or fewer layers")
             # (new row, tile) pairs, evaluated in bounded batches
-            p_tile, p_row = _expand_pairs(first[t_blk], rows_end[t_blk])
+            p_tile, p_row = expand_ranges(first[t_blk], rows_end[t_blk])
             per_batch = max(1, _BATCH_CELLS // bk)
             for i in range(0, len(p_tile), per_batch):
                 q = torch.from_numpy(new[p_row[i:i + per_batch]])[:, None]                      # [P, 1]
@@ -392,7 +394,7 @@ class AnalysisReport:
 
         head = f"{self.mask}  (length {n:,}, {self.layers} layer{'s' * (self.layers != 1)})"
         rows = [
-            ("", "this mask", "causal", "ratio"),
+            ("", "this mask", str(causal), "ratio"),
             ("attended pairs", num(self.attended_pairs), num(self.causal_pairs),
              ratio(self.attended_pairs, self.causal_pairs)),
             ("density", f"{self.density:.6g}", f"{self.causal_density:.6g}", ""),
@@ -484,7 +486,8 @@ def _report(mask: Mask, n: int, layers: int, block_size, head_dim: int, heads: i
         mask=str(mask), length=n, layers=layers, block_size=bs[0] if bs[0] == bs[1] else bs,
         head_dim=head_dim, heads=heads,
         attended_pairs=pairs, density=pairs / (n * n),
-        blocks_full=counts["full"], blocks_partial=counts["partial"], blocks_empty=counts["empty"],
+        blocks_full=counts[TileState.FULL.label], blocks_partial=counts[TileState.PARTIAL.label],
+        blocks_empty=counts[TileState.EMPTY.label],
         flops_forward=FORWARD_FLOPS_PER_PAIR_DIM * pairs * per_pair,
         flops_backward=BACKWARD_FLOPS_PER_PAIR_DIM * pairs * per_pair,
         causal_pairs=causal_pairs, causal_density=causal_pairs / (n * n),
@@ -543,7 +546,7 @@ def plot_analysis(mask: MaskLike, length: int, *, layers: int = 32, block_size: 
     x = np.arange(c.shape[0]) * buckets
     ax_kv.fill_between(x, c.min(axis=1), c.max(axis=1), color="#21918c", alpha=0.4, linewidth=0)
     ax_kv.plot(x, c.max(axis=1), color="#21918c", linewidth=1.2, label="this mask")
-    ax_kv.plot([0, n - 1], [1, n], color="0.5", linestyle="--", linewidth=1, label="causal")
+    ax_kv.plot([0, n - 1], [1, n], color="0.5", linestyle="--", linewidth=1, label=str(causal))
     ax_kv.plot([step], [curve[step]], "o", color="#440154")
     ax_kv.annotate(f"peak {int(curve[step]):,} at step {step:,}", (step, curve[step]),
                    textcoords="offset points", xytext=(8 if step <= n / 2 else -8, -10), va="top",

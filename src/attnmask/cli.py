@@ -131,6 +131,8 @@ EXPORT_EPILOG = """examples:
 BENCH_EPILOG = """examples:
   attnmask bench --masks sliding,causal --lengths 4096 --no-flex --no-extras
   attnmask bench --lengths 4k,8k,16k --results results.md --plot bench.png
+
+Runs benchmarks/harness.py of the source checkout; writes files only where asked.
 """
 CP_PLAN_EPILOG = """examples:
   attnmask cp-plan causal --length 1048576 --world 64
@@ -160,13 +162,14 @@ MAIN_EPILOG = """examples:
   attnmask export "causal" --length 1024 -o causal.npy
 
 mask language: full none causal diagonal band(l, r) sliding(w) sink(n) prefix_lm(p) chunked(c)
-  dilated(w, d) strided(s) document(n1, n2, ...) rows(a, b, s) cols(a, b, s), with | & - ~ and ( ).
+  dilated(w, d) strided(s) document(n1, n2, ...) rows(a, b, s) cols(a, b, s) window2d(w, h, kw, kh),
+  with | & - ~ and ( ).
 """
 
 
 def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     """The argument parser; ``with_bench`` imports the benchmark's own options."""
-    from . import __version__
+    from .version import __version__
     parser = _Parser(prog="attnmask", formatter_class=_formatter, epilog=MAIN_EPILOG,
                      description="Describe, see, measure and run attention masks.")
     parser.add_argument("--version", action="version", version=f"attnmask {__version__}")
@@ -307,7 +310,7 @@ def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
 
     bench_help = "side-by-side attention benchmark"
     if with_bench:
-        from . import bench
+        bench = load_bench_harness()
         p = sub.add_parser("bench", help=bench_help, formatter_class=_formatter, epilog=BENCH_EPILOG,
                            description="Time attnmask against SDPA (dense mask, is_causal) and FlexAttention "
                                        "side by side, in one process, and report the ratios.")
@@ -341,7 +344,7 @@ def _mask(expr: str):
 
 
 def cmd_demo(args) -> int:
-    from . import SIGNATURE
+    from .render import SIGNATURE
     from .render import render_signature
     from .terminal import show
     with _progress("drawing the signature picture"):
@@ -352,8 +355,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_render(args) -> int:
-    from .render import _check_path, render
-    _check_path(args.output)  # refuse a bad extension before any work
+    from .render import check_path, render
+    check_path(args.output)  # refuse a bad extension before any work
     masks = [_mask(e) for e in args.expr]
     with _progress(f"rendering {args.length:,} positions"):
         render(masks if len(masks) > 1 else masks[0], args.length, kv_length=args.kv_length, q_offset=args.q_offset, block_size=args.block_size,
@@ -374,8 +377,8 @@ def cmd_show(args) -> int:
 
 def cmd_stats(args) -> int:
     if args.plot is not None:
-        from .render import _check_path
-        _check_path(args.plot)
+        from .render import check_path
+        check_path(args.plot)
     mask = _mask(args.expr)
     try:
         from . import analysis as am
@@ -412,6 +415,26 @@ def cmd_export(args) -> int:
     print(f"wrote {args.output}: bool [{dense.shape[0]}, {dense.shape[1]}], "
           f"{int(dense.sum()):,} attended pairs")
     return 0
+
+
+def load_bench_harness():
+    """The benchmark harness, benchmarks/harness.py of the source checkout this package runs from.
+
+    It is not part of the installed package (it times competitors, draws plots and
+    writes results files); from an installation without the repository there is
+    nothing to run, and the error says where it looked.
+    """
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "harness.py"
+    if not path.is_file():
+        raise MaskValueError(f"attnmask bench runs benchmarks/harness.py of a source checkout, not found at {path}; "
+                             f"clone the attnmask repository and run it from there (pip install -e .)")
+    spec = importlib.util.spec_from_file_location("attnmask_bench_harness", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module       # dataclasses in it look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def _positions(text: str, what: str) -> tuple[int, int]:
@@ -585,16 +608,15 @@ def _steps(total: int, description: str):
 
 
 def cmd_bench(args) -> int:
-    from . import bench
-    result = bench.run_from_args(args)
+    result = load_bench_harness().run_from_args(args)
     return int(result) if isinstance(result, int) else 0
 
 
 def cmd_cp_plan(args) -> int:
     from . import distributed as cp
     if args.output is not None:
-        from .render import _check_path
-        _check_path(args.output)
+        from .render import check_path
+        check_path(args.output)
     mask = _mask(args.expr)
     cost = cp.CostModel() if args.token_cost is None else cp.CostModel(token_cost=args.token_cost)
     block = 128 if args.block_size is None else args.block_size

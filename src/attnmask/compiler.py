@@ -34,10 +34,14 @@ import torch
 
 from . import maskmod
 from .errors import LayoutTooLargeError
-from .masks import (CLASS_CONST, CLASS_D, CLASS_K, CLASS_OPAQUE, CLASS_Q, CLASS_SEG, Complement,
-                    Difference, Frame, Intersection, Mask, Primitive, Union, evaluate_at)
+from .kinds import StructureClass, TileState
+from .masks import Complement, Difference, Frame, Intersection, Mask, Primitive, Union, evaluate_at
+from .primitives import full, none
 
-EMPTY, PARTIAL, FULL, UNKNOWN = 0, 1, 2, 3
+# numpy arrays of states hold the enum's int8 codes; these names keep the vector code short.
+EMPTY, PARTIAL, FULL, UNKNOWN = (int(TileState.EMPTY), int(TileState.PARTIAL), int(TileState.FULL),
+                                 int(TileState.UNKNOWN))
+SC = StructureClass
 _I64 = np.int64
 
 # Cells evaluated per batch when tiles must be checked densely.
@@ -48,7 +52,7 @@ MAX_PIECES = 1 << 26
 _REFINE_BATCH_ROWS = 1 << 18
 
 
-@dataclass
+@dataclass(frozen=True)
 class Grid:
     """The shape being compiled: lengths, offset and block sizes."""
 
@@ -132,7 +136,7 @@ def _sorted(grid: Grid, p: Pieces) -> Pieces:
     return p.take(order)
 
 
-def _coalesce(grid: Grid, p: Pieces) -> Pieces:
+def coalesce(grid: Grid, p: Pieces) -> Pieces:
     """Merge neighbouring pieces of the same row with equal state and residual."""
     if len(p) <= 1:
         return p
@@ -184,7 +188,7 @@ def _assemble(grid: Grid, regions: Pieces, seg_region: np.ndarray, seg_c0: np.nd
         np.concatenate((seg_state.astype(np.int8), np.full(m, gap_state, dtype=np.int8))),
         np.concatenate((seg_res.astype(np.int32), np.full(m, gap_res, dtype=np.int32))),
     )
-    return _coalesce(grid, _sorted(grid, out))
+    return coalesce(grid, _sorted(grid, out))
 
 
 def _states_from_counts(count: np.ndarray, total: np.ndarray) -> np.ndarray:
@@ -211,7 +215,7 @@ def _merge_unique(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return x[keep]
 
 
-def _expand_pairs(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def expand_ranges(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For ranges [lo_i, hi_i): (owner index i, value) for every value in every range."""
     n = np.maximum(hi - lo, 0)
     total = int(n.sum())
@@ -233,13 +237,13 @@ def _expand_pairs(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarra
 class Axis1D:
     """A pure q/k/d subtree evaluated on its 1-D axis, with prefix sums."""
 
-    def __init__(self, mask: Mask, cls: str, grid: Grid):
+    def __init__(self, mask: Mask, cls: StructureClass, grid: Grid):
         self.cls = cls
-        if cls == CLASS_Q:
+        if cls == SC.Q:
             self.lo = grid.q_offset
             pos = torch.arange(grid.q_offset, grid.q_offset + grid.q_len, dtype=torch.int64)
             vals = mask.evaluate(pos, torch.zeros(1, dtype=torch.int64))
-        elif cls == CLASS_K:
+        elif cls == SC.K:
             self.lo = 0
             pos = torch.arange(grid.kv_len, dtype=torch.int64)
             vals = mask.evaluate(torch.zeros(1, dtype=torch.int64), pos)
@@ -274,6 +278,16 @@ class Axis1D:
             self._runs = _runs_1d(self.values)
         return self._runs
 
+    def window_states(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """int8 tile state of the axis positions [a, b] (inclusive, inside the axis), from the runs alone.
+
+        No prefix sums: a window is constant exactly when one run holds it.
+        """
+        rs, re, rv = self.runs()
+        i = np.searchsorted(rs, a - self.lo, side="right") - 1
+        one = re[i] > b - self.lo
+        return np.where(one, np.where(rv[i] == 1, FULL, EMPTY), PARTIAL).astype(np.int8)
+
     def count(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Attended values at axis positions [a, b] (inclusive), clipped to the axis."""
         i0 = np.clip(a - self.lo, 0, self.n)
@@ -290,9 +304,9 @@ class Axis1D:
         """Exact attended cells in rectangles of positions [qs, qe) x [ks, ke)."""
         h = qe - qs
         w = ke - ks
-        if self.cls == CLASS_Q:
+        if self.cls == SC.Q:
             return self.count(qs, qe - 1) * w
-        if self.cls == CLASS_K:
+        if self.cls == SC.K:
             return self.count(ks, ke - 1) * h
         # Cells with q - k = d number m(d) = min(d - dlo + 1, dhi - d + 1, h, w):
         # a trapezoid. Sum attended d weighted by m(d) in three linear pieces.
@@ -338,23 +352,23 @@ class Compiler:
 
     def classify(self, mask: Mask, regions: Pieces) -> Pieces:
         cls = mask.structure_class()
-        if cls == CLASS_CONST:
+        if cls == SC.CONST:
             full = bool(mask.evaluate(torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))[0])
             return self._uniform(regions, FULL if full else EMPTY, -1)
-        if cls == CLASS_Q:
+        if cls == SC.Q:
             return self._classify_q(mask, regions)
-        if cls == CLASS_K:
+        if cls == SC.K:
             return self._classify_k(mask, regions)
-        if cls == CLASS_D:
+        if cls == SC.D:
             return self._classify_d(mask, regions)
-        if cls == CLASS_SEG and isinstance(mask, Primitive):
+        if cls == SC.SEG:
             return self._classify_seg(mask, regions)
-        if cls == CLASS_OPAQUE:
+        if cls == SC.RECT:
+            return self._classify_rect(mask, regions)
+        if cls == SC.OPAQUE:
             return self._classify_opaque(mask, regions)
-        if isinstance(mask, Primitive) and mask.name == "prefix_lm":
-            # k <= q or k < p: a d-class part and a k-class part.
-            from .masks import causal, sink
-            return self.classify(causal | sink(mask.args[0]), regions)
+        if isinstance(mask, Primitive) and mask.lowered() is not None:
+            return self.classify(mask.lowered(), regions)   # e.g. prefix_lm(p) as causal | sink(p)
         if isinstance(mask, Complement):
             return self._complement(self.classify(mask.inner, regions))
         if isinstance(mask, (Union, Intersection)):
@@ -388,7 +402,7 @@ class Compiler:
                       np.full(len(regions), res if state in (PARTIAL, UNKNOWN) else -1, np.int32))
 
     def _classify_q(self, mask: Mask, regions: Pieces) -> Pieces:
-        ax = self.axis(mask, CLASS_Q)
+        ax = self.axis(mask, SC.Q)
         qs, qe = self.grid.q_bounds(regions.qb)
         state = _states_from_counts(ax.count(qs, qe - 1), qe - qs)
         rid = self.residuals.id(mask)
@@ -397,7 +411,16 @@ class Compiler:
 
     def _classify_k(self, mask: Mask, regions: Pieces) -> Pieces:
         g = self.grid
-        ax = self.axis(mask, CLASS_K)
+        ax = self.axis(mask, SC.K)
+        rid = self.residuals.id(mask)
+        if int((regions.c1 - regions.c0).sum()) < g.n_kv_blocks:
+            # Few narrow regions (row-level refinement of a handful of tiles): classify just
+            # their key blocks, not every block of the key axis.
+            owner, c = expand_ranges(regions.c0, regions.c1)
+            ks, ke = g.k_bounds(c)
+            st = _states_from_counts(ax.count(ks, ke - 1), ke - ks)
+            return coalesce(g, Pieces(regions.qb[owner], c, c + 1, st,
+                                      np.where(st == PARTIAL, rid, -1).astype(np.int32)))
         c = np.arange(g.n_kv_blocks, dtype=_I64)
         ks, ke = g.k_bounds(c)
         col_state = _states_from_counts(ax.count(ks, ke - 1), ke - ks)
@@ -405,16 +428,15 @@ class Compiler:
         # runs overlapping each region
         i0 = np.searchsorted(re, regions.c0, side="right")
         i1 = np.searchsorted(rs, regions.c1, side="left")
-        owner, run = _expand_pairs(i0, i1)
+        owner, run = expand_ranges(i0, i1)
         c0 = np.maximum(rs[run], regions.c0[owner])
         c1 = np.minimum(re[run], regions.c1[owner])
         st = rv[run]
-        rid = self.residuals.id(mask)
         return Pieces(regions.qb[owner], c0, c1, st, np.where(st == PARTIAL, rid, -1).astype(np.int32))
 
     def _classify_d(self, mask: Mask, regions: Pieces) -> Pieces:
         g = self.grid
-        ax = self.axis(mask, CLASS_D)
+        ax = self.axis(mask, SC.D)
         rid = self.residuals.id(mask)
         bk = g.block_k
         qs, qe = g.q_bounds(regions.qb)
@@ -433,7 +455,7 @@ class Compiler:
         d_max = qe - 1 - lo_c * bk
         i0 = np.searchsorted(b_run, d_min, side="left")
         i1 = np.searchsorted(a_run, d_max, side="right")
-        owner, run = _expand_pairs(i0, np.where(hi_c > lo_c, i1, i0))
+        owner, run = expand_ranges(i0, np.where(hi_c > lo_c, i1, i0))
         # window of tile c is [qs - (c+1) bk + 1, qe - 1 - c bk]; inside run [A, B] iff
         # ceil((qe - 1 - B) / bk) <= c <= floor((qs + 1 - A - bk) / bk)
         o_qs, o_qe = qs[owner], qe[owner]
@@ -450,9 +472,7 @@ class Compiler:
             has_last = (regions.c0 <= last) & (regions.c1 > last)
             idx = np.flatnonzero(has_last)
             ks = last * bk
-            cnt = ax.count(qs[idx] - (g.kv_len - 1), qe[idx] - 1 - ks)
-            width = (qe[idx] - 1 - ks) - (qs[idx] - (g.kv_len - 1)) + 1
-            st = _states_from_counts(cnt, width)
+            st = ax.window_states(qs[idx] - (g.kv_len - 1), qe[idx] - 1 - ks)
             seg_region = np.concatenate((seg_region, idx))
             seg_c0 = np.concatenate((seg_c0, np.full(len(idx), last, _I64)))
             seg_c1 = np.concatenate((seg_c1, np.full(len(idx), last + 1, _I64)))
@@ -462,14 +482,74 @@ class Compiler:
         return _assemble(g, regions, seg_region, seg_c0, seg_c1, seg_state, seg_res, PARTIAL, rid)
 
     def _segments(self, prim: Primitive):
-        """(segment_of(pos) -> ids, start(ids), end(ids), real-position range)."""
-        if prim.name == "chunked":
-            c = prim.args[0]
-            return (lambda x: x // c), (lambda s: s * c), (lambda s: (s + 1) * c), None
-        ends = np.cumsum(np.asarray(prim.args, dtype=_I64))
-        starts = ends - np.asarray(prim.args, dtype=_I64)
-        return ((lambda x: np.searchsorted(ends, x, side="right")), (lambda s: starts[s]),
-                (lambda s: ends[s]), (0, int(ends[-1])))
+        """(segment_of(pos) -> ids, start(ids), end(ids), real-position range) of a SEG primitive."""
+        segs = prim.kind.segments(prim.args)
+        return segs.of, segs.start, segs.end, segs.real
+
+    def _classify_rect(self, prim: Primitive, regions: Pieces) -> Pieces:
+        """A RECT primitive from the key ranges it names (see ``PrimitiveKind.key_ranges``).
+
+        A tile inside a FULL range is full; a tile inside a PARTIAL range, or at the edge of
+        any range, is partial; tiles of UNKNOWN ranges are counted in closed form
+        (``count_rects``); every other tile is empty. Work is O(ranges + counted tiles).
+        """
+        g = self.grid
+        bk, nkb, kv = g.block_k, g.n_kv_blocks, g.kv_len
+        qs, qe = g.q_bounds(regions.qb)
+        owner, lo, hi, st = prim.kind.key_ranges(prim.args, qs, qe)
+        lo, hi = np.clip(lo, 0, kv), np.clip(hi, 0, kv)
+        keep = hi > lo
+        owner, lo, hi, st = owner[keep], lo[keep], hi[keep], np.asarray(st, np.int8)[keep]
+        # touching ranges of one state become one (a tile across two FULL ranges is full)
+        if len(owner) > 1:
+            join = (owner[1:] == owner[:-1]) & (hi[:-1] == lo[1:]) & (st[1:] == st[:-1])
+            if join.any():
+                starts = np.flatnonzero(np.concatenate(([True], ~join)))
+                ends = np.concatenate((starts[1:], [len(owner)])) - 1
+                owner, lo, hi, st = owner[starts], lo[starts], hi[ends], st[starts]
+        r0, r1 = regions.c0[owner], regions.c1[owner]
+        # interior tiles lie inside one range; edge tiles (at most two a range) may be shared
+        i0 = -(-lo // bk)
+        i1 = np.maximum(np.where(hi >= kv, nkb, hi // bk), i0)
+        left, right = lo // bk, i1
+        has_left = left < i0
+        has_right = (right < -(-hi // bk)) & ~(has_left & (right == left))
+        edge_state = np.where(st == UNKNOWN, UNKNOWN, PARTIAL).astype(np.int8)
+        e_owner = np.stack((owner, owner), 1).ravel()
+        e_c = np.stack((left, right), 1).ravel()
+        e_state = np.stack((edge_state, edge_state), 1).ravel()
+        e_keep = np.stack((has_left, has_right), 1).ravel()
+        e_keep &= (e_c >= np.repeat(r0, 2)) & (e_c < np.repeat(r1, 2))
+        e_owner, e_c, e_state = e_owner[e_keep], e_c[e_keep], e_state[e_keep]
+        if len(e_c) > 1:        # ranges come sorted, so edge tiles do: merge equal neighbours
+            key = e_owner * (nkb + 1) + e_c
+            if not bool((key[1:] >= key[:-1]).all()):
+                order = np.argsort(key, kind="stable")
+                e_owner, e_c, e_state, key = e_owner[order], e_c[order], e_state[order], key[order]
+            first = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))
+            e_state = np.maximum.reduceat(e_state, first)     # UNKNOWN (3) wins over PARTIAL (1)
+            e_owner, e_c = e_owner[first], e_c[first]
+        i0, i1 = np.maximum(i0, r0), np.minimum(i1, r1)
+        inner = i1 > i0
+        seg_region = np.concatenate((owner[inner], e_owner))
+        seg_c0 = np.concatenate((i0[inner], e_c))
+        seg_c1 = np.concatenate((i1[inner], e_c + 1))
+        seg_state = np.concatenate((st[inner], e_state))
+        unknown = seg_state == UNKNOWN
+        if unknown.any():
+            t_owner, c = expand_ranges(seg_c0[unknown], seg_c1[unknown])
+            t_region = seg_region[unknown][t_owner]
+            ks, ke = g.k_bounds(c)
+            counts = prim.kind.count_rects(prim.args, qs[t_region], qe[t_region], ks, ke)
+            t_state = _states_from_counts(counts, (qe[t_region] - qs[t_region]) * (ke - ks))
+            known = ~unknown
+            seg_region = np.concatenate((seg_region[known], t_region))
+            seg_c0 = np.concatenate((seg_c0[known], c))
+            seg_c1 = np.concatenate((seg_c1[known], c + 1))
+            seg_state = np.concatenate((seg_state[known], t_state))
+        rid = self.residuals.id(prim)
+        return _assemble(g, regions, seg_region, seg_c0, seg_c1, seg_state,
+                         np.where(seg_state == PARTIAL, rid, -1), EMPTY, -1)
 
     def _classify_seg(self, prim: Primitive, regions: Pieces) -> Pieces:
         g = self.grid
@@ -574,7 +654,7 @@ class Compiler:
                 ma, mb = self.residuals.masks[key // width], self.residuals.masks[key % width]
                 joint[i] = self.residuals.id(ma & mb if op == "&" else ma | mb if op == "|" else ma - mb)
             res[both] = joint[inverse.reshape(-1)]
-        return _coalesce(g, Pieces(qb, c0, c1, state, res))
+        return coalesce(g, Pieces(qb, c0, c1, state, res))
 
     # -- resolution of unknown pieces --
     def resolve(self, p: Pieces) -> Pieces:
@@ -588,17 +668,17 @@ class Compiler:
             sel = u.take(u.res == rid)
             residual = self.residuals.masks[rid]
             cls = residual.structure_class()
-            if cls in (CLASS_Q, CLASS_K, CLASS_D) or (cls == CLASS_SEG and isinstance(residual, Primitive)):
+            if cls.one_axis or cls in (SC.SEG, SC.RECT):
                 parts.append(self.classify(residual, Pieces(sel.qb, sel.c0, sel.c1, sel.state, sel.res)))
             else:
                 parts.append(self._resolve_dense(residual, rid, sel))
-        return _coalesce(self.grid, _sorted(self.grid, Pieces.concat(parts)))
+        return coalesce(self.grid, _sorted(self.grid, Pieces.concat(parts)))
 
     def _resolve_dense(self, residual: Mask, rid: int, sel: Pieces) -> Pieces:
         g = self.grid
         if _has_opaque(residual):   # refuse before enumerating the tiles, not after
             maskmod.check_open_tiles(residual, int((sel.c1 - sel.c0).sum()), g.block_q, g.block_k, g.q_len, g.kv_len)
-        owner, c = _expand_pairs(sel.c0, sel.c1)
+        owner, c = expand_ranges(sel.c0, sel.c1)
         qb = sel.qb[owner]
         if isinstance(residual, maskmod.MaskMod):
             # a lone mask_mod leaf: probed witnesses prove most open tiles partial (maskmod.tile_states)
@@ -636,7 +716,7 @@ class Compiler:
                 self.dense_tiles += int((c1 - c0).sum())
                 return counts
         if not self.refine_pays(mask):
-            owner, c = _expand_pairs(c0, c1)
+            owner, c = expand_ranges(c0, c1)
             if _has_opaque(mask):
                 maskmod.check_dense_budget(mask, len(c) * g.block_q * g.block_k, g.q_len, g.kv_len)
             self.dense_tiles += len(c)
@@ -644,7 +724,7 @@ class Compiler:
             return np.bincount(owner, weights=per_tile, minlength=len(qb)).astype(_I64)
         self.refined_tiles += int((c1 - c0).sum())
         r0 = qb * g.block_q
-        owner, row = _expand_pairs(r0, np.minimum(r0 + g.block_q, g.q_len))
+        owner, row = expand_ranges(r0, np.minimum(r0 + g.block_q, g.q_len))
         per_row = self.count_rows(mask, row, ks[owner], ke[owner])
         return np.bincount(owner, weights=per_row, minlength=len(qb)).astype(_I64)
 
@@ -657,13 +737,10 @@ class Compiler:
         there and counts in closed form. ``causal & document(...)`` on the
         tiles a boundary crosses costs a handful of pieces, not 128 rows.
         """
-        seg_leaves = {leaf for leaf, cls in _pure_parts(mask) if cls == CLASS_SEG}
+        seg_leaves = {leaf for leaf, cls in _pure_parts(mask) if cls == SC.SEG}
         if len(seg_leaves) != 1:
             return None
         (leaf,) = seg_leaves
-        if not isinstance(leaf, Primitive) or leaf.name not in ("chunked", "document"):
-            return None
-        from .masks import full, none
         when_same = _substitute(mask, leaf, full)
         when_apart = _substitute(mask, leaf, none)
         if not (closed_form_countable(when_same) and closed_form_countable(when_apart)):
@@ -677,7 +754,7 @@ class Compiler:
             has = rb > ra
             s0 = np.where(has, seg_of(np.where(has, ra, lo_real)), 0)
             s1 = np.where(has, seg_of(np.where(has, rb - 1, lo_real)) + 1, 0)
-            owner, sid = _expand_pairs(s0, s1)
+            owner, sid = expand_ranges(s0, s1)
             start = np.maximum(seg_start(sid), a[owner])
             end = np.minimum(seg_end(sid), b[owner])
             # padding before and after the real positions: one piece each, matching nothing
@@ -698,7 +775,7 @@ class Compiler:
         ko, ka, kz, ksid = ko[korder], ka[korder], kz[korder], ksid[korder]
         kfirst = np.searchsorted(ko, np.arange(len(qs)), side="left")
         klast = np.searchsorted(ko, np.arange(len(qs)), side="right")
-        pair_q, kidx = _expand_pairs(kfirst[qo], klast[qo])
+        pair_q, kidx = expand_ranges(kfirst[qo], klast[qo])
         owner = qo[pair_q]
         same = (qsid[pair_q] == ksid[kidx]) & (qsid[pair_q] >= 0)
         out = np.zeros(len(qs), _I64)
@@ -762,7 +839,7 @@ class Compiler:
         """count_rows by evaluating cells: each segment cut into pieces of <= block_k keys."""
         g = self.grid
         bk = g.block_k
-        owner, k0 = _expand_pairs(np.zeros(len(ks), _I64), -(-(ke - ks) // bk))
+        owner, k0 = expand_ranges(np.zeros(len(ks), _I64), -(-(ke - ks) // bk))
         k0 = ks[owner] + k0 * bk
         k1 = np.minimum(k0 + bk, ke[owner])
         out = np.zeros(len(owner), _I64)
@@ -789,10 +866,10 @@ class Compiler:
             return False
         per_row = 0.0
         for part, cls in _pure_parts(mask):
-            if cls in (CLASS_K, CLASS_D):
+            if cls in (SC.K, SC.D):
                 ax = self.axis(part, cls)
                 per_row += len(ax.runs()[0]) / max(ax.n, 1) * self.grid.block_k
-            elif cls == CLASS_SEG:
+            elif cls in (SC.SEG, SC.RECT):
                 per_row += 2
             else:
                 per_row += 1
@@ -802,13 +879,11 @@ class Compiler:
 def _pure_parts(mask: Mask):
     """The maximal subtrees of one structure class (what the compiler classifies whole)."""
     cls = mask.structure_class()
-    if cls in (CLASS_Q, CLASS_K, CLASS_D, CLASS_CONST, CLASS_OPAQUE) or (
-            cls == CLASS_SEG and isinstance(mask, Primitive)):
+    if cls != SC.MIXED:
         yield mask, cls
         return
-    if isinstance(mask, Primitive):          # prefix_lm(p) is classified as causal | sink(p)
-        from .masks import causal, sink
-        yield from _pure_parts(causal | sink(mask.args[0]))
+    if isinstance(mask, Primitive):          # classified as its lowering (prefix_lm(p): causal | sink(p))
+        yield from _pure_parts(mask.lowered())
         return
     for ch in mask.children():
         yield from _pure_parts(ch)
@@ -828,7 +903,7 @@ def _substitute(mask: Mask, leaf: Mask, value: Mask) -> Mask:
 
 
 def _has_opaque(mask: Mask) -> bool:
-    if mask.structure_class() == CLASS_OPAQUE:
+    if mask.structure_class() == SC.OPAQUE:
         return True
     return any(_has_opaque(ch) for ch in mask.children())
 
@@ -856,9 +931,7 @@ def tile_counts_dense(mask: Mask, grid: Grid, qb: np.ndarray, c: np.ndarray) -> 
 def closed_form_countable(mask: Mask) -> bool:
     """Whether :func:`count_rects` counts any rectangle of ``mask`` in closed form."""
     cls = mask.structure_class()
-    if cls in (CLASS_CONST, CLASS_Q, CLASS_K, CLASS_D):
-        return True
-    if cls == CLASS_SEG and isinstance(mask, Primitive):
+    if cls.one_axis or cls in (SC.CONST, SC.SEG, SC.RECT):
         return True
     return isinstance(mask, Complement) and closed_form_countable(mask.inner)
 
@@ -875,9 +948,12 @@ def row_counts(compiler: Compiler, mask: Mask, p: Pieces) -> np.ndarray:
     if closed_form_countable(mask):
         # One closed-form count per row: cheaper than walking many pieces
         # (causal & strided(s) has ~N^2 / (s * block) partial tiles).
-        q = np.arange(n, dtype=_I64) + g.q_offset
-        zero = np.zeros(n, _I64)
-        return count_rects(compiler, mask, q, q + 1, zero, zero + g.kv_len, None).astype(_I64)
+        out = np.empty(n, _I64)
+        for r0 in range(0, n, _REFINE_BATCH_ROWS):        # bounded temporaries
+            q = np.arange(r0, min(n, r0 + _REFINE_BATCH_ROWS), dtype=_I64) + g.q_offset
+            zero = np.zeros(len(q), _I64)
+            out[r0:r0 + len(q)] = count_rects(compiler, mask, q, q + 1, zero, zero + g.kv_len, None)
+        return out
     ks = p.c0 * bk
     ke = np.minimum(p.c1 * bk, g.kv_len)
     full = p.state == FULL
@@ -888,7 +964,7 @@ def row_counts(compiler: Compiler, mask: Mask, p: Pieces) -> np.ndarray:
         sel = partial[p.res[partial] == rid]
         residual = compiler.residuals.masks[rid]
         r0 = p.qb[sel] * bq
-        owner, row = _expand_pairs(r0, np.minimum(r0 + bq, n))
+        owner, row = expand_ranges(r0, np.minimum(r0 + bq, n))
         if closed_form_countable(residual):
             q = row + g.q_offset
             cnt = count_rects(compiler, residual, q, q + 1, ks[sel][owner], ke[sel][owner], None)
@@ -917,15 +993,17 @@ def count_rects(compiler: Compiler, mask: Mask, qs, qe, ks, ke, pieces: Pieces) 
     """Attended cells of mask in rectangles [qs, qe) x [ks, ke) (positions)."""
     cls = mask.structure_class()
     area = (qe - qs) * (ke - ks)
-    if cls in (CLASS_Q, CLASS_K, CLASS_D):
+    if cls.one_axis:
         return compiler.axis(mask, cls).count_rect(qs, qe, ks, ke)
-    if cls == CLASS_CONST:
+    if cls == SC.CONST:
         full = bool(mask.evaluate(torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))[0])
         return area if full else np.zeros_like(area)
     if isinstance(mask, Complement):
         return area - count_rects(compiler, mask.inner, qs, qe, ks, ke, pieces)
-    if cls == CLASS_SEG and isinstance(mask, Primitive):
+    if cls == SC.SEG:
         return _count_seg(compiler, mask, qs, qe, ks, ke)
+    if cls == SC.RECT:
+        return mask.kind.count_rects(mask.args, qs, qe, ks, ke)
     # Anything else: segment cuts, rows or cells, whichever is exact and cheapest.
     return compiler.count_block_ranges(mask, pieces.qb, pieces.c0, pieces.c1)
 
@@ -949,11 +1027,6 @@ def _count_seg(compiler: Compiler, prim: Primitive, qs, qe, ks, ke) -> np.ndarra
     hi_safe = np.where(ok, s_hi, seg_of(qs))
     total = overlap(lo_safe, qs, qe) * overlap(lo_safe, ks, ke)
     total += np.where(hi_safe > lo_safe, overlap(hi_safe, qs, qe) * overlap(hi_safe, ks, ke), 0)
-    inner = np.maximum(hi_safe - lo_safe - 1, 0)
-    if prim.name == "chunked":
-        total += inner * prim.args[0] ** 2
-    else:
-        lens = np.asarray(prim.args, dtype=_I64)
-        sq = np.concatenate(([0], np.cumsum(lens * lens)))
-        total += np.where(inner > 0, sq[np.minimum(hi_safe, len(lens))] - sq[np.minimum(lo_safe + 1, len(lens))], 0)
+    # whole segments strictly between the first and the last
+    total += prim.kind.segments(prim.args).square_sum(lo_safe + 1, np.maximum(hi_safe, lo_safe + 1))
     return np.where(ok, total, 0)

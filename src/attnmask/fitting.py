@@ -43,7 +43,8 @@ import torch
 
 from .errors import MaskValueError
 from .language import as_mask
-from .masks import Mask, causal, chunked, cols, dilated, sink, sliding
+from .masks import Mask
+from .primitives import causal, chunked, cols, dilated, sink, sliding
 from .plan import DYNAMIC_FAMILY, MaskPlan, resolve_columns, top_column_positions, with_columns
 
 FAMILIES = ("window", "dilated", "chunked", "columns", "dynamic")

@@ -19,15 +19,15 @@ from __future__ import annotations
 import difflib
 
 from .errors import MaskError, MaskSyntaxError, MaskValueError
-from .masks import (CONSTANTS, MAX_DEPTH, MAX_PARAM, PRIMITIVE_NAMES, SPECS, Complement,
-                    Difference, Intersection, Mask, Primitive, Union)
+from .masks import MAX_DEPTH, MAX_PARAM, Complement, Difference, Intersection, Mask, Union
+from .primitives import lookup, names
 
 _MAX_DIGITS = 12  # anything longer is over MAX_PARAM; never build huge ints
 
 
 def suggest_name(name: str) -> str | None:
     """The nearest primitive name to a misspelling, if any is close."""
-    close = difflib.get_close_matches(name.lower(), PRIMITIVE_NAMES, n=1, cutoff=0.5)
+    close = difflib.get_close_matches(name.lower(), names(), n=1, cutoff=0.5)
     return close[0] if close else None
 
 
@@ -180,17 +180,17 @@ class _Parser:
 
     def primitive(self, tok: _Token) -> Mask:
         name = tok.text
-        if name not in SPECS:
+        kind = lookup(name)
+        if kind is None:
             hint = suggest_name(name)
             msg = f"unknown name {name!r}"
-            msg += f"; did you mean {hint!r}?" if hint else f"; the primitives are {', '.join(PRIMITIVE_NAMES)}"
+            msg += f"; did you mean {hint!r}?" if hint else f"; the primitives are {', '.join(names())}"
             raise self.error(msg, tok)
-        spec = SPECS[name]
         has_call = self.peek().kind == "("
         if not has_call:
-            if name in CONSTANTS:
-                return CONSTANTS[name]
-            raise self.error(f"{name} needs parameters: {spec.signature}", tok)
+            if kind.max_args == 0:
+                return kind.make()
+            raise self.error(f"{name} needs parameters: {kind.signature}", tok)
         open_tok = self.take()
         args: list[int] = []
         if self.peek().kind != ")":
@@ -203,10 +203,10 @@ class _Parser:
                     raise self.error(f"expected ',' or ')' in the parameters of {name}, got {self.describe(sep)}", sep)
         else:
             self.take()
-        if name in CONSTANTS:
+        if kind.max_args == 0:
             raise self.error(f"{name} takes no parameters; write {name} without parentheses", open_tok)
-        # Primitive() checks the number of parameters with a MaskValueError.
-        return self.build(Primitive, tok, name, tuple(args))
+        # The kind checks the number of parameters with a MaskValueError.
+        return self.build(kind.make, tok, *args)
 
     def integer(self) -> int:
         tok = self.take()

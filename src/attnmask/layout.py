@@ -12,13 +12,18 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .compiler import EMPTY, FULL, PARTIAL, Compiler, Grid, Pieces, count_pieces
+from .compiler import EMPTY, FULL, PARTIAL, Compiler, Grid, Pieces, coalesce, count_pieces, expand_ranges, row_counts
 from .errors import DenseTooLargeError, MaskValueError
-from .masks import DEFAULT_DENSE_LIMIT, Mask, evaluate_at, make_mask_mod, resolve_batch_head, resolve_shape
+from . import late
+from .kinds import TileState
+from .masks import DEFAULT_DENSE_LIMIT, Mask, evaluate_at, resolve_batch_head, resolve_shape
 from .threads import single_thread  # the one thread clamp (re-exported: analysis uses it)
 
-_CACHE_SIZE = 64
+#: Default bound on the bytes the layout cache holds (runs, partial pieces, residual tables).
+DEFAULT_CACHE_BYTES = 256 << 20
+_cache_limit = DEFAULT_CACHE_BYTES
 _cache: "OrderedDict[tuple, BlockLayout]" = OrderedDict()
+_cache_bytes = 0
 
 
 def _block_pair(block_size) -> tuple[int, int]:
@@ -56,22 +61,66 @@ def compile_layout(mask: Mask, q_len: int, kv_len: int | None = None, *, block_s
     compiler = Compiler(grid)
     with single_thread():
         pieces = compiler.run(mask)
-    layout = BlockLayout(mask, grid, compiler, pieces)
-    _cache[key] = layout
-    if len(_cache) > _CACHE_SIZE:
-        _cache.popitem(last=False)
+    layout = BlockLayout(mask, grid, pieces, tuple(compiler.residuals.masks),
+                         dense_tiles=compiler.dense_tiles, refined_tiles=compiler.refined_tiles)
+    del compiler, pieces          # the layout keeps only what it needs (its own arrays)
+    _remember(key, layout)
     return layout
 
 
-def _count(name: str, value) -> int:
-    if isinstance(value, bool) or not hasattr(value, "__index__") or operator.index(value) < 1:
-        raise MaskValueError(f"to_flex_block_mask needs {name} >= 1 (or None), got {value!r}")
-    return operator.index(value)
+def _remember(key: tuple, layout: "BlockLayout") -> None:
+    global _cache_bytes
+    size = layout.nbytes
+    if size > _cache_limit:
+        return                    # larger than the whole cache: not kept
+    _cache[key] = layout
+    _cache_bytes += size
+    while _cache_bytes > _cache_limit:
+        _, old = _cache.popitem(last=False)
+        _cache_bytes -= old.nbytes
+
+
+def set_cache_limit(nbytes: int) -> int:
+    """Bound the layout cache to ``nbytes`` (layouts' own arrays); returns the previous bound.
+
+    The default is 256 MiB; 0 turns caching off. Older layouts are dropped first.
+
+        >>> import attnmask as am
+        >>> previous = am.set_cache_limit(64 << 20)
+        >>> am.cache_info()["limit_bytes"]
+        67108864
+        >>> _ = am.set_cache_limit(previous)
+    """
+    global _cache_limit, _cache_bytes
+    if isinstance(nbytes, bool) or not hasattr(nbytes, "__index__") or operator.index(nbytes) < 0:
+        raise MaskValueError(f"the cache limit must be a whole number of bytes >= 0, got {nbytes!r}")
+    previous, _cache_limit = _cache_limit, operator.index(nbytes)
+    while _cache and _cache_bytes > _cache_limit:
+        _, old = _cache.popitem(last=False)
+        _cache_bytes -= old.nbytes
+    return previous
+
+
+def cache_info() -> dict[str, int]:
+    """The layout cache: number of layouts, their bytes, and the bound.
+
+        >>> import attnmask as am
+        >>> am.clear_cache(); _ = am.causal.compile(4096); am.cache_info()["layouts"]
+        1
+    """
+    return {"layouts": len(_cache), "bytes": _cache_bytes, "limit_bytes": _cache_limit}
 
 
 def clear_cache() -> None:
-    """Forget every cached layout (benchmarks call this to time first compiles)."""
+    """Forget every cached layout (benchmarks call this to time first compiles).
+
+        >>> import attnmask as am
+        >>> am.clear_cache(); am.cache_info()["bytes"]
+        0
+    """
+    global _cache_bytes
     _cache.clear()
+    _cache_bytes = 0
 
 
 class BlockLayout:
@@ -116,27 +165,71 @@ class BlockLayout:
         True
     """
 
-    def __init__(self, mask: Mask, grid: Grid, compiler: Compiler, pieces: Pieces):
-        self.mask = mask
-        self._grid = grid
-        self._compiler = compiler
-        self._pieces = pieces      # every piece, exact states, residuals for counting
+    __slots__ = ("mask", "_grid", "run_ptr", "run_start", "run_end", "run_state", "_run_qb", "_partial",
+                 "_residuals", "_dense_tiles", "_refined_tiles", "_pairs", "__weakref__")
+
+    def __init__(self, mask: Mask, grid: Grid, pieces: Pieces, residuals: tuple[Mask, ...], *,
+                 dense_tiles: int = 0, refined_tiles: int = 0):
+        set_ = object.__setattr__
+        set_(self, "mask", mask)
+        set_(self, "_grid", grid)
         nz = pieces.state != EMPTY
         runs = Pieces(pieces.qb[nz], pieces.c0[nz], pieces.c1[nz], pieces.state[nz],
                       np.zeros(int(nz.sum()), np.int32))
         # Runs merge neighbours of equal state even if their residuals differ.
-        from .compiler import _coalesce
-        runs = _coalesce(grid, runs)
-        self.run_start = torch.from_numpy(runs.c0.astype(np.int64))
-        self.run_end = torch.from_numpy(runs.c1.astype(np.int64))
-        self.run_state = torch.from_numpy(runs.state.astype(np.int8))
+        runs = coalesce(grid, runs)
         ptr = np.zeros(grid.n_q_blocks + 1, dtype=np.int64)
         np.cumsum(np.bincount(runs.qb, minlength=grid.n_q_blocks), out=ptr[1:])
-        self.run_ptr = torch.from_numpy(ptr)
-        self._run_qb = runs.qb
-        self._pairs: int | None = None
-        # Snapshot: later exact counts (attended_pairs, row_counts) may evaluate cells too.
-        self._dense_tiles = compiler.dense_tiles
+        set_(self, "run_ptr", torch.from_numpy(ptr))
+        set_(self, "run_start", torch.from_numpy(runs.c0.astype(np.int64)))
+        set_(self, "run_end", torch.from_numpy(runs.c1.astype(np.int64)))
+        set_(self, "run_state", torch.from_numpy(runs.state.astype(np.int8)))
+        set_(self, "_run_qb", _frozen(runs.qb.astype(np.int64)))
+        # What exact counting needs beyond the runs: partial pieces with the residual that decides them.
+        partial = pieces.take(pieces.state == PARTIAL)
+        set_(self, "_partial", Pieces(*(_frozen(getattr(partial, f)) for f in ("qb", "c0", "c1", "state", "res"))))
+        set_(self, "_residuals", residuals)
+        set_(self, "_dense_tiles", dense_tiles)
+        set_(self, "_refined_tiles", refined_tiles)
+        set_(self, "_pairs", None)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"BlockLayout is an immutable value; cannot set {name!r}")
+
+    def __eq__(self, other):
+        return isinstance(other, BlockLayout) and (self.mask, self._grid) == (other.mask, other._grid)
+
+    def __hash__(self):
+        return hash((self.mask, self._grid))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the layout's own arrays (what the compile cache counts against its bound)."""
+        arrays = [self.run_ptr, self.run_start, self.run_end, self.run_state]
+        return (sum(t.numel() * t.element_size() for t in arrays) + self._run_qb.nbytes
+                + sum(getattr(self._partial, f).nbytes for f in ("qb", "c0", "c1", "state", "res")))
+
+    @property
+    def refined_tiles(self) -> int:
+        """Tiles the compiler resolved by compiling their residual row by row (no cells)."""
+        return self._refined_tiles
+
+    def _counter(self) -> Compiler:
+        """A compiler for exact counts, made for one call and dropped after it (layouts keep none)."""
+        compiler = Compiler(self._grid)
+        for m in self._residuals:
+            compiler.residuals.id(m)     # the same ids as at compile time
+        return compiler
+
+    def _nonempty_pieces(self) -> Pieces:
+        """Every non-empty piece: full runs, then partial pieces with their residuals (sorted)."""
+        full = self.run_state.numpy() == FULL
+        n = int(full.sum())
+        runs = Pieces(self._run_qb[full], self.run_start.numpy()[full], self.run_end.numpy()[full],
+                      np.full(n, FULL, np.int8), np.full(n, -1, np.int32))
+        p = Pieces.concat([runs, self._partial])
+        order = np.lexsort((p.c0, p.qb))
+        return p.take(order)
 
     # -- shape --
     @property
@@ -183,8 +276,9 @@ class BlockLayout:
     def __repr__(self) -> str:
         c = self.counts()
         return (f"BlockLayout({str(self.mask)!r}, q_len={self.q_len}, kv_len={self.kv_len}, "
-                f"q_offset={self.q_offset}, block_size={self.block_size}, full={c['full']}, "
-                f"partial={c['partial']}, empty={c['empty']})")
+                f"q_offset={self.q_offset}, block_size={self.block_size}, "
+                + ", ".join(f"{s.label}={c[s.label]}" for s in (TileState.FULL, TileState.PARTIAL, TileState.EMPTY))
+                + ")")
 
     # -- counts --
     def counts(self) -> dict[str, int]:
@@ -193,24 +287,26 @@ class BlockLayout:
         state = self.run_state.numpy()
         full = int(length[state == FULL].sum())
         partial = int(length[state == PARTIAL].sum())
-        return {"empty": self.n_q_blocks * self.n_kv_blocks - full - partial, "partial": partial, "full": full}
+        return {TileState.EMPTY.label: self.n_q_blocks * self.n_kv_blocks - full - partial,
+                TileState.PARTIAL.label: partial, TileState.FULL.label: full}
 
     @property
     def blocks_full(self) -> int:
-        return self.counts()["full"]
+        return self.counts()[TileState.FULL.label]
 
     @property
     def blocks_partial(self) -> int:
-        return self.counts()["partial"]
+        return self.counts()[TileState.PARTIAL.label]
 
     @property
     def blocks_empty(self) -> int:
-        return self.counts()["empty"]
+        return self.counts()[TileState.EMPTY.label]
 
     def attended_pairs(self) -> int:
         """Exact number of attended (query, key) pairs, from structure (no dense matrix)."""
         if self._pairs is None:
-            self._pairs = int(count_pieces(self._compiler, self._pieces).sum())
+            with single_thread():
+                object.__setattr__(self, "_pairs", int(count_pieces(self._counter(), self._nonempty_pieces()).sum()))
         return self._pairs
 
     @property
@@ -225,16 +321,14 @@ class BlockLayout:
             >>> (am.causal & am.sliding(3)).compile(6, block_size=4).row_counts().tolist()
             [1, 2, 3, 3, 3, 3]
         """
-        from .compiler import row_counts
         with single_thread():
-            return torch.from_numpy(row_counts(self._compiler, self.mask, self._pieces))
+            return torch.from_numpy(row_counts(self._counter(), self.mask, self._nonempty_pieces()))
 
     # -- iteration for engines --
     def runs(self, q_block: int) -> list[tuple[int, int, str]]:
         """Runs of query block ``q_block`` as (first key block, end key block, state)."""
         a, b = int(self.run_ptr[q_block]), int(self.run_ptr[q_block + 1])
-        names = {PARTIAL: "partial", FULL: "full"}
-        return [(int(s), int(e), names[int(t)]) for s, e, t in
+        return [(int(s), int(e), TileState(int(t)).label) for s, e, t in
                 zip(self.run_start[a:b], self.run_end[a:b], self.run_state[a:b])]
 
     def iter_runs(self) -> Iterator[tuple[int, int, int, int]]:
@@ -252,9 +346,8 @@ class BlockLayout:
 
         Materialises one entry per tile: O(non-empty tiles).
         """
-        from .compiler import _expand_pairs
         sel = np.ones(self.n_runs, bool) if state is None else (self.run_state.numpy() == state)
-        owner, c = _expand_pairs(self.run_start.numpy()[sel], self.run_end.numpy()[sel])
+        owner, c = expand_ranges(self.run_start.numpy()[sel], self.run_end.numpy()[sel])
         return torch.from_numpy(self._run_qb[sel][owner].astype(np.int64)), torch.from_numpy(c)
 
     def evaluate(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -288,11 +381,11 @@ class BlockLayout:
 
         Used for block-level pictures: cell value = count / tile area.
         """
-        from .compiler import _expand_pairs
-        p = self._pieces.take(self._pieces.state != EMPTY)
-        owner, c = _expand_pairs(p.c0, p.c1)
+        p = self._nonempty_pieces()
+        owner, c = expand_ranges(p.c0, p.c1)
         tiles = Pieces(p.qb[owner], c, c + 1, p.state[owner], p.res[owner])
-        counts = count_pieces(self._compiler, tiles)
+        with single_thread():
+            counts = count_pieces(self._counter(), tiles)
         return torch.from_numpy(tiles.qb.astype(np.int64)), torch.from_numpy(c), torch.from_numpy(counts)
 
     # -- dense views (guarded) --
@@ -351,9 +444,8 @@ class BlockLayout:
         """
         if edge_tiles not in ("exact", "flex"):
             raise MaskValueError(f"edge_tiles must be 'exact' or 'flex', got {edge_tiles!r}")
-        from .compiler import _expand_pairs
         s, e, t = self.run_start.numpy(), self.run_end.numpy(), self.run_state.numpy()
-        owner, c = _expand_pairs(s, e)                     # one entry per tile: O(tiles), not O(cells)
+        owner, c = expand_ranges(s, e)                     # one entry per tile: O(tiles), not O(cells)
         rows = self._run_qb[owner].astype(np.int64)
         state = t[owner].copy()
         if edge_tiles == "flex":
@@ -364,26 +456,6 @@ class BlockLayout:
                 short |= c == self.n_kv_blocks - 1
             state[short & (state == FULL)] = PARTIAL
         return rows, c.astype(np.int64), state
-
-    def _flex_tables(self, dev, edge_tiles: str) -> list[torch.Tensor]:
-        """[kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices], each [nqb(, nkb)] on ``dev``."""
-        nqb, nkb = self.n_q_blocks, self.n_kv_blocks
-        rows_all, c_all, state_all = self.flex_tile_states(edge_tiles=edge_tiles)
-        tensors = []
-        for state in (PARTIAL, FULL):
-            sel = state_all == state
-            rows, c = rows_all[sel], c_all[sel]                # sorted by (row, key block)
-            num = np.bincount(rows, minlength=nqb).astype(np.int32)
-            # position of each tile within its row's list (rows come sorted)
-            slot = np.arange(len(rows)) - np.searchsorted(rows, rows, side="left")
-            # The dense index table is FlexAttention's format: fill it where it will live,
-            # sending only the tiles (a 1M-token window: 73K tiles, not 8192^2 slots).
-            idx = torch.zeros((nqb, max(nkb, 1)), dtype=torch.int32, device=dev)
-            if len(rows):
-                idx[torch.from_numpy(rows).to(dev), torch.from_numpy(slot).to(dev)] = \
-                    torch.from_numpy(c.astype(np.int32)).to(dev)
-            tensors += [torch.from_numpy(num).to(dev), idx]
-        return tensors
 
     def to_flex_block_mask(self, batch: int | None = None, heads: int | None = None, device=None, *,
                            edge_tiles: str = "exact"):
@@ -406,34 +478,7 @@ class BlockLayout:
             >>> bm.shape
             (2, 4, 256, 256)
         """
-        from torch.nn.attention.flex_attention import BlockMask
-        nqb, nkb = self.n_q_blocks, self.n_kv_blocks
-        nb, nh = (1 if batch is None else _count("batch", batch)), (1 if heads is None else _count("heads", heads))
-        varies = self.mask.depends_on()
-        own_b, own_h = ("batch" in varies and batch is not None), ("head" in varies and heads is not None)
-        tb, th = (nb if own_b else 1), (nh if own_h else 1)
-        cells = tb * th * nqb * nkb
-        if cells > DEFAULT_DENSE_LIMIT // 4:
-            raise DenseTooLargeError(f"FlexAttention's BlockMask needs {cells:,} index entries here; use a larger "
-                                     f"block_size")
-        dev = torch.device("cpu") if device is None else torch.device(device)
-        grid = []
-        for bi in range(tb):
-            for hi in range(th):
-                lay = self
-                if own_b or own_h:
-                    lay = compile_layout(self.mask, self.q_len, self.kv_len, block_size=self.block_size,
-                                         q_offset=self.q_offset, b=bi if own_b else self.b,
-                                         h=hi if own_h else self.h)
-                grid.append(lay._flex_tables(dev, edge_tiles))
-        tensors = []
-        for i in range(4):
-            t = torch.stack([g[i] for g in grid]).reshape(tb, th, *grid[0][i].shape)
-            tensors.append(t.expand(nb, nh, *t.shape[2:]))
-        mod = make_mask_mod(self.mask, self.q_offset, dev, b=None if own_b else self.b,
-                            h=None if own_h else self.h)
-        return BlockMask.from_kv_blocks(*tensors, BLOCK_SIZE=self.block_size, mask_mod=mod,
-                                        seq_lengths=(self.q_len, self.kv_len))
+        return late.call("block_mask", self, batch, heads, device, edge_tiles=edge_tiles)
 
     def _check_lengths(self, q_len: int, kv_len: int) -> None:
         if (q_len, kv_len) != (self.q_len, self.kv_len):
@@ -443,4 +488,13 @@ class BlockLayout:
                 f"block_size={self.block_size})")
 
 
-__all__ = ["BlockLayout", "compile_layout", "clear_cache", "single_thread"]
+late.provide("compile", compile_layout)
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    a.flags.writeable = False
+    return a
+
+
+__all__ = ["BlockLayout", "compile_layout", "clear_cache", "set_cache_limit", "cache_info", "single_thread",
+           "DEFAULT_CACHE_BYTES"]

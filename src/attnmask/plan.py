@@ -33,7 +33,8 @@ import torch
 
 from .errors import MaskValueError
 from .language import parse
-from .masks import Mask, causal, cols, sink, sliding
+from .masks import Mask
+from .primitives import causal, cols, sink, sliding
 
 FORMAT = "attnmask.MaskPlan/1"
 DYNAMIC_FAMILY = "top_columns"

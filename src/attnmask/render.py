@@ -23,6 +23,7 @@ import numpy as np
 
 from .errors import MaskValueError
 from .language import as_mask
+from . import late
 from .masks import Mask, resolve_shape
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -34,6 +35,9 @@ MaskLike = Union[Mask, str]
 SAVE_FORMATS = (".png", ".svg", ".pdf")
 MAX_CELLS_PER_SIDE = 1024   # block-level images stay at most this many cells a side
 SIGNATURE_TITLE = "Context Length Attention Pattern"
+
+SIGNATURE = "causal - (rows(36, 64, 8) - diagonal)"
+"""The mask of the picture the project started from (length 64)."""
 
 
 # ---------------------------------------------------------------------------
@@ -110,11 +114,11 @@ def _viridis_ends() -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(cmap(0.0)), tuple(cmap(1.0))
 
 
-def _check_path(path) -> str:
+def check_path(path) -> str:
     ext = os.path.splitext(str(path))[1].lower()
     if ext not in SAVE_FORMATS:
         raise MaskValueError(f"cannot save a picture as {str(path)!r}: the extension must be one of "
-                             f"{', '.join(SAVE_FORMATS)}, got {ext or 'none'!r}")
+                             f"{', '.join(SAVE_FORMATS)}, got {(ext or '(no extension)')!r}")
     return ext
 
 
@@ -258,7 +262,7 @@ def render(mask: MaskLike | Sequence[MaskLike], length: int, *, kv_length: int |
         titles = list(titles)
         if len(titles) != len(masks):
             raise MaskValueError(f"titles has {len(titles)} entries for {len(masks)} masks; give one per mask")
-    ext = _check_path(path) if path is not None else None
+    ext = check_path(path) if path is not None else None
     if ax is not None and len(masks) > 1:
         raise MaskValueError(f"ax= draws one mask, got {len(masks)}; leave ax unset for side-by-side panels")
 
@@ -320,15 +324,8 @@ def display_length(mask: MaskLike) -> int:
     stack = [as_mask(mask)]
     while stack:
         m = stack.pop()
-        if isinstance(m, Primitive) and m.args:
-            if m.name == "document":
-                largest = max(largest, sum(m.args))           # the packed length itself
-            elif m.name in ("rows", "cols"):
-                largest = max(largest, 2 * m.args[1])          # the end of the range
-            elif m.name == "dilated":
-                largest = max(largest, 2 * m.args[0] * m.args[1])
-            else:
-                largest = max(largest, 2 * max(m.args))
+        if isinstance(m, Primitive):
+            largest = max(largest, m.kind.display_extent(m.args))   # each primitive knows its scale
         stack.extend(m.children())
     length = 128
     while length < min(largest, 4096):
@@ -370,10 +367,11 @@ def render_signature(path: str | os.PathLike | None = "signature.png", *, dpi: i
         >>> render_signature(None).axes[0].get_title()
         'Context Length Attention Pattern'
     """
-    from . import SIGNATURE
     return render(SIGNATURE, 64, title=SIGNATURE_TITLE, annotate=False, figsize=(6.0, 5.4), dpi=dpi,
                   path=path)
 
 
-__all__ = ["render", "draw_mask", "repr_png", "render_signature", "tile_fractions", "auto_tile",
+late.provide("repr_png", repr_png)
+
+__all__ = ["SIGNATURE", "render", "draw_mask", "repr_png", "render_signature", "tile_fractions", "auto_tile",
            "format_position", "as_mask"]

@@ -227,7 +227,7 @@ def _step_layouts(plan: Plan, rank: int, step: int, chunks: np.ndarray):
     key = ("layouts", rank, step)
     if key in plan._cache:
         return plan._cache[key]
-    from ..masks import cols
+    from ..primitives import cols
     geo = _geometry(plan, rank)
     runs = _runs_of(chunks, plan.block_size, plan.length)
     kmax = runs[-1][1] if runs else 0

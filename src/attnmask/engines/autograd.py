@@ -80,7 +80,7 @@ def _one_layout(q, k, v, out, dout, lse0, dlse, layout: BlockLayout, scale: floa
     """
     dil = _dilation(layout.mask)
     if dil is not None and dil[1] > 1:
-        from ..masks import causal, sliding
+        from ..primitives import causal, sliding
         w, d = dil
         Lq, Lk, q_offset = layout.q_len, layout.kv_len, layout.q_offset
         # Only the residues of the first min(d, Lq) rows have rows: loop over those (d can be huge).

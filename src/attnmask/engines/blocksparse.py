@@ -523,14 +523,13 @@ def _build_plan(layout: BlockLayout, direction: Direction = FORWARD) -> Plan:
     mixed = False                                # an op merged into rows no op had written yet
     ops: list[Op] = []
 
-    def add(**kw) -> None:
+    def add(*, r0: int, dr: int, rows: int, G: int, **kw) -> None:
         nonlocal mixed
-        if kw["G"] > 1 and kw["dk"] == 0 and kw["dr"] == kw["rows"] and kw["mask"] is None \
-                and kw["rows_empty"] is None:
+        if G > 1 and kw.get("dk") == 0 and dr == rows and kw.get("mask") is None \
+                and kw.get("rows_empty") is None:
             # Consecutive row ranges sharing unmasked keys: one long query range, so the kernel
             # works on large query tiles instead of G small ones.
-            kw.update(rows=kw["G"] * kw["rows"], G=1, dr=0)
-        r0, dr, rows, G = kw["r0"], kw["dr"], kw["rows"], kw["G"]
+            rows, G, dr = G * rows, 1, 0
         assert r0 + (G - 1) * dr + rows <= q_len     # as_strided below does not check bounds
         rows_of = written[r0:r0 + rows] if G == 1 else \
             np.lib.stride_tricks.as_strided(written[r0:], (G, rows), (dr, 1), writeable=True)
@@ -538,7 +537,7 @@ def _build_plan(layout: BlockLayout, direction: Direction = FORWARD) -> Plan:
         if 0 < seen < rows_of.size:
             mixed = True             # those rows must then start at 0 / -inf
         rows_of[...] = True
-        ops.append(Op(first=seen == 0, **kw))
+        ops.append(Op(first=seen == 0, r0=r0, dr=dr, rows=rows, G=G, **kw))
 
     for a, G, ca, sig in region_ops:
         add(r0=a * bq, dr=0, rows=G * bq, k0=ca * bk, dk=0, span=G * bq, G=1, mask=None, causal=True,
@@ -728,13 +727,20 @@ def _flat(t: torch.Tensor) -> torch.Tensor | None:
 
 
 def _dilation(mask) -> tuple[int, int] | None:
-    """(w, d) when ``mask`` is ``dilated(w, d)``, alone or intersected with ``causal`` (which it implies)."""
+    """(w, d) when ``mask`` is one residue-class window (``dilated(w, d)``), alone or intersected
+    with primitives that cover every causal pair (``causal``, ``full``: it lies inside them).
+
+    Asked of the primitive definitions (``kind.residue_window``, ``kind.covers_causal``).
+    """
     from ..masks import Intersection, Primitive
     parts = mask.parts if isinstance(mask, Intersection) else (mask,)
-    dil = [p for p in parts if isinstance(p, Primitive) and p.name == "dilated"]
-    rest = [p for p in parts if not (isinstance(p, Primitive) and p.name in ("dilated", "causal", "full"))]
-    if len(dil) == 1 and not rest:
-        return dil[0].args[0], dil[0].args[1]
+    if not all(isinstance(p, Primitive) for p in parts):
+        return None
+    windows = [p.kind.residue_window(p.args) for p in parts]
+    found = [wd for wd in windows if wd is not None]
+    rest = [p for p, wd in zip(parts, windows) if wd is None and not p.kind.covers_causal(p.args)]
+    if len(found) == 1 and not rest:
+        return found[0]
     return None
 
 
@@ -748,21 +754,18 @@ def _causal_segments(layout: BlockLayout) -> list[tuple[int, int]] | None:
     if layout.q_len != layout.kv_len or layout.q_offset != 0:
         return None
     parts = layout.mask.parts if isinstance(layout.mask, Intersection) else (layout.mask,)
-    names = sorted(p.name for p in parts if isinstance(p, Primitive))
-    L = layout.q_len
-    if len(names) != len(parts):
+    if not all(isinstance(p, Primitive) for p in parts):
         return None
-    if names == ["causal"]:
+    L = layout.q_len
+    # Asked of the primitive definitions: exactly one part is `k <= q`, at most one packs segments.
+    causal_parts = [p for p in parts if p.kind.is_causal(p.args)]
+    packings = [p for p in parts if not p.kind.is_causal(p.args)]
+    if len(causal_parts) != 1:
+        return None
+    if not packings:
         return [(0, L)]
-    if names == ["causal", "document"]:
-        doc = next(p for p in parts if p.name == "document")
-        out, start = [], 0
-        for n in doc.args:
-            if start >= L:
-                break
-            out.append((start, min(start + n, L)))
-            start += n
-        return out
+    if len(packings) == 1:
+        return packings[0].kind.causal_segments(packings[0].args, L)
     return None
 
 
@@ -785,7 +788,7 @@ def _forward_one_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
             return
         _forward_plain(q, k, v, layout, scale, out, lse)
         return
-    from ..masks import causal, sliding
+    from ..primitives import causal, sliding
     w, d = dil
     Lq, Lk, q_offset = layout.q_len, layout.kv_len, layout.q_offset
     sub_mask = causal & sliding(w)

@@ -67,7 +67,7 @@ def retained(mask: Mask, k: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if name == "chunked":
             return k >= torch.div(t, a[0], rounding_mode="floor") * a[0]
         if name == "document":
-            ends = mask.segment_ends().to(t.device)
+            ends = mask.kind.ends(mask, t.device)
             starts = ends - torch.tensor(a, dtype=torch.int64, device=t.device)
             seg = torch.searchsorted(ends, t.clamp(min=0).reshape(-1).contiguous(), right=True).reshape(t.shape)
             inside = seg < len(a)

@@ -1,4 +1,9 @@
-"""The side-by-side attention benchmark behind ``attnmask bench``.
+"""The side-by-side attention benchmark behind ``attnmask bench`` (and the shared helpers of benchmarks/).
+
+It lives in the repository's benchmarks/ folder, not in the package: ``attnmask bench``
+loads this file from a source checkout (see ``attnmask.cli``), and the scripts beside it
+import it as ``harness``. It writes files only where asked (``--results``, ``--plot``,
+``--json``; none by default).
 
 In one process, for each mask and length, it times the engines of a *mode*
 (registry ``MODES``; ``"forward"`` is built in): attnmask's blocksparse engine,
@@ -15,7 +20,7 @@ Each competitor is one function ``prepare(case) -> callable`` that raises
 :class:`Skip` when it does not fit; a mode is a dict of them, so other modes
 (e.g. forward + backward) can be added without touching the rest.
 
-    $ python -m attnmask.bench --masks sliding,causal --lengths 4096 --no-flex --no-extras
+    $ python benchmarks/harness.py --masks sliding,causal --lengths 4096 --no-flex --no-extras
 """
 
 from __future__ import annotations
@@ -89,12 +94,12 @@ class Case:
 
     @property
     def mask(self):
-        from .language import parse
+        from attnmask.language import parse
         return parse(self.mask_text)
 
 
 def prep_attnmask(case: Case) -> Callable:
-    from .engines import attention
+    from attnmask.engines import attention
     t0 = time.perf_counter()
     layout = case.mask.compile(case.n, block_size=case.args.block_size)
     case.notes["compile_ms"] = (time.perf_counter() - t0) * 1e3
@@ -129,7 +134,7 @@ def prep_flex(case: Case) -> Callable:
     if case.n > case.args.flex_max_length:
         raise Skip(f"length over --flex-max-length {case.args.flex_max_length} (each shape compiles anew)")
     import warnings
-    from .engines.flex import compiled_flex
+    from attnmask.engines.flex import compiled_flex
     # Each (mask, shape) compiles anew; start from a clean dynamo cache so that torch's
     # recompile limit (8 per function) never silently drops later cases to eager mode.
     torch._dynamo.reset()
@@ -158,7 +163,7 @@ def fwd_bwd(attend: Callable, q, k, v, dout) -> Callable:
 
 
 def prep_attnmask_fwd_bwd(case: Case) -> Callable:
-    from .engines import attention
+    from attnmask.engines import attention
     layout = case.mask.compile(case.n, block_size=case.args.block_size)
     case.notes["attended"] = layout.attended_pairs()
     return fwd_bwd(lambda q, k, v: attention(q, k, v, layout, backend="blocksparse"),
@@ -338,7 +343,7 @@ def run_sweep(args, console) -> list[dict]:
 def _dtypes(text: str) -> list[str]:
     """``--dtype`` as a list: ``"float32,bfloat16"`` times both dtypes side by side."""
     names = [d.strip() for d in text.split(",") if d.strip()]
-    from .errors import MaskValueError
+    from attnmask.errors import MaskValueError
     for d in names:
         if d not in ("float32", "bfloat16", "float16"):
             raise MaskValueError(f"--dtype takes float32, bfloat16 or float16 (comma-separated), got {d!r}")
@@ -564,8 +569,13 @@ def _int_list(text: str) -> list[int]:
     return out
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the benchmark's options to ``parser`` (used by ``attnmask bench`` and the script)."""
+def add_arguments(parser: argparse.ArgumentParser, *, results: str = "", plot: str = "") -> None:
+    """Add the benchmark's options to ``parser`` (used by ``attnmask bench`` and the scripts).
+
+    Files are written only where asked: ``results`` and ``plot`` are the defaults of
+    ``--results`` and ``--plot`` ('' = none; benchmarks/bench_attention.py passes the
+    repository's results file and picture).
+    """
     parser.add_argument("--mode", default="forward", help="what to time: " + ", ".join(MODES) + " (default forward)")
     parser.add_argument("--masks", default=",".join(MASKS), help="comma-separated mask names: " + ", ".join(MASKS))
     parser.add_argument("--lengths", default="4096,8192,16384,32768", help="comma-separated lengths (4k style ok)")
@@ -587,8 +597,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory-length", type=int, default=131072)
     parser.add_argument("--decode-kv-heads", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--results", default="benchmarks/results/attention.md", help="markdown results file ('' = none)")
-    parser.add_argument("--plot", default="docs/bench_attention.png", help="plot file ('' = none)")
+    parser.add_argument("--results", default=results,
+                        help=f"markdown results file (default: {results or 'none'}; '' = none)")
+    parser.add_argument("--plot", default=plot, help=f"plot file (default: {plot or 'none'}; '' = none)")
     parser.add_argument("--json", default="", help="also dump raw results as JSON here")
 
 
@@ -596,7 +607,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run the benchmark described by parsed ``args``; returns the exit status."""
     from rich.console import Console
     from rich.table import Table
-    from .errors import MaskValueError
+    from attnmask.errors import MaskValueError
     console = Console()
     if console.width < 160:
         console = Console(width=160)     # the table is wide; piped output defaults to 80 columns
@@ -639,12 +650,12 @@ def run_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m attnmask.bench [options]``."""
+def main(argv: list[str] | None = None, *, results: str = "", plot: str = "") -> int:
+    """``python benchmarks/harness.py [options]`` (``results`` / ``plot``: default output files)."""
     parser = argparse.ArgumentParser(prog="attnmask bench", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
+    add_arguments(parser, results=results, plot=plot)
     args = parser.parse_args(argv)
-    from .errors import MaskError
+    from attnmask.errors import MaskError
     try:
         return run_from_args(args)
     except MaskError as e:

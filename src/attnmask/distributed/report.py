@@ -161,6 +161,8 @@ def draw(plans: dict, path: str, *, pixels: int = 512, dpi: int = 110) -> None:
            label=f"plan ({p.strategy}): busiest {p.imbalance():.3f}, step {p.simulation.ratio:.3f}x ideal")
     bx.axhline(1.0, color="black", lw=0.6)
     bx.set_xlabel("rank")
+    from matplotlib.ticker import MaxNLocator
+    bx.xaxis.set_major_locator(MaxNLocator(integer=True))   # ranks are whole numbers
     bx.set_ylabel("attended pairs / mean")
     bx.set_title("work per rank (step = simulated time incl. waits)", fontsize=10)
     bx.legend(fontsize=8, loc="upper left")

@@ -461,13 +461,13 @@ def _load_model(name: str):
 
 
 def cmd_inspect(args) -> int:
-    from .weights import _check_path
+    from .render import check_path
     outputs = [p for p in (args.output, args.overview, args.census) if p is not None]
     if not outputs:
         raise MaskValueError("inspect needs something to draw: -o PATH (with --layer), --overview PATH "
                              "or --census PATH")
     for path in outputs:
-        _check_path(path)
+        check_path(path)
     if args.output is not None and args.layer is None:
         raise MaskValueError("-o draws one layer's heads: give --layer L (or use --overview for every layer)")
     window = None
@@ -530,11 +530,11 @@ def cmd_inspect(args) -> int:
 
 def cmd_fit(args) -> int:
     import os
-    from .weights import _check_path
+    from .render import check_path
     if not str(args.output).lower().endswith(".json"):
         raise MaskValueError(f"fit writes the plan as JSON; -o must end in .json, got {args.output!r}")
     if args.plot is not None:
-        _check_path(args.plot)
+        check_path(args.plot)
     from .models.texts import read_text
     for path in list(args.text) + list(args.held_out or []):
         read_text(path)                           # a missing file fails before the model loads

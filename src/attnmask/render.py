@@ -122,14 +122,15 @@ def check_path(path) -> str:
     return ext
 
 
-def _new_figure(figsize, dpi) -> "Figure":
+def new_figure(figsize, dpi, *, layout: str | None = None) -> "Figure":
+    """A figure for the library's pictures (``layout`` as matplotlib takes it, e.g. "constrained")."""
     # A pyplot figure when the caller already works with pyplot (so plt.show()
     # sees it); otherwise a bare Agg-backed Figure that leaves no global state.
     if "matplotlib.pyplot" in sys.modules:
         import matplotlib.pyplot as plt
-        return plt.figure(figsize=figsize, dpi=dpi)
+        return plt.figure(figsize=figsize, dpi=dpi, layout=layout)
     from matplotlib.figure import Figure
-    return Figure(figsize=figsize, dpi=dpi)
+    return Figure(figsize=figsize, dpi=dpi, layout=layout)
 
 
 # ---------------------------------------------------------------------------
@@ -279,7 +280,7 @@ def render(mask: MaskLike | Sequence[MaskLike], length: int, *, kv_length: int |
     if ax is None:
         if figsize is None:
             figsize = (5.2 * n + 0.6, 5.0) if n > 1 else (6.4, 5.6)
-        fig = _new_figure(figsize, dpi)
+        fig = new_figure(figsize, dpi)
         axes = fig.subplots(1, n, squeeze=False)[0]
     else:
         fig = ax.figure

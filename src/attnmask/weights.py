@@ -25,7 +25,7 @@ import torch
 from .errors import MaskValueError
 from .language import as_mask
 from .masks import Mask
-from .render import auto_tile, format_position
+from .render import auto_tile, check_path, format_position, new_figure
 
 if TYPE_CHECKING:  # pragma: no cover
     from matplotlib.figure import Figure
@@ -36,30 +36,11 @@ SCALES = ("linear", "log", "sqrt")
 OUTLINE = "#ff5a36"            # the mask's outline: visible on viridis purple and yellow alike
 LOG_FLOOR = 1e-4               # weights below this are drawn as the darkest purple on the log scale
 HEAD_TYPES = ("sink", "self", "previous", "local", "columns", "diffuse")
-SAVE_FORMATS = (".png", ".svg", ".pdf")
-
-
-def _figure(figsize, dpi) -> "Figure":
-    import sys
-    # constrained layout leaves room for colorbars and legends beside several axes
-    if "matplotlib.pyplot" in sys.modules:     # so plt.show() sees it, as render() does
-        import matplotlib.pyplot as plt
-        return plt.figure(figsize=figsize, dpi=dpi, layout="constrained")
-    from matplotlib.figure import Figure
-    return Figure(figsize=figsize, dpi=dpi, layout="constrained")
-
-
-def _check_path(path) -> str:
-    ext = os.path.splitext(str(path))[1].lower()
-    if ext not in SAVE_FORMATS:
-        raise MaskValueError(f"cannot save a picture as {str(path)!r}: the extension must be one of "
-                             f"{', '.join(SAVE_FORMATS)}, got {ext or 'none'!r}")
-    return ext
 
 
 def _save(fig, path) -> None:
     if path is not None:
-        fig.savefig(os.fspath(path), format=_check_path(path)[1:])
+        fig.savefig(os.fspath(path), format=check_path(path)[1:])
 
 
 def _ticks(lo: int, hi: int, most: int = 6) -> list[int]:
@@ -169,7 +150,7 @@ def render_weights(weights, *, mask: Mask | str | Sequence[Mask | str] | None = 
     if titles is not None and len(titles) != n:
         raise MaskValueError(f"titles has {len(titles)} entries for {n} heads; give one per head")
     if path is not None:
-        _check_path(path)
+        check_path(path)
     q_offset = kv_len - q_len if q_offset is None else int(q_offset)
     q0, q1, k0, k1 = _window(window, q_len, kv_len, q_offset)
     masks: list[Mask | None]
@@ -187,7 +168,7 @@ def render_weights(weights, *, mask: Mask | str | Sequence[Mask | str] | None = 
     nrows = -(-n // ncols)
     if figsize is None:
         figsize = (4.3 * ncols + (0.9 if colorbar else 0.2), 3.9 * nrows + 0.4)
-    fig = _figure(figsize, dpi)
+    fig = new_figure(figsize, dpi, layout="constrained")
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     crop = w[:, q0 - q_offset:q1 - q_offset, k0:k1].to(torch.float64).numpy()
     vmax = float(crop.max()) if crop.size and crop.max() > 0 else 1.0
@@ -261,7 +242,7 @@ def render_overview(maps, *, cells: int = 64, scale: str = "log", title: str | N
     if scale not in SCALES:
         raise MaskValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
     if path is not None:
-        _check_path(path)
+        check_path(path)
     layers = _layer_maps(maps)
     order = sorted(layers)
     heads = layers[order[0]].shape[0]
@@ -283,7 +264,7 @@ def render_overview(maps, *, cells: int = 64, scale: str = "log", title: str | N
     vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
     cmap = _cmap().with_extremes(bad="white")
     width = min(24.0, 0.5 * n_cols + 2.0)
-    fig = _figure((width, (width - 2.0) * n_rows / n_cols + 1.6), dpi)
+    fig = new_figure((width, (width - 2.0) * n_rows / n_cols + 1.6), dpi, layout="constrained")
     ax = fig.add_subplot()
     shown = np.ma.masked_invalid(np.where(canvas <= 0, LOG_FLOOR / 10, canvas) if scale == "log" else canvas)
     im = ax.imshow(shown, cmap=cmap, norm=_norm(scale, vmax), interpolation="antialiased", aspect="equal")
@@ -367,13 +348,13 @@ def render_census(census: dict, *, title: str | None = None, dpi: int = 100,
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
     if path is not None:
-        _check_path(path)
+        check_path(path)
     types = census["types"]
     order = sorted(types)
     heads = len(types[order[0]])
     grid = np.array([[HEAD_TYPES.index(t) for t in types[l]] for l in order])
     colors = _category_colors()
-    fig = _figure((0.42 * heads + 3.6, 0.26 * len(order) + 1.6), dpi)
+    fig = new_figure((0.42 * heads + 3.6, 0.26 * len(order) + 1.6), dpi, layout="constrained")
     ax = fig.add_subplot()
     ax.imshow(grid, cmap=ListedColormap([colors[t] for t in HEAD_TYPES]), vmin=-0.5, vmax=len(HEAD_TYPES) - 0.5,
               interpolation="nearest", aspect="auto")
@@ -404,12 +385,12 @@ def render_plan(plan: "MaskPlan", *, title: str | None = None, dpi: int = 100,
         'layer'
     """
     if path is not None:
-        _check_path(path)
+        check_path(path)
     letters = {"causal": "c", "window": "w", "dilated": "d", "chunked": "k", "columns": "s", "dynamic": "t"}
     figs = plan.figures
     dens = np.array([[f.get("density", np.nan) for f in layer] for layer in figs]) if figs else \
         np.ones((plan.n_layers, plan.n_heads))
-    fig = _figure((0.42 * plan.n_heads + 2.6, 0.26 * plan.n_layers + 1.7), dpi)
+    fig = new_figure((0.42 * plan.n_heads + 2.6, 0.26 * plan.n_layers + 1.7), dpi, layout="constrained")
     ax = fig.add_subplot()
     im = ax.imshow(dens, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest", aspect="auto")
     if figs:

@@ -18,7 +18,10 @@ leak between cases), best of ``--repeats``, competitors taking turns:
   warm: a first call at the shape compiles it (its time is reported apart),
   later calls are timed.
 * ``create_block_mask(..., _compile=False)`` (eager) materializes the N x N
-  mask and int64 temporaries, so it runs only up to ``--eager-max`` tokens.
+  mask and the predicate's N x N temporaries. Its peak memory is measured in a
+  fresh process at ``--eager-probe-n`` tokens and scaled by (N / n)^2; eager runs
+  at N (in its own process) only when that estimate is under ``--eager-mem-gb``,
+  otherwise the row says the estimate instead of a time.
 
 Both sides must give the same tiles: attnmask's layout, classified as
 FlexAttention does (``to_flex_block_mask(edge_tiles="flex")``), is compared
@@ -26,6 +29,7 @@ with create_block_mask's full and partial block counts.
 
     python benchmarks/bench_mask_mod.py                       # 64K and 256K, writes benchmarks/results/mask_mod.md
     python benchmarks/bench_mask_mod.py --lengths 8192 --out -   # quick smoke run
+    python benchmarks/bench_mask_mod.py --first-trace            # the once-per-process import, in 3 fresh processes
 """
 
 from __future__ import annotations
@@ -109,7 +113,29 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
-def run_case(kind: str, n: int, repeats: int, eager_max: int, cbm: bool) -> dict:
+def _rss_gb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def run_eager(kind: str, n: int) -> dict:
+    """Eager create_block_mask at ``n`` in this (fresh) process: its time and peak memory above the baseline."""
+    import resource
+    import warnings
+
+    from torch.nn.attention.flex_attention import create_block_mask
+    warnings.simplefilter("ignore", DeprecationWarning)
+    fn = make_mask_mod(kind, n)
+    create_block_mask(fn, None, None, 256, 256, device="cpu", BLOCK_SIZE=BLOCK, _compile=False)  # warm the code path
+    base = _rss_gb()
+    t = time.perf_counter()
+    create_block_mask(fn, None, None, n, n, device="cpu", BLOCK_SIZE=BLOCK, _compile=False)
+    dt = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20      # KiB -> GiB
+    return {"n": n, "s": dt, "peak_gb": max(peak - base, 0.0)}
+
+
+def run_case(kind: str, n: int, repeats: int, cbm: bool) -> dict:
     """One (kind, length) in this process; returns the figures."""
     import warnings
 
@@ -119,7 +145,8 @@ def run_case(kind: str, n: int, repeats: int, eager_max: int, cbm: bool) -> dict
     import attnmask as am
     warnings.simplefilter("ignore", am.MaskModWarning)
     fn = make_mask_mod(kind, n)
-    out: dict = {"kind": kind, "n": n}
+    out: dict = {"kind": kind, "n": n, "load_start": round(os.getloadavg()[0], 2)}
+    warnings.simplefilter("ignore", DeprecationWarning)      # create_block_mask's _compile flag
     # The first trace in a process imports torch's tracing machinery (dynamo, fake tensors): once per
     # process, and create_block_mask(_compile=True) imports the same. Paid here on a throwaway leaf.
     t = time.perf_counter()
@@ -155,9 +182,9 @@ def run_case(kind: str, n: int, repeats: int, eager_max: int, cbm: bool) -> dict
     out["attnmask_warm_s"] = min(timings["attnmask"])
     if cbm:
         out["cbm_compiled_s"] = min(timings["cbm_compiled"])
-    if cbm and n <= eager_max:
-        out["cbm_eager_s"] = _best(
-            lambda: create_block_mask(fn, None, None, n, n, device="cpu", BLOCK_SIZE=BLOCK, _compile=False), 1)
+    out["load_end"] = round(os.getloadavg()[0], 2)
+    import resource
+    out["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20     # the whole process
     return out
 
 
@@ -176,23 +203,60 @@ def _fmt(s) -> str:
     return f"{s * 1000:.0f} ms" if s < 10 else f"{s:.1f} s"
 
 
+def first_trace() -> str:
+    """This (fresh) process's first mask_mod compile: what it imports and what it costs."""
+    t = time.perf_counter()
+    import torch  # noqa: F401
+    import attnmask as am
+    t_import = time.perf_counter() - t
+    before = set(sys.modules)
+    t = time.perf_counter()
+    am.from_mask_mod(lambda b, h, q, k: k <= q, "first").compile(256)
+    t_first = time.perf_counter() - t
+    new = set(sys.modules) - before
+    t = time.perf_counter()
+    am.from_mask_mod(lambda b, h, q, k: (k <= q) & (q - k < 64), "second").compile(256)
+    t_second = time.perf_counter() - t
+    return (f"import torch + attnmask {t_import:.2f} s; first mask_mod compile {t_first:.2f} s ({len(new)} modules "
+            f"imported, torch._dynamo among them: {'torch._dynamo' in new}); a second leaf {t_second * 1000:.0f} ms; "
+            f"load {os.getloadavg()[0]:.1f}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS)
     p.add_argument("--kinds", nargs="+", default=KINDS, choices=KINDS)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--eager-max", type=int, default=16384,
-                   help="longest length create_block_mask runs eagerly (it builds the N x N mask)")
+    p.add_argument("--eager-probe-n", type=int, default=8192,
+                   help="length at which eager create_block_mask's peak memory is measured")
+    p.add_argument("--eager-mem-gb", type=float, default=6.0,
+                   help="run eager create_block_mask at N only if its scaled peak memory is under this")
     p.add_argument("--no-cbm", action="store_true", help="attnmask only")
     p.add_argument("--timeout", type=int, default=900, help="seconds per case")
     p.add_argument("--out", default="benchmarks/results/mask_mod.md", help="results file, or - for stdout only")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows already in the results file and measure only the missing cases")
     p.add_argument("--case", help=argparse.SUPPRESS)
+    p.add_argument("--eager-case", help=argparse.SUPPRESS)
+    p.add_argument("--first-trace", action="store_true",
+                   help="time the first mask_mod trace of a fresh process (3 processes), then exit")
+    p.add_argument("--first-trace-case", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.case:
         kind, n = args.case.split(":")
-        print(json.dumps(run_case(kind, int(n), args.repeats, args.eager_max, not args.no_cbm)))
+        print(json.dumps(run_case(kind, int(n), args.repeats, not args.no_cbm)))
+        return 0
+    if args.first_trace_case:
+        print(first_trace())
+        return 0
+    if args.first_trace:
+        for _ in range(3):
+            print(subprocess.run([sys.executable, __file__, "--first-trace-case"], capture_output=True, text=True,
+                                 check=True).stdout.strip())
+        return 0
+    if args.eager_case:
+        kind, n = args.eager_case.split(":")
+        print(json.dumps(run_eager(kind, int(n))))
         return 0
     header = _machine()
     rows, commands = [], []
@@ -205,14 +269,11 @@ def main(argv=None) -> int:
         for kind in args.kinds:
             if (kind, n) in done:
                 continue
-            cmd = [sys.executable, __file__, "--case", f"{kind}:{n}", "--repeats", str(args.repeats),
-                   "--eager-max", str(args.eager_max)] + (["--no-cbm"] if args.no_cbm else [])
-            try:
-                res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-                r = json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else \
-                    {"kind": kind, "n": n, "error": res.stderr.strip().splitlines()[-1][:200]}
-            except subprocess.TimeoutExpired:
-                r = {"kind": kind, "n": n, "error": f"over {args.timeout} s"}
+            cmd = [sys.executable, __file__, "--case", f"{kind}:{n}", "--repeats", str(args.repeats)] + \
+                (["--no-cbm"] if args.no_cbm else [])
+            r = {"kind": kind, "n": n, **_subprocess_json(cmd, args.timeout)}
+            if "error" not in r and not args.no_cbm:
+                _add_eager(r, kind, n, args)
             rows.append(r)
             print(json.dumps(r), flush=True)
             if args.out != "-":
@@ -222,6 +283,48 @@ def main(argv=None) -> int:
     if args.out != "-":
         _write(args.out, text)
     return 0
+
+
+def _subprocess_json(cmd: list, timeout: int) -> dict:
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"over {timeout} s"}
+    if res.returncode != 0:
+        return {"error": (res.stderr.strip().splitlines() or [f"exit {res.returncode}"])[-1][:200]}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _add_eager(r: dict, kind: str, n: int, args) -> None:
+    """Eager create_block_mask: probed at a small length, run at ``n`` only when its memory is bounded."""
+    me = [sys.executable, __file__]
+    probe = _subprocess_json(me + ["--eager-case", f"{kind}:{min(args.eager_probe_n, n)}"], args.timeout)
+    if "error" in probe:
+        r["eager_error"] = probe["error"]
+        return
+    r["eager_probe"] = probe
+    r["eager_est_gb"] = probe["peak_gb"] * (n / probe["n"]) ** 2
+    if probe["n"] == n:
+        r["cbm_eager_s"] = probe["s"]
+    elif r["eager_est_gb"] <= args.eager_mem_gb:
+        run = _subprocess_json(me + ["--eager-case", f"{kind}:{n}"], args.timeout)
+        if "error" in run:
+            r["eager_error"] = run["error"]
+        else:
+            r["cbm_eager_s"], r["eager_peak_gb"] = run["s"], run["peak_gb"]
+
+
+def _eager_cell(r: dict) -> str:
+    if "cbm_eager_s" in r:
+        peak = r.get("eager_peak_gb", r.get("eager_probe", {}).get("peak_gb"))
+        return f"{_fmt(r['cbm_eager_s'])} ({peak:.2f} GB peak)" if peak is not None else _fmt(r["cbm_eager_s"])
+    if "eager_probe" in r:
+        p = r["eager_probe"]
+        return (f"not run: ~{r['eager_est_gb']:.0f} GB of N x N temporaries ({p['peak_gb']:.2f} GB peak "
+                f"and {_fmt(p['s'])} at {p['n']:,}, x (N/{p['n']:,})^2)")
+    if "eager_error" in r:
+        return f"error: {r['eager_error']}"
+    return "-"
 
 
 def _write(path: str, text: str) -> None:
@@ -252,7 +355,9 @@ def _render(rows: list, header: str, commands: list) -> str:
         "",
         f"Machine (first run): {header}",
         "",
-        "The machine was shared with other jobs during the run (load average far above its 2 cores).",
+        "Load average (1 min) at the start and end of each case: "
+        + (", ".join(f"{r['kind']}@{r['n']:,}: {r['load_start']}-{r['load_end']}" for r in rows if "load_start" in r)
+           or "not recorded"),
         "",
         *[f"Command: `{c}`" for c in commands],
         "",
@@ -272,7 +377,7 @@ def _render(rows: list, header: str, commands: list) -> str:
             lines.append(f"| {r['kind']} | {r['n']:,} | error: {r['error']} | | | | | | | | |")
             continue
         ratio = (f"{r['cbm_compiled_s'] / r['attnmask_warm_s']:.1f}x" if "cbm_compiled_s" in r else "-")
-        eager = _fmt(r.get("cbm_eager_s")) if "cbm_eager_s" in r else "not run (N x N mask)"
+        eager = _eager_cell(r)
         lines.append(f"| {r['kind']} | {r['n']:,} | {_fmt(r['attnmask_warm_s'])} | {_fmt(r['attnmask_cold_s'])} | "
                      f"{_fmt(r.get('cbm_compiled_s'))} | {_fmt(r.get('cbm_first_call_s'))} | {ratio} | {eager} | "
                      f"{r['route']} | {r['partial_tiles']:,} | {r.get('same_tiles', '-')} |")

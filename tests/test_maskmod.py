@@ -362,3 +362,71 @@ def test_an_unboundable_million_token_compile_is_refused_with_the_way_out():
         return (q - k).float().abs() < 1000.5          # floats: no interval rule
     with pytest.raises(am.LayoutTooLargeError, match="DENSE_CELL_BUDGET|integer tensor arithmetic"):
         am.from_mask_mod(float_window, "float_window").compile(1 << 20)
+
+
+# ---------------------------------------------------------------------------
+# decode and short calls (q_len <= 16): the short path evaluates the leaf in its frame
+# ---------------------------------------------------------------------------
+
+def _short_plans():
+    from attnmask.engines.short import short_plans
+    return short_plans
+
+
+@given(st.sampled_from(sorted(KINDS)), st.integers(1, 16), st.integers(1, 300),
+       st.sampled_from(["alone", "causal &", "| sliding(7)"]), st.integers(1, 2), st.sampled_from([1, 2]))
+def test_short_calls_evaluate_mask_mods_as_flexattention_does(kind, q_len, kv_len, combine, B, rep):
+    fn = KINDS[kind](max(q_len, kv_len))
+    m = leaf(fn, kind)
+    flex = fa.create_mask(fn, 1, 1, q_len, kv_len, device="cpu")[0, 0]       # rows 0..q_len-1
+    if combine == "alone":
+        expr, want = m, flex
+    else:   # the primitive reads positions kv_len - q_len + row (decode's default q_offset)
+        prim = {"causal &": am.causal, "| sliding(7)": am.sliding(7)}[combine]
+        p = prim.to_dense(q_len, kv_len)
+        expr, want = (prim & m, p & flex) if combine == "causal &" else (m | prim, flex | p)
+    H = 2 * rep
+    g = torch.Generator().manual_seed(q_len * 1000 + kv_len)
+    q = torch.randn(B, H, q_len, 8, generator=g)
+    k, v = torch.randn(B, 2, kv_len, 8, generator=g), torch.randn(B, 2, kv_len, 8, generator=g)
+    plans = _short_plans()
+    plans.clear()
+    out, lse = quiet(am.attention, q, k, v, expr, enable_gqa=True, return_lse=True)
+    assert len(plans) == 1                            # the short path ran (no layout was compiled)
+    ref = fp64_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), want)
+    assert scaled_error(out, ref) < 1e-5
+    assert torch.equal(torch.isinf(lse), ~want.any(-1).expand(B, H, q_len))   # rows with no key: lse -inf
+    # the same call through a compiled layout agrees
+    lay = quiet(expr.compile, q_len, kv_len, block_size=16)
+    assert torch.equal(lay.to_dense(), want)
+
+
+@pytest.mark.parametrize("q_len,kv_len,q_offset", [(1, 90, None), (16, 200, None), (7, 7, 0), (16, 40, 3)])
+def test_short_calls_with_per_head_and_per_batch_mask_mods(q_len, kv_len, q_offset):
+    fn = per_head()                                   # window per (b, h): [2, 4]
+    m = am.from_mask_mod(fn, "windows")
+    B, H = 2, 4
+    flex = fa.create_mask(fn, B, H, q_len, kv_len, device="cpu")            # [B, H, Lq, Lk]
+    causal = am.causal.to_dense(q_len, kv_len, q_offset=q_offset)
+    g = torch.Generator().manual_seed(q_len)
+    q = torch.randn(B, H, q_len, 16, generator=g)
+    k, v = torch.randn(B, 2, kv_len, 16, generator=g), torch.randn(B, 2, kv_len, 16, generator=g)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    plans = _short_plans()
+    for expr, want in ((m, flex), (am.causal | m, flex | causal)):
+        plans.clear()
+        out = am.attention(q, k, v, expr, q_offset=q_offset, enable_gqa=True)
+        assert len(plans) == 1
+        assert scaled_error(out, fp64_attention(q, kk, vv, want)) < 1e-5
+    # a per-head list with one mask_mod entry, and per_batch entries
+    from attnmask.engines import per_batch
+    heads = [am.causal, m, am.sliding(3), m]
+    want = torch.stack([causal, flex[0, 1], am.sliding(3).to_dense(q_len, kv_len, q_offset=q_offset), flex[0, 3]])
+    plans.clear()
+    out = am.attention(q[:1], k[:1], v[:1], heads, q_offset=q_offset, enable_gqa=True)
+    assert len(plans) == 1
+    assert scaled_error(out, fp64_attention(q[:1], kk[:1], vv[:1], want[None])) < 1e-5
+    lay = m.compile(q_len, kv_len, q_offset=q_offset, block_size=16, b=1, h=2)     # a layout keeps its (b, h)
+    out = am.attention(q, k, v, per_batch([am.causal, lay]), q_offset=q_offset, enable_gqa=True)
+    want = torch.stack([causal.expand(H, -1, -1), flex[1, 2].expand(H, -1, -1)])
+    assert scaled_error(out, fp64_attention(q, kk, vv, want)) < 1e-5

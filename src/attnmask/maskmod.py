@@ -41,7 +41,7 @@ import torch
 
 from .errors import MaskValueError
 from .kinds import StructureClass, TileState
-from .masks import FREE_FRAME, Frame, Mask, _PREC_ATOM, _broadcast_shape
+from .masks import FREE_FRAME, Frame, Mask, broadcast_shape
 
 __all__ = ["MaskMod", "MaskModWarning", "from_mask_mod"]
 
@@ -82,9 +82,6 @@ class MaskMod(Mask):
 
     def __hash__(self):
         return hash((id(self.fn),) + self._key()[1:])
-
-    def _prec(self) -> int:
-        return _PREC_ATOM
 
     def _text(self) -> str:
         pins = [f"{n}={v}" for n, v in (("b", self.pin_b), ("h", self.pin_h)) if v is not None]
@@ -200,13 +197,13 @@ def evaluate_leaf(leaf: MaskMod, b, h, rows: torch.Tensor, keys: torch.Tensor, f
 
 
 def _target_shape(*tensors) -> tuple[int, ...]:
-    return _broadcast_shape(*(t.shape for t in tensors))
+    return broadcast_shape(*(t.shape for t in tensors))
 
 
 def _broadcast_call(leaf: MaskMod, b, h, rows, keys) -> torch.Tensor:
     out = _as_bool(leaf, leaf.fn(b, h, rows, keys))
     target = _target_shape(b, h, rows, keys)
-    if _broadcast_shape(target, out.shape) != target:
+    if broadcast_shape(target, out.shape) != target:
         raise MaskValueError(f"mask_mod {leaf.name!r} returned shape {tuple(out.shape)} for indices "
                              f"broadcasting to {target}")
     return out
@@ -267,7 +264,7 @@ def _find_dependence(leaf: MaskMod) -> frozenset:
     try:
         out = leaf.fn(b2, h2, zero, zero)
         if isinstance(out, torch.Tensor) and out.dtype == torch.bool and out.dim() <= 4 and \
-                _broadcast_shape(out.shape, (2, 2, 1, 1)) == (2, 2, 1, 1):
+                broadcast_shape(out.shape, (2, 2, 1, 1)) == (2, 2, 1, 1):
             shape = (1,) * (4 - out.dim()) + tuple(out.shape)
             return frozenset(n for n, s in (("batch", shape[0]), ("head", shape[1])) if s == 2)
     except Exception:                       # noqa: BLE001 - scalar-only: ask vmap instead

@@ -89,7 +89,8 @@ class Mask:
 
     # ----- text ------------------------------------------------------------
     def _prec(self) -> int:
-        raise NotImplementedError
+        # leaves (primitives, wrapped mask_mods) bind tightest; the operators override this
+        return _PREC_ATOM
 
     def _text(self) -> str:
         raise NotImplementedError
@@ -112,7 +113,7 @@ class Mask:
             [False, False, True, True, False]
         """
         out = self._eval(q, k)
-        return out.expand(_broadcast_shape(q.shape, k.shape, out.shape))
+        return out.expand(broadcast_shape(q.shape, k.shape, out.shape))
 
     def _eval(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -239,8 +240,14 @@ class Mask:
         return late.call("repr_png", self)
 
 
-def _broadcast_shape(*shapes) -> tuple[int, ...]:
-    # torch.broadcast_shapes imports sympy on first use (~0.3 s); this is the rule.
+def broadcast_shape(*shapes) -> tuple[int, ...]:
+    """The shape tensors of ``shapes`` broadcast to; a MaskValueError names them when they do not.
+
+    (torch.broadcast_shapes imports sympy on first use, ~0.3 s; this is the same rule.)
+
+        >>> broadcast_shape((4, 1), (1, 6), (6,))
+        (4, 6)
+    """
     ndim = max(len(s) for s in shapes)
     out = [1] * ndim
     for s in shapes:
@@ -284,7 +291,7 @@ def evaluate_at(mask: "Mask", q: torch.Tensor, k: torch.Tensor, frame: Frame, b=
         [[1, 0, 0, 0, 0, 0]]
     """
     out = mask._eval_at(b, h, q, k, frame)
-    return out.expand(_broadcast_shape(q.shape, k.shape, out.shape))
+    return out.expand(broadcast_shape(q.shape, k.shape, out.shape))
 
 
 def _as_mask(other, op: str) -> Mask:
@@ -335,9 +342,6 @@ class Primitive(Mask):
     @property
     def name(self) -> str:
         return self.kind.name
-
-    def _prec(self) -> int:
-        return _PREC_ATOM
 
     def _text(self) -> str:
         return self.kind.text(self.args)
@@ -589,4 +593,4 @@ def resolve_batch_head(mask: Mask, b, h, where: str) -> tuple[int, int]:
 
 
 __all__ = ["Mask", "Primitive", "Union", "Intersection", "Difference", "Complement", "Frame", "FREE_FRAME",
-           "evaluate_at", "resolve_shape", "resolve_batch_head", "check_length", "short_int"]
+           "evaluate_at", "broadcast_shape", "resolve_shape", "resolve_batch_head", "check_length", "short_int"]

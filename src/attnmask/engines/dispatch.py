@@ -128,11 +128,11 @@ def _resolve_masks(mask, B: int, H: int, Lq: int, Lk: int, q_offset: int | None,
                 raise MaskValueError(f"{where}: the layout was compiled with q_offset={item.q_offset} but "
                                      f"q_offset={q_offset} was passed; recompile with mask.compile({Lq}, {Lk}, "
                                      f"q_offset={q_offset}) or drop q_offset")
-            lay = item if compile else (item.mask, item.q_offset)
+            lay = item if compile else (_pinned(item.mask, item.b, item.h), item.q_offset)
         elif isinstance(item, Mask):
             # a mask_mod that reads b or h gets one layout per batch element / head (cached, shared otherwise)
             lay = item.compile(Lq, Lk, q_offset=q_offset, block_size=block_size, b=b, h=h) if compile \
-                else (item, default_offset)
+                else (_pinned(item, b, h), default_offset)
         else:
             raise MaskValueError(f"{where} must be a Mask or a BlockLayout, got {type(item).__name__}")
         key = id(lay) if compile else lay
@@ -169,15 +169,13 @@ def _resolve_masks(mask, B: int, H: int, Lq: int, Lk: int, q_offset: int | None,
     return layouts, torch.tensor(grid, dtype=torch.int64).reshape(B, H)
 
 
-def _has_mask_mod(mask) -> bool:
-    """Whether any mask given holds a from_mask_mod leaf: those need their layout's frame (row
-    indices, lengths, b and h; see attnmask.maskmod), which the short path's direct evaluation lacks."""
-    if isinstance(mask, BlockLayout):
-        return mask.mask.has_mask_mod()
-    if isinstance(mask, Mask):
-        return mask.has_mask_mod()
-    items = mask.items if isinstance(mask, PerBatch) else mask
-    return isinstance(items, (list, tuple)) and any(_has_mask_mod(m) for m in items)
+def _pinned(mask: Mask, b: int, h: int) -> Mask:
+    """``mask`` with its mask_mod leaves pinned at the (b, h) they read, for the short path's direct
+    evaluation (which has no (b, h) of its own); masks that read neither are returned as they are."""
+    if not mask.has_mask_mod():
+        return mask
+    reads = mask.depends_on()
+    return mask.at(b=b if "batch" in reads else None, h=h if "head" in reads else None)
 
 
 # -- backends ---------------------------------------------------------------------------------------
@@ -312,7 +310,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, *, scale:
         raise MaskValueError(f"scale must be a number, got {scale!r}") from None
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if backend in ("auto", "blocksparse") and q.device.type == "cpu" and not needs_grad and 0 < Lq <= SHORT_ROWS \
-            and Lk > 0 and D > 0 and B > 0 and H > 0 and not _has_mask_mod(mask):
+            and Lk > 0 and D > 0 and B > 0 and H > 0:
         # Short calls and decode steps: nothing is compiled (the shape changes every step).
         items, head_index = _resolve_masks(mask, B, H, Lq, Lk, q_offset, block_size, compile=False)
         if short_fits(len(items), Lq, Lk):

@@ -3,8 +3,10 @@
 A decode step (one query row against a KV cache) has a new shape every step,
 so a layout compiled for it is used once: compiling costs 3-8 ms at 4K-64K keys
 on this project's machine while the step itself is 0.1-10 ms. This path
-compiles nothing. Per distinct mask it evaluates ``Mask.evaluate`` on the
-``[Lq, Lk]`` cells it has (Lq x Lk booleans: 1/D of the attention's own work),
+compiles nothing. Per distinct mask it evaluates the mask on the ``[Lq, Lk]``
+cells it has (Lq x Lk booleans: 1/D of the attention's own work) in the call's
+frame, so a ``from_mask_mod`` leaf sees what it sees everywhere (row index
+0..Lq-1, key index, the lengths, and the b / h the dispatcher pinned it at), then
 takes the union of the keys that any head attends and runs ONE fused flash
 call for every head:
 
@@ -35,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from ..masks import Mask
+from ..masks import Frame, Mask, evaluate_at
 from ..threads import single_thread, threads_for
 from .cache import ByteLRU, tensor_bytes
 
@@ -86,7 +88,8 @@ def fits(n_masks: int, Lq: int, Lk: int) -> bool:
 
 def _build(items: list[tuple[Mask, int]], head_index: torch.Tensor, Lq: int, Lk: int, Hkv: int) -> _ShortPlan:
     kpos = torch.arange(Lk)
-    allowed = torch.stack([torch.broadcast_to(m.evaluate((off + torch.arange(Lq))[:, None], kpos[None, :]),
+    rows = torch.arange(Lq)[:, None]
+    allowed = torch.stack([torch.broadcast_to(evaluate_at(m, off + rows, kpos[None, :], Frame(off, Lq, Lk)),
                                               (Lq, Lk)) for m, off in items])          # [M, Lq, Lk]
     used = allowed.any(1).any(0)
     idx = used.nonzero().flatten()
@@ -117,7 +120,8 @@ def short_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, items: list
 
     q ``[B, H, Lq, D]``, k/v ``[B, Hkv, Lk, D]`` (query head h reads kv head
     ``h // (H // Hkv)``); ``items[i] = (mask, q_offset)``: query row r of a head
-    with ``head_index[b, h] == i`` sits at position ``q_offset + r``. lse is
+    with ``head_index[b, h] == i`` sits at position ``q_offset + r``; mask_mod leaves
+    that read b or h must come pinned (``mask.at(b=, h=)``), as the dispatcher gives them. lse is
     float32 (float64 for float64 inputs), -inf where a row has no key. No autograd.
 
         >>> import torch, attnmask as am

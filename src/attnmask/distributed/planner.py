@@ -48,9 +48,11 @@ import numpy as np
 import torch
 
 from ..errors import MaskValueError
+from ..kinds import StructureClass
 from ..masks import Mask
 
-__all__ = ["CostModel", "Plan", "PlanError", "plan", "compare", "STRATEGIES", "SCHEDULES", "BASELINES", "CALL_RULES"]
+__all__ = ["CostModel", "Plan", "PlanError", "plan", "compare", "shift_invariant", "STRATEGIES", "SCHEDULES",
+           "BASELINES", "CALL_RULES"]
 
 STRATEGIES = ("balanced", "greedy", "zigzag", "contiguous", "ptrr")
 SCHEDULES = ("grouped", "ring", "allgather")
@@ -419,16 +421,43 @@ def _tokens_needed(need: np.ndarray, owner: np.ndarray, chunk_len: np.ndarray, W
     return tokens
 
 
-def _kernel_calls(need: np.ndarray, owner: np.ndarray, pairs: np.ndarray, W: int) -> np.ndarray:
-    """float [W, W]: kernel calls rank r makes against source s (its query runs x s's key runs it reads)."""
+# Masks of the offset q - k alone (structure class D, or constant) mean the same after shifting q and k by
+# one offset, so the runtime runs a piece on its keys alone with q_offset = (first query - first key): one
+# kernel call per (query run, key run). Other masks get a step's keys in a zero buffer at their global
+# positions: one call per query run and step.
+_SHIFT_INVARIANT = (StructureClass.D, StructureClass.CONST)
+
+
+def shift_invariant(masks) -> bool:
+    """Whether every mask depends on ``q - k`` alone (then pieces run without a zero K/V buffer)."""
+    return all(m.structure_class() in _SHIFT_INVARIANT for m in masks)
+
+
+def _kernel_calls(need: np.ndarray, owner: np.ndarray, pairs: np.ndarray, W: int, per_key_run: bool,
+                  one_remote_step: bool) -> np.ndarray:
+    """float [W, W]: kernel calls the runtime makes for rank r against source s.
+
+    ``per_key_run``: its query runs x s's key runs it reads; else one per query run per step (the
+    zero-buffer path), a step being one source, or all other sources at once (``one_remote_step``:
+    all-gather), spread over them.
+    """
     change = np.r_[True, owner[1:] != owner[:-1]]
-    q_runs = np.bincount(owner[change], minlength=W)
+    q_runs = np.bincount(owner[change], minlength=W).astype(np.float64)
+    has = pairs > 0
+    if not per_key_run:
+        calls = q_runs[:, None] * has
+        if one_remote_step:
+            remote = has & ~np.eye(W, dtype=bool)
+            k = remote.sum(1, keepdims=True)
+            spread = np.divide(q_runs[:, None] * remote, k, out=np.zeros((W, W)), where=k > 0)
+            calls = np.where(np.eye(W, dtype=bool), calls, spread)
+        return calls
     calls = np.zeros((W, W))
     for r in range(W):
         read = need[r]
         starts = read & (np.r_[True, ~read[:-1]] | change)
         calls[r] = q_runs[r] * np.bincount(owner[starts], minlength=W)
-    return np.where(pairs > 0, calls, 0.0)
+    return np.where(has, calls, 0.0)
 
 
 def _simulate(schedule: str, pairs: np.ndarray, tokens: np.ndarray, shard: np.ndarray,
@@ -607,7 +636,7 @@ class Plan:
             needed = _tokens_needed(self.need, self.owner, self.chunk_len, self.world_size)
             shard = np.bincount(self.owner, weights=self.chunk_len, minlength=self.world_size).astype(np.int64)
             self._cache[key] = _best_schedule("auto", calls, self.owner, self.pairs, self.need, needed, shard,
-                                              self.cost)[0]
+                                              self.cost, shift_invariant(self.masks))[0]
         return self._cache[key]
 
     # -- runtime steps --
@@ -726,11 +755,12 @@ def _schedule_tokens(schedule: str, needed: np.ndarray, shard: np.ndarray) -> np
     return tokens
 
 
-def _rule_calls(rule: str, schedule: str, need: np.ndarray, owner: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+def _rule_calls(rule: str, schedule: str, need: np.ndarray, owner: np.ndarray, pairs: np.ndarray,
+                shift_inv: bool) -> np.ndarray:
     """float [W, W]: kernel calls rank r makes against source s under a call rule (see :data:`CALL_RULES`)."""
     W = len(pairs)
     if rule == "runtime":
-        return _kernel_calls(need, owner, pairs, W)
+        return _kernel_calls(need, owner, pairs, W, shift_inv, schedule == "allgather")
     if rule == "free":
         return np.zeros_like(pairs)
     has = (pairs > 0).astype(np.float64)                   # "per_step": one call per step that has work
@@ -744,12 +774,12 @@ def _rule_calls(rule: str, schedule: str, need: np.ndarray, owner: np.ndarray, p
     return has
 
 
-def _best_schedule(schedule: str, rule: str, owner, pairs, need, needed, shard, cost) -> tuple:
+def _best_schedule(schedule: str, rule: str, owner, pairs, need, needed, shard, cost, shift_inv: bool) -> tuple:
     """(Simulation, tokens) of the cheapest schedule (or the one asked for) under a call rule."""
     best = None
     for sched in (SCHEDULES if schedule == "auto" else (schedule,)):
         tokens = _schedule_tokens(sched, needed, shard)
-        sim = _simulate(sched, pairs, tokens, shard, cost, _rule_calls(rule, sched, need, owner, pairs))
+        sim = _simulate(sched, pairs, tokens, shard, cost, _rule_calls(rule, sched, need, owner, pairs, shift_inv))
         if best is None or sim.time < best[0].time * (1 - 1e-9):
             best = (sim, tokens)
     return best
@@ -762,7 +792,8 @@ def _make(masks, per_head, length, W, block, work, strategy, schedule, cost) -> 
         pairs, need = _exchange(work, owner, W)
         needed = _tokens_needed(need, owner, work.chunk_len, W)
         shard = np.bincount(owner, weights=work.chunk_len, minlength=W).astype(np.int64)
-        sim, tokens = _best_schedule(schedule, "runtime", owner, pairs, need, needed, shard, cost)
+        sim, tokens = _best_schedule(schedule, "runtime", owner, pairs, need, needed, shard, cost,
+                                     shift_invariant(masks))
         if best is None or sim.time < best[0].time * (1 - 1e-9):
             best = (sim, tokens, owner, pairs, need)
     sim, tokens, owner, pairs, need = best

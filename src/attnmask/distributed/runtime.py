@@ -44,8 +44,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import MaskValueError
-from ..kinds import StructureClass
-from .planner import Plan, PlanError, _runs_of
+from .planner import Plan, PlanError, _runs_of, shift_invariant
 
 __all__ = ["shard", "unshard", "gather", "attention", "PlanMismatchError", "CommunicationError"]
 
@@ -289,15 +288,9 @@ def _merge(acc, piece):
 
 # -- the autograd function ---------------------------------------------------------------------------
 
-# Masks of the offset q - k alone (structure class D, or constant) mean the same after shifting q and k by
-# one offset, so a piece can run on its keys alone with q_offset = (first query - first key) instead of a
-# zero buffer from 0.
-_SHIFT_INVARIANT = (StructureClass.D, StructureClass.CONST)
-
-
 def _shift_invariant(plan: Plan) -> bool:
     if "shift_invariant" not in plan._cache:
-        plan._cache["shift_invariant"] = all(m.structure_class() in _SHIFT_INVARIANT for m in plan.masks)
+        plan._cache["shift_invariant"] = shift_invariant(plan.masks)
     return plan._cache["shift_invariant"]
 
 

@@ -160,10 +160,12 @@ def draw(plans: dict, path: str, *, pixels: int = 512, dpi: int = 110) -> None:
             q = plans[name]
             w = q.rank_pairs()
             bx.plot(ranks, w / w.mean(), marker=styles[name][1], color=styles[name][0], lw=0.8, ms=4,
-                    label=f"{name}: busiest {q.imbalance():.3f}, step {q.simulation.ratio:.3f}x ideal")
+                    label=f"{name}: busiest {q.imbalance():.3f}, step {q.simulation.ratio:.3f}x ideal "
+                          f"({q.simulation_under('free').ratio:.3f}x, calls free)")
     w = p.rank_pairs()
     bx.bar(ranks, w / w.mean(), color=colors, alpha=0.85, width=0.8,
-           label=f"plan ({p.strategy}): busiest {p.imbalance():.3f}, step {p.simulation.ratio:.3f}x ideal")
+           label=f"plan ({p.strategy}): busiest {p.imbalance():.3f}, step {p.simulation.ratio:.3f}x ideal "
+                 f"({p.simulation_under('free').ratio:.3f}x, calls free)")
     bx.axhline(1.0, color="black", lw=0.6)
     bx.set_xlabel("rank")
     from matplotlib.ticker import MaxNLocator

@@ -550,43 +550,74 @@ class _ContextParallelAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         plan, geo, group = ctx.plan, ctx.geo, ctx.group
         if ctx.piecewise:
-            q, kv_local, merged, received, steps = ctx.state
-            del ctx.state
-            cd = torch.float64 if q.dtype == torch.float64 else torch.float32   # the engine's compute dtype
-            qc, doc = q.to(cd), grad_out.to(cd)
-            kv = {geo.rank: kv_local.to(cd)}
-            kv.update({s: t.to(cd) for s, t in received.items()})
-            dq = torch.zeros_like(qc)
-            dkv = {s: torch.zeros_like(t) for s, t in kv.items()}
-            for step in steps:
-                _step_backward(plan, geo, qc, kv, step, ctx.scale, merged, doc, dq, dkv)
-            dq = dq.to(q.dtype)
-            dkv_local, grads, kv_dtype = dkv.pop(geo.rank), dkv, kv_local.dtype   # exchanged in cd
-        else:
-            out, q_leaf, k_leaf, v_leaf, received = ctx.graph
-            del ctx.graph
-            sources = sorted(received)
-            inputs = [q_leaf, k_leaf, v_leaf] + [received[s] for s in sources]
-            with torch.enable_grad():
-                got = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
-            dq, dk, dv = (torch.zeros_like(t) if g is None else g for t, g in zip(inputs[:3], got[:3]))
-            dkv_local, kv_dtype = torch.stack([dk, dv]), dk.dtype
-            grads = {s: torch.zeros_like(received[s]) if g is None else g for s, g in zip(sources, got[3:])}
-        # dK/dV of what rank read from each source go back to it; rank gets its readers' contributions
-        ops, incoming = [], {}
-        for s in sorted(grads):
-            ops.append(dist.P2POp(dist.isend, grads[s].contiguous(), s, group))
-        for d, chunks in geo.send.items():
-            n = int(plan.chunk_len[chunks].sum())
-            incoming[d] = dkv_local.new_empty(dkv_local.shape[:3] + (n, dkv_local.shape[4]))
-            ops.append(dist.P2POp(dist.irecv, incoming[d], d, group))
-        if ops:
-            works = _comm(lambda: dist.batch_isend_irecv(ops), geo.rank, "posting the dK/dV sends")
-            for w in works:
-                _comm(lambda: w.wait(), geo.rank, "returning dK/dV to their owners")
-        for d, g in incoming.items():
-            dkv_local.index_add_(3, geo.local_rows(geo.send[d], plan).to(dkv_local.device), g)
-        return dq, dkv_local[0].to(kv_dtype), dkv_local[1].to(kv_dtype), None, None, None, None, None
+            return _piecewise_backward(ctx, grad_out)
+        out, q_leaf, k_leaf, v_leaf, received = ctx.graph
+        del ctx.graph
+        sources = sorted(received)
+        inputs = [q_leaf, k_leaf, v_leaf] + [received[s] for s in sources]
+        with torch.enable_grad():
+            got = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+        dq, dk, dv = (torch.zeros_like(t) if g is None else g for t, g in zip(inputs[:3], got[:3]))
+        dkv_local = torch.stack([dk, dv])
+        incoming, works = _post_dkv_receives(plan, geo, group, dkv_local)
+        for s, g in zip(sources, got[3:]):
+            works += _post_dkv_send(torch.zeros_like(received[s]) if g is None else g, s, geo, group)
+        _finish_dkv(plan, geo, works, incoming, dkv_local)
+        return dq, dkv_local[0], dkv_local[1], None, None, None, None, None
+
+
+def _piecewise_backward(ctx, grad_out):
+    """The CPU backward: each step's pieces with the merged out and lse; dK/dV sent as each step ends."""
+    plan, geo, group = ctx.plan, ctx.geo, ctx.group
+    q, kv_local, merged, received, steps = ctx.state
+    del ctx.state
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32   # the engine's compute dtype
+    qc, doc = q.to(cd), grad_out.to(cd)
+    kv = {geo.rank: kv_local.to(cd)}
+    kv.update({s: t.to(cd) for s, t in received.items()})
+    dq = torch.zeros_like(qc)
+    dkv = {s: torch.zeros_like(t) for s, t in kv.items()}
+    # Readers' dK/dV receives first; then the received keys' steps, each source's dK/dV sent as soon as
+    # its step is done (the return overlaps the rest of the compute); own keys last.
+    incoming, works = _post_dkv_receives(plan, geo, group, dkv[geo.rank])
+    unsent = set(received)
+    for step in steps[1:] + steps[:1]:
+        _step_backward(plan, geo, qc, kv, step, ctx.scale, merged, doc, dq, dkv)
+        for s in sorted(unsent & {seg[2] for seg in step[2]}):
+            works += _post_dkv_send(dkv[s], s, geo, group)
+            unsent.discard(s)
+    for s in sorted(unsent):                   # read nothing from s after all (an all-gather of no chunk)
+        works += _post_dkv_send(dkv[s], s, geo, group)
+    dkv_local = dkv[geo.rank]
+    _finish_dkv(plan, geo, works, incoming, dkv_local)
+    return (dq.to(q.dtype), dkv_local[0].to(kv_local.dtype), dkv_local[1].to(kv_local.dtype),
+            None, None, None, None, None)
+
+
+# dK/dV go back to the owners of the keys: rank sends each source the gradient of what it read from it
+# ([2, B, Hkv, m, D], rows in the order received) and adds its readers' contributions to its own rows.
+
+def _post_dkv_receives(plan: Plan, geo: _RankGeometry, group, like: torch.Tensor):
+    incoming = {}
+    ops = []
+    for d, chunks in geo.send.items():
+        n = int(plan.chunk_len[chunks].sum())
+        incoming[d] = like.new_empty(like.shape[:3] + (n, like.shape[4]))
+        ops.append(dist.P2POp(dist.irecv, incoming[d], d, group))
+    works = _comm(lambda: dist.batch_isend_irecv(ops), geo.rank, "posting the dK/dV receives") if ops else []
+    return incoming, list(works)
+
+
+def _post_dkv_send(g: torch.Tensor, source: int, geo: _RankGeometry, group) -> list:
+    op = dist.P2POp(dist.isend, g.contiguous(), source, group)
+    return list(_comm(lambda: dist.batch_isend_irecv([op]), geo.rank, f"sending dK/dV to rank {source}"))
+
+
+def _finish_dkv(plan: Plan, geo: _RankGeometry, works: list, incoming: dict, dkv_local: torch.Tensor) -> None:
+    for w in works:
+        _comm(lambda: w.wait(), geo.rank, "returning dK/dV to their owners")
+    for d, g in incoming.items():
+        dkv_local.index_add_(3, geo.local_rows(geo.send[d], plan).to(dkv_local.device), g)
 
 
 def attention(q_local: torch.Tensor, k_local: torch.Tensor, v_local: torch.Tensor, plan: Plan, group=None,

@@ -103,6 +103,34 @@ def test_call_rules_separate_call_overhead_from_balance():
         c.simulation_under("some")
 
 
+@pytest.mark.parametrize("text, strategy, schedule", [
+    ("causal", "zigzag", "grouped"), ("causal", "greedy", "ring"),
+    ("causal & document(100, 333, 50, 400, 117)", "ptrr", "grouped"),
+    ("causal & (sliding(300) | sink(4))", "greedy", "allgather"), ("causal & sliding(200)", "balanced", "grouped")])
+def test_the_runtime_call_rule_counts_the_calls_the_runtime_makes(text, strategy, schedule):
+    # the simulation's "runtime" rule against the calls runtime._calls lists, step by step, rank by rank
+    from attnmask.distributed import runtime
+    from attnmask.distributed.planner import _rule_calls, shift_invariant
+    mask = am.parse(text)
+    plan = cp.plan(mask, 1000, 3, block_size=64, strategy=strategy, schedule=schedule)
+    model = _rule_calls("runtime", plan.schedule, plan.need, plan.owner, plan.pairs,
+                        shift_invariant(plan.masks)).sum(1)
+    for r in range(3):
+        geo = runtime._RankGeometry(plan, r)
+        steps = [(0, geo.own_needed, runtime._segments(geo.own_needed, geo.local_start.__getitem__, r, plan))]
+        if plan.schedule == "allgather":
+            chunks = np.sort(np.concatenate(list(geo.recv.values())))
+            steps.append((1, chunks, sum((runtime._segments(geo.recv[s], runtime._offsets(geo.recv[s], plan), s,
+                                                             plan) for s in geo.recv), [])))
+        else:
+            steps += [(t, geo.recv[s], runtime._segments(geo.recv[s], runtime._offsets(geo.recv[s], plan), s, plan))
+                      for t, (s,) in enumerate(geo.steps[1:], start=1)]
+        made = sum(len(runtime._calls(plan, geo, *step)[1]) for step in steps)
+        # the model counts every (query run, key run) with pairs between the two ranks; the runtime skips
+        # the empty ones
+        assert made <= model[r] and made >= 0.5 * model[r], (r, made, model[r])
+
+
 def _best_contiguous_max(pairs, W):
     """The smallest largest part of a cut of ``pairs`` into W non-empty contiguous parts (dynamic programme)."""
     n = len(pairs)

@@ -435,7 +435,9 @@ def shift_invariant(masks) -> bool:
 
 def _kernel_calls(need: np.ndarray, owner: np.ndarray, pairs: np.ndarray, W: int, per_key_run: bool,
                   one_remote_step: bool) -> np.ndarray:
-    """float [W, W]: kernel calls the runtime makes for rank r against source s.
+    """float [W, W]: kernel calls the runtime makes for rank r against source s (an upper bound: pairs of
+    query and key runs that attend nothing are counted; tests/test_distributed.py checks it against the
+    runtime).
 
     ``per_key_run``: its query runs x s's key runs it reads; else one per query run per step (the
     zero-buffer path), a step being one source, or all other sources at once (``one_remote_step``:

@@ -57,22 +57,11 @@ def name_literals(path: Path, names: set[str]) -> list[tuple[int, str]]:
                   and node.value in names and id(node) not in skip)
 
 
-#: Modules of the models and distributed layers that landed with name branches before the registry (issues 14-16):
-#: plan/fitting name mask families and JSON keys, models/cache.py bounds retained keys per
-#: primitive name. Known debt, reported on issue 11: their rules belong in the primitive
-#: definitions (a ``retained`` hook for the cache). Nothing may be added to this list.
-NOT_YET_MIGRATED = {"attnmask.fitting", "attnmask.plan", "attnmask.weights", "attnmask.models.cache",
-                    "attnmask.distributed.runtime", "attnmask.distributed.planner"}
-
-
 def test_no_primitive_name_as_a_string_outside_its_definition():
     home_file = {name: _modules()[type(kind).__module__] for name, kind in REGISTRY.items()}
     assert set(home_file) >= {"causal", "document", "window2d"}
-    assert NOT_YET_MIGRATED <= set(_modules())          # a module that is gone leaves this list too
     offences = []
     for module, path in _modules().items():
-        if module in NOT_YET_MIGRATED:
-            continue
         for line, name in name_literals(path, set(REGISTRY)):
             if home_file[name] != path:
                 offences.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {name!r} (defined in {home_file[name].name})")

@@ -45,10 +45,15 @@ from .errors import MaskValueError
 from .language import as_mask
 from .masks import Mask
 from .primitives import causal, chunked, cols, dilated, sink, sliding
-from .plan import DYNAMIC_FAMILY, MaskPlan, resolve_columns, top_column_positions, with_columns
+from .primitives.offsets import DILATED
+from .primitives.segments import CHUNKED
+from .plan import MaskPlan, dynamic_spec, resolve_columns, top_column_positions, with_columns
 
-FAMILIES = ("window", "dilated", "chunked", "columns", "dynamic")
-DEFAULT_FAMILIES = ("window", "dilated", "chunked")   # static columns overfit on SmolLM2: opt in
+# A family built on one primitive is labelled with that primitive's name, read from its definition (so
+# the label and the text of the heads' masks agree); a head the fit leaves causal is labelled "causal".
+CAUSAL_FAMILY, DILATED_FAMILY, CHUNKED_FAMILY = causal.name, DILATED.name, CHUNKED.name
+FAMILIES = ("window", DILATED_FAMILY, CHUNKED_FAMILY, "columns", "dynamic")
+DEFAULT_FAMILIES = FAMILIES[:3]   # window, dilated, chunked; static columns overfit on SmolLM2: opt in
 WINDOWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072)
 SINKS = (0, 1, 2, 4, 8, 16, 64)
 DILATIONS = ((2, (8, 16, 32, 64, 128)), (3, (8, 16, 32, 64)), (4, (8, 16, 32)))
@@ -214,19 +219,19 @@ def static_candidates(length: int, families: Sequence[str] = DEFAULT_FAMILIES) -
             for s in SINKS:
                 if s < length and (s == 0 or s < length - w):
                     add(Candidate("window", _window_mask(w, s, length), "window", (w, s)))
-    if "dilated" in families:
+    if DILATED_FAMILY in families:
         for d, ws in DILATIONS:
             for w in ws:
                 if w * d < length:
                     for s in (0, 4):
                         m = causal & (dilated(w, d) | sink(s)) if s else causal & dilated(w, d)
-                        add(Candidate("dilated", m, "dilated", (w, d, s)))
-    if "chunked" in families:
+                        add(Candidate(DILATED_FAMILY, m, DILATED_FAMILY, (w, d, s)))
+    if CHUNKED_FAMILY in families:
         for c in CHUNKS:
             if c < length:
                 for s in (0, 4):
                     m = causal & (chunked(c) | sink(s)) if s else causal & chunked(c)
-                    add(Candidate("chunked", m, "chunk", (c, s)))
+                    add(Candidate(CHUNKED_FAMILY, m, "chunk", (c, s)))
     return out
 
 
@@ -263,7 +268,7 @@ def _kept_static(wn: torch.Tensor, cands: Sequence[Candidate], start: int, q_off
         g = csum.gather(-1, (idx - 1).clamp(min=0).unsqueeze(0).expand(h, r, idx.shape[-1]))
         g = (g * (idx > 0)).view(h, r, 3, len(interval))
         out[:, interval] = (g[:, :, 0] - g[:, :, 1] + g[:, :, 2]).mean(1)
-    lattice = [i for i, c in enumerate(cands) if c.kind == "dilated"]
+    lattice = [i for i, c in enumerate(cands) if c.kind == DILATED_FAMILY]
     if lattice:
         sinks = sorted({cands[i].params[2] for i in lattice})
         profiles = dict(zip(sinks, _distance_profiles(wn, q, sinks)))
@@ -487,7 +492,7 @@ class Calibration:
         n_layers = max(layers) + 1
 
         masks = [[causal] * heads for _ in range(n_layers)]
-        figures = [[{"fitted": False, "family": "causal", "density": 1.0} for _ in range(heads)]
+        figures = [[{"fitted": False, "family": CAUSAL_FAMILY, "density": 1.0} for _ in range(heads)]
                    for _ in range(n_layers)]
         dynamic = [[None] * heads for _ in range(n_layers)]
         kept_all = []          # per fitted layer: [T, H, C] static kept (for the uniform comparison)
@@ -531,7 +536,7 @@ class Calibration:
                     cand = cands[what]
                     k_t = kept[:, h, what]
                     masks[layer][h] = cand.mask
-                    fig = {"family": cand.family if cand.mask != causal else "causal"}
+                    fig = {"family": cand.family if cand.mask != causal else CAUSAL_FAMILY}
                 elif kind == "columns":
                     cw, s, positions, k_t = what
                     masks[layer][h] = with_columns(cw, s, positions)
@@ -539,8 +544,7 @@ class Calibration:
                 else:
                     cw, s, count, k_t = what
                     masks[layer][h] = _window_mask(cw, s, length)
-                    dynamic[layer][h] = {"family": DYNAMIC_FAMILY, "window": cw, "sink": s, "columns": count,
-                                         "last_queries": self.last_queries}
+                    dynamic[layer][h] = dynamic_spec(cw, s, count, self.last_queries)
                     fig = {"family": "dynamic"}
                 fig.update(fitted=True, pairs=int(round(pairs)), density=pairs / causal_pairs,
                            kept_mean=float(k_t.mean()), kept_worst_text=float(k_t.min()))
@@ -567,13 +571,14 @@ class Calibration:
                             "kept_mean": float(kept_cat[i].mean()), "kept_worst_head": float(per_head.min())}
                 break
         rows = self.rows if isinstance(self.rows, (str, type(None))) else list(self.rows)
-        meta = {"keep": keep, "rows": rows, "length": length, "texts": list(self.names),
-                "families": list(families), "last_queries": self.last_queries,
-                "density_mean": plan_density, "pairs_total": int(sum(f["pairs"] for f in fitted)),
-                "kept_mean": sum(f["kept_mean"] for f in fitted) / len(fitted),
-                "kept_worst_head": min(f["kept_worst_text"] for f in fitted),
-                "heads_causal": sum(f["family"] == "causal" for f in fitted), "uniform": uniform,
-                "uniform_matching": matching}
+        # the settings under the names of fit()'s parameters (keep, rows, families, last_queries), then totals
+        meta = dict(keep=keep, rows=rows, length=length, texts=list(self.names),
+                    families=list(families), last_queries=self.last_queries,
+                    density_mean=plan_density, pairs_total=int(sum(f["pairs"] for f in fitted)),
+                    kept_mean=sum(f["kept_mean"] for f in fitted) / len(fitted),
+                    kept_worst_head=min(f["kept_worst_text"] for f in fitted),
+                    heads_causal=sum(f["family"] == CAUSAL_FAMILY for f in fitted), uniform=uniform,
+                    uniform_matching=matching)
         has_dynamic = any(d is not None for layer in dynamic for d in layer)
         return MaskPlan(tuple(tuple(layer) for layer in masks), figures=tuple(tuple(f) for f in figures),
                         meta=meta, dynamic=tuple(tuple(d) for d in dynamic) if has_dynamic else None)
@@ -664,4 +669,4 @@ def plan_coverage(plan: MaskPlan, maps: Mapping[int, torch.Tensor] | Sequence[to
 
 
 __all__ = ["coverage", "Coverage", "fit", "Calibration", "plan_coverage", "row_range", "static_candidates", "with_columns",
-           "resolve_columns", "FAMILIES", "DEFAULT_FAMILIES"]
+           "resolve_columns", "FAMILIES", "DEFAULT_FAMILIES", "CAUSAL_FAMILY", "DILATED_FAMILY", "CHUNKED_FAMILY"]

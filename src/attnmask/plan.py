@@ -35,10 +35,14 @@ from .errors import MaskValueError
 from .language import parse
 from .masks import Mask
 from .primitives import causal, cols, sink, sliding
+from .primitives.ranges import SINK
 
 FORMAT = "attnmask.MaskPlan/1"
 DYNAMIC_FAMILY = "top_columns"
-_DYNAMIC_KEYS = ("window", "sink", "columns", "last_queries")
+# A top_columns spec's numbers: the base mask's window w and sink size n (``causal & (sliding(w) | sink(n))``;
+# the key of n is the sink primitive's name), the column count K and how many last queries choose them.
+_DYNAMIC_KEYS = ("window", SINK.name, "columns", "last_queries")
+_DYNAMIC_MINIMUM = dict(zip(_DYNAMIC_KEYS, (1, 0, 1, 1)))
 
 
 @dataclass(frozen=True, eq=False)
@@ -156,7 +160,8 @@ class MaskPlan:
                     pairs_of[m] = m.compile(length).attended_pairs()
                 extra = 0
                 if d is not None:  # each column adds at most the rows below its window
-                    extra = int(d["columns"]) * max(0, length - int(d["window"]) - int(d["sink"]))
+                    window, sink_size, columns, _ = _spec_values(d)
+                    extra = columns * max(0, length - window - sink_size)
                 layer_pairs += min(pairs_of[m] + extra, length * (length + 1) // 2)
             for g in range(kv_heads):
                 heads = range(g * group, (g + 1) * group)
@@ -233,10 +238,26 @@ def _check_dynamic(spec, layer: int, head: int) -> dict:
                              f"family {DYNAMIC_FAMILY!r}, got {spec!r}")
     for key in _DYNAMIC_KEYS:
         value = spec.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "sink" else 1):
+        if isinstance(value, bool) or not isinstance(value, int) or value < _DYNAMIC_MINIMUM[key]:
             raise MaskValueError(f"MaskPlan layer {layer} head {head}: {DYNAMIC_FAMILY} needs a whole number "
-                                 f"{key!r} (>= {0 if key == 'sink' else 1}), got {value!r}")
+                                 f"{key!r} (>= {_DYNAMIC_MINIMUM[key]}), got {value!r}")
     return dict(spec)
+
+
+def dynamic_spec(window: int, sink_size: int, columns: int, last_queries: int) -> dict:
+    """A ``top_columns`` head's data-dependent part (what ``dynamic[layer][head]`` holds).
+
+        >>> dynamic_spec(4, 1, 2, 8) == {"family": "top_columns", "window": 4, "sink": 1, "columns": 2,
+        ...                              "last_queries": 8}
+        True
+    """
+    return {"family": DYNAMIC_FAMILY, **dict(zip(_DYNAMIC_KEYS, (window, sink_size, columns, last_queries)))}
+
+
+def _spec_values(spec: dict) -> tuple[int, int, int, int]:
+    """(window, sink size, columns, last queries) of a ``top_columns`` spec."""
+    window, sink_size, columns, last_queries = (int(spec[k]) for k in _DYNAMIC_KEYS)
+    return window, sink_size, columns, last_queries
 
 
 def _merge_runs(positions: Iterable[int]) -> list[tuple[int, int]]:
@@ -272,7 +293,7 @@ def top_column_positions(spec: dict, last_weights: torch.Tensor) -> list[int]:
     """
     if spec.get("family") != DYNAMIC_FAMILY:
         raise MaskValueError(f"unknown data-dependent family {spec.get('family')!r}; known: {DYNAMIC_FAMILY!r}")
-    window, s, count, n_last = (int(spec[k]) for k in _DYNAMIC_KEYS)
+    window, s, count, n_last = _spec_values(spec)
     if last_weights.dim() != 2:
         raise MaskValueError(f"last_weights must be [n, Lk], got {tuple(last_weights.shape)}")
     lk = last_weights.shape[-1]
@@ -299,7 +320,8 @@ def resolve_columns(spec: dict, last_weights: torch.Tensor) -> Mask:
         ...                      "last_queries": 4}, w))
         'causal & (sliding(4) | sink(1) | cols(5))'
     """
-    return with_columns(int(spec["window"]), int(spec["sink"]), top_column_positions(spec, last_weights))
+    window, sink_size, _, _ = _spec_values(spec)
+    return with_columns(window, sink_size, top_column_positions(spec, last_weights))
 
 
 def as_plan(obj: "MaskPlan | Mask | str | Sequence", layers: int, heads: int) -> MaskPlan:

@@ -23,8 +23,10 @@ import numpy as np
 import torch
 
 from .errors import MaskValueError
+from .fitting import CAUSAL_FAMILY, FAMILIES
 from .language import as_mask
 from .masks import Mask
+from .primitives.ranges import SINK
 from .render import auto_tile, check_path, format_position, new_figure
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,7 +37,8 @@ if TYPE_CHECKING:  # pragma: no cover
 SCALES = ("linear", "log", "sqrt")
 OUTLINE = "#ff5a36"            # the mask's outline: visible on viridis purple and yellow alike
 LOG_FLOOR = 1e-4               # weights below this are drawn as the darkest purple on the log scale
-HEAD_TYPES = ("sink", "self", "previous", "local", "columns", "diffuse")
+# What a head mostly does; the first, mass on the first keys, is named after the primitive that keeps them.
+HEAD_TYPES = (SINK.name, "self", "previous", "local", "columns", "diffuse")
 
 
 def _save(fig, path) -> None:
@@ -386,7 +389,7 @@ def render_plan(plan: "MaskPlan", *, title: str | None = None, dpi: int = 100,
     """
     if path is not None:
         check_path(path)
-    letters = {"causal": "c", "window": "w", "dilated": "d", "chunked": "k", "columns": "s", "dynamic": "t"}
+    letters = dict(zip((CAUSAL_FAMILY,) + FAMILIES, "cwdkst"))   # causal, window, dilated, chunked, columns, dynamic
     figs = plan.figures
     dens = np.array([[f.get("density", np.nan) for f in layer] for layer in figs]) if figs else \
         np.ones((plan.n_layers, plan.n_heads))

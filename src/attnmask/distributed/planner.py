@@ -153,8 +153,7 @@ def _layout_work(layouts, weights) -> _Work:
 
 def _partial_counts(lay, tq: np.ndarray, tk: np.ndarray) -> np.ndarray:
     """Exact attended cells of the given partial tiles."""
-    c = lay.counts()
-    if c["full"] + c["partial"] <= _TILE_COUNT_LIMIT:
+    if lay.blocks_full + lay.blocks_partial <= _TILE_COUNT_LIMIT:
         aq, ak, ac = (t.numpy() for t in lay.tile_counts())
         key_all = aq * lay.n_kv_blocks + ak
         order = np.argsort(key_all, kind="stable")

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import MaskValueError
+from ..kinds import StructureClass
 from .planner import Plan, PlanError, _runs_of
 
 __all__ = ["shard", "unshard", "gather", "attention", "PlanMismatchError", "CommunicationError"]
@@ -265,18 +266,15 @@ def _merge(acc, piece):
 
 # -- the autograd function ---------------------------------------------------------------------------
 
-# Masks built only from these primitives mean the same after shifting q and k by one offset, so a piece
-# can run on its keys alone with q_offset = (first query - first key) instead of a zero buffer from 0.
-_SHIFT_INVARIANT = frozenset({"full", "none", "causal", "diagonal", "band", "sliding", "dilated", "strided"})
+# Masks of the offset q - k alone (structure class D, or constant) mean the same after shifting q and k by
+# one offset, so a piece can run on its keys alone with q_offset = (first query - first key) instead of a
+# zero buffer from 0.
+_SHIFT_INVARIANT = (StructureClass.D, StructureClass.CONST)
 
 
 def _shift_invariant(plan: Plan) -> bool:
     if "shift_invariant" not in plan._cache:
-        import re
-        names = set()
-        for m in plan.masks:
-            names |= set(re.findall(r"[A-Za-z_][A-Za-z_0-9]*", str(m)))
-        plan._cache["shift_invariant"] = names <= _SHIFT_INVARIANT
+        plan._cache["shift_invariant"] = all(m.structure_class() in _SHIFT_INVARIANT for m in plan.masks)
     return plan._cache["shift_invariant"]
 
 

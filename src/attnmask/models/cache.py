@@ -40,40 +40,14 @@ def retained(mask: Mask, k: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Whether some query at a position ``>= t`` may attend key position ``k`` (a superset, never less).
 
     ``k`` and ``t`` are broadcastable int64 tensors of positions; the result is bool.
-    Exact for windows, sinks, bands, chunks, documents, rows and columns; anything
-    it cannot bound (``strided``, complements, FlexAttention predicates) keeps every key.
+    A primitive answers for itself (:meth:`PrimitiveKind.retained
+    <attnmask.primitives.base.PrimitiveKind.retained>`: exact for windows, sinks, bands, chunks,
+    documents, rows and columns); unions and intersections combine their parts' answers, a
+    difference keeps its left side's; anything it cannot bound (``strided``, complements,
+    FlexAttention predicates) keeps every key.
     """
     if isinstance(mask, Primitive):
-        name, a = mask.name, mask.args
-        if name in ("full", "causal", "strided", "prefix_lm"):
-            return torch.ones_like(k - t, dtype=torch.bool)
-        if name in ("none", "diagonal"):      # diagonal: a later query sees only itself
-            return torch.zeros_like(k - t, dtype=torch.bool)
-        if name == "sliding":
-            return k > t - a[0]
-        if name == "band":
-            return k >= t - a[0]
-        if name == "dilated":
-            return k > t - a[0] * a[1]
-        if name == "sink":
-            return k < a[0] + 0 * t
-        if name == "cols":
-            lo, hi, s = a
-            return (k >= lo) & (k < hi) & (torch.remainder(k - lo, s) == 0) & (t == t)
-        if name == "rows":
-            lo, hi, s = a
-            last = lo + ((hi - 1 - lo) // s) * s if hi > lo else lo - 1   # the last query row it selects
-            return (t <= last) & (k == k)
-        if name == "chunked":
-            return k >= torch.div(t, a[0], rounding_mode="floor") * a[0]
-        if name == "document":
-            ends = mask.kind.ends(mask, t.device)
-            starts = ends - torch.tensor(a, dtype=torch.int64, device=t.device)
-            seg = torch.searchsorted(ends, t.clamp(min=0).reshape(-1).contiguous(), right=True).reshape(t.shape)
-            inside = seg < len(a)
-            start = starts[seg.clamp(max=len(a) - 1)]
-            return inside & (k >= start)
-        return torch.ones_like(k - t, dtype=torch.bool)   # a primitive this rule does not know: keep all
+        return mask.kind.retained(mask, k, t)     # each primitive states its own rule
     if isinstance(mask, Union):
         out = retained(mask.parts[0], k, t)
         for p in mask.parts[1:]:

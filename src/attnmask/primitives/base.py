@@ -13,8 +13,9 @@ one subclass of :class:`PrimitiveKind` in one module of this package, registered
   ``segments`` for SEG, ``key_ranges`` and ``count_rects`` for RECT, ``lower`` for a
   primitive that is an expression of others (MIXED);
 * the queries the engines and the renderer ask (``residue_window``, ``covers_causal``,
-  ``is_causal``, ``causal_segments``, ``display_extent``) and ``prepare`` (tables a traced
-  mask_mod needs on a device).
+  ``is_causal``, ``causal_segments``, ``display_extent``), the one a decoding cache asks
+  (``retained``: which keys a later query may still attend) and ``prepare`` (tables a
+  traced mask_mod needs on a device).
 
 Nothing outside a primitive's own module branches on its name.
 
@@ -166,6 +167,16 @@ class PrimitiveKind:
         """For a packing: [(start, end)] of its segments clipped to ``length``, so that ``causal &``
         it is top-left causal within each (the backward runs each as one is_causal call)."""
         return None
+
+    def retained(self, node: Primitive, k: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """bool tensor: whether some query at a position ``>= t`` may attend key position ``k``.
+
+        Asked for keys already seen (``k < t``) by a decoding cache, which drops the keys
+        where it is False; ``k`` and ``t`` are broadcastable int64 tensors. It may say True
+        where no later query attends (a superset keeps the cache exact), never False where
+        one does. Default: every key (the safe answer for a primitive that does not say).
+        """
+        return torch.ones_like(k - t, dtype=torch.bool)
 
     def display_extent(self, args: tuple) -> int:
         """About the length at which the primitive's pattern shows (pictures pick ~this)."""

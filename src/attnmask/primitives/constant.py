@@ -35,6 +35,9 @@ class NONE(PrimitiveKind):
     def evaluate(self, node, q, k):
         return torch.zeros_like(q - k, dtype=torch.bool)
 
+    def retained(self, node, k, t):
+        return torch.zeros_like(k - t, dtype=torch.bool)
+
 
 full = FULL.make()
 none = NONE.make()

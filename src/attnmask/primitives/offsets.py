@@ -42,6 +42,9 @@ class DIAGONAL(_Offset):
     def evaluate(self, node, q, k):
         return k == q
 
+    def retained(self, node, k, t):
+        return torch.zeros_like(k - t, dtype=torch.bool)     # a later query sees only itself
+
 
 @register
 class BAND(_Offset):
@@ -55,6 +58,9 @@ class BAND(_Offset):
         lo, hi = node.args
         return (q - k <= lo) & (k - q <= hi)
 
+    def retained(self, node, k, t):
+        return k >= t - node.args[0]
+
 
 @register
 class SLIDING(_Offset):
@@ -66,6 +72,9 @@ class SLIDING(_Offset):
 
     def evaluate(self, node, q, k):
         return (q - k < node.args[0]) & (k <= q)
+
+    def retained(self, node, k, t):
+        return k > t - node.args[0]
 
 
 @register
@@ -80,6 +89,10 @@ class DILATED(_Offset):
         w, d = node.args
         diff = q - k
         return (diff >= 0) & (diff < w * d) & (torch.remainder(diff, d) == 0)
+
+    def retained(self, node, k, t):
+        w, d = node.args
+        return k > t - w * d        # the span of the lattice (a superset: every residue kept)
 
     def residue_window(self, args):
         return args[0], args[1]

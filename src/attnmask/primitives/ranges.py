@@ -27,6 +27,9 @@ class SINK(PrimitiveKind):
     def evaluate(self, node, q, k):
         return k < node.args[0]
 
+    def retained(self, node, k, t):
+        return k < node.args[0] + 0 * t
+
 
 class _Range(PrimitiveKind):
     """``a <= x < b`` and ``(x - a) % s == 0`` on one axis; b defaults to a + 1, s to 1."""
@@ -71,6 +74,13 @@ class ROWS(_Range):
     def evaluate(self, node, q, k):
         return self._inside(q, node.args)   # any key: Mask.evaluate broadcasts
 
+    def retained(self, node, k, t):
+        lo, hi, s = node.args
+        if hi <= lo:                        # selects no row: no later query attends anything
+            return torch.zeros_like(k - t, dtype=torch.bool)
+        last = lo + ((hi - 1 - lo) // s) * s     # the last query row it selects
+        return (t <= last) & (k == k)
+
 
 @register
 class COLS(_Range):
@@ -80,6 +90,9 @@ class COLS(_Range):
 
     def evaluate(self, node, q, k):
         return self._inside(k, node.args)   # any query
+
+    def retained(self, node, k, t):
+        return self._inside(k, node.args) & (t == t)
 
 
 def sink(n: int) -> Mask:

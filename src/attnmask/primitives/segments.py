@@ -56,6 +56,10 @@ class CHUNKED(PrimitiveKind):
         c = node.args[0]
         return torch.div(q, c, rounding_mode="floor") == torch.div(k, c, rounding_mode="floor")
 
+    def retained(self, node, k, t):
+        c = node.args[0]
+        return k >= torch.div(t, c, rounding_mode="floor") * c      # the current chunk and later
+
     def segments(self, args):
         c = args[0]
         return Segments(of=lambda x: x // c, start=lambda s: s * c, end=lambda s: (s + 1) * c, real=None,
@@ -103,6 +107,16 @@ class DOCUMENT(PrimitiveKind):
     def ends(self, node, device=None) -> torch.Tensor:
         """int64 exclusive end position of each document, on ``device`` (cached)."""
         return _on_device(node, device, "ends", lambda: torch.tensor(node.args, dtype=torch.int64).cumsum(0))
+
+    def retained(self, node, k, t):
+        # keys from the start of t's document on; nothing once t is past the packed length
+        a = node.args
+        ends = self.ends(node, t.device)
+        starts = ends - torch.tensor(a, dtype=torch.int64, device=t.device)
+        seg = torch.searchsorted(ends, t.clamp(min=0).reshape(-1).contiguous(), right=True).reshape(t.shape)
+        inside = seg < len(a)
+        start = starts[seg.clamp(max=len(a) - 1)]
+        return inside & (k >= start)
 
     def prepare(self, node, device):
         if sum(node.args) <= DOC_TABLE_LIMIT:

@@ -104,6 +104,47 @@ def make_mask_mod(kind: str, n: int):
     raise ValueError(kind)
 
 
+def language_twin(kind: str, n: int):
+    """The same mask as ``make_mask_mod(kind, n)`` written in attnmask's language, or None (no twin)."""
+    import torch
+
+    import attnmask as am
+    if kind == "neighbourhood_2d":
+        return am.window2d(256, n // 256, 15, 15)
+    if kind == "document":
+        g = torch.Generator().manual_seed(0)          # the same cuts as make_mask_mod's
+        cuts = torch.randperm(n - 1, generator=g)[:999].add(1).sort().values
+        lengths = torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([n])]))
+        return am.causal & am.document(*lengths.tolist())
+    if kind == "prefix":
+        return am.prefix_lm(n // 8)
+    if kind == "dilated":
+        return am.dilated(512, 8)
+    return None
+
+
+def run_twin(kind: str, n: int, repeats: int) -> dict:
+    """The mask_mod leaf against the same mask written in the language: warm compiles, taking turns."""
+    import warnings
+
+    import attnmask as am
+    warnings.simplefilter("ignore", am.MaskModWarning)
+    leaf, twin = am.from_mask_mod(make_mask_mod(kind, n), kind), language_twin(kind, n)
+    out: dict = {"mode": "twin", "kind": kind, "n": n, "load_start": round(os.getloadavg()[0], 2),
+                 "language": str(twin)[:60]}
+    a, b = leaf.compile(n, block_size=BLOCK), twin.compile(n, block_size=BLOCK)
+    out["same_tiles"] = bool((a.block_states() == b.block_states()).all())
+    t_leaf, t_twin = [], []
+    for _ in range(repeats):
+        am.clear_cache()
+        t_leaf.append(_best(lambda: leaf.compile(n, block_size=BLOCK), 1))
+        am.clear_cache()
+        t_twin.append(_best(lambda: twin.compile(n, block_size=BLOCK), 1))
+    out["attnmask_warm_s"], out["language_s"] = min(t_leaf), min(t_twin)
+    out["load_end"] = round(os.getloadavg()[0], 2)
+    return out
+
+
 def _best(fn, repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
@@ -200,6 +241,8 @@ def _machine() -> str:
 def _fmt(s) -> str:
     if s is None:
         return "-"
+    if s < 0.01:
+        return f"{s * 1000:.1f} ms"
     return f"{s * 1000:.0f} ms" if s < 10 else f"{s:.1f} s"
 
 
@@ -236,7 +279,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results/mask_mod.md", help="results file, or - for stdout only")
     p.add_argument("--resume", action="store_true",
                    help="keep the rows already in the results file and measure only the missing cases")
+    p.add_argument("--twins", action="store_true",
+                   help="instead: each mask_mod against the same mask written in the language (kinds that have one)")
     p.add_argument("--case", help=argparse.SUPPRESS)
+    p.add_argument("--twin-case", help=argparse.SUPPRESS)
     p.add_argument("--eager-case", help=argparse.SUPPRESS)
     p.add_argument("--first-trace", action="store_true",
                    help="time the first mask_mod trace of a fresh process (3 processes), then exit")
@@ -245,6 +291,10 @@ def main(argv=None) -> int:
     if args.case:
         kind, n = args.case.split(":")
         print(json.dumps(run_case(kind, int(n), args.repeats, not args.no_cbm)))
+        return 0
+    if args.twin_case:
+        kind, n = args.twin_case.split(":")
+        print(json.dumps(run_twin(kind, int(n), args.repeats)))
         return 0
     if args.first_trace_case:
         print(first_trace())
@@ -263,11 +313,20 @@ def main(argv=None) -> int:
     if args.resume and args.out != "-" and os.path.exists(args.out):
         rows, commands, header = _read_raw(args.out)
     commands.append(f"python benchmarks/bench_mask_mod.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    done = {(r["kind"], r["n"]) for r in rows if "error" not in r}
-    rows = [r for r in rows if (r["kind"], r["n"]) in done]
+    mode = "twin" if args.twins else "cbm"
+    done = {(r.get("mode", "cbm"), r["kind"], r["n"]) for r in rows if "error" not in r}
+    rows = [r for r in rows if (r.get("mode", "cbm"), r["kind"], r["n"]) in done]
     for n in args.lengths:
         for kind in args.kinds:
-            if (kind, n) in done:
+            if (mode, kind, n) in done or (args.twins and language_twin(kind, 1 << 16) is None):
+                continue
+            if args.twins:
+                cmd = [sys.executable, __file__, "--twin-case", f"{kind}:{n}", "--repeats", str(args.repeats)]
+                r = {"mode": "twin", "kind": kind, "n": n, **_subprocess_json(cmd, args.timeout)}
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+                if args.out != "-":
+                    _write(args.out, _render(rows, header, commands))
                 continue
             cmd = [sys.executable, __file__, "--case", f"{kind}:{n}", "--repeats", str(args.repeats)] + \
                 (["--no-cbm"] if args.no_cbm else [])
@@ -314,6 +373,10 @@ def _add_eager(r: dict, kind: str, n: int, args) -> None:
             r["cbm_eager_s"], r["eager_peak_gb"] = run["s"], run["peak_gb"]
 
 
+def _gb(x) -> str:
+    return "-" if x is None else f"{x:.2f} GB"
+
+
 def _eager_cell(r: dict) -> str:
     if "cbm_eager_s" in r:
         peak = r.get("eager_peak_gb", r.get("eager_probe", {}).get("peak_gb"))
@@ -356,7 +419,8 @@ def _render(rows: list, header: str, commands: list) -> str:
         f"Machine (first run): {header}",
         "",
         "Load average (1 min) at the start and end of each case: "
-        + (", ".join(f"{r['kind']}@{r['n']:,}: {r['load_start']}-{r['load_end']}" for r in rows if "load_start" in r)
+        + (", ".join(f"{r['kind']}@{r['n']:,}: {r['load_start']}-{r['load_end']}" for r in rows
+                     if "load_start" in r and r.get("mode") != "twin")
            or "not recorded"),
         "",
         *[f"Command: `{c}`" for c in commands],
@@ -369,18 +433,34 @@ def _render(rows: list, header: str, commands: list) -> str:
         "partial blocks.",
         "",
         "| kind | N | attnmask warm | attnmask cold | create_block_mask compiled (warm) | its first call "
-        "| ratio | eager | route | partial tiles | same tiles |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+        "| ratio | eager | route | partial tiles | same tiles | process peak RSS |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|",
     ]
+    twins = [r for r in rows if r.get("mode") == "twin"]
     for r in rows:
+        if r.get("mode") == "twin":
+            continue
         if "error" in r:
-            lines.append(f"| {r['kind']} | {r['n']:,} | error: {r['error']} | | | | | | | | |")
+            lines.append(f"| {r['kind']} | {r['n']:,} | error: {r['error']} | | | | | | | | | |")
             continue
         ratio = (f"{r['cbm_compiled_s'] / r['attnmask_warm_s']:.1f}x" if "cbm_compiled_s" in r else "-")
         eager = _eager_cell(r)
         lines.append(f"| {r['kind']} | {r['n']:,} | {_fmt(r['attnmask_warm_s'])} | {_fmt(r['attnmask_cold_s'])} | "
                      f"{_fmt(r.get('cbm_compiled_s'))} | {_fmt(r.get('cbm_first_call_s'))} | {ratio} | {eager} | "
-                     f"{r['route']} | {r['partial_tiles']:,} | {r.get('same_tiles', '-')} |")
+                     f"{r['route']} | {r['partial_tiles']:,} | {r.get('same_tiles', '-')} | "
+                     f"{_gb(r.get('peak_rss_gb'))} |")
+    if twins:
+        lines += ["", "The same masks written in the language (`--twins`): warm compiles, layout cache cleared "
+                  "before each, taking turns; same tiles = equal block states.", "",
+                  "| kind | N | language | attnmask mask_mod | language | mask_mod / language | same tiles | load |",
+                  "|---|---:|---|---:|---:|---:|---|---|"]
+        for r in twins:
+            if "error" in r:
+                lines.append(f"| {r['kind']} | {r['n']:,} | error: {r['error']} | | | | | |")
+                continue
+            lines.append(f"| {r['kind']} | {r['n']:,} | `{r['language']}` | {_fmt(r['attnmask_warm_s'])} | "
+                         f"{_fmt(r['language_s'])} | {r['attnmask_warm_s'] / r['language_s']:.1f}x | "
+                         f"{r['same_tiles']} | {r['load_start']}-{r['load_end']} |")
     imports = [r["first_trace_in_process_s"] for r in rows if "first_trace_in_process_s" in r]
     if imports:
         lines += ["", f"The first trace in a fresh process imports torch's tracing machinery (dynamo, fake "

@@ -227,7 +227,8 @@ def _lookup(traced: Traced, tab: np.ndarray, key, idx: list[Iv]) -> Iv:
     if not idx:
         x = _I64(tab)
         return Iv(x, x)
-    gmin, gmax = _I64(tab.min()), _I64(tab.max())
+    # the table's global range (cached: a 2-D block map is scanned once per trace, not once per bound)
+    gmin, gmax = traced.cached(key + ("range",), lambda: (_I64(tab.min()), _I64(tab.max())))
     if len(idx) == 1:
         lo, hi, exact = _index_range(idx[0], tab.shape[0])
         out = _range_1d(traced, key, tab, lo, hi)

@@ -436,6 +436,8 @@ def _render(rows: list, header: str, commands: list) -> str:
         "| ratio | eager | route | partial tiles | same tiles | process peak RSS |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|---:|",
     ]
+    order = {k: i for i, k in enumerate(KINDS)}
+    rows = sorted(rows, key=lambda r: (r.get("mode", "cbm"), r["n"], order.get(r["kind"], len(order))))
     twins = [r for r in rows if r.get("mode") == "twin"]
     for r in rows:
         if r.get("mode") == "twin":

@@ -36,8 +36,9 @@ __all__ = ["Unsupported", "Traced", "trace", "bounds"]
 _I64 = np.int64
 #: Longest 1-D table given a sparse table (int64, log2(n) levels).
 _MAX_SPARSE = 1 << 21
-#: Largest 2-D boolean map given prefix sums.
-_MAX_PREFIX2D = 1 << 24
+#: Largest 2-D boolean map given prefix sums (int32: 4 bytes per entry, 8 while they are built), e.g.
+#: the 8192 x 8192 block map of a 1M-token mask over 128-token blocks.
+_MAX_PREFIX2D = 1 << 26
 #: Values beyond this are not bounded (products could overflow int64).
 _BIG = 1 << 40
 
@@ -235,7 +236,7 @@ def _lookup(traced: Traced, tab: np.ndarray, key, idx: list[Iv]) -> Iv:
         return Iv(np.where(exact, out.lo, gmin), np.where(exact, out.hi, gmax))
     if len(idx) == 2 and gmin >= 0 and gmax <= 1 and tab.size <= _MAX_PREFIX2D:
         # a boolean map: ones in the box by 2-D prefix sums give min (all ones) and max (any one)
-        pre = traced.cached(key + ("pre2d",), lambda: np.pad(tab.cumsum(0).cumsum(1), ((1, 0), (1, 0))))
+        pre = traced.cached(key + ("pre2d",), lambda: _prefix_2d(tab))
         (lo0, hi0, ex0), (lo1, hi1, ex1) = (_index_range(idx[0], tab.shape[0]), _index_range(idx[1], tab.shape[1]))
         ones = pre[hi0 + 1, hi1 + 1] - pre[lo0, hi1 + 1] - pre[hi0 + 1, lo1] + pre[lo0, lo1]
         area = (hi0 - lo0 + 1) * (hi1 - lo1 + 1)
@@ -244,6 +245,14 @@ def _lookup(traced: Traced, tab: np.ndarray, key, idx: list[Iv]) -> Iv:
                   np.where(~exact | (ones > 0), 1, 0).astype(_I64))
     shape = np.broadcast(*[np.asarray(i.lo) for i in idx]).shape
     return Iv(np.full(shape, gmin), np.full(shape, gmax))
+
+
+def _prefix_2d(tab: np.ndarray) -> np.ndarray:
+    """[n0 + 1, n1 + 1] int32: ones in tab[:i, :j] (counts stay under 2^26, the size bound)."""
+    pre = np.zeros((tab.shape[0] + 1, tab.shape[1] + 1), np.int32)
+    np.cumsum(tab, axis=0, dtype=np.int32, out=pre[1:, 1:])
+    np.cumsum(pre[1:, 1:], axis=1, dtype=np.int32, out=pre[1:, 1:])
+    return pre
 
 
 def _resolve_look(v: Look) -> Iv:

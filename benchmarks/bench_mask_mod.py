@@ -30,6 +30,8 @@ with create_block_mask's full and partial block counts.
     python benchmarks/bench_mask_mod.py                       # 64K and 256K, writes benchmarks/results/mask_mod.md
     python benchmarks/bench_mask_mod.py --lengths 8192 --out -   # quick smoke run
     python benchmarks/bench_mask_mod.py --first-trace            # the once-per-process import, in 3 fresh processes
+    python benchmarks/bench_mask_mod.py --twins                  # each mask_mod vs the same mask in the language
+    python benchmarks/bench_mask_mod.py --compiled-eval          # probe cells: eager vs torch.compile
 """
 
 from __future__ import annotations
@@ -265,6 +267,38 @@ def first_trace() -> str:
             f"load {os.getloadavg()[0]:.1f}")
 
 
+def compiled_eval(n: int = 262144) -> None:
+    """Probe cells evaluated eagerly vs through torch.compile(fn, dynamic=True), as the probe stages call them."""
+    import warnings
+
+    import torch
+    warnings.simplefilter("ignore")
+    g = torch.Generator().manual_seed(0)
+    for kind in ["neighbourhood_2d", "dilated", "document", "block_table"]:
+        fn = make_mask_mod(kind, n)
+        for tiles, per in ((61440, 8), (61440, 24)):           # 61,440 open tiles x the two probe stages
+            rows = torch.randint(0, n, (tiles, per), generator=g)
+            keys = torch.randint(0, n, (tiles, per), generator=g)
+            b = h = torch.tensor(0)
+
+            def best(f, reps=5):
+                out = float("inf")
+                for _ in range(reps):
+                    t = time.perf_counter()
+                    f(b, h, rows, keys)
+                    out = min(out, time.perf_counter() - t)
+                return out
+            eager = best(fn)
+            cf = torch.compile(fn, dynamic=True)
+            t = time.perf_counter()
+            r1 = cf(b, h, rows, keys)
+            first = time.perf_counter() - t
+            warm = best(cf)
+            assert torch.equal(r1, fn(b, h, rows, keys))
+            print(f"{kind} {tiles}x{per} cells: eager {eager * 1000:.1f} ms, compiled warm {warm * 1000:.1f} ms "
+                  f"({eager / warm:.1f}x), its first call {first:.1f} s; load {os.getloadavg()[0]:.1f}", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=DEFAULT_LENGTHS)
@@ -287,6 +321,8 @@ def main(argv=None) -> int:
     p.add_argument("--first-trace", action="store_true",
                    help="time the first mask_mod trace of a fresh process (3 processes), then exit")
     p.add_argument("--first-trace-case", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--compiled-eval", action="store_true",
+                   help="time probe-cell evaluation eager vs torch.compile (256K), then exit")
     args = p.parse_args(argv)
     if args.case:
         kind, n = args.case.split(":")
@@ -295,6 +331,9 @@ def main(argv=None) -> int:
     if args.twin_case:
         kind, n = args.twin_case.split(":")
         print(json.dumps(run_twin(kind, int(n), args.repeats)))
+        return 0
+    if args.compiled_eval:
+        compiled_eval()
         return 0
     if args.first_trace_case:
         print(first_trace())

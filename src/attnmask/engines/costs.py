@@ -28,20 +28,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["Direction", "FORWARD", "BACKWARD", "kernel_cost", "causal_call_cost", "pieces_cost",
-           "KERNEL_SLICE_FACTORS", "SUB_ROWS", "SPLIT_GAIN", "REGION_GAIN", "SPLIT_FULL_BLOCKS", "ONE_CALL_BLOCKS",
+           "KERNEL_SLICE_FACTORS", "SUB_ROWS", "MIN_SUB_ROWS", "FINE_PIECES_REPEATS", "SPLIT_GAIN", "REGION_GAIN", "SPLIT_FULL_BLOCKS", "ONE_CALL_BLOCKS",
            "GATHER_KEYS", "GATHER_SPAN_ROWS", "KEY_SET_KEYS", "KEY_SET_ROWS", "KEY_SET_CELLS", "KEY_SET_JOIN_RUNS", "MIN_SEGMENT_ROWS", "CHUNK_BYTES", "KEYS_PER_CALL"]
 
 #: Relative cost per score of the forward kernel by its query slice (256, 64, 32 rows: calls of
 #: >= 768, >= 192, < 192 rows). Rounded from bench_kernel_slices.py: 1.445 / 1.49-1.51 / 1.59 ns.
-KERNEL_SLICE_FACTORS = {256: 1.0, 64: 1.08, 32: 1.18}
+#: Items shorter than a 32-row slice (16, 8 rows: narrow windows' pieces) cost 1.14x / 1.2x more per
+#: score than 32-row ones (benchmarks/results/kernel_slices.md, "short pieces", 2026-12-01).
+KERNEL_SLICE_FACTORS = {256: 1.0, 64: 1.08, 32: 1.18, 16: 1.35, 8: 1.42}
 
 #: A full run at least this many blocks long inside a partially masked segment is split off into
 #: its own maskless call: the mask would cost more than the merge.
 SPLIT_FULL_BLOCKS = 4
 #: ... but a range of at most this many key blocks stays one call with its mask.
 ONE_CALL_BLOCKS = 32
-#: Partial blocks may run as row pieces of this many rows, each trimmed to its keys ...
+#: Partial blocks may run as row pieces of this many rows (or a half, a quarter, ... of it down to
+#: MIN_SUB_ROWS: narrow windows), each trimmed to its keys ...
 SUB_ROWS = 64
+MIN_SUB_ROWS = 8
+#: ... (the shorter heights only for segments whose shape repeats in at least this many blocks: one
+#: batched call runs them all, where elsewhere every piece would be a call of its own).
+FINE_PIECES_REPEATS = 4
 #: ... when the pieces' estimated kernel time is below this share of the whole block's.
 SPLIT_GAIN = 0.97
 #: A causal region runs as one is_causal call unless row pieces cost less than this share of it
@@ -91,7 +98,8 @@ def kernel_cost(rows: int, keys: int) -> float:
         >>> kernel_cost(1024, 10), kernel_cost(100, 10)
         (10240.0, 1180.0)
     """
-    per_score = KERNEL_SLICE_FACTORS[256 if rows >= 768 else 64 if rows >= 192 else 32]
+    per_score = KERNEL_SLICE_FACTORS[256 if rows >= 768 else 64 if rows >= 192 else 32 if rows >= 32
+                                     else 16 if rows >= 16 else 8]
     return rows * keys * per_score
 
 

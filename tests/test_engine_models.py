@@ -109,6 +109,14 @@ def test_decode_is_deterministic_and_its_plan_cached_per_shape():
     assert torch.equal(a, b) and len(short_plans) == n == 1
     am.attention(q, k[:, :, :2047], v[:, :, :2047], masks, enable_gqa=True)     # a new shape: one more plan
     assert len(short_plans) == 2
+    # Equal masks as new objects find the same plan; lists taking turns each get their own result.
+    again = [am.parse(t) for t in NINE]
+    assert torch.equal(am.attention(q, k, v, again, enable_gqa=True), a) and len(short_plans) == 2
+    other = [am.parse(t) for t in reversed(NINE)]
+    q32, k32, v32 = (t.float() for t in (q, k, v))
+    for ms in (masks, other, masks, other):
+        ref, _ = reference(q32.double(), k32.double(), v32.double(), allowed_of(ms, 1, 9, 1, 2048))
+        assert scaled(am.attention(q32, k32, v32, ms, enable_gqa=True), ref, v32) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -147,8 +147,8 @@ def plan_for(layout: BlockLayout, direction: Direction = FORWARD) -> Plan:
         [(192, 64, 256, 1), (256, 32, 287, 24)]
         >>> from attnmask.engines.costs import BACKWARD
         >>> back = plan_for((am.causal & am.sliding(256)).compile(1024, block_size=128), BACKWARD)
-        >>> [(op.r0, op.rows, op.span, op.G) for op in back.ops][-1]       # the backward's 128-row items
-        (256, 128, 383, 6)
+        >>> [(op.r0, op.rows, op.span, op.G) for op in back.ops][-1]       # the backward's items (backward_cost)
+        (256, 64, 319, 12)
     """
     key = _layout_key(layout) + (direction,)
     plan = plans.get(key)
@@ -223,8 +223,7 @@ class _Builder:
         if direction.fixed_rows is None:
             self.chunks = _row_chunks
         else:
-            n = direction.fixed_rows
-            self.chunks = lambda m: [(r, min(n, m.shape[0] - r)) for r in range(0, m.shape[0], n)]
+            self.chunks = lambda m, fine=False, n=direction.fixed_rows: _fixed_row_chunks(m, n, fine)
         self.bq, self.bk = layout.block_size
         self.masks: list[torch.Tensor] = []
         self.mask_ids: dict[bytes, int] = {}
@@ -313,7 +312,7 @@ class _Builder:
                     a, b = c * bk - k0, min((c + 1) * bk, kv_len) - k0
                     m[:, a:b] = self.tiles[self.tile_id[(qb, c)]][:rows, :b - a]
         out = []
-        for r, n in (self.chunks(m, fine) if self.direction.fixed_rows is None else self.chunks(m)):
+        for r, n in self.chunks(m, fine):
             sub = m[r:r + n]
             for lo, hi in _key_clusters(sub.any(0)):
                 out.append((r, n, lo, hi - lo) + self._mask_ids(sub[:, lo:hi].contiguous()))
@@ -461,6 +460,22 @@ def _row_chunks(m: torch.Tensor, fine: bool = False) -> list[tuple[int, int]]:
         if not fine or height // 2 < costs.MIN_SUB_ROWS:
             return best
         height //= 2
+
+
+def _fixed_row_chunks(m: torch.Tensor, height: int, fine: bool = False) -> list[tuple[int, int]]:
+    """The backward's row chunks: every ``height`` rows, or (``fine``: a segment that repeats, so one
+    batched call runs its pieces) a half or a quarter of it where ``costs.backward_cost`` says so."""
+    rows = m.shape[0]
+    best, best_cost = None, float("inf")
+    h = height
+    while True:
+        pieces = [(r, min(h, rows - r)) for r in range(0, rows, h)]
+        cost = sum(costs.backward_cost(n, _span(m[r:r + n].any(0))) for r, n in pieces)
+        if cost < best_cost:
+            best, best_cost = pieces, cost
+        if not fine or h // 2 < 32:
+            return best
+        h //= 2
 
 
 def _span(cols: torch.Tensor) -> int:

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 __all__ = ["Direction", "FORWARD", "BACKWARD", "kernel_cost", "causal_call_cost", "pieces_cost",
            "KERNEL_SLICE_FACTORS", "SUB_ROWS", "MIN_SUB_ROWS", "FINE_PIECES_REPEATS", "SPLIT_GAIN", "REGION_GAIN", "SPLIT_FULL_BLOCKS", "ONE_CALL_BLOCKS",
-           "GATHER_KEYS", "GATHER_SPAN_ROWS", "KEY_SET_KEYS", "KEY_SET_ROWS", "KEY_SET_CELLS", "KEY_SET_JOIN_RUNS", "MIN_SEGMENT_ROWS", "CHUNK_BYTES", "KEYS_PER_CALL"]
+           "GATHER_KEYS", "GATHER_SPAN_ROWS", "KEY_SET_KEYS", "KEY_SET_ROWS", "KEY_SET_CELLS", "KEY_SET_JOIN_RUNS", "MIN_SEGMENT_ROWS", "CHUNK_BYTES", "KEYS_PER_CALL",
+           "BACKWARD_ROW_COSTS", "backward_cost"]
 
 #: Relative cost per score of the forward kernel by its query slice (256, 64, 32 rows: calls of
 #: >= 768, >= 192, < 192 rows). Rounded from bench_kernel_slices.py: 1.445 / 1.49-1.51 / 1.59 ns.
@@ -81,11 +82,12 @@ MIN_SEGMENT_ROWS = 256
 #: after call; above it every call maps fresh pages and pays their faults (32K-token windows: ~6%).
 CHUNK_BYTES = 16 << 20
 #: Most key rows (summed over the items of one call) whose dK/dV one backward call may return:
-#: bounds the call's temporary gradients to about this x (batch x kv heads x D) floats. Measured at
-#: N=8192, sliding(1024), 2 threads: on a quiet machine 2048 is ~10% faster than 16384-32768; on
-#: the shared, oversubscribed one (load 5) 32768 is 2-3x faster than 2048, because every parallel
-#: region can wait a scheduler slice. 32768 made a 64K-token step add 847 MB (vs 603 MB at 2048).
-KEYS_PER_CALL = 16384
+#: bounds the call's temporary gradients to about this x (batch x kv heads x D) floats. Measured
+#: under the CPU lock (quiet, 2 threads, 2026-12-01), N=8192, sliding(1024), fp32, 128-row items:
+#: backward 425 ms at 4096, 442 at 2048, 505 at 16384 (the temporaries of a 16384-key call pass
+#: glibc's mmap threshold and fault their pages in every call). (Last session, on the
+#: oversubscribed machine at load 5, 32768 had measured 2-3x faster than 2048.)
+KEYS_PER_CALL = 4096
 
 
 def kernel_cost(rows: int, keys: int) -> float:
@@ -150,6 +152,24 @@ class Direction:
 
 #: The forward pass: row pieces by the kernel cost model, key sets gathered.
 FORWARD = Direction("forward", None)
-#: The backward pass: its kernel runs 64-row calls ~18% slower per score than 128-row ones
-#: (measured at N=8192, sliding(1024)), so rows are cut at fixed 128-row heights.
+#: The backward pass: its kernel prefers taller calls, so rows are cut at fixed 128-row heights,
+#: except in segments that repeat (one batched call), where a shorter height may cost less
+#: (narrow windows: ``backward_cost``).
 BACKWARD = Direction("backward", 128)
+
+#: The backward kernel's cost per row of an item by its height: (per key, per row), fitted to
+#: N=8192, fp32, 2 threads, quiet (benchmarks/results/backward.md, 2026-12-01): sliding(1024) /
+#: sliding(64) backward 425 / 85 ms at 128 rows, 436 / 73 at 64, 494 / 71 at 32.
+BACKWARD_ROW_COSTS = {128: (1.0, 49.0), 64: (1.07, 71.0), 32: (1.24, 83.0)}
+
+
+def backward_cost(rows: int, keys: int) -> float:
+    """Relative time of one backward item of ``rows`` x ``keys`` (the height's per-key and per-row costs).
+
+        >>> backward_cost(128, 191) > 4 * backward_cost(32, 95)     # sliding(64): 32-row items
+        True
+        >>> backward_cost(128, 1151) < 4 * backward_cost(32, 1055)  # sliding(1024): 128-row items
+        True
+    """
+    per_key, per_row = BACKWARD_ROW_COSTS[128 if rows > 64 else 64 if rows > 32 else 32]
+    return rows * (keys * per_key + per_row)

@@ -188,9 +188,9 @@ def test_a_sink_costs_about_its_keys():
         assert _work(sink) <= _work(plain) + 5 * L       # ~4 keys a row, plus a few rows near the start
         key_set_calls = [op for op in sink.ops if op.span == 0]
         assert all(op.extra == ((0, 4),) for op in key_set_calls)
-        shape = lambda op: (op.r0, op.dr, op.rows, op.k0, op.dk, op.span, op.G)          # noqa: E731
-        assert [shape(op) for op in sink.ops[:len(plain.ops)]] == [shape(op) for op in plain.ops]
-        assert len(key_set_calls) == len(sink.ops) - len(plain.ops) <= 2
+        own = lambda p: sum(op.G * op.rows * op.span for op in p.ops)                   # noqa: E731
+        assert own(sink) == own(plain)                # the window's own cells, unchanged
+        assert len(sink.ops) <= len(plain.ops) + 2 and len(key_set_calls) <= 2
     plain = plan_for((am.causal & am.sliding(64)).compile(L), BACKWARD)
     sink = plan_for((am.causal & (am.sliding(64) | am.sink(4))).compile(L), BACKWARD)
     assert not [op for op in sink.ops if op.span == 0] and merges(sink) == merges(plain)

@@ -8,13 +8,13 @@ layout into a cached *plan* of calls of PyTorch's fused CPU flash kernel
 - each query block's runs become a few contiguous key ranges, trimmed to the
   keys some row uses, with a small additive mask only where a range holds
   partial tiles (built from ``layout.tile_masks``; full tiles are never evaluated);
-- a partial block may run as row pieces (64 rows, or 32, 16, 8 where the block's
-  shape repeats so that one batched call runs them all; and cuts where a document or
-  chunk boundary falls inside the block), each trimmed to its own keys, when a
-  cost model of the kernel says so (``costs.kernel_cost``: the kernel slices queries
-  into 32-, 64- or 256-row pieces by the call's length, and small slices cost
-  more per score). A 1024-key window at block 128 then computes 1055 keys a row
-  instead of 1151, sliding(16) 23 instead of 143;
+- a partial block may run as row pieces (64 rows, and cuts where a document or
+  chunk boundary falls inside the block; shorter heights where the block's shape
+  repeats when ``costs.MIN_SUB_ROWS`` allows, off by default), each trimmed to its own
+  keys, when a cost model of the kernel says so (``costs.kernel_cost``: the kernel
+  slices queries into 32-, 64- or 256-row pieces by the call's length, and small
+  slices cost more per score). A 1024-key window at block 128 then computes 1087
+  keys a row instead of 1151;
 - key sets (the keys that key-only parts of a mask select: ``sink(4)``, ``cols(p)``)
   are split off the mask (``_key_set_split``): the rest plans as if they were not
   there, and their keys are gathered into the rest's calls where those are tall
@@ -143,8 +143,8 @@ def plan_for(layout: BlockLayout, direction: Direction = FORWARD) -> Plan:
 
         >>> import attnmask as am
         >>> plan = plan_for((am.causal & am.sliding(256)).compile(1024, block_size=128))
-        >>> [(op.r0, op.rows, op.span, op.G) for op in plan.ops][-2:]   # 64-row pieces; then one call for 24
-        [(192, 64, 256, 1), (256, 32, 287, 24)]
+        >>> [(op.r0, op.rows, op.span, op.G) for op in plan.ops][-2:]   # 64-row pieces; then one call for 12
+        [(192, 64, 256, 1), (256, 64, 319, 12)]
         >>> from attnmask.engines.costs import BACKWARD
         >>> back = plan_for((am.causal & am.sliding(256)).compile(1024, block_size=128), BACKWARD)
         >>> [(op.r0, op.rows, op.span, op.G) for op in back.ops][-1]       # the backward's items (backward_cost)

@@ -46,9 +46,13 @@ ONE_CALL_BLOCKS = 32
 #: Partial blocks may run as row pieces of this many rows (or a half, a quarter, ... of it down to
 #: MIN_SUB_ROWS: narrow windows), each trimmed to its keys ...
 SUB_ROWS = 64
-MIN_SUB_ROWS = 8
-#: ... (the shorter heights only for segments whose shape repeats in at least this many blocks: one
-#: batched call runs them all, where elsewhere every piece would be a call of its own).
+#: Shorter heights (halves of SUB_ROWS down to this; only for segments whose shape repeats in at
+#: least FINE_PIECES_REPEATS blocks, which one batched call runs) are OFF: one kernel call alone
+#: favours 8-16-row pieces for narrow windows (sliding(64): 4.1 vs 5.3 ns per pair), but the engine
+#: at SmolLM2's shapes (H=9, Hkv=3) measured slower with them (benchmarks/results/model_shapes.md,
+#: 2026-12-01 18:10: sliding(64) at L=1024 6.5 ms against 4.6 with 64-row pieces; the 16K window
+#: 312 against 314 ms: no gain). Set MIN_SUB_ROWS = 8 to weigh them.
+MIN_SUB_ROWS = 64
 FINE_PIECES_REPEATS = 4
 #: ... when the pieces' estimated kernel time is below this share of the whole block's.
 SPLIT_GAIN = 0.97

@@ -137,7 +137,8 @@ def _resolve_masks(mask, B: int, H: int, Lq: int, Lk: int, q_offset: int | None,
             raise MaskValueError(f"{where} must be a Mask or a BlockLayout, got {type(item).__name__}")
         # By identity: hashing a mask walks its whole tree (a decode step with nine per-head
         # masks spent ~0.1 ms in hash()); equal masks given as two objects are two entries.
-        key = id(lay) if compile else (id(item), lay[1])
+        # lay[0], not item: a mask_mod that reads b / h comes pinned per (b, h), one object each.
+        key = id(lay) if compile else (id(lay[0]), lay[1])
         if key not in index:
             index[key] = len(layouts)
             layouts.append(lay)

@@ -219,9 +219,33 @@ def _vmap_call(leaf: MaskMod, b, h, rows, keys) -> torch.Tensor:
     return _as_bool(leaf, out).reshape(target)
 
 
+def _probe_agrees(leaf: MaskMod, b, h, rows, keys) -> bool:
+    """Broadcasting equals vmap on a 3 x 5 grid of valid cells spread over the call's ranges.
+
+    The call's own shape can hide a scalar-only predicate: at [4, 1] x [1, 2] the
+    ``interval[0]`` of ``intervals[span[q]]`` has the keys' shape by chance. Three
+    rows against five keys rarely line up like that."""
+    def spread(t, n):
+        t = t.reshape(-1)
+        return t.min() + (t.max() - t.min()) * torch.arange(n) // (n - 1)
+    b0, h0 = b.reshape(-1)[:1].reshape(()), h.reshape(-1)[:1].reshape(())
+    pr, pk = spread(rows, 3)[:, None], spread(keys, 5)[None, :]
+    try:
+        got = _broadcast_call(leaf, b0, h0, pr, pk).expand(3, 5)
+    except Exception:                       # noqa: BLE001 - broadcasting fails on the grid: not written for it
+        return False
+    try:
+        ref = _as_bool(leaf, torch.vmap(leaf.fn)(*[t.expand(3, 5).reshape(-1) for t in (b0, h0, pr, pk)]))
+    except Exception:                       # noqa: BLE001 - vmap cannot run it: broadcasting is the only way
+        return True
+    return torch.equal(got.reshape(-1), ref.reshape(-1))
+
+
 def _choose_route(leaf: MaskMod, b, h, rows, keys) -> torch.Tensor:
     """Try the broadcasting call, check it against vmap on a sample of cells, remember the winner."""
     try:
+        if not _probe_agrees(leaf, b, h, rows, keys):
+            raise MaskValueError("broadcasting differs from vmap on the probe grid")
         out = _broadcast_call(leaf, b, h, rows, keys)
     except MaskValueError as e:
         if "expected a bool tensor" in str(e):

@@ -368,8 +368,14 @@ def _family_spec(draw, L: int) -> Spec:
     return draw(mask_specs(max_leaves=4))
 
 
+#: Query rows from which a problem is *long*: the engine's calls can then span 2048 rows and more (the
+#: length from which its long calls are cut into row pieces) and the backward's work at small blocks
+#: exceeds one kernel call (it is split into several).
+LONG_ROWS = 2048
+
+
 @st.composite
-def engine_problems(draw, *, max_blocks: int = 8) -> dict:
+def engine_problems(draw, *, max_blocks: int = 8, long_share: int = 8) -> dict:
     """One attention problem: spec, lengths, q_offset, block size, B, H, Hkv, D, seed.
 
     Lengths span 2..max_blocks query blocks (not always a multiple of the block);
@@ -377,12 +383,23 @@ def engine_problems(draw, *, max_blocks: int = 8) -> dict:
     keys from separate runs of tiles and the engine merges partial results); half
     lose some rows entirely (``- rows(a, b, s)`` on positions the queries hold), so
     fully masked rows sit inside blocks whose other rows merge.
+
+    About one draw in ``long_share`` (0: none) is *long*: LONG_ROWS..LONG_ROWS + 512
+    query rows, with B = 1, H <= 2 and D <= 8 so that the float64 reference stays cheap.
     """
-    bq = draw(st.sampled_from([8, 16, 32]))
-    bk = draw(st.sampled_from([bq, 2 * bq, bq // 2]))
-    Lq = draw(st.integers(2 * bq - bq // 2, max_blocks * bq))
-    Lk = Lq if draw(st.integers(0, 2)) else draw(st.integers(max(1, Lq // 2), 2 * Lq))
-    q_offset = draw(st.one_of(st.none(), st.integers(-bq, Lk)))
+    long = bool(long_share) and draw(st.integers(1, long_share)) == long_share   # shrinks to short
+    if long:
+        bq = draw(st.sampled_from([16, 32, 64, 128]))
+        bk = draw(st.sampled_from([bq, 2 * bq]))
+        Lq = draw(st.integers(LONG_ROWS, LONG_ROWS + 512))
+        Lk = Lq if draw(st.integers(0, 2)) else draw(st.integers(Lq, Lq + 512))
+        q_offset = draw(st.one_of(st.none(), st.integers(0, Lk)))
+    else:
+        bq = draw(st.sampled_from([8, 16, 32]))
+        bk = draw(st.sampled_from([bq, 2 * bq, bq // 2]))
+        Lq = draw(st.integers(2 * bq - bq // 2, max_blocks * bq))
+        Lk = Lq if draw(st.integers(0, 2)) else draw(st.integers(max(1, Lq // 2), 2 * Lq))
+        q_offset = draw(st.one_of(st.none(), st.integers(-bq, Lk)))
     pos0 = Lk - Lq if q_offset is None else q_offset           # position of query row 0
     spec = _family_spec(draw, max(Lq, Lk))
     extra = draw(st.sampled_from(["none", "none", "sink", "cols"]))
@@ -397,6 +414,11 @@ def engine_problems(draw, *, max_blocks: int = 8) -> dict:
         a = max(0, pos0 + draw(st.integers(0, Lq - 1)))
         cut = ("prim", "rows", (a, a + draw(st.integers(1, max(1, Lq // 4))), draw(st.integers(1, 4))))
         spec = ("sub", spec, cut)
+    if long:
+        H = draw(st.sampled_from([1, 2]))
+        return dict(spec=spec, Lq=Lq, Lk=Lk, q_offset=q_offset, block=(bq, bk), B=1, H=H,
+                    Hkv=draw(st.sampled_from([1, H])), D=draw(st.sampled_from([4, 8])),
+                    seed=draw(st.integers(0, 2**16)))
     hkv = draw(st.sampled_from([1, 2]))
     return dict(spec=spec, Lq=Lq, Lk=Lk, q_offset=q_offset, block=(bq, bk), B=draw(st.integers(1, 2)),
                 H=hkv * draw(st.sampled_from([1, 2])), Hkv=hkv, D=draw(st.sampled_from([4, 8, 16])),

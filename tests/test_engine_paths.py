@@ -13,12 +13,18 @@ problems generate, is measured in tests/README.md ("What the strategies generate
   gradient through the lse;
 * the backward at long lengths, where its work is split into several kernel calls.
 
+The random problems include long ones (>= ``strategies.LONG_ROWS`` query rows, small H and D);
+for those the forward runs a second time with the engine's bound on a call's temporaries
+lowered (``engines.costs.CHUNK_BYTES``, its one tuning knob named here), so that their long
+calls are cut into row pieces as they are at real sizes, and must give the same bits.
+
 Each named test below catches a one-line mutation of the engine that the rest of
 the suite once let through (issue 11); the mutation is named in the test.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -30,7 +36,7 @@ import attnmask as am
 
 from distribution import record
 from numerics import banded_reference, gradient_units, one_thread, output_unit, reference, scaled_error
-from strategies import build, engine_problems
+from strategies import LONG_ROWS, build, engine_problems
 
 #: fp32 against float64, scaled to the inputs (measured: <= 3e-7 on these problems).
 FP32_TOL = 1e-5
@@ -190,13 +196,35 @@ def _record(test: str, p: dict, mask: am.Mask, **extra) -> None:
            B=p["B"], H=p["H"], Hkv=p["Hkv"], D=p["D"], **extra)
 
 
+@contextlib.contextmanager
+def _temporaries_bound(nbytes: int):
+    """The engine's bound on one call's temporaries lowered to ``nbytes`` (then restored)."""
+    from attnmask.engines import costs
+    saved = costs.CHUNK_BYTES
+    costs.CHUNK_BYTES = nbytes
+    try:
+        yield
+    finally:
+        costs.CHUNK_BYTES = saved
+
+
+#: At this bound a call of >= 2048 rows cuts even at B = H = 1, D = 4 (16 bytes a row).
+CUT_BOUND = 16 << 10
+
+
 @given(engine_problems())
 def test_random_engine_problems_forward(p):
     mask = build(p["spec"])
     _record("test_random_engine_problems_forward", p, mask)
     q, k, v = _problem_tensors(p)
     allowed = mask.to_dense(p["Lq"], p["Lk"], q_offset=p["q_offset"])
-    _check_forward(q, k, v, mask, allowed, scale=0.3, q_offset=p["q_offset"], block_size=p["block"])
+    out = _check_forward(q, k, v, mask, allowed, scale=0.3, q_offset=p["q_offset"], block_size=p["block"])
+    if p["Lq"] >= LONG_ROWS:
+        # its long calls cut into row pieces (and batched calls split) as at real sizes: the same bits
+        with _temporaries_bound(CUT_BOUND):
+            cut = am.attention(q, k, v, mask, scale=0.3, q_offset=p["q_offset"], enable_gqa=True,
+                               block_size=p["block"])
+        assert torch.equal(cut, out), f"cut calls changed the output by {(cut - out).abs().max():.2e}"
 
 
 @given(engine_problems(max_blocks=5), st.booleans())

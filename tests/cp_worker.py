@@ -44,18 +44,67 @@ def run_case(case: dict, rank: int, world: int, group=None) -> dict:
     plan = cp.plan(mask, L, world, block_size=case["block"], strategy=case.get("strategy", "auto"),
                    schedule=case.get("schedule", "auto"))
     qs, ks, vs = (cp.shard(t, plan, rank).requires_grad_() for t in (q, k, v))
-    t0 = time.process_time()
-    out = cp.attention(qs, ks, vs, plan, group=group, enable_gqa=gqa)
-    out.backward(cp.shard(dout, plan, rank))
-    cpu = time.process_time() - t0
+    from attnmask.distributed import runtime
+    piecewise = runtime._PIECEWISE_BACKWARD_DEVICES
+    if case.get("autograd_backward"):       # the path CUDA takes: autograd through the pieces and the merge
+        runtime._PIECEWISE_BACKWARD_DEVICES = ()
+    try:
+        t0 = time.process_time()
+        out = cp.attention(qs, ks, vs, plan, group=group, enable_gqa=gqa)
+        out.backward(cp.shard(dout, plan, rank))
+        cpu = time.process_time() - t0
+    finally:
+        runtime._PIECEWISE_BACKWARD_DEVICES = piecewise
     qr, kr, vr = (t.clone().requires_grad_() for t in (q, k, v))
     ref = am.attention(qr, kr, vr, mask, enable_gqa=gqa)
     ref.backward(dout)
     full = cp.gather(out, plan, group=group)
-    return {"out": scaled_error(out, cp.shard(ref, plan, rank)), "dq": scaled_error(qs.grad, cp.shard(qr.grad, plan, rank)),
+    res = {}
+    if case.get("gather_grad"):
+        # every rank's loss reads the gathered tensor with its own weights; the reference sums them all
+        weights = [torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(100 + r)) for r in range(world)]
+        qg, kg, vg = (cp.shard(t, plan, rank).requires_grad_() for t in (q, k, v))
+        (cp.gather(cp.attention(qg, kg, vg, plan, group=group, enable_gqa=gqa), plan, group=group)
+         * weights[rank]).sum().backward()
+        qr2, kr2, vr2 = (t.clone().requires_grad_() for t in (q, k, v))
+        am.attention(qr2, kr2, vr2, mask, enable_gqa=gqa).backward(sum(weights))
+        res = {"gather_dq": scaled_error(qg.grad, cp.shard(qr2.grad, plan, rank)),
+               "gather_dk": scaled_error(kg.grad, cp.shard(kr2.grad, plan, rank))}
+    return res | {"out": scaled_error(out, cp.shard(ref, plan, rank)), "dq": scaled_error(qs.grad, cp.shard(qr.grad, plan, rank)),
             "dk": scaled_error(ks.grad, cp.shard(kr.grad, plan, rank)),
             "dv": scaled_error(vs.grad, cp.shard(vr.grad, plan, rank)), "gather": scaled_error(full, ref),
             "strategy": plan.strategy, "schedule": plan.schedule, "cpu_s": cpu}
+
+
+def run_training_step(case: dict, rank: int, world: int, group=None) -> dict:
+    """The README's training-script recipe on a toy layer: parameter gradients summed over the group
+    must equal one process's. x [B, L, C] -> q, k, v -> cp.attention -> projection -> loss."""
+    L, B, C, H, D = case["length"], 1, 24, 2, 12
+    mask = am.parse(case["mask"])
+    torch.manual_seed(7)
+    qkv, proj = torch.nn.Linear(C, 3 * H * D), torch.nn.Linear(H * D, C)
+    x = torch.randn(B, L, C, generator=torch.Generator().manual_seed(8))
+    target = torch.randn(B, L, C, generator=torch.Generator().manual_seed(9))
+
+    def layer(xs, attend):
+        n = xs.shape[1]
+        q, k, v = qkv(xs).view(B, n, 3, H, D).permute(2, 0, 3, 1, 4)      # [B, H, n, D] each
+        return proj(attend(q, k, v).transpose(1, 2).reshape(B, n, H * D))
+
+    plan = cp.plan(mask, L, world, block_size=case["block"])
+    pos = plan.positions(rank)
+    out = layer(x[:, pos], lambda q, k, v: cp.attention(q, k, v, plan, group=group))
+    ((out - target[:, pos]) ** 2).sum().div(L).backward()                 # this rank's share of the loss
+    grads = [p.grad.clone() for p in (*qkv.parameters(), *proj.parameters())]
+    for g in grads:
+        dist.all_reduce(g, group=group)                                   # what DDP over the group does
+    for p in (*qkv.parameters(), *proj.parameters()):
+        p.grad = None
+    ref = layer(x, lambda q, k, v: am.attention(q, k, v, mask))
+    ((ref - target) ** 2).sum().div(L).backward()
+    errors = [scaled_error(g, p.grad) for g, p in zip(grads, (*qkv.parameters(), *proj.parameters()))]
+    return {"out": scaled_error(out, ref[:, pos]), "dq": max(errors), "dk": 0.0, "dv": 0.0, "gather": 0.0,
+            "strategy": plan.strategy, "schedule": plan.schedule}
 
 
 def main() -> None:
@@ -79,7 +128,8 @@ def main() -> None:
             if case.get("raise_on") == rank:
                 raise ValueError(f"boom on rank {rank}")
             try:
-                res = run_case(case, members.index(rank), len(members), groups[members])
+                run = run_training_step if case.get("training_step") else run_case
+                res = run(case, members.index(rank), len(members), groups[members])
                 res.update(case=case["name"], ok=True)
             except cp.PlanMismatchError as e:
                 res = {"case": case["name"], "ok": False, "error": type(e).__name__, "message": str(e)}

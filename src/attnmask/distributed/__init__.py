@@ -15,9 +15,9 @@ The planner (:mod:`.planner`) needs no process group; the runtime
     4
 """
 
-from .planner import BASELINES, SCHEDULES, STRATEGIES, CostModel, Plan, PlanError, Simulation, compare, plan
+from .planner import BASELINES, CALL_RULES, SCHEDULES, STRATEGIES, CostModel, Plan, PlanError, Simulation, compare, plan
 from .report import draw, format_report, summary_rows
 from .runtime import CommunicationError, PlanMismatchError, attention, gather, shard, unshard
 
 __all__ = ["plan", "compare", "Plan", "CostModel", "Simulation", "PlanError", "PlanMismatchError",
-           "CommunicationError", "shard", "unshard", "gather", "attention", "format_report", "draw", "summary_rows", "STRATEGIES", "SCHEDULES", "BASELINES"]
+           "CommunicationError", "shard", "unshard", "gather", "attention", "format_report", "draw", "summary_rows", "STRATEGIES", "SCHEDULES", "BASELINES", "CALL_RULES"]

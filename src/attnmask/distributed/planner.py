@@ -14,15 +14,20 @@ every rank computes the same plan without talking to the others:
    ``zigzag`` (head-tail pairs of 2W segments), ``ptrr`` (torch's
    processing-time round robin: non-empty tiles per chunk, snake order),
    ``greedy`` (longest-processing-time min-heap over exact chunk pairs, as
-   MagiAttention's static solver does), ``balanced`` (contiguous cuts at equal
-   cumulative pairs: keeps key/value traffic local for windows and documents).
+   MagiAttention's static solver does), ``balanced`` (contiguous cuts: keeps
+   key/value traffic local for windows and documents; at equal cumulative
+   pairs nudged to cuts few keys cross, or at equal pairs plus kernel calls,
+   whichever simulates faster).
 4. Exchange schedules: ``allgather`` (every shard to every rank),
    ``grouped`` (each rank sends each other rank exactly the chunks it needs,
    all at once), ``ring`` (the same needed-only sends in W-1 steps by ring
    distance, each step's transfer overlapping the previous step's compute).
 5. A cost model (:class:`CostModel`, in units of one attended pair's compute)
    simulates each rank's timeline, including the waits for data before each
-   step; ``strategy="auto"`` / ``schedule="auto"`` take the cheapest.
+   step and the kernel calls the runtime makes; ``strategy="auto"`` /
+   ``schedule="auto"`` take the cheapest. :meth:`Plan.simulation_under`
+   re-simulates with calls free or one call per step (:data:`CALL_RULES`), so
+   that strategies the runtime would run with many calls compare fairly.
 
     >>> import attnmask as am
     >>> from attnmask import distributed as cp
@@ -43,13 +48,20 @@ import numpy as np
 import torch
 
 from ..errors import MaskValueError
+from ..kinds import StructureClass
 from ..masks import Mask
 
-__all__ = ["CostModel", "Plan", "PlanError", "plan", "compare", "STRATEGIES", "SCHEDULES", "BASELINES"]
+__all__ = ["CostModel", "Plan", "PlanError", "plan", "compare", "shift_invariant", "STRATEGIES", "SCHEDULES",
+           "BASELINES", "CALL_RULES"]
 
 STRATEGIES = ("balanced", "greedy", "zigzag", "contiguous", "ptrr")
 SCHEDULES = ("grouped", "ring", "allgather")
 BASELINES = ("contiguous", "zigzag", "ptrr")
+#: How the simulation charges kernel calls (``CostModel.call_cost`` each): ``"runtime"``, as attnmask's
+#: runtime makes them (one per query run x key run of each step: scattered chunks pay many);
+#: ``"per_step"``, one per step that has work (what a runtime running a step's pieces in one kernel call
+#: would pay, charged alike to every strategy); ``"free"``, none (balance, transfers and waits only).
+CALL_RULES = ("runtime", "per_step", "free")
 
 # tile_counts() expands every non-empty tile; above this many tiles partial tiles are counted another way.
 _TILE_COUNT_LIMIT = 4_000_000
@@ -201,25 +213,27 @@ def _greedy(n: int, W: int, work: _Work, **_) -> np.ndarray:
     return owner
 
 
-def _crossing_tokens(work: _Work) -> np.ndarray:
-    """int64 [C + 1]: K/V positions that must cross a cut placed before chunk i (either direction).
+def _crossing_tokens(work: _Work) -> tuple[np.ndarray, np.ndarray]:
+    """(rightward, leftward), int64 [C + 1] each: K/V positions that must cross a cut placed before chunk i.
 
-    Key chunk k crosses a cut at i when a query chunk on the other side reads it:
-    k < i <= max reader, or min reader < i <= k. Readers per key chunk come from
-    the runs (painted in order of query block, each key chunk once).
+    rightward[i]: keys left of the cut (k < i) that a query chunk right of it reads (k < i <= max
+    reader); leftward[i]: keys right of it read from the left (min reader < i <= k). Readers per key
+    chunk come from the runs (painted in order of query block, each key chunk once).
     """
     n = len(work.chunk_len)
     qb, k0, k1 = work.need_runs
-    cross = np.zeros(n + 2, np.int64)
-    for reader, pick in ((_extreme_reader(qb, k0, k1, n, last=True), "max"),
-                         (_extreme_reader(qb, k0, k1, n, last=False), "min")):
+    out = []
+    for pick in ("max", "min"):
+        cross = np.zeros(n + 2, np.int64)
+        reader = _extreme_reader(qb, k0, k1, n, last=pick == "max")
         k = np.nonzero(reader >= 0)[0]
         r = reader[k]
         lo, hi = (k + 1, r + 1) if pick == "max" else (r + 1, k + 1)   # cuts i in [lo, hi)
         ok = lo < hi
         np.add.at(cross, lo[ok], work.chunk_len[k[ok]])
         np.add.at(cross, hi[ok], -work.chunk_len[k[ok]])
-    return np.cumsum(cross)[:n + 1]
+        out.append(np.cumsum(cross)[:n + 1])
+    return out[0], out[1]
 
 
 def _extreme_reader(qb, k0, k1, n: int, last: bool) -> np.ndarray:
@@ -248,13 +262,26 @@ def _extreme_reader(qb, k0, k1, n: int, last: bool) -> np.ndarray:
 _CUT_SLACK = 0.015
 
 
-def _balanced(n: int, W: int, work: _Work, **_) -> np.ndarray:
-    # Contiguous cuts where the cumulative pairs cross k/W of the total; within a small slack, the cut
-    # that the fewest K/V positions must cross (a document boundary, a window's edge). Windows and
-    # documents then move keys only between neighbours, if at all.
+def _balanced(n: int, W: int, work: _Work, cost: "CostModel", **_) -> list[np.ndarray]:
+    """Contiguous cuts, two candidates (the planner keeps the one its simulation finds faster).
+
+    1. Cuts where the cumulative pairs cross k/W of the total; within a small slack, the cut that the
+       fewest K/V positions must cross (a document boundary, a window's edge).
+    2. Cuts that balance pairs plus kernel calls: a rank reading keys across one of its cuts makes one
+       more call (``cost.call_cost``), so when a call costs a few percent of a rank's work a cut at a
+       document boundary a little off the pair target can beat an exact one inside a document.
+    Windows and documents then move keys only between neighbours, if at all.
+    """
     cum = np.r_[0, np.cumsum(work.chunk_pairs)]            # cum[i]: pairs of chunks < i
+    rightward, leftward = _crossing_tokens(work)
+    last_reader = _extreme_reader(*work.need_runs, n, last=True)
+    return [_owner_of_bounds(_slack_cuts(cum, rightward + leftward, W), n),
+            _owner_of_bounds(_call_aware_cuts(cum, last_reader, leftward > 0, W, cost.call_cost), n)]
+
+
+def _slack_cuts(cum: np.ndarray, cross: np.ndarray, W: int) -> list[int]:
+    n = len(cum) - 1
     total = int(cum[-1])
-    cross = _crossing_tokens(work)
     slack = _CUT_SLACK * total / W
     bounds = [0]
     for k in range(1, W):
@@ -269,9 +296,58 @@ def _balanced(n: int, W: int, work: _Work, **_) -> np.ndarray:
         c = max(int(best), bounds[-1] + 1)                  # non-empty
         c = min(c, n - (W - k))                             # leave a chunk for each later rank
         bounds.append(c)
-    bounds.append(n)
+    return bounds + [n]
+
+
+def _call_aware_cuts(cum: np.ndarray, last_reader: np.ndarray, reads_right: np.ndarray, W: int,
+                     call: float) -> list[int]:
+    """Bounds minimising the largest ``pairs + call * calls`` of a rank; bisection on that largest cost,
+    and at each trial value every rank takes the furthest cut that fits.
+
+    Calls: one for its own keys, one per earlier rank holding a key chunk that a query at or after the
+    rank's start reads (``last_reader[k]``: the last query chunk reading key chunk k, -1 if none; the
+    readers of a key are taken to be an interval, as for causal, windows, sinks and documents), and one
+    when the rank ending at i reads keys at or after i (``reads_right[i]``).
+    """
+    n = len(cum) - 1
+    clean = np.where(~reads_right, np.arange(n + 1), -1)
+    last_clean = np.maximum.accumulate(clean)               # last cut <= i that the left rank reads not across
+
+    def cuts(limit: float) -> list[int] | None:
+        bounds, reach = [0], []                             # reach[s]: last query chunk reading rank s's keys
+        for r in range(W):
+            a = bounds[-1]
+            calls = 1 + sum(1 for x in reach if x >= a)
+            if r == W - 1:
+                return bounds + [n] if cum[n] - cum[a] + call * calls <= limit else None
+            room = cum[a] + limit - call * calls
+            top = n - (W - 1 - r)                            # leave a chunk for each later rank
+            crossed = min(int(np.searchsorted(cum, room - call, side="right")) - 1, top)
+            plain = int(last_clean[min(int(np.searchsorted(cum, room, side="right")) - 1, top)])
+            b = max(crossed, plain)
+            if b <= a:
+                return None
+            bounds.append(b)
+            reach.append(int(last_reader[a:b].max()))
+        return None
+
+    lo, hi = cum[-1] / W, cum[-1] + (W + 1) * call
+    best = cuts(hi)
+    for _ in range(48):
+        if hi - lo <= 1e-6 * hi:
+            break
+        mid = (lo + hi) / 2
+        got = cuts(mid)
+        if got is None:
+            lo = mid
+        else:
+            hi, best = mid, got
+    return best
+
+
+def _owner_of_bounds(bounds: list[int], n: int) -> np.ndarray:
     owner = np.empty(n, np.int32)
-    for r in range(W):
+    for r in range(len(bounds) - 1):
         owner[bounds[r]:bounds[r + 1]] = r
     return owner
 
@@ -325,7 +401,7 @@ class Simulation:
     @property
     def ratio(self) -> float:
         """Simulated step time over the ideal."""
-        return self.time / self.ideal if self.ideal > 0 else 1.0
+        return float(self.time / self.ideal) if self.ideal > 0 else 1.0
 
     @property
     def max_wait(self) -> float:
@@ -345,22 +421,51 @@ def _tokens_needed(need: np.ndarray, owner: np.ndarray, chunk_len: np.ndarray, W
     return tokens
 
 
-def _kernel_calls(need: np.ndarray, owner: np.ndarray, pairs: np.ndarray, W: int) -> np.ndarray:
-    """float [W, W]: kernel calls rank r makes against source s (its query runs x s's key runs it reads)."""
+# Masks of the offset q - k alone (structure class D, or constant) mean the same after shifting q and k by
+# one offset, so the runtime runs a piece on its keys alone with q_offset = (first query - first key): one
+# kernel call per (query run, key run). Other masks get a step's keys in a zero buffer at their global
+# positions: one call per query run and step.
+_SHIFT_INVARIANT = (StructureClass.D, StructureClass.CONST)
+
+
+def shift_invariant(masks) -> bool:
+    """Whether every mask depends on ``q - k`` alone (then pieces run without a zero K/V buffer)."""
+    return all(m.structure_class() in _SHIFT_INVARIANT for m in masks)
+
+
+def _kernel_calls(need: np.ndarray, owner: np.ndarray, pairs: np.ndarray, W: int, per_key_run: bool,
+                  one_remote_step: bool) -> np.ndarray:
+    """float [W, W]: kernel calls the runtime makes for rank r against source s (an upper bound: pairs of
+    query and key runs that attend nothing are counted; tests/test_distributed.py checks it against the
+    runtime).
+
+    ``per_key_run``: its query runs x s's key runs it reads; else one per query run per step (the
+    zero-buffer path), a step being one source, or all other sources at once (``one_remote_step``:
+    all-gather), spread over them.
+    """
     change = np.r_[True, owner[1:] != owner[:-1]]
-    q_runs = np.bincount(owner[change], minlength=W)
+    q_runs = np.bincount(owner[change], minlength=W).astype(np.float64)
+    has = pairs > 0
+    if not per_key_run:
+        calls = q_runs[:, None] * has
+        if one_remote_step:
+            remote = has & ~np.eye(W, dtype=bool)
+            k = remote.sum(1, keepdims=True)
+            spread = np.divide(q_runs[:, None] * remote, k, out=np.zeros((W, W)), where=k > 0)
+            calls = np.where(np.eye(W, dtype=bool), calls, spread)
+        return calls
     calls = np.zeros((W, W))
     for r in range(W):
         read = need[r]
         starts = read & (np.r_[True, ~read[:-1]] | change)
         calls[r] = q_runs[r] * np.bincount(owner[starts], minlength=W)
-    return np.where(pairs > 0, calls, 0.0)
+    return np.where(has, calls, 0.0)
 
 
 def _simulate(schedule: str, pairs: np.ndarray, tokens: np.ndarray, shard: np.ndarray,
               cost: CostModel, calls: np.ndarray | None = None) -> Simulation:
     W = len(pairs)
-    ideal = pairs.sum() / W                      # pure compute, perfectly balanced
+    ideal = pairs.sum() / W                      # pure compute, perfectly balanced, no call overhead
     if calls is not None:
         pairs = pairs + cost.call_cost * calls
     local = np.diag(pairs).copy()
@@ -511,6 +616,31 @@ class Plan:
         """int64 [W]: what all-gathering the whole K/V would bring each rank (length - own shard)."""
         return np.array([self.length - self.local_length(r) for r in range(self.world_size)], np.int64)
 
+    def simulation_under(self, calls: str = "runtime") -> Simulation:
+        """The simulated step under a call rule of :data:`CALL_RULES`, with that rule's cheapest schedule.
+
+        ``"runtime"`` is :attr:`simulation` (what the plan was chosen by). The others make strategies
+        comparable: ``"free"`` separates balance and waits from call overhead, ``"per_step"`` charges
+        every strategy the same rule.
+
+            >>> import attnmask as am
+            >>> from attnmask import distributed as cp
+            >>> p = cp.plan(am.causal, 65536, 4, strategy="greedy")
+            >>> p.simulation_under("free").ratio < p.simulation_under("per_step").ratio <= p.simulation.ratio
+            True
+        """
+        if calls not in CALL_RULES:
+            raise PlanError(f"unknown call rule {calls!r}; choose one of {', '.join(CALL_RULES)}")
+        if calls == "runtime":
+            return self.simulation
+        key = ("simulation", calls)
+        if key not in self._cache:
+            needed = _tokens_needed(self.need, self.owner, self.chunk_len, self.world_size)
+            shard = np.bincount(self.owner, weights=self.chunk_len, minlength=self.world_size).astype(np.int64)
+            self._cache[key] = _best_schedule("auto", calls, self.owner, self.pairs, self.need, needed, shard,
+                                              self.cost, shift_invariant(self.masks))[0]
+        return self._cache[key]
+
     # -- runtime steps --
     def steps(self, rank: int) -> list[tuple[int, ...]]:
         """Rank's compute steps in order, each the source ranks whose keys it uses (step 0: its own)."""
@@ -595,7 +725,9 @@ def _masks_of(mask) -> tuple[tuple, bool]:
             if not same:
                 # the runtime places queries with q_offset; a mask_mod leaf sees row indices, not positions
                 raise PlanError(f"cp.plan needs masks written in the mask language; {str(m)[:60]!r} is not "
-                                f"(a from_mask_mod leaf sees row indices, which the sharded runs would shift)")
+                                f"(a from_mask_mod leaf sees row indices, which the sharded runs would shift); "
+                                f"write it with the language's primitives (attnmask.parse), or run "
+                                f"am.attention on one process")
         return masks, per_head
     raise PlanError(f"mask must be a Mask or a non-empty list of one Mask per query head, got {mask!r:.80}")
 
@@ -616,23 +748,57 @@ def _prepare(mask, length, world_size, block_size):
     return masks, per_head, length, W, block, work
 
 
-def _make(masks, per_head, length, W, block, work, strategy, schedule, cost) -> Plan:
-    owner = _ASSIGN[strategy](len(work.chunk_len), W, work=work)
-    pairs, need = _exchange(work, owner, W)
-    needed = _tokens_needed(need, owner, work.chunk_len, W)
-    shard = np.bincount(owner, weights=work.chunk_len, minlength=W).astype(np.int64)
-    calls = _kernel_calls(need, owner, pairs, W)
+def _schedule_tokens(schedule: str, needed: np.ndarray, shard: np.ndarray) -> np.ndarray:
+    """int64 [W, W]: K/V positions rank r receives from s under ``schedule`` (all-gather: s's whole shard)."""
+    if schedule != "allgather":
+        return needed
+    tokens = np.tile(shard[None, :], (len(shard), 1))
+    np.fill_diagonal(tokens, 0)
+    return tokens
+
+
+def _rule_calls(rule: str, schedule: str, need: np.ndarray, owner: np.ndarray, pairs: np.ndarray,
+                shift_inv: bool) -> np.ndarray:
+    """float [W, W]: kernel calls rank r makes against source s under a call rule (see :data:`CALL_RULES`)."""
+    W = len(pairs)
+    if rule == "runtime":
+        return _kernel_calls(need, owner, pairs, W, shift_inv, schedule == "allgather")
+    if rule == "free":
+        return np.zeros_like(pairs)
+    has = (pairs > 0).astype(np.float64)                   # "per_step": one call per step that has work
+    if schedule == "allgather":                              # two steps: own keys, then all the others at once
+        remote = has.copy()
+        np.fill_diagonal(remote, 0.0)
+        k = remote.sum(1, keepdims=True)
+        remote = np.divide(remote, k, out=np.zeros_like(remote), where=k > 0)
+        np.fill_diagonal(remote, np.diag(has))
+        return remote
+    return has
+
+
+def _best_schedule(schedule: str, rule: str, owner, pairs, need, needed, shard, cost, shift_inv: bool) -> tuple:
+    """(Simulation, tokens) of the cheapest schedule (or the one asked for) under a call rule."""
     best = None
     for sched in (SCHEDULES if schedule == "auto" else (schedule,)):
-        if sched == "allgather":
-            tokens = np.tile(shard[None, :], (W, 1))
-            np.fill_diagonal(tokens, 0)
-        else:
-            tokens = needed
-        sim = _simulate(sched, pairs, tokens, shard, cost, calls)
+        tokens = _schedule_tokens(sched, needed, shard)
+        sim = _simulate(sched, pairs, tokens, shard, cost, _rule_calls(rule, sched, need, owner, pairs, shift_inv))
         if best is None or sim.time < best[0].time * (1 - 1e-9):
             best = (sim, tokens)
-    sim, tokens = best
+    return best
+
+
+def _make(masks, per_head, length, W, block, work, strategy, schedule, cost) -> Plan:
+    owners = _ASSIGN[strategy](len(work.chunk_len), W, work=work, cost=cost)
+    best = None
+    for owner in (owners if isinstance(owners, list) else [owners]):   # a strategy may offer candidates
+        pairs, need = _exchange(work, owner, W)
+        needed = _tokens_needed(need, owner, work.chunk_len, W)
+        shard = np.bincount(owner, weights=work.chunk_len, minlength=W).astype(np.int64)
+        sim, tokens = _best_schedule(schedule, "runtime", owner, pairs, need, needed, shard, cost,
+                                     shift_invariant(masks))
+        if best is None or sim.time < best[0].time * (1 - 1e-9):
+            best = (sim, tokens, owner, pairs, need)
+    sim, tokens, owner, pairs, need = best
     return Plan(masks, per_head, length, W, block, strategy, sim.schedule, cost, owner, pairs, need, tokens,
                 sim, work.chunk_len)
 

@@ -11,8 +11,12 @@ Each rank holds the q, k, v rows of the chunks the plan gives it (:func:`shard`)
 3. computes its own keys first, then each source's piece as it arrives, with
    ``attnmask.attention(..., return_lse=True)``, and merges the pieces exactly
    by their log-sum-exp;
-4. in the backward, keeps dQ local and sends each source the dK/dV of the
-   chunks it read from it; owners add them to their own.
+4. in the backward (on CPU), runs each piece's FlashAttention backward with
+   the *merged* output and log-sum-exp of its rows, so no gradient flows
+   through the merge and the engine's fused kernel runs, as on one process;
+   keeps dQ local and sends each source the dK/dV of the chunks it read from
+   it; owners add them to their own. (On other devices autograd
+   differentiates the pieces and the merge instead.)
 
 How a piece is run through the public ``attention`` (which places keys at
 positions 0..Lk): queries go in contiguous runs. For masks that only see
@@ -21,7 +25,8 @@ consecutive key chunks is its own call with ``q_offset`` = first query - first
 key. Other masks (sinks, documents, rows, cols, ...) get the piece's keys at
 their global positions in a zero buffer ``[B, Hkv, kmax, D]`` and the mask
 restricted with ``cols(...)`` to the piece's chunks, so the block-sparse
-engine never reads the zeros; that buffer is O(kmax) per step (DESIGN.md).
+engine never reads the zeros; that buffer is O(kmax) while its step runs
+(built again in the backward, not kept in between; DESIGN.md).
 
 The engine is whatever ``attnmask.attention`` picks for the device (blocksparse
 on CPU, FlexAttention on CUDA); the collectives are torch.distributed's own.
@@ -30,6 +35,7 @@ on CPU, FlexAttention on CUDA); the collectives are torch.distributed's own.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from typing import Sequence
 
@@ -38,8 +44,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import MaskValueError
-from ..kinds import StructureClass
-from .planner import Plan, PlanError, _runs_of
+from .planner import Plan, PlanError, _runs_of, shift_invariant
 
 __all__ = ["shard", "unshard", "gather", "attention", "PlanMismatchError", "CommunicationError"]
 
@@ -102,20 +107,37 @@ def unshard(shards: Sequence[torch.Tensor], plan: Plan) -> torch.Tensor:
 
 
 def gather(out_local: torch.Tensor, plan: Plan, group=None) -> torch.Tensor:
-    """The full tensor on every rank of ``group``: all-gathers the shards and unshards them.
+    """The full tensor ``[..., L, D]`` on every rank of ``group``: all-gathers the shards and unshards them.
 
-    Not differentiable (it is for results and checks); shards are padded to
-    the longest so that the all-gather has equal sizes.
+    Differentiable: the backward sums every rank's gradient of the full tensor (one all-reduce of
+    ``[..., L, D]``) and keeps this rank's rows, i.e. the gradient of the sum of all ranks' losses,
+    as ``torch.distributed.nn``'s collectives do; so every rank must run the backward too. Shards are
+    padded to the longest so that the all-gather has equal sizes.
     """
     rank, W = _rank_world(plan, group)
-    longest = max(plan.local_length(r) for r in range(W))
-    x = out_local.detach()
-    pad = longest - x.shape[-2]
-    if pad:
-        x = torch.cat([x, x.new_zeros(x.shape[:-2] + (pad, x.shape[-1]))], dim=-2)
-    bufs = [torch.empty_like(x) for _ in range(W)]
-    _comm(lambda: dist.all_gather(bufs, x.contiguous(), group=group), rank, "gather's all-gather")
-    return unshard([b[..., :plan.local_length(r), :] for r, b in enumerate(bufs)], plan)
+    if out_local.shape[-2] != plan.local_length(rank):
+        raise PlanError(f"gather: rank {rank}'s tensor has {out_local.shape[-2]} positions on dim -2, the plan "
+                        f"gives it {plan.local_length(rank)}; pass what cp.attention returned on this rank")
+    return _Gather.apply(out_local, plan, group, rank, W)
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, plan, group, rank, W):
+        ctx.plan, ctx.group, ctx.rank = plan, group, rank
+        longest = max(plan.local_length(r) for r in range(W))
+        pad = longest - x.shape[-2]
+        if pad:
+            x = torch.cat([x, x.new_zeros(x.shape[:-2] + (pad, x.shape[-1]))], dim=-2)
+        bufs = [torch.empty_like(x) for _ in range(W)]
+        _comm(lambda: dist.all_gather(bufs, x.contiguous(), group=group), rank, "gather's all-gather")
+        return unshard([b[..., :plan.local_length(r), :] for r, b in enumerate(bufs)], plan)
+
+    @staticmethod
+    def backward(ctx, grad_full):
+        g = grad_full.contiguous().clone()
+        _comm(lambda: dist.all_reduce(g, group=ctx.group), ctx.rank, "gather's backward (all-reduce)")
+        return shard(g, ctx.plan, ctx.rank), None, None, None, None
 
 
 # -- checks across ranks -----------------------------------------------------------------------------
@@ -266,36 +288,35 @@ def _merge(acc, piece):
 
 # -- the autograd function ---------------------------------------------------------------------------
 
-# Masks of the offset q - k alone (structure class D, or constant) mean the same after shifting q and k by
-# one offset, so a piece can run on its keys alone with q_offset = (first query - first key) instead of a
-# zero buffer from 0.
-_SHIFT_INVARIANT = (StructureClass.D, StructureClass.CONST)
-
-
 def _shift_invariant(plan: Plan) -> bool:
     if "shift_invariant" not in plan._cache:
-        plan._cache["shift_invariant"] = all(m.structure_class() in _SHIFT_INVARIANT for m in plan.masks)
+        plan._cache["shift_invariant"] = shift_invariant(plan.masks)
     return plan._cache["shift_invariant"]
 
 
-def _segments(chunks: np.ndarray, offset_of, data: torch.Tensor, plan: Plan) -> list:
-    """(global start, global end, rows of ``data`` [2, B, Hkv, n, D]) per run of chunks consecutive in both."""
+# A segment is (global start, global end, source, row start, row end): rows [lo, hi) of the K/V tensor
+# [2, B, Hkv, n, D] of ``source`` (this rank's own, or what it received from that rank) hold the keys at
+# positions [ga, gb).
+
+def _segments(chunks: np.ndarray, offset_of, source: int, plan: Plan) -> list:
+    """Segments of ``chunks`` held by ``source``, one per run of chunks consecutive in both position and rows."""
     out = []
     C = plan.block_size
     for c in chunks.tolist():
         ga, gb, lo = c * C, min((c + 1) * C, plan.length), int(offset_of(c))
-        if out and out[-1][1] == ga and out[-1][3] == lo:
-            out[-1] = (out[-1][0], gb, out[-1][2], lo + gb - ga)
+        if out and out[-1][1] == ga and out[-1][4] == lo:
+            out[-1] = (out[-1][0], gb, source, out[-1][3], lo + gb - ga)
         else:
-            out.append((ga, gb, lo, lo + gb - ga))
-    return [(ga, gb, data[:, :, :, lo:hi]) for ga, gb, lo, hi in out]
+            out.append((ga, gb, source, lo, lo + gb - ga))
+    return out
 
 
-def _kv_buffer(segments, kmax: int, like: torch.Tensor) -> torch.Tensor:
-    """[2, B, Hkv, kmax, D]: zeros, with each segment's rows at its global positions."""
+def _kv_buffer(segments, kmax: int, kv: dict) -> torch.Tensor:
+    """[2, B, Hkv, kmax, D]: zeros, with each segment's rows at its global positions (one step's keys)."""
+    like = next(iter(kv.values()))
     buf = like.new_zeros((2,) + tuple(like.shape[1:3]) + (kmax, like.shape[-1]))
-    for ga, gb, part in segments:
-        buf = buf.index_copy(3, torch.arange(ga, gb, device=buf.device), part)
+    for ga, gb, src, lo, hi in segments:
+        buf[:, :, :, ga:gb] = kv[src][:, :, :, lo:hi]
     return buf
 
 
@@ -314,42 +335,100 @@ def _shifted_layouts(plan: Plan, rank: int, qa: int, qb: int, ka: int, kb: int):
     return plan._cache[key]
 
 
-def _pieces(plan: Plan, geo: _RankGeometry, q, kv_local, step: int, chunks, segments, scale, enable_gqa, acc):
+def _calls(plan: Plan, geo: _RankGeometry, step: int, chunks: np.ndarray, segments: list):
+    """(kmax, [(query run, segment index or -1 for the step's zero buffer, layouts)]): one step's kernel calls."""
+    if not segments:
+        return 0, []
+    if _shift_invariant(plan):
+        calls = []
+        for i, (qa, qb, _) in enumerate(geo.q_runs):
+            for j, (ga, gb, _, _, _) in enumerate(segments):
+                lays = _shifted_layouts(plan, geo.rank, qa, qb, ga, gb)
+                if lays is not None:
+                    calls.append((i, j, lays))
+        return 0, calls
+    kmax, per_run = _step_layouts(plan, geo.rank, step, chunks)
+    return kmax, [(i, -1, lays) for i, lays in enumerate(per_run) if lays is not None]
+
+
+def _step_forward(plan: Plan, geo: _RankGeometry, q, kv: dict, step: tuple, scale, enable_gqa, acc, backend):
     """Attention of every local query run against one step's keys, merged into ``acc``."""
     from ..engines import attention as am_attention
-
-    def run(i, lo, n, k, v, lays):
-        o, l = am_attention(q[:, :, lo:lo + n], k, v, lays, scale=scale, enable_gqa=enable_gqa, return_lse=True)
+    index, chunks, segments = step
+    kmax, calls = _calls(plan, geo, index, chunks, segments)
+    buf = None
+    for i, j, lays in calls:
+        if j < 0:
+            buf = _kv_buffer(segments, kmax, kv) if buf is None else buf
+            k, v = buf[0], buf[1]
+        else:
+            _, _, src, a, b = segments[j]
+            k, v = kv[src][0, :, :, a:b], kv[src][1, :, :, a:b]
+        qa, qb, lo = geo.q_runs[i]
+        o, l = am_attention(q[:, :, lo:lo + qb - qa], k, v, lays, scale=scale, enable_gqa=enable_gqa,
+                            return_lse=True, backend=backend)
         if o.dtype in (torch.float16, torch.bfloat16):
             o = o.float()                                   # merge in float32
         acc[i] = _merge(acc[i], (o, l if l.dtype == torch.float64 else l.float()))
-
-    if not segments:
-        return acc
-    if _shift_invariant(plan):
-        for i, (qa, qb, lo) in enumerate(geo.q_runs):
-            for ga, gb, part in segments:
-                lays = _shifted_layouts(plan, geo.rank, qa, qb, ga, gb)
-                if lays is not None:
-                    run(i, lo, qb - qa, part[0], part[1], lays)
-        return acc
-    kmax, per_run = _step_layouts(plan, geo.rank, step, chunks)
-    if kmax == 0 or all(x is None for x in per_run):
-        return acc
-    buf = _kv_buffer(segments, kmax, kv_local)
-    for i, ((qa, qb, lo), lays) in enumerate(zip(geo.q_runs, per_run)):
-        if lays is not None:
-            run(i, lo, qb - qa, buf[0], buf[1], lays)
     return acc
 
 
-def _forward(plan: Plan, geo: _RankGeometry, q, kv_local, group, scale, enable_gqa, grad: bool):
-    """The forward on one rank; returns (out [B, H, n, D], received leaves {source: kv [2,B,Hkv,n,D]})."""
+def _step_backward(plan: Plan, geo: _RankGeometry, q, kv: dict, step: tuple, scale: float, merged, dout,
+                   dq, dkv: dict) -> None:
+    """Add one step's dQ (into ``dq``) and dK/dV (into ``dkv[source]``), piece by piece.
+
+    Each piece's share of the gradient is FlashAttention's backward over its keys with the *merged*
+    output and log-sum-exp of its rows (softmax over the whole row restricted to the piece), so no
+    gradient flows through the merge: the engine's fused kernel runs, as on one process.
+    """
+    from ..engines.autograd import blocksparse_backward
+    index, chunks, segments = step
+    kmax, calls = _calls(plan, geo, index, chunks, segments)
+    buf = dbuf = None
+    B, H = q.shape[:2]
+    for i, j, lays in calls:
+        if j < 0:
+            if buf is None:
+                buf = _kv_buffer(segments, kmax, kv)
+                dbuf = torch.zeros_like(buf)
+            k, v = buf[0], buf[1]
+        else:
+            _, _, src, a, b = segments[j]
+            k, v = kv[src][0, :, :, a:b], kv[src][1, :, :, a:b]
+        qa, qb, lo = geo.q_runs[i]
+        rows = slice(lo, lo + qb - qa)
+        if plan.per_head:
+            layouts, heads = list(lays), torch.arange(H).expand(B, H)
+        else:
+            layouts, heads = [lays], torch.zeros(B, H, dtype=torch.int64)
+        out, lse = merged[i]
+        gq, gk, gv = blocksparse_backward(q[:, :, rows], k, v, out, lse, dout[:, :, rows], layouts, heads, scale)
+        dq[:, :, rows] += gq
+        if j < 0:
+            dbuf[0] += gk
+            dbuf[1] += gv
+        else:
+            dkv[src][0, :, :, a:b] += gk
+            dkv[src][1, :, :, a:b] += gv
+    if dbuf is not None:
+        for ga, gb, src, lo, hi in segments:
+            dkv[src][:, :, :, lo:hi] += dbuf[:, :, :, ga:gb]
+
+
+def _forward(plan: Plan, geo: _RankGeometry, q, kv_local, group, scale, enable_gqa, grad: bool, backend: str):
+    """The forward on one rank: (out [B, H, n, D], merged [(out, lse) per query run], received
+    {source: kv [2, B, Hkv, m, D]}, steps [(index, chunks, segments)])."""
     rank, W = geo.rank, plan.world_size
     acc = [None] * len(geo.q_runs)
     received: dict[int, torch.Tensor] = {}
-    local_part = _segments(geo.own_needed, geo.local_start.__getitem__, kv_local, plan)
+    kv = {rank: kv_local}
+    steps = []
 
+    def compute(step):
+        steps.append(step)
+        _step_forward(plan, geo, q, kv, step, scale, enable_gqa, acc, backend)
+
+    own = (0, geo.own_needed, _segments(geo.own_needed, geo.local_start.__getitem__, rank, plan))
     if plan.schedule == "allgather":
         longest = max(plan.local_length(r) for r in range(W))
         pad = longest - kv_local.shape[3]
@@ -359,20 +438,20 @@ def _forward(plan: Plan, geo: _RankGeometry, q, kv_local, group, scale, enable_g
         bufs = [torch.empty_like(mine) for _ in range(W)]
         work = _comm(lambda: dist.all_gather(bufs, mine.contiguous(), group=group, async_op=True), rank,
                      "the K/V all-gather")
-        acc = _pieces(plan, geo, q, kv_local, 0, geo.own_needed, local_part, scale, enable_gqa, acc)
+        compute(own)
         _comm(lambda: work.wait(), rank, "the K/V all-gather")
-        parts, chunks = [], []
+        segments, chunks = [], []
         for s in geo.recv:
             other = _geometry(plan, s)
             rows = other.local_rows(geo.recv[s], plan).to(q.device)
             leaf = bufs[s].index_select(3, rows)
             if grad:
                 leaf.requires_grad_(True)
-            received[s] = leaf
-            parts += _segments(geo.recv[s], _offsets(geo.recv[s], plan), leaf, plan)
+            received[s] = kv[s] = leaf
+            segments += _segments(geo.recv[s], _offsets(geo.recv[s], plan), s, plan)
             chunks.append(geo.recv[s])
         if chunks:
-            acc = _pieces(plan, geo, q, kv_local, 1, np.sort(np.concatenate(chunks)), parts, scale, enable_gqa, acc)
+            compute((1, np.sort(np.concatenate(chunks)), segments))
     else:
         sources = [s for (s,) in geo.steps[1:]]
         recv_bufs = {s: kv_local.new_empty(kv_local.shape[:3] + (int(plan.tokens[rank, s]), kv_local.shape[4]))
@@ -412,7 +491,7 @@ def _forward(plan: Plan, geo: _RankGeometry, q, kv_local, group, scale, enable_g
                 for i, src in enumerate(rs):
                     waits[src] = works[len(sd) + i]
             post_step(1)
-        acc = _pieces(plan, geo, q, kv_local, 0, geo.own_needed, local_part, scale, enable_gqa, acc)
+        compute(own)
         for t in range(1, W):
             if plan.schedule == "ring" and t + 1 < W:
                 post_step(t + 1)
@@ -423,9 +502,8 @@ def _forward(plan: Plan, geo: _RankGeometry, q, kv_local, group, scale, enable_g
             leaf = recv_bufs[s]
             if grad:
                 leaf.requires_grad_(True)
-            received[s] = leaf
-            acc = _pieces(plan, geo, q, kv_local, t, geo.recv[s],
-                          _segments(geo.recv[s], _offsets(geo.recv[s], plan), leaf, plan), scale, enable_gqa, acc)
+            received[s] = kv[s] = leaf
+            compute((t, geo.recv[s], _segments(geo.recv[s], _offsets(geo.recv[s], plan), s, plan)))
         for w in pending_sends:
             _comm(lambda: w.wait(), rank, "sending K/V chunks")
 
@@ -433,51 +511,113 @@ def _forward(plan: Plan, geo: _RankGeometry, q, kv_local, group, scale, enable_g
     outs = []
     for (qa, qb, _), a in zip(geo.q_runs, acc):
         outs.append(q.new_zeros((B, H, qb - qa, D)) if a is None else a[0].to(q.dtype))
-    return torch.cat(outs, dim=2), received
+    return torch.cat(outs, dim=2), acc, received, steps
+
+
+#: Devices whose backward runs piece by piece on the block-sparse engine with the merged out and lse
+#: (the fused kernel, as on one process). Elsewhere (FlexAttention on CUDA) autograd differentiates the
+#: pieces and the merge, which also sends gradients through each piece's lse.
+_PIECEWISE_BACKWARD_DEVICES = ("cpu",)
 
 
 class _ContextParallelAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, geo, group, scale, enable_gqa):
         grad = any(ctx.needs_input_grad[:3])
-        with torch.enable_grad() if grad else torch.no_grad():
-            q_leaf = q.detach().requires_grad_(grad)
-            k_leaf = k.detach().requires_grad_(grad)
-            v_leaf = v.detach().requires_grad_(grad)
-            kv_local = torch.stack([k_leaf, v_leaf])          # [2, B, Hkv, n, D]
-            out, received = _forward(plan, geo, q_leaf, kv_local, group, scale, enable_gqa, grad)
-        ctx.plan, ctx.geo, ctx.group = plan, geo, group
-        if grad:
-            ctx.graph = (out, q_leaf, k_leaf, v_leaf, received)
+        piecewise = q.device.type in _PIECEWISE_BACKWARD_DEVICES
+        # the piecewise backward needs the engine that made the forward's lse: the block-sparse one
+        backend = "blocksparse" if piecewise else "auto"
+        ctx.plan, ctx.geo, ctx.group, ctx.piecewise = plan, geo, group, piecewise
+        if piecewise or not grad:
+            with torch.no_grad():
+                kv_local = torch.stack([k, v])                 # [2, B, Hkv, n, D]
+                out, merged, received, steps = _forward(plan, geo, q, kv_local, group, scale, enable_gqa,
+                                                        False, backend)
+            if grad:
+                ctx.scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+                ctx.state = (q, kv_local, merged, received, steps)
+            return out
+        with torch.enable_grad():
+            q_leaf = q.detach().requires_grad_(True)
+            k_leaf = k.detach().requires_grad_(True)
+            v_leaf = v.detach().requires_grad_(True)
+            kv_local = torch.stack([k_leaf, v_leaf])
+            out, _, received, _ = _forward(plan, geo, q_leaf, kv_local, group, scale, enable_gqa, True, backend)
+        ctx.graph = (out, q_leaf, k_leaf, v_leaf, received)
         return out.detach()
 
     @staticmethod
     def backward(ctx, grad_out):
         plan, geo, group = ctx.plan, ctx.geo, ctx.group
+        if ctx.piecewise:
+            return _piecewise_backward(ctx, grad_out)
         out, q_leaf, k_leaf, v_leaf, received = ctx.graph
         del ctx.graph
         sources = sorted(received)
         inputs = [q_leaf, k_leaf, v_leaf] + [received[s] for s in sources]
         with torch.enable_grad():
-            grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
-        dq, dk, dv = (torch.zeros_like(t) if g is None else g for t, g in zip(inputs[:3], grads[:3]))
-        # dK/dV of what rank read from each source go back to it; rank gets its readers' contributions
-        ops, incoming = [], {}
-        for s, g in zip(sources, grads[3:]):
-            g = torch.zeros_like(received[s]) if g is None else g
-            ops.append(dist.P2POp(dist.isend, g.contiguous(), s, group))
-        for d, chunks in geo.send.items():
-            n = int(plan.chunk_len[chunks].sum())
-            incoming[d] = dq.new_empty((2,) + tuple(dk.shape[:2]) + (n, dk.shape[3]))
-            ops.append(dist.P2POp(dist.irecv, incoming[d], d, group))
-        if ops:
-            works = _comm(lambda: dist.batch_isend_irecv(ops), geo.rank, "posting the dK/dV sends")
-            for w in works:
-                _comm(lambda: w.wait(), geo.rank, "returning dK/dV to their owners")
-        dkv = torch.stack([dk, dv])
-        for d, g in incoming.items():
-            dkv.index_add_(3, geo.local_rows(geo.send[d], plan).to(dkv.device), g)
-        return dq, dkv[0], dkv[1], None, None, None, None, None
+            got = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+        dq, dk, dv = (torch.zeros_like(t) if g is None else g for t, g in zip(inputs[:3], got[:3]))
+        dkv_local = torch.stack([dk, dv])
+        incoming, works = _post_dkv_receives(plan, geo, group, dkv_local)
+        for s, g in zip(sources, got[3:]):
+            works += _post_dkv_send(torch.zeros_like(received[s]) if g is None else g, s, geo, group)
+        _finish_dkv(plan, geo, works, incoming, dkv_local)
+        return dq, dkv_local[0], dkv_local[1], None, None, None, None, None
+
+
+def _piecewise_backward(ctx, grad_out):
+    """The CPU backward: each step's pieces with the merged out and lse; dK/dV sent as each step ends."""
+    plan, geo, group = ctx.plan, ctx.geo, ctx.group
+    q, kv_local, merged, received, steps = ctx.state
+    del ctx.state
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32   # the engine's compute dtype
+    qc, doc = q.to(cd), grad_out.to(cd)
+    kv = {geo.rank: kv_local.to(cd)}
+    kv.update({s: t.to(cd) for s, t in received.items()})
+    dq = torch.zeros_like(qc)
+    dkv = {s: torch.zeros_like(t) for s, t in kv.items()}
+    # Readers' dK/dV receives first; then the received keys' steps, each source's dK/dV sent as soon as
+    # its step is done (the return overlaps the rest of the compute); own keys last.
+    incoming, works = _post_dkv_receives(plan, geo, group, dkv[geo.rank])
+    unsent = set(received)
+    for step in steps[1:] + steps[:1]:
+        _step_backward(plan, geo, qc, kv, step, ctx.scale, merged, doc, dq, dkv)
+        for s in sorted(unsent & {seg[2] for seg in step[2]}):
+            works += _post_dkv_send(dkv[s], s, geo, group)
+            unsent.discard(s)
+    for s in sorted(unsent):                   # read nothing from s after all (an all-gather of no chunk)
+        works += _post_dkv_send(dkv[s], s, geo, group)
+    dkv_local = dkv[geo.rank]
+    _finish_dkv(plan, geo, works, incoming, dkv_local)
+    return (dq.to(q.dtype), dkv_local[0].to(kv_local.dtype), dkv_local[1].to(kv_local.dtype),
+            None, None, None, None, None)
+
+
+# dK/dV go back to the owners of the keys: rank sends each source the gradient of what it read from it
+# ([2, B, Hkv, m, D], rows in the order received) and adds its readers' contributions to its own rows.
+
+def _post_dkv_receives(plan: Plan, geo: _RankGeometry, group, like: torch.Tensor):
+    incoming = {}
+    ops = []
+    for d, chunks in geo.send.items():
+        n = int(plan.chunk_len[chunks].sum())
+        incoming[d] = like.new_empty(like.shape[:3] + (n, like.shape[4]))
+        ops.append(dist.P2POp(dist.irecv, incoming[d], d, group))
+    works = _comm(lambda: dist.batch_isend_irecv(ops), geo.rank, "posting the dK/dV receives") if ops else []
+    return incoming, list(works)
+
+
+def _post_dkv_send(g: torch.Tensor, source: int, geo: _RankGeometry, group) -> list:
+    op = dist.P2POp(dist.isend, g.contiguous(), source, group)
+    return list(_comm(lambda: dist.batch_isend_irecv([op]), geo.rank, f"sending dK/dV to rank {source}"))
+
+
+def _finish_dkv(plan: Plan, geo: _RankGeometry, works: list, incoming: dict, dkv_local: torch.Tensor) -> None:
+    for w in works:
+        _comm(lambda: w.wait(), geo.rank, "returning dK/dV to their owners")
+    for d, g in incoming.items():
+        dkv_local.index_add_(3, geo.local_rows(geo.send[d], plan).to(dkv_local.device), g)
 
 
 def attention(q_local: torch.Tensor, k_local: torch.Tensor, v_local: torch.Tensor, plan: Plan, group=None,

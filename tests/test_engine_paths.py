@@ -11,7 +11,8 @@ problems generate, is measured in tests/README.md ("What the strategies generate
 * long maskless calls past the engine's temporary-memory bound (>= 2048 rows);
 * the backward with an explicit q_offset on square shapes, with and without a
   gradient through the lse;
-* the backward at long lengths, where its work is split into several kernel calls.
+* the backward at long lengths, where its work is split into several kernel calls;
+* a small key set under two larger calls of the same rows, and causal regions under a long window.
 
 The random problems include long ones (>= ``strategies.LONG_ROWS`` query rows, small H and D);
 for those the forward runs a second time with the engine's bound on a call's temporaries
@@ -185,6 +186,38 @@ def test_long_backward_of_a_window_matches_float64(L, w, block):
     _check_backward(q, k, v, mask, None, scale=0.35, block_size=block, ref_fn=ref_fn)
 
 
+# -- (e) a small key set under two larger calls of the same rows ------------------------------------
+
+@pytest.mark.parametrize("expr,L,block", [
+    # mutation caught (mutation run of 2026-12-01): a small key set (a sink) folded into every larger
+    # call that covers its rows, not into one, so two calls of the same rows count its keys twice
+    ("causal & (sliding(128) | sink(4) | cols(1000, 1100))", 1536, 128),
+    ("(band(64, 0) | sink(3) | cols(300, 400))", 640, 64),
+])
+def test_a_key_set_joins_one_of_the_calls_over_its_rows(expr, L, block):
+    mask = am.parse(expr)
+    allowed = mask.to_dense(L)
+    q, k, v = _qkv(1, 2, 2, L, L, 16, seed=L)
+    _check_forward(q, k, v, mask, allowed, scale=0.25, block_size=block)
+    _check_backward(q, k, v, mask, allowed, scale=0.25, block_size=block, seed=L)
+
+
+# -- (f) causal regions end where the keys left of their diagonal change ---------------------------
+
+@pytest.mark.parametrize("L,w,block", [
+    # mutation caught (mutation run of 2026-12-01): a causal region (one is_causal call for a run of
+    # diagonal blocks plus one call for their shared left keys) that joins blocks whose left keys
+    # differ, so every block gets the first one's window edge
+    (3072, 1500, 128),
+])
+def test_causal_regions_under_a_long_window_match_float64(L, w, block):
+    mask = am.causal & am.sliding(w)
+    q, k, v = _qkv(1, 1, 1, L, L, 8, seed=w)
+    allowed = mask.to_dense(L)
+    _check_forward(q, k, v, mask, allowed, scale=0.35, block_size=block)
+    _check_backward(q, k, v, mask, allowed, scale=0.35, block_size=block, seed=w)
+
+
 # -- random problems shaped like real use ---------------------------------------------------------
 
 def _problem_tensors(p: dict):
@@ -227,8 +260,12 @@ def test_random_engine_problems_forward(p):
         assert torch.equal(cut, out), f"cut calls changed the output by {(cut - out).abs().max():.2e}"
 
 
-@given(engine_problems(max_blocks=5), st.booleans())
+@given(engine_problems(max_blocks=5, long_share=12), st.booleans())
 def test_random_engine_problems_backward(p, use_lse):
+    # A gradient into the lse takes the backward's matmul path, one item at a time: at a long problem's
+    # small blocks that is seconds per example (8 s at 2700 rows, block 16), so long draws run the fused
+    # kernel path, whose work they split into several calls.
+    use_lse = use_lse and p["Lq"] < LONG_ROWS
     mask = build(p["spec"])
     _record("test_random_engine_problems_backward", p, mask, use_lse=use_lse)
     q, k, v = _problem_tensors(p)

@@ -142,8 +142,10 @@ def main(argv=None) -> int:
             cells.append("n/a" if any(v is None for v in vals) else f"{sum(vals)} ({100 * sum(vals) / len(vals):.0f}%)")
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     out += ["", "The first two columns are the older generic strategies (tiny lengths, any expression); the last "
-            "two are `strategies.engine_problems`, about one draw in eight of which is long (2048-2560 query "
-            "rows, B = 1, H <= 2, D <= 8). The cut of long calls depends on bytes (a call's queries over "
+            "two are `strategies.engine_problems`, about one draw in 20 (forward) or 12 (backward) of which is long "
+            "(2560-2688 query rows, B = H = 1, D <= 8: a window of 128-256 keys beside whole key blocks every row shares, "
+            "so one maskless call spans >= 2048 rows, and small blocks, so the backward's work is several "
+            "calls; the backward test draws no lse gradient for them, whose matmul path costs seconds there). The cut of long calls depends on bytes (a call's queries over "
             "`costs.CHUNK_BYTES`, 16 MB), which small H and D never reach: for its long draws the forward test "
             "runs again with the bound lowered to 16 KB and asserts the same bits, so the 'cut' row counts "
             "calls cut at that bound (forward test only). The backward's split (`costs.KEYS_PER_CALL` keys a "

@@ -53,11 +53,22 @@ def _doc_lengths(n: int) -> list[int]:
     return lens
 
 
+def _random_doc_lengths(n: int, count: int = 8, lo: int = 500, hi: int = 1500, seed: int = 0) -> list[int]:
+    """``count`` seeded random document lengths in [lo, hi] (at 8K), scaled to sum to ``n``."""
+    import random
+    rnd = random.Random(seed)
+    raw = [rnd.randint(lo, hi) for _ in range(count)]
+    lens = [max(1, round(x * n / sum(raw))) for x in raw[:-1]]
+    lens.append(max(1, n - sum(lens)))
+    return lens
+
+
 def _mask_text(name: str, n: int) -> str:
     texts = {
         "sliding": "causal & sliding(1024)",
         "sinks": "causal & (sliding(1024) | sink(4))",
         "documents": "causal & document(" + ", ".join(str(x) for x in _doc_lengths(n)) + ")",
+        "random_documents": "causal & document(" + ", ".join(str(x) for x in _random_doc_lengths(n)) + ")",
         "chunked": "causal & chunked(2048)",
         "signature": f"causal - (rows(1000, {n}, 4096) - diagonal)",
         "dilated": "dilated(512, 4)",
@@ -67,8 +78,8 @@ def _mask_text(name: str, n: int) -> str:
 
 
 MASKS: dict[str, Callable[[int], str]] = {name: (lambda n, _name=name: _mask_text(_name, n)) for name in
-                                          ("sliding", "sinks", "documents", "chunked", "signature", "dilated",
-                                           "causal")}
+                                          ("sliding", "sinks", "documents", "random_documents", "chunked",
+                                           "signature", "dilated", "causal")}
 """Benchmark masks by name: length -> mask text (scaled with the length where it matters)."""
 
 
@@ -545,7 +556,7 @@ def write_markdown(path: str, args, rows, extras, command: str, started: str, el
     skips = [(r["mask"], r["n"], lab, why) for r in rows for lab, why in r["skip"].items()]
     if skips:
         lines += ["", "Skipped: " + "; ".join(f"{lab} at {m} N={n} ({why})" for m, n, lab, why in skips)]
-    lines += ["", "Masks: " + "; ".join(f"{m} = `{MASKS[m](8192)}`" + (" (at N=8192)" if m in ("documents", "signature") else "")
+    lines += ["", "Masks: " + "; ".join(f"{m} = `{MASKS[m](8192)}`" + (" (at N=8192)" if m in ("documents", "random_documents", "signature") else "")
                                         for m in dict.fromkeys(r["mask"] for r in rows))]
     if extras:
         lines += ["", "## Extras", ""] + extras_lines(extras)

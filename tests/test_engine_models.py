@@ -133,7 +133,10 @@ def test_per_head_gqa_prefill_forward_and_backward_match_float64(dtype):
 
 @pytest.mark.parametrize("expr", ["causal & (sliding(200) | sink(4))", "causal & (sliding(64) | sink(4))",
                                   "causal & (sliding(300) | cols(5, 1200, 97)) - rows(700, 720)",
-                                  "(causal & sliding(100)) | cols(0, 3) | cols(650)"])
+                                  "(causal & sliding(100)) | cols(0, 3) | cols(650)",
+                                  # key sets alone, beside an exactly causal rest, under a difference
+                                  "sink(3)", "cols(5) | cols(900) | diagonal", "causal | cols(7)",
+                                  "(causal & (sliding(64) | sink(4))) - cols(2)"])
 def test_gathered_key_sets_match_float64(expr):
     # Forward and backward (the fused kernel path, and the matmul path when the lse gets a gradient).
     L, D = 1200, 32
@@ -157,38 +160,50 @@ def test_gathered_key_sets_match_float64(expr):
             assert float((got.double() - want).abs().max()) / float(want.abs().max()) < 1e-5, with_lse
 
 
+def _work(plan) -> int:
+    """Scores a plan's calls compute per head (gathered keys included)."""
+    return sum(op.G * op.rows * (op.span + sum(b - a for a, b in op.extra)) for op in plan.ops)
+
+
 def test_a_sink_costs_about_its_keys():
-    # Narrow windows: the 4 sink keys join the window's calls (no call of their own, no merge).
-    # Wide windows (copying their keys would cost more than a merge): ONE extra call for the sink.
-    work = lambda p: sum(op.G * op.rows * (op.span + sum(b - a for a, b in op.extra)) for op in p.ops)   # noqa: E731
+    # A sink is a key set: split off the mask, the window plans as if it were not there. Narrow
+    # windows take its 4 keys into their own calls (no call of its own, no merge); wide ones
+    # (copying their keys would cost more than a merge) keep their ops and leave the sink to
+    # batched calls over the gathered keys (one for the rows whose window still holds part of it).
     merges = lambda p: sum(not op.first for op in p.ops)                                       # noqa: E731
     L = 4096
-    for w, folded in ((64, True), (512, False)):
+    for w, joined in ((64, True), (512, False)):
         plain = plan_for((am.causal & am.sliding(w)).compile(L))
         sink = plan_for((am.causal & (am.sliding(w) | am.sink(4))).compile(L))
-        assert work(sink) <= work(plain) + 5 * L          # ~4 keys a row, plus a few rows near the start
-        alone = [op for op in sink.ops if op.span <= 4 and not op.causal]
-        if folded:
-            assert not alone and merges(sink) == merges(plain)
+        assert _work(sink) <= _work(plain) + 4 * L                 # 4 keys a row at most
+        key_set_calls = [op for op in sink.ops if op.span == 0]
+        assert all(op.extra == ((0, 4),) for op in key_set_calls)
+        if joined:
+            assert not key_set_calls and merges(sink) == merges(plain) and len(sink.ops) <= len(plain.ops) + 1
             assert any(op.extra == ((0, 4),) for op in sink.ops)
         else:
-            # one call for the rows far from the sink; blocks whose window reaches near it cut rows
-            # in 64-row pieces, whose sink keys make a second call
-            assert len(alone) <= 2 and merges(sink) <= merges(plain) + 2
+            assert sink.ops[:len(plain.ops)] == plain.ops          # the window's ops, unchanged
+            assert len(key_set_calls) == len(sink.ops) - len(plain.ops) <= 2
 
 
-def test_key_columns_are_one_extra_call_per_block():
-    # 32 columns under a wide window: their keys are gathered into one call per query block,
-    # not one call (and one merge) per column.
+def test_key_columns_cost_about_their_keys():
+    # 32 columns under a wide window: the window keeps its own (batched) ops, and the columns'
+    # keys are gathered into a few calls of their own: about 32 keys a row, not a call (and a
+    # merge) per column or per query block.
+    from attnmask.engines.costs import KEY_SET_ROWS
     L = 8192
     cols = " | ".join(f"cols({7 + 230 * i})" for i in range(32))
+    plain = plan_for(am.parse("causal & sliding(1024)").compile(L))
     plan = plan_for(am.parse(f"causal & (sliding(1024) | {cols})").compile(L))
+    assert plan.ops[:len(plain.ops)] == plain.ops
+    assert _work(plan) <= _work(plain) + 32 * L
+    assert len(plan.ops) <= len(plain.ops) + L // KEY_SET_ROWS
     calls_per_row = torch.zeros(L, dtype=torch.int64)
     for op in plan.ops:
         for g in range(op.G):
             calls_per_row[op.r0 + g * op.dr:op.r0 + g * op.dr + op.rows] += 1
     assert int(calls_per_row.max()) <= 3          # the window (at most two ranges) and the columns
-    assert max(len(op.extra) for op in plan.ops) >= 16
+    assert max(len(op.extra) for op in plan.ops) == 32
 
 
 def test_two_python_threads_get_right_results_and_keep_their_thread_count():

@@ -452,9 +452,204 @@ def partial_tiles(runs: list[list[tuple[int, int, int]]]) -> list[tuple[int, int
     return [(b, c) for b in range(len(runs)) for s, e, t in runs[b] if t == _PARTIAL for c in range(s, e)]
 
 
+def _without_key_sets(mask, small) -> tuple:
+    """(the mask without its key-set terms, those terms).
+
+    A key-set term is a part of a union that depends on the key alone (``sink(n)``, ``cols(...)``)
+    and for which ``small(term)`` holds, found through unions, intersections and the left side
+    of differences (where removing a union's part only removes pairs). With T the terms'
+    keys, the rest W is inside the mask and holds every pair of it whose key is not in T.
+    """
+    from ..kinds import StructureClass
+    from ..masks import Difference, Intersection, Union
+    if isinstance(mask, Union):
+        kept, dropped = [], []
+        for part in mask.parts:
+            if part.structure_class() is StructureClass.K and small(part):
+                dropped.append(part)
+            else:
+                rest, terms = _without_key_sets(part, small)
+                kept.append(rest)
+                dropped += terms
+        if not dropped:
+            return mask, []
+        if not kept:
+            from ..primitives import none
+            return none, dropped
+        rest = kept[0]
+        for part in kept[1:]:
+            rest = rest | part
+        return rest, dropped
+    if isinstance(mask, Intersection):
+        split = [_without_key_sets(part, small) for part in mask.parts]
+        if not any(terms for _, terms in split):
+            return mask, []
+        rest = split[0][0]
+        for part, _ in split[1:]:
+            rest = rest & part
+        return rest, [t for _, terms in split for t in terms]
+    if isinstance(mask, Difference):
+        rest, terms = _without_key_sets(mask.left, small)
+        return (rest - mask.right, terms) if terms else (mask, [])
+    return mask, []
+
+
+def _key_set_split(layout: BlockLayout) -> tuple[BlockLayout, np.ndarray, torch.Tensor] | None:
+    """Key sets gathered, not tiled: (the layout without them, their keys, their cells), or None.
+
+    The keys that key-only parts of a mask select (``sink(4)``, 32 ``cols(p)``: at most
+    ``costs.KEY_SET_KEYS`` keys) are read by every query block right of them; as tiles they keep
+    each block's mask partial (and unique: no batched calls) or cost a call and a merge per
+    block. Split off, the rest (a window) plans as if they were not there, and the key set runs
+    as calls of ``costs.KEY_SET_ROWS`` rows against its gathered keys, each with the mask of the
+    cells the rest does not cover (``rows x keys`` booleans per call; equal masks are stored once),
+    or inside the rest's narrow calls (:func:`_with_key_set`). Returns the cells as one bool
+    ``[q_len, keys]`` tensor: at most ``costs.KEY_SET_CELLS`` booleans, else None.
+    """
+    mask = layout.mask
+    if mask.has_mask_mod():
+        return None
+    from ..kinds import StructureClass
+    kv_len = layout.kv_len
+    kpos = torch.arange(kv_len)[None, :]
+    zero = torch.zeros(1, 1, dtype=torch.int64)
+    key_of: dict = {}
+
+    def small(term) -> bool:
+        keys = torch.broadcast_to(term.evaluate(zero, kpos), (1, kv_len))[0]
+        key_of[term] = keys
+        return int(keys.sum()) <= costs.KEY_SET_KEYS
+
+    if mask.structure_class() is StructureClass.K and small(mask):
+        from ..primitives import none
+        rest, terms = none, [mask]
+    else:
+        rest, terms = _without_key_sets(mask, small)
+    if not terms:
+        return None
+    used = torch.zeros(kv_len, dtype=torch.bool)
+    for t in terms:
+        used |= key_of[t]
+    keys = used.nonzero().flatten()
+    q_len = layout.q_len
+    if len(keys) == 0 or len(keys) > costs.KEY_SET_KEYS or q_len * len(keys) > costs.KEY_SET_CELLS:
+        return None
+    rest_layout = rest.compile(q_len, kv_len, q_offset=layout.q_offset, block_size=layout.block_size)
+    qq, kk = (layout.q_offset + torch.arange(q_len))[:, None], keys[None, :]
+    shape = (q_len, len(keys))
+    cells = torch.broadcast_to(mask.evaluate(qq, kk), shape) & ~torch.broadcast_to(rest.evaluate(qq, kk), shape)
+    return rest_layout, keys.numpy(), cells
+
+
+class _MaskBook:
+    """Deduplicated masks and rows-empty vectors of a plan under construction."""
+
+    def __init__(self, masks: list[torch.Tensor], row_empty: list[torch.Tensor]):
+        self.masks, self.row_empty = masks, row_empty
+        self._ids: dict[bytes, int] = {}
+        self._rows: dict[bytes, int] = {}
+
+    def add(self, m: torch.Tensor) -> tuple[int | None, int | None]:
+        """(mask id, rows-empty id) of a bool mask; (None, None) if it is all True."""
+        if bool(m.all()):
+            return None, None
+        key = hashlib.blake2b(m.numpy().tobytes(), digest_size=16).digest() + repr(m.shape).encode()
+        mid = self._ids.get(key)
+        if mid is None:
+            mid = self._ids[key] = len(self.masks)
+            self.masks.append(m)
+        empty = ~m.any(1)
+        if not bool(empty.any()):
+            return mid, None
+        rkey = empty.numpy().tobytes()
+        rid = self._rows.get(rkey)
+        if rid is None:
+            rid = self._rows[rkey] = len(self.row_empty)
+            self.row_empty.append(empty)
+        return mid, rid
+
+
+def _with_key_set(base: Plan, keys: np.ndarray, cells: torch.Tensor) -> Plan:
+    """The plan of the rest with the key set's keys gathered (``cells``: bool [q_len, keys]).
+
+    Where an op of the rest is narrow (its keys plus the key set's at most
+    ``costs.GATHER_SPAN_ROWS`` x its rows) and its items' rows attend the same key-set cells,
+    the gathered keys join that op's calls (one copy of the keys it reads, no extra call, no
+    merge). The cells left run as key-set calls of ``costs.KEY_SET_ROWS`` rows against the
+    gathered keys, merged by LSE after every op of the rest (a wide window: copying its keys
+    for the join would cost more than the merge).
+    """
+    book = _MaskBook(list(base.masks), list(base.row_empty))
+    ranges: list[tuple[int, int]] = []
+    for key in keys.tolist():
+        if ranges and ranges[-1][1] == key:
+            ranges[-1] = (ranges[-1][0], key + 1)
+        else:
+            ranges.append((key, key + 1))
+    extra = tuple(ranges)
+    E = len(keys)
+    left = cells.clone()
+    ops = []
+    for op in base.ops:
+        own = op.span + sum(b_ - a_ for a_, b_ in op.extra)
+        if op.causal or own + E > costs.GATHER_SPAN_ROWS * op.rows:
+            ops.append(op)
+            continue
+        # The op's items in runs with equal key-set cells (a window's first items see the sink
+        # inside their own keys, the rest all four): each run joins the keys, if there are few runs.
+        rows_of = [slice(op.r0 + g * op.dr, op.r0 + g * op.dr + op.rows) for g in range(op.G)]
+        runs: list[list[int]] = [[0, 1]]
+        for g in range(1, op.G):
+            if torch.equal(left[rows_of[g]], left[rows_of[runs[-1][0]]]):
+                runs[-1][1] = g + 1
+            else:
+                runs.append([g, g + 1])
+        if len(runs) > costs.KEY_SET_JOIN_RUNS or not bool(left[op.r0:rows_of[-1].stop].any()):
+            ops.append(op)
+            continue
+        mine = torch.ones((op.rows, own), dtype=torch.bool) if op.mask is None else base.masks[op.mask]
+        for g0, g1 in runs:
+            part = dataclasses.replace(op, r0=op.r0 + g0 * op.dr, k0=op.k0 + g0 * op.dk, G=g1 - g0,
+                                       dr=op.dr if g1 - g0 > 1 else 0, dk=op.dk if g1 - g0 > 1 else 0)
+            sub = left[rows_of[g0]]
+            if not bool(sub.any()):
+                ops.append(part)
+                continue
+            mid, rid = book.add(torch.cat([sub, mine], 1))
+            ops.append(dataclasses.replace(part, mask=mid, rows_empty=rid, extra=extra + op.extra))
+            for r in rows_of[g0:g1]:
+                left[r] = False
+    chunks = []
+    for r in range(0, cells.shape[0], costs.KEY_SET_ROWS):
+        m = left[r:r + costs.KEY_SET_ROWS]
+        if bool(m.any()):
+            chunks.append((r, m.shape[0]) + book.add(m.contiguous()))
+    # Consecutive chunks with one mask run as one batched call (a sink: all rows past the window).
+    j = 0
+    while j < len(chunks):
+        r0, rows, mid, rid = chunks[j]
+        g = j + 1
+        while g < len(chunks) and chunks[g][1:] == (rows, mid, rid) and chunks[g][0] == r0 + (g - j) * rows:
+            g += 1
+        ops.append(Op(r0=r0, dr=rows if g - j > 1 else 0, rows=rows, k0=0, dk=0, span=0, G=g - j, mask=mid,
+                      causal=False, rows_empty=rid, first=False, extra=extra))
+        j = g
+    return Plan(ops, book.masks, book.row_empty, False, {}, base.covered)
+
+
 def _build_plan(layout: BlockLayout, direction: Direction = FORWARD) -> Plan:
     if _is_exact_causal(layout):
         return Plan([], [], [], True, {}, True)
+    split = _key_set_split(layout)
+    if split is not None:
+        rest, keys, cells = split
+        base = plan_for(rest, direction)
+        if base.causal:
+            # The rest is exactly causal: its one is_causal call becomes an op of the plan.
+            L = layout.q_len
+            base = Plan([Op(r0=0, dr=0, rows=L, k0=0, dk=0, span=L, G=1, mask=None, causal=True, rows_empty=None,
+                            first=True)], [], [], False, {}, True)
+        return _with_key_set(base, keys, cells)
     bq, bk = layout.block_size
     q_len, kv_len, nqb = layout.q_len, layout.kv_len, layout.n_q_blocks
     runs = block_runs(layout)

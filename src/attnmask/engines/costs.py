@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 __all__ = ["Direction", "FORWARD", "BACKWARD", "kernel_cost", "causal_call_cost", "pieces_cost",
            "KERNEL_SLICE_FACTORS", "SUB_ROWS", "SPLIT_GAIN", "REGION_GAIN", "SPLIT_FULL_BLOCKS", "ONE_CALL_BLOCKS",
-           "GATHER_KEYS", "GATHER_SPAN_ROWS", "MIN_SEGMENT_ROWS", "CHUNK_BYTES", "KEYS_PER_CALL"]
+           "GATHER_KEYS", "GATHER_SPAN_ROWS", "KEY_SET_KEYS", "KEY_SET_ROWS", "KEY_SET_CELLS", "KEY_SET_JOIN_RUNS", "MIN_SEGMENT_ROWS", "CHUNK_BYTES", "KEYS_PER_CALL"]
 
 #: Relative cost per score of the forward kernel by its query slice (256, 64, 32 rows: calls of
 #: >= 768, >= 192, < 192 rows). Rounded from bench_kernel_slices.py: 1.445 / 1.49-1.51 / 1.59 ns.
@@ -56,6 +56,16 @@ GATHER_KEYS = 64
 #: plus its merge ~3 (measured: folding a sink into 64-row calls of a 1024-key window spent 23% of
 #: the forward in the copies, benchmarks/profile_bf16.py). Wider calls get one extra call instead.
 GATHER_SPAN_ROWS = 4
+#: Key sets (the keys that key-only parts of a mask select: a sink, key columns) of at most this
+#: many keys are split off the mask and run as calls of their own against their gathered keys ...
+KEY_SET_KEYS = 256
+#: ... of this many rows each (256-row kernel slices; one [rows, keys] mask each, equal ones stored once),
+KEY_SET_ROWS = 1024
+#: ... when rows x keys stays under this many booleans (64 MB: a 256K-token query with 256 keys).
+KEY_SET_CELLS = 1 << 26
+#: A narrow op of the rest takes the key set's keys into its own calls when its items fall into at
+#: most this many runs of equal key-set cells (each run becomes one op).
+KEY_SET_JOIN_RUNS = 3
 #: ``causal & document(...)`` runs one is_causal call per document when documents average at least
 #: this many rows (below, the calls' fixed costs outweigh the plan's merged calls).
 MIN_SEGMENT_ROWS = 256

@@ -108,6 +108,11 @@ NAMED = [
      "if j < len(members) and members[j][0] - members[i][0] >= 1 and members[j][1] >= members[i][1]:"),
     ("planner: causal region joins blocks with different left keys", "engines/blocksparse.py",
      "and f0[j] <= ca and left_sig(j, ca) == sig:", "and f0[j] <= ca:"),
+    ("key-set split: a difference loses its right side", "engines/blocksparse.py",
+     "return (rest - mask.right, terms) if terms else (mask, [])", "return (rest, terms) if terms else (mask, [])"),
+    ("key-set split: the gathered cells include the rest's", "engines/blocksparse.py",
+     "cells = torch.broadcast_to(mask.evaluate(qq, kk), shape) & ~torch.broadcast_to(rest.evaluate(qq, kk), shape)",
+     "cells = torch.broadcast_to(mask.evaluate(qq, kk), shape)"),
 ]
 
 

@@ -375,12 +375,13 @@ LONG_ROWS = 2048
 
 
 def _long_family_spec(draw, L: int, bk: int) -> Spec:
-    """A long problem's mask: whole key blocks that every row shares, more keys than a gathered key
-    set (64), so the engine runs one maskless call down the rows past the window (2048 and more: a
-    long call), beside a window of 128-256 keys, whose many small-block items make the backward's
+    """A long problem's mask: whole key blocks that every row shares, more keys than a key set the
+    engine gathers (256), so it runs one maskless call down the rows past the window (2048 and more:
+    a long call), beside a window of 128-192 keys, whose many small-block items make the backward's
     work more than one kernel call."""
-    w = draw(st.integers(128, 256))
-    shared = bk * draw(st.integers(64 // bk + 1, max(64 // bk + 1, 256 // bk)))     # whole key blocks, > 64 keys
+    w = draw(st.integers(128, 192))
+    # whole key blocks, more than a key set the engine splits off and gathers (256 keys)
+    shared = bk * draw(st.integers(256 // bk + 1, 384 // bk))
     if draw(st.booleans()):
         return ("and", ("prim", "causal", ()), ("or", ("prim", "sliding", (w,)), ("prim", "sink", (shared,))))
     a = bk * draw(st.integers(0, 2))
@@ -397,7 +398,7 @@ def engine_problems(draw, *, max_blocks: int = 8, long_share: int = 20) -> dict:
     lose some rows entirely (``- rows(a, b, s)`` on positions the queries hold), so
     fully masked rows sit inside blocks whose other rows merge.
 
-    About one draw in ``long_share`` (0: none) is *long*: LONG_ROWS + 512..LONG_ROWS + 640
+    About one draw in ``long_share`` (0: none) is *long*: LONG_ROWS + 640..LONG_ROWS + 768
     query rows (a window and its shared keys leave >= 2048 rows in one call), with B = H = 1
     and D <= 8 so that the float64 reference stays cheap (see ``_long_family_spec``).
     """
@@ -406,7 +407,7 @@ def engine_problems(draw, *, max_blocks: int = 8, long_share: int = 20) -> dict:
     if long:
         bq = draw(st.sampled_from([16, 16, 32]))
         bk = draw(st.sampled_from([bq, 2 * bq]))
-        Lq = draw(st.integers(LONG_ROWS + 512, LONG_ROWS + 640))       # rows past a window and its keys
+        Lq = draw(st.integers(LONG_ROWS + 640, LONG_ROWS + 768))       # rows past a window and its keys
         Lk = Lq if draw(st.integers(0, 2)) else draw(st.integers(Lq, Lq + 256))
         q_offset = draw(st.one_of(st.none(), st.integers(0, Lk - Lq)))
     else:

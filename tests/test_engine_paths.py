@@ -125,6 +125,8 @@ def test_fully_masked_rows_inside_merged_blocks(expr, L, block):
     ("cols(0, 32)", list(range(32)), 4096, 8, 256),
     # not a multiple of the kernel's 256-row slices, two runs of keys, one far from the first
     ("cols(700, 720) | sink(3)", [0, 1, 2] + list(range(700, 720)), 5000, 4, 512),
+    # more keys than a key set the engine gathers apart (256 keys): one maskless call of 4096 rows
+    ("cols(0, 384)", list(range(384)), 4096, 8, 256),
 ])
 def test_long_calls_on_shared_keys_match_float64(expr, keys, L, H, D):
     mask = am.parse(expr)

@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout
     out = ["# What the property tests generate", "",
            f"- date {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, revision `{rev}`, "
-           f"{cpu.split(':', 1)[-1].strip()} (shared with other jobs)",
+           f"{cpu.split(':', 1)[-1].strip()} (under the machine's CPU lock)",
            "- command: `PYTHONPATH=src python tools/test_distribution.py --out benchmarks/results/test_distribution.md`",
            "- profile `ci` (derandomized): every problem the tests ran, counted; pytest said: "
            + " / ".join(s.strip() for s in summary),
@@ -143,14 +143,15 @@ def main(argv=None) -> int:
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     out += ["", "The first two columns are the older generic strategies (tiny lengths, any expression); the last "
             "two are `strategies.engine_problems`, about one draw in 20 (forward) or 12 (backward) of which is long "
-            "(2560-2688 query rows, B = H = 1, D <= 8: a window of 128-256 keys beside whole key blocks every row shares, "
+            "(2688-2816 query rows, B = H = 1, D <= 8: a window of 128-192 keys beside 272-384 keys in whole blocks that "
+            "every row shares, more than the 256-key sets the engine gathers apart, "
             "so one maskless call spans >= 2048 rows, and small blocks, so the backward's work is several "
             "calls; the backward test draws no lse gradient for them, whose matmul path costs seconds there). The cut of long calls depends on bytes (a call's queries over "
             "`costs.CHUNK_BYTES`, 16 MB), which small H and D never reach: for its long draws the forward test "
             "runs again with the bound lowered to 16 KB and asserts the same bits, so the 'cut' row counts "
             "calls cut at that bound (forward test only). The backward's split (`costs.KEYS_PER_CALL` keys a "
             "call) needs no change of bound. Fixed long cases remain: "
-            "`test_long_calls_on_shared_keys_match_float64` (4096 and 5000 query rows in one maskless call, cut "
+            "`test_long_calls_on_shared_keys_match_float64` (4096 and 5000 query rows in one maskless call, `cols(0, 384)` among them, cut "
             "at the real bound) and `test_long_backward_of_a_window_matches_float64` (16384 tokens), both in "
             "tests/test_engine_paths.py, with the fully masked rows inside merged blocks of "
             "`test_fully_masked_rows_inside_merged_blocks` and the square q_offset backward cases of "

@@ -245,8 +245,29 @@ def _geometry(plan: Plan, rank: int) -> _RankGeometry:
     return plan._cache[key]
 
 
+def _trimmed(plan: Plan, compile_rows, qa: int, qb: int):
+    """(layouts per head or one layout, r0, r1) for the rows ``qa + [r0, r1)`` of the query run [qa, qb)
+    that attend anything in the piece (whole blocks), or None when none does.
+
+    ``compile_rows(a, b)`` compiles every mask for query positions [a, b). A piece's keys usually reach only
+    some of a run's rows (the document crossing a cut, the window's first rows), so the kernel call, the
+    merge and the backward run on those rows alone.
+    """
+    lays = compile_rows(qa, qb)
+    nonempty = np.zeros(lays[0].n_q_blocks, bool)
+    for lay in lays:
+        nonempty |= np.diff(lay.run_ptr.numpy()) > 0
+    if not nonempty.any():
+        return None
+    blocks = np.nonzero(nonempty)[0]
+    r0, r1 = int(blocks[0]) * plan.block_size, min(int(blocks[-1] + 1) * plan.block_size, qb - qa)
+    if (r0, r1) != (0, qb - qa):
+        lays = compile_rows(qa + r0, qa + r1)
+    return (lays if plan.per_head else lays[0]), r0, r1
+
+
 def _step_layouts(plan: Plan, rank: int, step: int, chunks: np.ndarray):
-    """Per query run: (kmax, layouts per head or one layout, or None when the run has no pairs here)."""
+    """(kmax, per query run: _trimmed(...) over the step's zero buffer [0, kmax), or None)."""
     key = ("layouts", rank, step)
     if key in plan._cache:
         return plan._cache[key]
@@ -255,16 +276,10 @@ def _step_layouts(plan: Plan, rank: int, step: int, chunks: np.ndarray):
     runs = _runs_of(chunks, plan.block_size, plan.length)
     kmax = runs[-1][1] if runs else 0
     keys = functools.reduce(operator.or_, [cols(a, b) for a, b in runs]) if runs else None
-    out = []
-    for qa, qb, _ in geo.q_runs:
-        if keys is None:
-            out.append(None)
-            continue
-        lays = [(m & keys).compile(qb - qa, kmax, q_offset=qa, block_size=plan.block_size) for m in plan.masks]
-        if all(lay.counts()["empty"] == lay.n_q_blocks * lay.n_kv_blocks for lay in lays):
-            out.append(None)
-        else:
-            out.append(lays if plan.per_head else lays[0])
+
+    def compile_rows(a, b):
+        return [(m & keys).compile(b - a, kmax, q_offset=a, block_size=plan.block_size) for m in plan.masks]
+    out = [None if keys is None else _trimmed(plan, compile_rows, qa, qb) for qa, qb, _ in geo.q_runs]
     plan._cache[key] = (kmax, out)
     return plan._cache[key]
 
@@ -286,7 +301,20 @@ def _merge(acc, piece):
     return out, lse
 
 
-# -- the autograd function ---------------------------------------------------------------------------
+def _merge_rows(acc, r0: int, r1: int, n: int, piece):
+    """Merge ``piece`` (rows [r0, r1) of a run of n rows) into ``acc`` (the run's (out, lse), or None)."""
+    if acc is None and (r0, r1) == (0, n):
+        return piece
+    o, l = piece
+    if acc is None:
+        acc = (o.new_zeros(o.shape[:2] + (n, o.shape[3])), l.new_full(l.shape[:2] + (n,), -float("inf")))
+    out, lse = acc
+    mo, ml = _merge((out[:, :, r0:r1], lse[:, :, r0:r1]), piece)
+    if torch.is_grad_enabled():             # the autograd path: no in-place writes into the graph
+        return (torch.cat([out[:, :, :r0], mo, out[:, :, r1:]], 2), torch.cat([lse[:, :, :r0], ml, lse[:, :, r1:]], 2))
+    out[:, :, r0:r1], lse[:, :, r0:r1] = mo, ml
+    return out, lse
+
 
 def _shift_invariant(plan: Plan) -> bool:
     if "shift_invariant" not in plan._cache:
@@ -312,11 +340,15 @@ def _segments(chunks: np.ndarray, offset_of, source: int, plan: Plan) -> list:
 
 
 def _kv_buffer(segments, kmax: int, kv: dict) -> torch.Tensor:
-    """[2, B, Hkv, kmax, D]: zeros, with each segment's rows at its global positions (one step's keys)."""
+    """[2, B, Hkv, kmax, D]: each segment's rows at its global positions, zeros elsewhere (one step's keys)."""
     like = next(iter(kv.values()))
-    buf = like.new_zeros((2,) + tuple(like.shape[1:3]) + (kmax, like.shape[-1]))
-    for ga, gb, src, lo, hi in segments:
+    buf = like.new_empty((2,) + tuple(like.shape[1:3]) + (kmax, like.shape[-1]))
+    end = 0
+    for ga, gb, src, lo, hi in sorted(segments):
+        buf[:, :, :, end:ga].zero_()        # only the gaps are zeroed (segments are disjoint)
         buf[:, :, :, ga:gb] = kv[src][:, :, :, lo:hi]
+        end = gb
+    buf[:, :, :, end:].zero_()
     return buf
 
 
@@ -327,28 +359,30 @@ def _offsets(chunks: np.ndarray, plan: Plan):
 
 
 def _shifted_layouts(plan: Plan, rank: int, qa: int, qb: int, ka: int, kb: int):
+    """_trimmed(...) of the query run [qa, qb) against the keys [ka, kb) placed at 0 (shift-invariant masks)."""
     key = ("shifted", rank, qa, qb, ka, kb)
     if key not in plan._cache:
-        lays = [m.compile(qb - qa, kb - ka, q_offset=qa - ka, block_size=plan.block_size) for m in plan.masks]
-        empty = all(lay.counts()["empty"] == lay.n_q_blocks * lay.n_kv_blocks for lay in lays)
-        plan._cache[key] = None if empty else (lays if plan.per_head else lays[0])
+        def compile_rows(a, b):
+            return [m.compile(b - a, kb - ka, q_offset=a - ka, block_size=plan.block_size) for m in plan.masks]
+        plan._cache[key] = _trimmed(plan, compile_rows, qa, qb)
     return plan._cache[key]
 
 
 def _calls(plan: Plan, geo: _RankGeometry, step: int, chunks: np.ndarray, segments: list):
-    """(kmax, [(query run, segment index or -1 for the step's zero buffer, layouts)]): one step's kernel calls."""
+    """(kmax, [(query run, segment index or -1 for the step's zero buffer, layouts, r0, r1)]): one step's
+    kernel calls, each on rows [r0, r1) of its query run."""
     if not segments:
         return 0, []
     if _shift_invariant(plan):
         calls = []
         for i, (qa, qb, _) in enumerate(geo.q_runs):
             for j, (ga, gb, _, _, _) in enumerate(segments):
-                lays = _shifted_layouts(plan, geo.rank, qa, qb, ga, gb)
-                if lays is not None:
-                    calls.append((i, j, lays))
+                got = _shifted_layouts(plan, geo.rank, qa, qb, ga, gb)
+                if got is not None:
+                    calls.append((i, j) + got)
         return 0, calls
     kmax, per_run = _step_layouts(plan, geo.rank, step, chunks)
-    return kmax, [(i, -1, lays) for i, lays in enumerate(per_run) if lays is not None]
+    return kmax, [(i, -1) + got for i, got in enumerate(per_run) if got is not None]
 
 
 def _step_forward(plan: Plan, geo: _RankGeometry, q, kv: dict, step: tuple, scale, enable_gqa, acc, backend):
@@ -357,7 +391,7 @@ def _step_forward(plan: Plan, geo: _RankGeometry, q, kv: dict, step: tuple, scal
     index, chunks, segments = step
     kmax, calls = _calls(plan, geo, index, chunks, segments)
     buf = None
-    for i, j, lays in calls:
+    for i, j, lays, r0, r1 in calls:
         if j < 0:
             buf = _kv_buffer(segments, kmax, kv) if buf is None else buf
             k, v = buf[0], buf[1]
@@ -365,11 +399,11 @@ def _step_forward(plan: Plan, geo: _RankGeometry, q, kv: dict, step: tuple, scal
             _, _, src, a, b = segments[j]
             k, v = kv[src][0, :, :, a:b], kv[src][1, :, :, a:b]
         qa, qb, lo = geo.q_runs[i]
-        o, l = am_attention(q[:, :, lo:lo + qb - qa], k, v, lays, scale=scale, enable_gqa=enable_gqa,
+        o, l = am_attention(q[:, :, lo + r0:lo + r1], k, v, lays, scale=scale, enable_gqa=enable_gqa,
                             return_lse=True, backend=backend)
         if o.dtype in (torch.float16, torch.bfloat16):
             o = o.float()                                   # merge in float32
-        acc[i] = _merge(acc[i], (o, l if l.dtype == torch.float64 else l.float()))
+        acc[i] = _merge_rows(acc[i], r0, r1, qb - qa, (o, l if l.dtype == torch.float64 else l.float()))
     return acc
 
 
@@ -386,33 +420,35 @@ def _step_backward(plan: Plan, geo: _RankGeometry, q, kv: dict, step: tuple, sca
     kmax, calls = _calls(plan, geo, index, chunks, segments)
     buf = dbuf = None
     B, H = q.shape[:2]
-    for i, j, lays in calls:
+    for i, j, lays, r0, r1 in calls:
         if j < 0:
-            if buf is None:
-                buf = _kv_buffer(segments, kmax, kv)
-                dbuf = torch.zeros_like(buf)
+            buf = _kv_buffer(segments, kmax, kv) if buf is None else buf
             k, v = buf[0], buf[1]
         else:
             _, _, src, a, b = segments[j]
             k, v = kv[src][0, :, :, a:b], kv[src][1, :, :, a:b]
-        qa, qb, lo = geo.q_runs[i]
-        rows = slice(lo, lo + qb - qa)
+        lo = geo.q_runs[i][2]
+        rows = slice(lo + r0, lo + r1)
         if plan.per_head:
             layouts, heads = list(lays), torch.arange(H).expand(B, H)
         else:
             layouts, heads = [lays], torch.zeros(B, H, dtype=torch.int64)
-        out, lse = merged[i]
+        out, lse = (t[:, :, r0:r1] for t in merged[i])
         gq, gk, gv = blocksparse_backward(q[:, :, rows], k, v, out, lse, dout[:, :, rows], layouts, heads, scale)
         dq[:, :, rows] += gq
         if j < 0:
-            dbuf[0] += gk
-            dbuf[1] += gv
+            if dbuf is None:
+                dbuf = [gk, gv]                 # the first call's gradients (new tensors) hold the sum
+            else:
+                dbuf[0] += gk
+                dbuf[1] += gv
         else:
             dkv[src][0, :, :, a:b] += gk
             dkv[src][1, :, :, a:b] += gv
     if dbuf is not None:
         for ga, gb, src, lo, hi in segments:
-            dkv[src][:, :, :, lo:hi] += dbuf[:, :, :, ga:gb]
+            dkv[src][0, :, :, lo:hi] += dbuf[0][:, :, ga:gb]
+            dkv[src][1, :, :, lo:hi] += dbuf[1][:, :, ga:gb]
 
 
 def _forward(plan: Plan, geo: _RankGeometry, q, kv_local, group, scale, enable_gqa, grad: bool, backend: str):

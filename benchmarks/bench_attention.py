@@ -161,7 +161,7 @@ def run_model_shapes(argv: list[str]) -> int:
             f"- Machine: {machine}",
             f"- Command: `{command}`",
             f"- Took {time.perf_counter() - t0:.0f} s. Median of {args.repeats} rounds, engines taking turns call "
-            "by call. The machine was shared with other jobs while this ran: read the ratios, not the times.",
+            "by call (the load average above says how quiet the machine was).",
             "- Per-head masks: " + "; ".join(f"`{m}`" for m in NINE_MASKS) + ".",
             "- Ideal: SDPA is_causal (same dtype, enable_gqa) x attended pairs / causal pairs (a per-head list: "
             "the mean over its heads). Decode: one query row against the cache, `q_offset = Lk - 1`; SDPA "

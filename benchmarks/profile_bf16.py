@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     machine = machine_description()
-    text = [f"## {args.label}", "", f"- Date: {started}", f"- Machine: {machine} (shared with other jobs)",
+    text = [f"## {args.label}", "", f"- Date: {started}", f"- Machine: {machine}",
             f"- Command: `PYTHONPATH={os.environ.get('PYTHONPATH', '')} python benchmarks/profile_bf16.py "
             + " ".join(argv if argv is not None else sys.argv[1:]) + "`",
             f"- attnmask from: `{os.path.dirname(am.__file__)}`", "",

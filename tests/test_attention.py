@@ -149,6 +149,32 @@ def test_window_blocks_run_as_row_pieces_trimmed_to_their_keys():
     assert scaled_error(attention(q, k, v, lay, scale=0.25), ref, output_unit(v)) < 1e-5
 
 
+def test_narrow_windows_can_run_as_short_pieces_in_one_call():
+    # With costs.MIN_SUB_ROWS lowered (off by default: measured slower in the engine at model
+    # shapes), sliding(16)'s repeated blocks take 8-row pieces (23 keys a row instead of 79),
+    # all in one batched call; results stay exact.
+    import attnmask.engines.blocksparse as bs_mod
+    import attnmask.engines.costs as costs
+    lay = (am.causal & am.sliding(16)).compile(4096, block_size=128)
+    saved = costs.MIN_SUB_ROWS
+    costs.MIN_SUB_ROWS = 8
+    try:
+        bs_mod.plans.clear()
+        plan = bs_mod.plan_for(lay)
+        q, k, v = tensors(1, 2, 2, 4096, 4096, 16, seed=3)
+        out = attention(q, k, v, lay, scale=0.25)
+    finally:
+        costs.MIN_SUB_ROWS = saved
+        bs_mod.plans.clear()
+    interior = max(plan.ops, key=lambda op: op.G)
+    assert interior.rows <= 16 and interior.span == interior.rows + 15 and interior.G * interior.rows > 3900
+    assert len(plan.ops) <= 4
+    computed = sum(op.G * op.rows * op.span for op in plan.ops)
+    assert computed < 2.0 * lay.attended_pairs()
+    ref, _ = reference(q, k, v, lay.to_dense(), 0.25)
+    assert scaled_error(out, ref, output_unit(v)) < 1e-5
+
+
 def test_blocks_straddling_documents_are_cut_at_the_boundary():
     import attnmask.engines.blocksparse as bs_mod
     mask = am.causal & am.document(100, 300, 212)

@@ -109,6 +109,14 @@ def test_decode_is_deterministic_and_its_plan_cached_per_shape():
     assert torch.equal(a, b) and len(short_plans) == n == 1
     am.attention(q, k[:, :, :2047], v[:, :, :2047], masks, enable_gqa=True)     # a new shape: one more plan
     assert len(short_plans) == 2
+    # Equal masks as new objects find the same plan; lists taking turns each get their own result.
+    again = [am.parse(t) for t in NINE]
+    assert torch.equal(am.attention(q, k, v, again, enable_gqa=True), a) and len(short_plans) == 2
+    other = [am.parse(t) for t in reversed(NINE)]
+    q32, k32, v32 = (t.float() for t in (q, k, v))
+    for ms in (masks, other, masks, other):
+        ref, _ = reference(q32.double(), k32.double(), v32.double(), allowed_of(ms, 1, 9, 1, 2048))
+        assert scaled(am.attention(q32, k32, v32, ms, enable_gqa=True), ref, v32) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -166,24 +174,28 @@ def _work(plan) -> int:
 
 
 def test_a_sink_costs_about_its_keys():
-    # A sink is a key set: split off the mask, the window plans as if it were not there. Narrow
-    # windows take its 4 keys into their own calls (no call of its own, no merge); wide ones
-    # (copying their keys would cost more than a merge) keep their ops and leave the sink to
-    # batched calls over the gathered keys (one for the rows whose window still holds part of it).
+    # A sink is a key set: split off the mask, the window plans as if it were not there. Calls
+    # tall enough to take its 4 keys into their own (the backward's 128-row calls of a narrow
+    # window) do so: no call of its own, no merge. Short or wide calls (the forward's: copying
+    # their keys would cost more than a merge) keep their ops and leave the sink to batched
+    # calls over the gathered keys (one more for the rows whose window still holds part of it).
+    from attnmask.engines.costs import BACKWARD
     merges = lambda p: sum(not op.first for op in p.ops)                                       # noqa: E731
     L = 4096
-    for w, joined in ((64, True), (512, False)):
+    for w in (64, 512):
         plain = plan_for((am.causal & am.sliding(w)).compile(L))
         sink = plan_for((am.causal & (am.sliding(w) | am.sink(4))).compile(L))
-        assert _work(sink) <= _work(plain) + 4 * L                 # 4 keys a row at most
+        assert _work(sink) <= _work(plain) + 5 * L       # ~4 keys a row, plus a few rows near the start
         key_set_calls = [op for op in sink.ops if op.span == 0]
         assert all(op.extra == ((0, 4),) for op in key_set_calls)
-        if joined:
-            assert not key_set_calls and merges(sink) == merges(plain) and len(sink.ops) <= len(plain.ops) + 1
-            assert any(op.extra == ((0, 4),) for op in sink.ops)
-        else:
-            assert sink.ops[:len(plain.ops)] == plain.ops          # the window's ops, unchanged
-            assert len(key_set_calls) == len(sink.ops) - len(plain.ops) <= 2
+        own = lambda p: sum(op.G * op.rows * op.span for op in p.ops)                   # noqa: E731
+        assert own(sink) == own(plain)                # the window's own cells, unchanged
+        assert len(sink.ops) <= len(plain.ops) + 2 and len(key_set_calls) <= 2
+    plain = plan_for((am.causal & am.sliding(64)).compile(L), BACKWARD)
+    sink = plan_for((am.causal & (am.sliding(64) | am.sink(4))).compile(L), BACKWARD)
+    assert not [op for op in sink.ops if op.span == 0] and merges(sink) == merges(plain)
+    assert len(sink.ops) <= len(plain.ops) + 1 and any(op.extra == ((0, 4),) for op in sink.ops)
+    assert _work(sink) <= _work(plain) + 4 * L
 
 
 def test_key_columns_cost_about_their_keys():

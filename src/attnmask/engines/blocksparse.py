@@ -9,11 +9,16 @@ layout into a cached *plan* of calls of PyTorch's fused CPU flash kernel
   keys some row uses, with a small additive mask only where a range holds
   partial tiles (built from ``layout.tile_masks``; full tiles are never evaluated);
 - a partial block may run as row pieces (64 rows, and cuts where a document or
-  chunk boundary falls inside the block), each trimmed to its own keys, when a
-  cost model of the kernel says so (``costs.kernel_cost``: the kernel slices queries
-  into 32-, 64- or 256-row pieces by the call's length, and small slices cost
-  more per score). A 1024-key window at block 128 then computes 1087 keys a row
-  instead of 1151;
+  chunk boundary falls inside the block; shorter heights where the block's shape
+  repeats when ``costs.MIN_SUB_ROWS`` allows, off by default), each trimmed to its own
+  keys, when a cost model of the kernel says so (``costs.kernel_cost``: the kernel
+  slices queries into 32-, 64- or 256-row pieces by the call's length, and small
+  slices cost more per score). A 1024-key window at block 128 then computes 1087
+  keys a row instead of 1151;
+- key sets (the keys that key-only parts of a mask select: ``sink(4)``, ``cols(p)``)
+  are split off the mask (``_key_set_split``): the rest plans as if they were not
+  there, and their keys are gathered into the rest's calls where those are tall
+  enough, else into calls of their own merged by log-sum-exp;
 - consecutive pieces whose ranges have the same shape and mask and advance by
   constant steps run as ONE call on strided views (a sliding window's whole
   interior is one call per row piece; no copies);
@@ -142,8 +147,8 @@ def plan_for(layout: BlockLayout, direction: Direction = FORWARD) -> Plan:
         [(192, 64, 256, 1), (256, 64, 319, 12)]
         >>> from attnmask.engines.costs import BACKWARD
         >>> back = plan_for((am.causal & am.sliding(256)).compile(1024, block_size=128), BACKWARD)
-        >>> [(op.r0, op.rows, op.span, op.G) for op in back.ops][-1]       # the backward's 128-row items
-        (256, 128, 383, 6)
+        >>> [(op.r0, op.rows, op.span, op.G) for op in back.ops][-1]       # the backward's items (backward_cost)
+        (256, 64, 319, 12)
     """
     key = _layout_key(layout) + (direction,)
     plan = plans.get(key)
@@ -218,8 +223,7 @@ class _Builder:
         if direction.fixed_rows is None:
             self.chunks = _row_chunks
         else:
-            n = direction.fixed_rows
-            self.chunks = lambda m: [(r, min(n, m.shape[0] - r)) for r in range(0, m.shape[0], n)]
+            self.chunks = lambda m, fine=False, n=direction.fixed_rows: _fixed_row_chunks(m, n, fine)
         self.bq, self.bk = layout.block_size
         self.masks: list[torch.Tensor] = []
         self.mask_ids: dict[bytes, int] = {}
@@ -228,6 +232,7 @@ class _Builder:
         self.tile_id: dict[tuple[int, int], int] = {}
         self.tiles: list[torch.Tensor] = []
         self.items_by_sig: dict[tuple, list[tuple]] = {}
+        self.repeats: dict[tuple, int] = {}          # signature -> blocks with it (see count_repeats)
 
     def eval_tiles(self, need: list[tuple[int, int]]) -> None:
         """Evaluate partial tiles once (in chunks) and give identical tiles one id."""
@@ -274,15 +279,31 @@ class _Builder:
             return [(0, rows, k0, k1 - k0, None, None)]
         # Segments with the same shape and the same tiles give the same trimmed masks
         # (every interior block of a window): assemble them once.
-        c0 = seg[0][0]
-        sig = (rows, k1 - k0, tuple((s - c0, e - c0, t, tuple(self.tile_id[(qb, c)] for c in range(s, e))
-                                     if t == _PARTIAL else ()) for s, e, t in seg))
+        sig = self.signature(qb, rows, seg)
         hit = self.items_by_sig.get(sig)
         if hit is None:
-            hit = self.items_by_sig[sig] = self._assemble(qb, rows, seg, k0, k1)
+            # Pieces shorter than costs.SUB_ROWS only where the segment's shape repeats: there they
+            # join one batched call; elsewhere each piece would be a call of its own.
+            fine = self.repeats.get(sig, 0) >= costs.FINE_PIECES_REPEATS
+            hit = self.items_by_sig[sig] = self._assemble(qb, rows, seg, k0, k1, fine)
         return [(r, n, k0 + lo, span, idx, ridx) for r, n, lo, span, idx, ridx in hit]
 
-    def _assemble(self, qb: int, rows: int, seg, k0: int, k1: int) -> list[tuple]:
+    def count_repeats(self, blocks: list[tuple[int, int, list]]) -> None:
+        """Count the blocks each partial segment signature occurs in: ``blocks`` = (qb, rows, runs)."""
+        for qb, rows, runs in blocks:
+            for sig in {self.signature(qb, rows, seg) for seg in _segments(runs)
+                        if any(t == _PARTIAL for _, _, t in seg)}:
+                self.repeats[sig] = self.repeats.get(sig, 0) + 1
+
+    def signature(self, qb: int, rows: int, seg: list[tuple[int, int, int]]) -> tuple:
+        """What a partial segment's items depend on: its shape and its tiles (not its position)."""
+        bk, kv_len = self.bk, self.layout.kv_len
+        k0, k1 = seg[0][0] * bk, min(seg[-1][1] * bk, kv_len)
+        c0 = seg[0][0]
+        return (rows, k1 - k0, tuple((s - c0, e - c0, t, tuple(self.tile_id[(qb, c)] for c in range(s, e))
+                                      if t == _PARTIAL else ()) for s, e, t in seg))
+
+    def _assemble(self, qb: int, rows: int, seg, k0: int, k1: int, fine: bool = False) -> list[tuple]:
         bk, kv_len = self.bk, self.layout.kv_len
         m = torch.ones((rows, k1 - k0), dtype=torch.bool)
         for s, e, t in seg:
@@ -291,7 +312,7 @@ class _Builder:
                     a, b = c * bk - k0, min((c + 1) * bk, kv_len) - k0
                     m[:, a:b] = self.tiles[self.tile_id[(qb, c)]][:rows, :b - a]
         out = []
-        for r, n in self.chunks(m):
+        for r, n in self.chunks(m, fine):
             sub = m[r:r + n]
             for lo, hi in _key_clusters(sub.any(0)):
                 out.append((r, n, lo, hi - lo) + self._mask_ids(sub[:, lo:hi].contiguous()))
@@ -405,11 +426,12 @@ def _key_clusters(used: torch.Tensor) -> list[tuple[int, int]]:
             + [tuple(c) for c in clusters[last + 1:]])
 
 
-def _row_chunks(m: torch.Tensor) -> list[tuple[int, int]]:
+def _row_chunks(m: torch.Tensor, fine: bool = False) -> list[tuple[int, int]]:
     """Row chunks ``(offset, rows)`` of a partial mask: whole, or pieces when cheaper.
 
     Pieces are cut where consecutive rows see disjoint key ranges (a document or chunk
-    boundary inside the block), then every costs.SUB_ROWS rows. Trimming each piece to the keys
+    boundary inside the block), then every costs.SUB_ROWS rows (or a half, a quarter ... of
+    it down to costs.MIN_SUB_ROWS, whichever costs least). Trimming each piece to the keys
     its rows reach pays when rows see shifted key ranges (a window: 1151 keys for 128 rows
     of sliding(1024), 1087 for 64; a block straddling two documents: the first document's
     keys for the second's rows), minus the cost of smaller kernel calls (costs.kernel_cost).
@@ -423,14 +445,37 @@ def _row_chunks(m: torch.Tensor) -> list[tuple[int, int]]:
     reach = last.cummax(0).values
     cut = any_row[1:] & (first[1:] > reach[:-1]) & (reach[:-1] >= 0)
     starts = [0] + (cut.nonzero().flatten() + 1).tolist()
-    pieces = []
-    for a, b in zip(starts, starts[1:] + [rows]):
-        pieces += [(r, min(costs.SUB_ROWS, b - r)) for r in range(a, b, costs.SUB_ROWS)]
-    if len(pieces) == 1:
-        return pieces
-    whole = costs.kernel_cost(rows, _span(m.any(0)))
-    split = sum(costs.kernel_cost(n, _span(m[r:r + n].any(0))) for r, n in pieces)
-    return pieces if split < costs.SPLIT_GAIN * whole else [(0, rows)]
+    # Narrow windows want shorter pieces (sliding(16): 79 keys a row for 64-row pieces, 31 for
+    # 16): with ``fine``, every height from SUB_ROWS down to MIN_SUB_ROWS by halves is weighed.
+    best, best_cost = [(0, rows)], costs.kernel_cost(rows, _span(m.any(0))) * costs.SPLIT_GAIN
+    height = costs.SUB_ROWS
+    while True:
+        pieces = []
+        for a, b in zip(starts, starts[1:] + [rows]):
+            pieces += [(r, min(height, b - r)) for r in range(a, b, height)]
+        if len(pieces) > 1:
+            cost = sum(costs.kernel_cost(n, _span(m[r:r + n].any(0))) for r, n in pieces)
+            if cost < best_cost:
+                best, best_cost = pieces, cost
+        if not fine or height // 2 < costs.MIN_SUB_ROWS:
+            return best
+        height //= 2
+
+
+def _fixed_row_chunks(m: torch.Tensor, height: int, fine: bool = False) -> list[tuple[int, int]]:
+    """The backward's row chunks: every ``height`` rows, or (``fine``: a segment that repeats, so one
+    batched call runs its pieces) a half or a quarter of it where ``costs.backward_cost`` says so."""
+    rows = m.shape[0]
+    best, best_cost = None, float("inf")
+    h = height
+    while True:
+        pieces = [(r, min(h, rows - r)) for r in range(0, rows, h)]
+        cost = sum(costs.backward_cost(n, _span(m[r:r + n].any(0))) for r, n in pieces)
+        if cost < best_cost:
+            best, best_cost = pieces, cost
+        if not fine or h // 2 < 32:
+            return best
+        h //= 2
 
 
 def _span(cols: torch.Tensor) -> int:
@@ -655,6 +700,7 @@ def _build_plan(layout: BlockLayout, direction: Direction = FORWARD) -> Plan:
     runs = block_runs(layout)
     bld = _Builder(layout, direction)
     bld.eval_tiles(partial_tiles(runs))
+    bld.count_repeats([(b, min((b + 1) * bq, q_len) - b * bq, runs[b]) for b in range(nqb)])
 
     # Causal regions: consecutive full-height blocks whose last run is the exact lower-triangular
     # diagonal tile, preceded by full tiles back to the region's first diagonal column, and whose

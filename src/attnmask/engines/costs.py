@@ -28,20 +28,32 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["Direction", "FORWARD", "BACKWARD", "kernel_cost", "causal_call_cost", "pieces_cost",
-           "KERNEL_SLICE_FACTORS", "SUB_ROWS", "SPLIT_GAIN", "REGION_GAIN", "SPLIT_FULL_BLOCKS", "ONE_CALL_BLOCKS",
-           "GATHER_KEYS", "GATHER_SPAN_ROWS", "KEY_SET_KEYS", "KEY_SET_ROWS", "KEY_SET_CELLS", "KEY_SET_JOIN_RUNS", "MIN_SEGMENT_ROWS", "CHUNK_BYTES", "KEYS_PER_CALL"]
+           "KERNEL_SLICE_FACTORS", "SUB_ROWS", "MIN_SUB_ROWS", "FINE_PIECES_REPEATS", "SPLIT_GAIN", "REGION_GAIN", "SPLIT_FULL_BLOCKS", "ONE_CALL_BLOCKS",
+           "GATHER_KEYS", "GATHER_SPAN_ROWS", "KEY_SET_KEYS", "KEY_SET_ROWS", "KEY_SET_CELLS", "KEY_SET_JOIN_RUNS", "MIN_SEGMENT_ROWS", "CHUNK_BYTES", "KEYS_PER_CALL",
+           "BACKWARD_ROW_COSTS", "backward_cost"]
 
 #: Relative cost per score of the forward kernel by its query slice (256, 64, 32 rows: calls of
 #: >= 768, >= 192, < 192 rows). Rounded from bench_kernel_slices.py: 1.445 / 1.49-1.51 / 1.59 ns.
-KERNEL_SLICE_FACTORS = {256: 1.0, 64: 1.08, 32: 1.18}
+#: Items shorter than a 32-row slice (16, 8 rows: narrow windows' pieces) cost 1.14x / 1.2x more per
+#: score than 32-row ones (benchmarks/results/kernel_slices.md, "short pieces", 2026-12-01).
+KERNEL_SLICE_FACTORS = {256: 1.0, 64: 1.08, 32: 1.18, 16: 1.35, 8: 1.42}
 
 #: A full run at least this many blocks long inside a partially masked segment is split off into
 #: its own maskless call: the mask would cost more than the merge.
 SPLIT_FULL_BLOCKS = 4
 #: ... but a range of at most this many key blocks stays one call with its mask.
 ONE_CALL_BLOCKS = 32
-#: Partial blocks may run as row pieces of this many rows, each trimmed to its keys ...
+#: Partial blocks may run as row pieces of this many rows (or a half, a quarter, ... of it down to
+#: MIN_SUB_ROWS: narrow windows), each trimmed to its keys ...
 SUB_ROWS = 64
+#: Shorter heights (halves of SUB_ROWS down to this; only for segments whose shape repeats in at
+#: least FINE_PIECES_REPEATS blocks, which one batched call runs) are OFF: one kernel call alone
+#: favours 8-16-row pieces for narrow windows (sliding(64): 4.1 vs 5.3 ns per pair), but the engine
+#: at SmolLM2's shapes (H=9, Hkv=3) measured slower with them (benchmarks/results/model_shapes.md,
+#: 2026-12-01 18:10: sliding(64) at L=1024 6.5 ms against 4.6 with 64-row pieces; the 16K window
+#: 312 against 314 ms: no gain). Set MIN_SUB_ROWS = 8 to weigh them.
+MIN_SUB_ROWS = 64
+FINE_PIECES_REPEATS = 4
 #: ... when the pieces' estimated kernel time is below this share of the whole block's.
 SPLIT_GAIN = 0.97
 #: A causal region runs as one is_causal call unless row pieces cost less than this share of it
@@ -74,11 +86,12 @@ MIN_SEGMENT_ROWS = 256
 #: after call; above it every call maps fresh pages and pays their faults (32K-token windows: ~6%).
 CHUNK_BYTES = 16 << 20
 #: Most key rows (summed over the items of one call) whose dK/dV one backward call may return:
-#: bounds the call's temporary gradients to about this x (batch x kv heads x D) floats. Measured at
-#: N=8192, sliding(1024), 2 threads: on a quiet machine 2048 is ~10% faster than 16384-32768; on
-#: the shared, oversubscribed one (load 5) 32768 is 2-3x faster than 2048, because every parallel
-#: region can wait a scheduler slice. 32768 made a 64K-token step add 847 MB (vs 603 MB at 2048).
-KEYS_PER_CALL = 16384
+#: bounds the call's temporary gradients to about this x (batch x kv heads x D) floats. Measured
+#: under the CPU lock (quiet, 2 threads, 2026-12-01), N=8192, sliding(1024), fp32, 128-row items:
+#: backward 425 ms at 4096, 442 at 2048, 505 at 16384 (the temporaries of a 16384-key call pass
+#: glibc's mmap threshold and fault their pages in every call). (Last session, on the
+#: oversubscribed machine at load 5, 32768 had measured 2-3x faster than 2048.)
+KEYS_PER_CALL = 4096
 
 
 def kernel_cost(rows: int, keys: int) -> float:
@@ -91,7 +104,8 @@ def kernel_cost(rows: int, keys: int) -> float:
         >>> kernel_cost(1024, 10), kernel_cost(100, 10)
         (10240.0, 1180.0)
     """
-    per_score = KERNEL_SLICE_FACTORS[256 if rows >= 768 else 64 if rows >= 192 else 32]
+    per_score = KERNEL_SLICE_FACTORS[256 if rows >= 768 else 64 if rows >= 192 else 32 if rows >= 32
+                                     else 16 if rows >= 16 else 8]
     return rows * keys * per_score
 
 
@@ -142,6 +156,24 @@ class Direction:
 
 #: The forward pass: row pieces by the kernel cost model, key sets gathered.
 FORWARD = Direction("forward", None)
-#: The backward pass: its kernel runs 64-row calls ~18% slower per score than 128-row ones
-#: (measured at N=8192, sliding(1024)), so rows are cut at fixed 128-row heights.
+#: The backward pass: its kernel prefers taller calls, so rows are cut at fixed 128-row heights,
+#: except in segments that repeat (one batched call), where a shorter height may cost less
+#: (narrow windows: ``backward_cost``).
 BACKWARD = Direction("backward", 128)
+
+#: The backward kernel's cost per row of an item by its height: (per key, per row), fitted to
+#: N=8192, fp32, 2 threads, quiet (benchmarks/results/backward.md, 2026-12-01): sliding(1024) /
+#: sliding(64) backward 425 / 85 ms at 128 rows, 436 / 73 at 64, 494 / 71 at 32.
+BACKWARD_ROW_COSTS = {128: (1.0, 49.0), 64: (1.07, 71.0), 32: (1.24, 83.0)}
+
+
+def backward_cost(rows: int, keys: int) -> float:
+    """Relative time of one backward item of ``rows`` x ``keys`` (the height's per-key and per-row costs).
+
+        >>> backward_cost(128, 191) > 4 * backward_cost(32, 95)     # sliding(64): 32-row items
+        True
+        >>> backward_cost(128, 1151) < 4 * backward_cost(32, 1055)  # sliding(1024): 128-row items
+        True
+    """
+    per_key, per_row = BACKWARD_ROW_COSTS[128 if rows > 64 else 64 if rows > 32 else 32]
+    return rows * (keys * per_key + per_row)

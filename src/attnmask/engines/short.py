@@ -111,6 +111,34 @@ def _build(items: list[tuple[Mask, int]], head_index: torch.Tensor, Lq: int, Lk:
     return _ShortPlan(lo, hi, index, folded, empty if bool(empty.any()) else None)
 
 
+#: The last items seen, by identity: (ids and offsets, the items themselves, their token).
+#: A decode loop passes the same mask objects every step; hashing their trees each step costs
+#: more than the step's other Python work (the items are kept alive here, so ids stay theirs).
+_last_items: list = [None]
+#: Equal items share one token (an int, cheap to hash in plan keys). Tokens are never reused, so
+#: clearing this table (past _MAX_TOKENS) can only make old plans unreachable, never wrong.
+_tokens: dict = {}
+_next_token = [0]
+_MAX_TOKENS = 4096
+
+
+def _items_key(items: list[tuple[Mask, int]]) -> int:
+    """A token for the value of ``items``: equal lists of (mask, offset) get the same one."""
+    ids = tuple((id(m), off) for m, off in items)
+    hit = _last_items[0]
+    if hit is not None and hit[0] == ids and all(a is b for (a, _), (b, _) in zip(hit[1], items)):
+        return hit[2]
+    value = tuple(items)
+    token = _tokens.get(value)
+    if token is None:
+        if len(_tokens) >= _MAX_TOKENS:
+            _tokens.clear()
+        token = _tokens[value] = _next_token[0]
+        _next_token[0] += 1
+    _last_items[0] = (ids, list(items), token)
+    return token
+
+
 def short_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, items: list[tuple[Mask, int]],
                   head_index: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked attention for a short call: (out ``[B, H, Lq, D]`` in q's dtype, lse ``[B, H, Lq]``).
@@ -129,7 +157,7 @@ def short_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, items: list
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    key = (tuple(items), Lq, Lk, B, H, Hkv, head_index.numpy().tobytes())
+    key = (_items_key(items), Lq, Lk, B, H, Hkv, head_index.numpy().tobytes())
     plan = short_plans.get(key)
     if plan is None:
         with single_thread():        # many small ops: the pool's wake-ups cost more than they save

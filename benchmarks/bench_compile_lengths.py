@@ -109,7 +109,7 @@ def run(kind: str, repeats: int) -> dict:
 def section(times: dict, retained: dict, w2d: dict, command: str, started: datetime, load) -> str:
     lines = [MARK, "", "## At N, N-1 and N-2; memory retained; window2d (issue 11)", "",
              f"- date: {started:%Y-%m-%d %H:%M} UTC; load average at start {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} "
-             "(the machine was shared with other engineers' jobs)",
+             "(run under the machine's CPU lock, which the other engineers' benchmarks and suites also take)",
              f"- machine: {machine_description()}",
              f"- command: `{command}`", "",
              "First compiles (`attnmask.clear_cache()` before each), the 18 masks taking turns; block 128. "

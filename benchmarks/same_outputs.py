@@ -53,6 +53,17 @@ def main() -> int:
         assert set(ref) == set(got), sorted(set(ref) ^ set(got))
         diff = [key for key in ref if not torch.equal(ref[key], got[key])]
         print(f"{len(ref) - len(diff)} of {len(ref)} tensors bit-identical" + (f"; differ: {diff}" if diff else ""))
+        for key in diff:
+            # how far apart, scaled to the tensor: max |new - old| / max |old| (finite entries; -inf lse rows
+            # must agree exactly)
+            a, b = ref[key].double(), got[key].double()
+            fin = torch.isfinite(a) & torch.isfinite(b)
+            same_inf = bool(torch.equal(a[~fin], b[~fin]))
+            scale = float(a[fin].abs().max()) if fin.any() else 1.0
+            err = float((a[fin] - b[fin]).abs().max()) / max(scale, 1e-30) if fin.any() else 0.0
+            changed = int((a != b).sum())
+            print(f"  {key}: {changed} of {a.numel()} entries differ, max scaled difference {err:.2e}"
+                  f"{'' if same_inf else ', infinite entries differ'}")
         return 1 if diff else 0
     return 0
 

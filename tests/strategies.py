@@ -368,8 +368,28 @@ def _family_spec(draw, L: int) -> Spec:
     return draw(mask_specs(max_leaves=4))
 
 
+#: Query rows from which a problem is *long*: the engine's calls can then span 2048 rows and more (the
+#: length from which its long calls are cut into row pieces) and the backward's work at small blocks
+#: exceeds one kernel call (it is split into several).
+LONG_ROWS = 2048
+
+
+def _long_family_spec(draw, L: int, bk: int) -> Spec:
+    """A long problem's mask: whole key blocks that every row shares, more keys than a key set the
+    engine gathers (256), so it runs one maskless call down the rows past the window (2048 and more:
+    a long call), beside a window of 128-192 keys, whose many small-block items make the backward's
+    work more than one kernel call."""
+    w = draw(st.integers(128, 192))
+    # whole key blocks, more than a key set the engine splits off and gathers (256 keys)
+    shared = bk * draw(st.integers(256 // bk + 1, 384 // bk))
+    if draw(st.booleans()):
+        return ("and", ("prim", "causal", ()), ("or", ("prim", "sliding", (w,)), ("prim", "sink", (shared,))))
+    a = bk * draw(st.integers(0, 2))
+    return ("or", ("prim", "band", (w, draw(st.integers(0, 8)))), ("prim", "cols", (a, a + shared)))
+
+
 @st.composite
-def engine_problems(draw, *, max_blocks: int = 8) -> dict:
+def engine_problems(draw, *, max_blocks: int = 8, long_share: int = 20) -> dict:
     """One attention problem: spec, lengths, q_offset, block size, B, H, Hkv, D, seed.
 
     Lengths span 2..max_blocks query blocks (not always a multiple of the block);
@@ -377,14 +397,27 @@ def engine_problems(draw, *, max_blocks: int = 8) -> dict:
     keys from separate runs of tiles and the engine merges partial results); half
     lose some rows entirely (``- rows(a, b, s)`` on positions the queries hold), so
     fully masked rows sit inside blocks whose other rows merge.
+
+    About one draw in ``long_share`` (0: none) is *long*: LONG_ROWS + 640..LONG_ROWS + 768
+    query rows (a window and its shared keys leave >= 2048 rows in one call), with B = H = 1
+    and D <= 8 so that the float64 reference stays cheap (see ``_long_family_spec``).
     """
-    bq = draw(st.sampled_from([8, 16, 32]))
-    bk = draw(st.sampled_from([bq, 2 * bq, bq // 2]))
-    Lq = draw(st.integers(2 * bq - bq // 2, max_blocks * bq))
-    Lk = Lq if draw(st.integers(0, 2)) else draw(st.integers(max(1, Lq // 2), 2 * Lq))
-    q_offset = draw(st.one_of(st.none(), st.integers(-bq, Lk)))
+    # sampled_from, not integers: hypothesis draws an integer's lower bound far more often than 1 in n
+    long = bool(long_share) and draw(st.sampled_from([False] * (long_share - 1) + [True]))   # shrinks to short
+    if long:
+        bq = draw(st.sampled_from([16, 16, 32]))
+        bk = draw(st.sampled_from([bq, 2 * bq]))
+        Lq = draw(st.integers(LONG_ROWS + 640, LONG_ROWS + 768))       # rows past a window and its keys
+        Lk = Lq if draw(st.integers(0, 2)) else draw(st.integers(Lq, Lq + 256))
+        q_offset = draw(st.one_of(st.none(), st.integers(0, Lk - Lq)))
+    else:
+        bq = draw(st.sampled_from([8, 16, 32]))
+        bk = draw(st.sampled_from([bq, 2 * bq, bq // 2]))
+        Lq = draw(st.integers(2 * bq - bq // 2, max_blocks * bq))
+        Lk = Lq if draw(st.integers(0, 2)) else draw(st.integers(max(1, Lq // 2), 2 * Lq))
+        q_offset = draw(st.one_of(st.none(), st.integers(-bq, Lk)))
     pos0 = Lk - Lq if q_offset is None else q_offset           # position of query row 0
-    spec = _family_spec(draw, max(Lq, Lk))
+    spec = _long_family_spec(draw, Lk, bk) if long else _family_spec(draw, max(Lq, Lk))
     extra = draw(st.sampled_from(["none", "none", "sink", "cols"]))
     # Extra keys a block wide or more give rows a run of full tiles beside their partial ones:
     # two kernel results to merge.
@@ -393,10 +426,13 @@ def engine_problems(draw, *, max_blocks: int = 8) -> dict:
     elif extra == "cols":           # heavy-hitter key columns
         a = draw(st.integers(0, Lk - 1))
         spec = ("or", spec, ("prim", "cols", (a, a + draw(st.integers(1, 2 * bk)))))
-    if draw(st.booleans()):
+    if draw(st.integers(0, 3)) >= (3 if long else 2):   # a row cut: half the short draws, a quarter of long ones
         a = max(0, pos0 + draw(st.integers(0, Lq - 1)))
         cut = ("prim", "rows", (a, a + draw(st.integers(1, max(1, Lq // 4))), draw(st.integers(1, 4))))
         spec = ("sub", spec, cut)
+    if long:
+        return dict(spec=spec, Lq=Lq, Lk=Lk, q_offset=q_offset, block=(bq, bk), B=1, H=1, Hkv=1,
+                    D=draw(st.sampled_from([4, 8])), seed=draw(st.integers(0, 2**16)))
     hkv = draw(st.sampled_from([1, 2]))
     return dict(spec=spec, Lq=Lq, Lk=Lk, q_offset=q_offset, block=(bq, bk), B=draw(st.integers(1, 2)),
                 H=hkv * draw(st.sampled_from([1, 2])), Hkv=hkv, D=draw(st.sampled_from([4, 8, 16])),

@@ -11,7 +11,13 @@ problems generate, is measured in tests/README.md ("What the strategies generate
 * long maskless calls past the engine's temporary-memory bound (>= 2048 rows);
 * the backward with an explicit q_offset on square shapes, with and without a
   gradient through the lse;
-* the backward at long lengths, where its work is split into several kernel calls.
+* the backward at long lengths, where its work is split into several kernel calls;
+* a small key set under two larger calls of the same rows, and causal regions under a long window.
+
+The random problems include long ones (>= ``strategies.LONG_ROWS`` query rows, small H and D);
+for those the forward runs a second time with the engine's bound on a call's temporaries
+lowered (``engines.costs.CHUNK_BYTES``, its one tuning knob named here), so that their long
+calls are cut into row pieces as they are at real sizes, and must give the same bits.
 
 Each named test below catches a one-line mutation of the engine that the rest of
 the suite once let through (issue 11); the mutation is named in the test.
@@ -19,6 +25,7 @@ the suite once let through (issue 11); the mutation is named in the test.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -30,7 +37,7 @@ import attnmask as am
 
 from distribution import record
 from numerics import banded_reference, gradient_units, one_thread, output_unit, reference, scaled_error
-from strategies import build, engine_problems
+from strategies import LONG_ROWS, build, engine_problems
 
 #: fp32 against float64, scaled to the inputs (measured: <= 3e-7 on these problems).
 FP32_TOL = 1e-5
@@ -118,6 +125,8 @@ def test_fully_masked_rows_inside_merged_blocks(expr, L, block):
     ("cols(0, 32)", list(range(32)), 4096, 8, 256),
     # not a multiple of the kernel's 256-row slices, two runs of keys, one far from the first
     ("cols(700, 720) | sink(3)", [0, 1, 2] + list(range(700, 720)), 5000, 4, 512),
+    # more keys than a key set the engine gathers apart (256 keys): one maskless call of 4096 rows
+    ("cols(0, 384)", list(range(384)), 4096, 8, 256),
 ])
 def test_long_calls_on_shared_keys_match_float64(expr, keys, L, H, D):
     mask = am.parse(expr)
@@ -179,6 +188,38 @@ def test_long_backward_of_a_window_matches_float64(L, w, block):
     _check_backward(q, k, v, mask, None, scale=0.35, block_size=block, ref_fn=ref_fn)
 
 
+# -- (e) a small key set under two larger calls of the same rows ------------------------------------
+
+@pytest.mark.parametrize("expr,L,block", [
+    # mutation caught (mutation run of 2026-12-01): a small key set (a sink) folded into every larger
+    # call that covers its rows, not into one, so two calls of the same rows count its keys twice
+    ("causal & (sliding(128) | sink(4) | cols(1000, 1100))", 1536, 128),
+    ("(band(64, 0) | sink(3) | cols(300, 400))", 640, 64),
+])
+def test_a_key_set_joins_one_of_the_calls_over_its_rows(expr, L, block):
+    mask = am.parse(expr)
+    allowed = mask.to_dense(L)
+    q, k, v = _qkv(1, 2, 2, L, L, 16, seed=L)
+    _check_forward(q, k, v, mask, allowed, scale=0.25, block_size=block)
+    _check_backward(q, k, v, mask, allowed, scale=0.25, block_size=block, seed=L)
+
+
+# -- (f) causal regions end where the keys left of their diagonal change ---------------------------
+
+@pytest.mark.parametrize("L,w,block", [
+    # mutation caught (mutation run of 2026-12-01): a causal region (one is_causal call for a run of
+    # diagonal blocks plus one call for their shared left keys) that joins blocks whose left keys
+    # differ, so every block gets the first one's window edge
+    (3072, 1500, 128),
+])
+def test_causal_regions_under_a_long_window_match_float64(L, w, block):
+    mask = am.causal & am.sliding(w)
+    q, k, v = _qkv(1, 1, 1, L, L, 8, seed=w)
+    allowed = mask.to_dense(L)
+    _check_forward(q, k, v, mask, allowed, scale=0.35, block_size=block)
+    _check_backward(q, k, v, mask, allowed, scale=0.35, block_size=block, seed=w)
+
+
 # -- random problems shaped like real use ---------------------------------------------------------
 
 def _problem_tensors(p: dict):
@@ -190,17 +231,43 @@ def _record(test: str, p: dict, mask: am.Mask, **extra) -> None:
            B=p["B"], H=p["H"], Hkv=p["Hkv"], D=p["D"], **extra)
 
 
+@contextlib.contextmanager
+def _temporaries_bound(nbytes: int):
+    """The engine's bound on one call's temporaries lowered to ``nbytes`` (then restored)."""
+    from attnmask.engines import costs
+    saved = costs.CHUNK_BYTES
+    costs.CHUNK_BYTES = nbytes
+    try:
+        yield
+    finally:
+        costs.CHUNK_BYTES = saved
+
+
+#: At this bound a call of >= 2048 rows cuts even at B = H = 1, D = 4 (16 bytes a row).
+CUT_BOUND = 16 << 10
+
+
 @given(engine_problems())
 def test_random_engine_problems_forward(p):
     mask = build(p["spec"])
     _record("test_random_engine_problems_forward", p, mask)
     q, k, v = _problem_tensors(p)
     allowed = mask.to_dense(p["Lq"], p["Lk"], q_offset=p["q_offset"])
-    _check_forward(q, k, v, mask, allowed, scale=0.3, q_offset=p["q_offset"], block_size=p["block"])
+    out = _check_forward(q, k, v, mask, allowed, scale=0.3, q_offset=p["q_offset"], block_size=p["block"])
+    if p["Lq"] >= LONG_ROWS:
+        # its long calls cut into row pieces (and batched calls split) as at real sizes: the same bits
+        with _temporaries_bound(CUT_BOUND):
+            cut = am.attention(q, k, v, mask, scale=0.3, q_offset=p["q_offset"], enable_gqa=True,
+                               block_size=p["block"])
+        assert torch.equal(cut, out), f"cut calls changed the output by {(cut - out).abs().max():.2e}"
 
 
-@given(engine_problems(max_blocks=5), st.booleans())
+@given(engine_problems(max_blocks=5, long_share=12), st.booleans())
 def test_random_engine_problems_backward(p, use_lse):
+    # A gradient into the lse takes the backward's matmul path, one item at a time: at a long problem's
+    # small blocks that is seconds per example (8 s at 2700 rows, block 16), so long draws run the fused
+    # kernel path, whose work they split into several calls.
+    use_lse = use_lse and p["Lq"] < LONG_ROWS
     mask = build(p["spec"])
     _record("test_random_engine_problems_backward", p, mask, use_lse=use_lse)
     q, k, v = _problem_tensors(p)

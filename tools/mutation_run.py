@@ -39,7 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 _COMPILE_TESTS = ["tests/test_compiler.py", "tests/test_layout.py", "tests/test_analysis.py"]
-_ENGINE_TESTS = ["tests/test_engine_paths.py", "tests/test_attention.py", "tests/test_backward.py"]
+_ENGINE_TESTS = ["tests/test_engine_paths.py", "tests/test_engine_models.py", "tests/test_attention.py",
+                 "tests/test_backward.py"]
 
 
 def targets() -> dict[str, list[str]]:
@@ -78,6 +79,40 @@ NAMED = [
     ("backward dK/dV accumulated in the input dtype", "engines/autograd.py",
      "    dk = torch.zeros(B, Hkv, Lk, D, dtype=cd)\n    dv = torch.zeros(B, Hkv, Lk, v.shape[-1], dtype=cd)",
      "    dk = torch.zeros(B, Hkv, Lk, D, dtype=k.dtype)\n    dv = torch.zeros(B, Hkv, Lk, v.shape[-1], dtype=v.dtype)"),
+    # the engine's paths written after the first run (issue 13): each gives a wrong answer somewhere
+    ("short: rows with no key keep the kernel's lse 0", "engines/short.py",
+     "lse = lse.masked_fill(plan.empty, float(\"-inf\"))", "lse = lse"),
+    ("short: scattered keys read as one range from the first", "engines/short.py",
+     "ks, vs = k.index_select(2, plan.index), v.index_select(2, plan.index)",
+     "ks, vs = k[:, :, plan.lo:plan.lo + len(plan.index)], v[:, :, plan.lo:plan.lo + len(plan.index)]"),
+    ("short: every batch element takes batch 0's masks", "engines/short.py",
+     "same_rows = B == 1 or bool((head_index == head_index[:1]).all())", "same_rows = True"),
+    ("key sets: a small item folded into two calls", "engines/blocksparse.py",
+     "if rs <= r and r + n <= rs + ns and not covered[j][r - rs:r - rs + n].any():",
+     "if rs <= r and r + n <= rs + ns:"),
+    ("key sets: gathered values behind the call's own", "engines/blocksparse.py",
+     "vs = torch.cat([v[:, a:b].unsqueeze(1).expand(Z, G, b - a, v.shape[2]) for a, b in op.extra] + [vs], 2)",
+     "vs = torch.cat([vs] + [v[:, a:b].unsqueeze(1).expand(Z, G, b - a, v.shape[2]) for a, b in op.extra], 2)"),
+    ("per-head runs: every run reads kv head 0", "engines/blocksparse.py",
+     "out.append((bs, h, h1, j, row[h]))", "out.append((bs, h, h1, 0, row[h]))"),
+    ("per-head runs: batch elements share batch 0's layouts", "engines/blocksparse.py",
+     "batches = [slice(0, B)] if all(r == rows[0] for r in rows) else [slice(b, b + 1) for b in range(B)]",
+     "batches = [slice(0, B)]"),
+    ("planner: one plan cache entry for both directions", "engines/blocksparse.py",
+     "key = _layout_key(layout) + (direction,)", "key = _layout_key(layout)"),
+    ("planner: merges into unwritten rows not flagged", "engines/blocksparse.py",
+     "return Plan(ops, bld.masks, bld.row_empty, False, {}, bool(written.all()) and not mixed)",
+     "return Plan(ops, bld.masks, bld.row_empty, False, {}, bool(written.all()))"),
+    ("planner: batched rows may overlap", "engines/blocksparse.py",
+     "if j < len(members) and members[j][0] - members[i][0] >= rows and members[j][1] >= members[i][1]:",
+     "if j < len(members) and members[j][0] - members[i][0] >= 1 and members[j][1] >= members[i][1]:"),
+    ("planner: causal region joins blocks with different left keys", "engines/blocksparse.py",
+     "and f0[j] <= ca and left_sig(j, ca) == sig:", "and f0[j] <= ca:"),
+    ("key-set split: a difference loses its right side", "engines/blocksparse.py",
+     "return (rest - mask.right, terms) if terms else (mask, [])", "return (rest, terms) if terms else (mask, [])"),
+    ("key-set split: the gathered cells include the rest's", "engines/blocksparse.py",
+     "cells = torch.broadcast_to(mask.evaluate(qq, kk), shape) & ~torch.broadcast_to(rest.evaluate(qq, kk), shape)",
+     "cells = torch.broadcast_to(mask.evaluate(qq, kk), shape)"),
 ]
 
 
@@ -261,7 +296,18 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="mutants tested at once")
     ap.add_argument("--dry-run", action="store_true", help="list the chosen mutants, run nothing")
     ap.add_argument("--only", nargs="*", help="sample only these modules (default: all targets)")
+    ap.add_argument("--named", choices=("with", "without", "only"), default="with",
+                    help="the named mutants: with the sampled ones, left out, or alone (to split a run)")
+    ap.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
+                    help="write --out from the --json files of earlier (split) runs; runs nothing")
     args = ap.parse_args(argv)
+    if args.combine:
+        parts = [json.loads(f.read_text()) for f in args.combine]
+        results = [r for part in parts for r in part["results"]]
+        write_markdown(args.out, parts[0]["revision"], any(part["dirty"] for part in parts), parts[0]["sites"],
+                       results, sum(part["wall"] for part in parts), [part["command"] for part in parts],
+                       parts[0]["targets"])
+        return 0
 
     TARGETS = targets()
     modules = [m for m in TARGETS if not args.only or m in args.only]
@@ -272,7 +318,7 @@ def main(argv=None) -> int:
         return 0
     rng = random.Random(args.seed)
     chosen: list[tuple[str, Mutant]] = []
-    for m in modules:                                   # proportional to the sites, at least 2 per module
+    for m in (modules if args.named != "only" else []):   # proportional to the sites, at least 2 per module
         n = max(2, round(args.sample * len(sites[m]) / total))
         order = rng.sample(sites[m], len(sites[m]))
         taken = 0
@@ -287,7 +333,7 @@ def main(argv=None) -> int:
             x.build = text
             chosen.append(("sampled", x))
             taken += 1
-    for name, module, old, new in NAMED:
+    for name, module, old, new in (NAMED if args.named != "without" else []):
         # the text may have moved to another module in a rewrite: take the one that holds it once
         for cand in [module] + [m for m in TARGETS if m != module]:
             path = ROOT / "src" / "attnmask" / cand
@@ -341,17 +387,22 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     wall = time.time() - t_start
+    command = (f"PYTHONPATH=src python tools/mutation_run.py --sample {args.sample} --seed {args.seed} "
+               f"--jobs {args.jobs} --named {args.named}" + (f" --only {' '.join(args.only)}" if args.only else ""))
     if args.json:
-        args.json.write_text(json.dumps(dict(revision=rev, dirty=bool(dirty), results=results), indent=1))
+        args.json.write_text(json.dumps(dict(revision=rev, dirty=bool(dirty), results=results, wall=wall,
+                                             command=command, sites={m: len(v) for m, v in sites.items()},
+                                             targets=TARGETS), indent=1))
     caught = sum(r["status"].startswith("caught") for r in results)
     applied = sum(not r["status"].startswith("not applied") for r in results)
     print(f"{applied} mutants, {caught} caught, {applied - caught} survived, {wall:.0f} s")
     if args.out:
-        write_markdown(args.out, rev, bool(dirty), sites, results, wall, args, TARGETS)
+        write_markdown(args.out, rev, bool(dirty), {m: len(v) for m, v in sites.items()}, results, wall,
+                       [command + f" --out {args.out}"], TARGETS)
     return 0
 
 
-def write_markdown(path: Path, rev, dirty, sites, results, wall, args, TARGETS) -> None:
+def write_markdown(path: Path, rev, dirty, sites: dict, results, wall, commands: list[str], TARGETS) -> None:
     import platform
     cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout.strip()
     applied = [r for r in results if not r["status"].startswith("not applied")]
@@ -363,12 +414,11 @@ def write_markdown(path: Path, rev, dirty, sites, results, wall, args, TARGETS) 
         f"- revision: `{rev}`{' (with uncommitted changes in src/)' if dirty else ''}; date "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {cpu.split(':', 1)[-1].strip()} "
         f"({platform.python_version()}), shared with other jobs",
-        f"- command: `PYTHONPATH=src python tools/mutation_run.py --sample {args.sample} --seed {args.seed} "
-        f"--jobs {args.jobs}" + (f" --only {' '.join(args.only)}" if args.only else "") + f" --out {path}`",
-        f"- sites listed: {sum(len(v) for v in sites.values())} ("
-        + ", ".join(f"{m} {len(v)}" for m, v in sites.items()) + f"); sampled {args.sample} (seed {args.seed}) + "
-        f"{len(NAMED)} named; tests per module: " + "; ".join(f"{m}: {', '.join(Path(t).name for t in ts)}"
-                                                          for m, ts in TARGETS.items()),
+        "- command" + ("s" if len(commands) > 1 else "") + ": " + "; ".join(f"`{c}`" for c in commands),
+        f"- sites listed: {sum(sites.values())} (" + ", ".join(f"{m} {n}" for m, n in sites.items())
+        + f"); {sum(r['origin'] == 'sampled' for r in results)} sampled, "
+        f"{sum(r['origin'].startswith('named') for r in results)} named; tests per module: "
+        + "; ".join(f"{m}: {', '.join(Path(t).name for t in ts)}" for m, ts in TARGETS.items()),
         f"- **{len(applied)} mutants, {len(caught)} caught, {len(surv)} survived** ({wall / 60:.1f} min)",
         "",
         "| origin | mutant | result | first failing test / probe |",

@@ -385,19 +385,25 @@ def _calls(plan: Plan, geo: _RankGeometry, step: int, chunks: np.ndarray, segmen
     return kmax, [(i, -1) + got for i, got in enumerate(per_run) if got is not None]
 
 
+def _call_kv(segments, kmax: int, kv: dict, j: int, buf: list):
+    """(k, v) of one call: a received segment's view (j >= 0), or the step's zero buffer over positions
+    0..kmax (j < 0), built on first use and kept in ``buf[0]`` for the step's other calls."""
+    if j < 0:
+        if buf[0] is None:
+            buf[0] = _kv_buffer(segments, kmax, kv)
+        return buf[0][0], buf[0][1]
+    _, _, src, a, b = segments[j]
+    return kv[src][0, :, :, a:b], kv[src][1, :, :, a:b]
+
+
 def _step_forward(plan: Plan, geo: _RankGeometry, q, kv: dict, step: tuple, scale, enable_gqa, acc, backend):
     """Attention of every local query run against one step's keys, merged into ``acc``."""
     from ..engines import attention as am_attention
     index, chunks, segments = step
     kmax, calls = _calls(plan, geo, index, chunks, segments)
-    buf = None
+    buf = [None]
     for i, j, lays, r0, r1 in calls:
-        if j < 0:
-            buf = _kv_buffer(segments, kmax, kv) if buf is None else buf
-            k, v = buf[0], buf[1]
-        else:
-            _, _, src, a, b = segments[j]
-            k, v = kv[src][0, :, :, a:b], kv[src][1, :, :, a:b]
+        k, v = _call_kv(segments, kmax, kv, j, buf)
         qa, qb, lo = geo.q_runs[i]
         o, l = am_attention(q[:, :, lo + r0:lo + r1], k, v, lays, scale=scale, enable_gqa=enable_gqa,
                             return_lse=True, backend=backend)
@@ -418,15 +424,10 @@ def _step_backward(plan: Plan, geo: _RankGeometry, q, kv: dict, step: tuple, sca
     from ..engines.autograd import blocksparse_backward
     index, chunks, segments = step
     kmax, calls = _calls(plan, geo, index, chunks, segments)
-    buf = dbuf = None
+    buf, dbuf = [None], None
     B, H = q.shape[:2]
     for i, j, lays, r0, r1 in calls:
-        if j < 0:
-            buf = _kv_buffer(segments, kmax, kv) if buf is None else buf
-            k, v = buf[0], buf[1]
-        else:
-            _, _, src, a, b = segments[j]
-            k, v = kv[src][0, :, :, a:b], kv[src][1, :, :, a:b]
+        k, v = _call_kv(segments, kmax, kv, j, buf)
         lo = geo.q_runs[i][2]
         rows = slice(lo + r0, lo + r1)
         if plan.per_head:
@@ -443,6 +444,7 @@ def _step_backward(plan: Plan, geo: _RankGeometry, q, kv: dict, step: tuple, sca
                 dbuf[0] += gk
                 dbuf[1] += gv
         else:
+            _, _, src, a, b = segments[j]
             dkv[src][0, :, :, a:b] += gk
             dkv[src][1, :, :, a:b] += gv
     if dbuf is not None:

@@ -78,3 +78,14 @@ def pytest_terminal_summary(terminalreporter):
 def _seed_torch():
     import torch
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """torch at one intra-op thread for the test, restored after: tiny models gain nothing from a second
+    thread, and on a machine shared with other jobs two threads ran them 4-7x slower than one."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

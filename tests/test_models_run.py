@@ -19,13 +19,7 @@ from attnmask.models import attention as attention_mod  # noqa: E402
 VOCAB = 96
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from a second thread, and on a shared machine two threads ran 4-7x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def make_model(heads=4, kv_heads=2, layers=2, seed=0, impl="eager"):

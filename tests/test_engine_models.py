@@ -120,6 +120,53 @@ def test_decode_is_deterministic_and_its_plan_cached_per_shape():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_growing_cache_matches_float64_at_every_step(dtype):
+    # One key more every step (a new Lk each call, q_offset = Lk - 1), across the row-keys module's
+    # first axis range (1024) and past 2048; per-head lists with GQA, two batch elements, a head with
+    # no key (`none`), rows cut out of a window (`- rows(0, 40)`), strided columns, segments.
+    from attnmask.engines import short
+    B, H, Hkv, D = 2, 9, 3, 16
+    masks = [am.parse(t) for t in NINE]
+    q, k, v = inputs(B, H, Hkv, 1, 2200, D, dtype, seed=11)
+    for Lk in list(range(1000, 1030)) + [2047, 2048, 2049, 2200]:
+        kk, vv = k[:, :, :Lk], v[:, :, :Lk]
+        out, lse = am.attention(q, kk, vv, masks, enable_gqa=True, return_lse=True)
+        allowed = allowed_of(masks, B, H, 1, Lk)
+        ref, ref_lse = reference(q, kk, vv, allowed)
+        err = scaled(out, ref, v)
+        bound = 1e-5 if dtype == torch.float32 else 2 * stick(q, kk, vv, allowed) / float(v.double().abs().max()) + 1e-6
+        assert err < bound, (Lk, err)
+        empty = ~allowed.any(-1)
+        assert empty[:, 7].all() and bool((out[empty] == 0).all()) and bool(torch.isneginf(lse[empty]).all())
+        assert float((lse[~empty].double() - ref_lse[~empty]).abs().max()) < (1e-5 if dtype == torch.float32 else 0.05)
+    # the plan came from the masks' structure (no evaluation over the Lk cells) and split the causal
+    # head (4) from its narrow neighbours: no call over all keys holds a head that reads few of them
+    plan = short._build([(m, 2199) for m in masks], torch.arange(H).reshape(1, H), 1, 2200, Hkv)
+    wide = [c for c in plan.calls if c.pieces is None and c.index is None and c.hi - c.lo > 1100]
+    assert wide and all(c.kv0 == 1 and c.kv1 == 2 and c.rows is not None and c.rows.tolist() == [1] for c in wide)
+
+
+def test_a_growing_cache_reuses_its_row_masks_and_one_mask_needs_none():
+    # A window and its sink move together: each step's gathered keys hold the same columns, so the
+    # row masks are found again, not rebuilt; one mask for every head needs no mask at all.
+    from attnmask.engines import short
+    q, k, v = inputs(1, 9, 3, 1, 5000, 64, seed=12)
+    nine = [am.parse(t) for t in NINE[:5]] + [am.parse(t) for t in NINE[:4]]
+    one = am.causal & (am.sliding(64) | am.sink(4))
+    short._row_masks.clear()
+    for Lk in range(4000, 4024):
+        out = am.attention(q, k[:, :, :Lk], v[:, :, :Lk], nine, enable_gqa=True)
+        ref, _ = reference(q, k[:, :, :Lk], v[:, :, :Lk], allowed_of(nine, 1, 9, 1, Lk))
+        assert scaled(out, ref, v) < 1e-5
+        out = am.attention(q, k[:, :, :Lk], v[:, :, :Lk], one, enable_gqa=True)
+        ref, _ = reference(q, k[:, :, :Lk], v[:, :, :Lk], allowed_of([one] * 9, 1, 9, 1, Lk))
+        assert scaled(out, ref, v) < 1e-5
+    assert len(short._row_masks) <= 4          # a handful for 24 steps, none for the single mask
+    plan = short._build([(one, 4999)], torch.zeros(1, 9, dtype=torch.int64), 1, 5000, 3)
+    assert len(plan.calls) == 1 and plan.calls[0].mask is None and plan.calls[0].pieces == [(0, 4), (4936, 5000)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_per_head_gqa_prefill_forward_and_backward_match_float64(dtype):
     # Heads with equal layouts next to each other in a kv group (0, 1) and apart (2 vs 5), per-batch rows.
     B, H, Hkv, L, D = 2, 6, 2, 300, 16

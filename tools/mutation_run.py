@@ -46,11 +46,13 @@ _ENGINE_TESTS = ["tests/test_engine_paths.py", "tests/test_engine_models.py", "t
                  "tests/test_backward.py"]
 #: tests that hold a module to a contract its own list misses: FlexAttention's BlockMask conversion
 #: and edge-tile rule (layout.py), mask_mod leaves read per (batch, head) in dispatch and in the short
-#: path, checked against FlexAttention's own create_mask / create_block_mask (test_maskmod.py, ~20 s)
+#: path, checked against FlexAttention's own create_mask / create_block_mask (test_maskmod.py, ~20 s),
+#: one query's keys as intervals against the dense oracle (test_rowkeys.py)
 _EXTRA_TESTS = {
     "layout.py": ["tests/test_flex.py", "tests/test_maskmod.py"],
     "engines/dispatch.py": ["tests/test_maskmod.py"],
-    "engines/short.py": ["tests/test_maskmod.py"],
+    "engines/short.py": ["tests/test_rowkeys.py", "tests/test_maskmod.py"],
+    "engines/rowkeys.py": ["tests/test_rowkeys.py", "tests/test_maskmod.py"],
 }
 
 

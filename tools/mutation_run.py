@@ -32,6 +32,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -291,7 +292,8 @@ def list_mutants(module: str) -> list[Mutant]:
 def run_tests(src_dir: Path, tests: list[str], timeout: float) -> tuple[str, float, str]:
     env = dict(os.environ, PYTHONPATH=str(src_dir), CI="true", PYTHONDONTWRITEBYTECODE="1")
     env.pop("ATTNMASK_HYPOTHESIS", None)
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
+    # (pyproject's addopts already has -q; a second one would drop the "N passed" line read below)
+    cmd = [sys.executable, "-m", "pytest", "-x", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning",
            "-k", DESELECT, *tests]
     t0 = time.time()
     try:
@@ -302,6 +304,9 @@ def run_tests(src_dir: Path, tests: list[str], timeout: float) -> tuple[str, flo
     status = "survived" if proc.returncode == 0 else "caught"
     if proc.returncode not in (0, 1):
         status = f"caught (pytest exit {proc.returncode})"
+    if status == "survived":      # say how many tests the survivor passed (a survivor that ran none says 0)
+        passed = re.findall(r"(\d+) passed", proc.stdout)
+        return status, time.time() - t0, f"{passed[-1] if passed else 0} tests passed"
     return status, time.time() - t0, tail[0][:160] if tail else ""
 
 
@@ -494,7 +499,7 @@ def write_markdown(path: Path, rev, dirty, sites: dict, results, wall, commands:
         "|---|---|---|---|",
     ]
     for r in results:
-        detail = r["probe"] if r["status"] == "survived" else r["failure"].replace("|", "\\|")
+        detail = (f"{r['probe']} ({r['failure']})" if r["status"] == "survived" else r["failure"]).replace("|", "\\|")
         lines.append(f"| {r['origin']} | {r['label'].replace('|', chr(92) + '|')} | {r['status']} | {detail} |")
     path.write_text("\n".join(lines) + "\n")
 

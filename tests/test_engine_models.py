@@ -146,6 +146,19 @@ def test_a_growing_cache_matches_float64_at_every_step(dtype):
     assert wide and all(c.kv0 == 1 and c.kv1 == 2 and c.rows is not None and c.rows.tolist() == [1] for c in wide)
 
 
+def test_decode_with_patterns_the_row_keys_cannot_describe_is_evaluated_exactly():
+    # Thousands of key columns (every other key) and a strided offset pattern: the plan comes from
+    # evaluating the masks on the call's cells, next to a head the structure describes.
+    window = am.causal & (am.sliding(16) | am.sink(2))
+    for masks in ([am.causal & am.cols(0, 3000, 2), window], [am.causal - am.strided(2), window],
+                  [am.cols(0, 3000, 2) | am.rows(0, 9000, 3), window]):
+        for Lk in (2999, 3000, 3001):
+            q, k, v = inputs(1, 4, 2, 1, Lk, 16, seed=Lk)
+            out = am.attention(q, k, v, masks * 2, enable_gqa=True)
+            ref, _ = reference(q, k, v, allowed_of(masks * 2, 1, 4, 1, Lk))
+            assert scaled(out, ref, v) < 1e-5, (masks, Lk)
+
+
 def test_a_growing_cache_reuses_its_row_masks_and_one_mask_needs_none():
     # A window and its sink move together: each step's gathered keys hold the same columns, so the
     # row masks are found again, not rebuilt; one mask for every head needs no mask at all.

@@ -363,3 +363,45 @@ def test_byte_lru_evicts_by_bytes():
     assert len(c) == 3 and c.nbytes == 900 and c.get(9) == 9 and c.get(0) is None
     c.put("huge", 0, 5000)
     assert c.get("huge") is None and len(c) == 3
+
+
+def test_byte_lru_keeps_entries_that_fill_its_budget_exactly():
+    # "the oldest go first once the total passes the budget": a total equal to it is kept
+    c = ByteLRU(1000)
+    c.put("a", 1, 600)
+    c.put("b", 2, 400)
+    assert len(c) == 2 and c.nbytes == 1000 and c.get("a") == 1
+    c.put("whole", 3, 1000)
+    assert len(c) == 1 and c.get("whole") == 3
+
+
+def test_short_plans_stay_within_their_byte_budget(monkeypatch):
+    # Decode-shaped calls (16 rows) on eight distinct windows: each plan holds a bool mask of
+    # 16 x (w + 15) keys and, once used, its float32 additive copy: >= 5 bytes a cell, counted
+    # here from the mask, not from the cache's own accounting. A budget of 1 MB holds at most
+    # that many plans (a plan size computed with the wrong sign kept all eight).
+    from attnmask.engines import short
+    budget = 1 << 20
+    monkeypatch.setattr(short, "short_plans", ByteLRU(budget))
+    Lq, Lk, widths = 16, 8192, range(4000, 4008)
+    q, k, v = inputs(1, 1, 1, Lq, Lk, 8)
+    for w in widths:
+        out = am.attention(q, k, v, am.causal & am.sliding(w))
+        assert out.shape == (1, 1, Lq, 8)
+    held = len(short.short_plans)
+    assert 1 <= held <= budget // (5 * Lq * (min(widths) + Lq - 1))
+
+
+def test_each_pass_gets_its_own_plan_whatever_planned_first():
+    # The forward and the backward cut rows differently (engines/costs.py); the plan a pass gets
+    # must not depend on which pass planned the layout first (one cache entry for both directions
+    # survived the suite: the backward then ran the forward's row pieces).
+    from attnmask.engines import blocksparse
+    from attnmask.engines.costs import BACKWARD, FORWARD
+    lay = (am.causal & am.sliding(1024)).compile(4096)
+    blocksparse.plans.clear()
+    back_first, fwd_second = plan_for(lay, BACKWARD), plan_for(lay, FORWARD)
+    blocksparse.plans.clear()
+    fwd_first, back_second = plan_for(lay, FORWARD), plan_for(lay, BACKWARD)
+    assert fwd_first.ops != back_first.ops, "the case must be one where the passes differ"
+    assert fwd_second.ops == fwd_first.ops and back_second.ops == back_first.ops

@@ -829,9 +829,7 @@ def _strided_runs(members: list[tuple[int, int]], rows: int) -> list[tuple[tuple
             while j < len(members) and members[j][0] - members[j - 1][0] == dr \
                     and members[j][1] - members[j - 1][1] == dk:
                 j += 1
-        if j - i == 1:
-            dr = dk = 0
-        out.append((members[i], dr, dk, j - i))
+        out.append((members[i], dr, dk, j - i))      # a run of one member keeps dr = dk = 0
         i = j
     return out
 

@@ -146,6 +146,19 @@ def test_a_growing_cache_matches_float64_at_every_step(dtype):
     assert wide and all(c.kv0 == 1 and c.kv1 == 2 and c.rows is not None and c.rows.tolist() == [1] for c in wide)
 
 
+def test_decode_with_patterns_the_row_keys_cannot_describe_is_evaluated_exactly():
+    # Thousands of key columns (every other key) and a strided offset pattern: the plan comes from
+    # evaluating the masks on the call's cells, next to a head the structure describes.
+    window = am.causal & (am.sliding(16) | am.sink(2))
+    for masks in ([am.causal & am.cols(0, 3000, 2), window], [am.causal - am.strided(2), window],
+                  [am.cols(0, 3000, 2) | am.rows(0, 9000, 3), window]):
+        for Lk in (2999, 3000, 3001):
+            q, k, v = inputs(1, 4, 2, 1, Lk, 16, seed=Lk)
+            out = am.attention(q, k, v, masks * 2, enable_gqa=True)
+            ref, _ = reference(q, k, v, allowed_of(masks * 2, 1, 4, 1, Lk))
+            assert scaled(out, ref, v) < 1e-5, (masks, Lk)
+
+
 def test_a_growing_cache_reuses_its_row_masks_and_one_mask_needs_none():
     # A window and its sink move together: each step's gathered keys hold the same columns, so the
     # row masks are found again, not rebuilt; one mask for every head needs no mask at all.
@@ -290,6 +303,57 @@ def test_two_python_threads_get_right_results_and_keep_their_thread_count():
         t.join(60)
     assert not errors and counts == [True, True]
     assert torch.get_num_threads() == before
+
+
+def test_a_30_layer_model_with_nine_masks_a_layer_at_three_lengths_fits_the_caches(monkeypatch):
+    # 30 layers x 9 different per-head masks x 3 lengths, forward and backward plans: a second pass
+    # compiles nothing and plans nothing (counted, not timed), and the caches stay within their bytes.
+    # The plans hold ~5x fewer mask bytes than their sum: tiles equal across lengths and masks are
+    # interned and counted once. (Windows' plans do not grow with the length: at 1K / 2K / 4K the
+    # same model holds ~95 MB of plans, measured.)
+    import attnmask.layout as layout_module
+    from attnmask.engines import blocksparse
+    from attnmask.engines.costs import BACKWARD
+    counts = {"compiles": 0, "plans": 0}
+
+    class CountingCompiler(layout_module.Compiler):
+        def run(self, mask):
+            counts["compiles"] += 1
+            return super().run(mask)
+
+    build = blocksparse._build_plan
+
+    def counting_build(*args):
+        counts["plans"] += 1
+        return build(*args)
+
+    monkeypatch.setattr(layout_module, "Compiler", CountingCompiler)
+    monkeypatch.setattr(blocksparse, "_build_plan", counting_build)
+    widths = [16, 32, 64, 128, 256]                 # + 5 * layer: all distinct (see the assert)
+    model = [[am.causal & am.sliding(w + 5 * layer) for w in widths]
+             + [am.causal & (am.sliding(w + 5 * layer) | am.sink(4)) for w in widths[:3]]
+             + [am.causal & (am.sliding(100 + layer) | am.cols(0, 8))] for layer in range(30)]
+    assert len({m for masks in model for m in masks}) == 270
+    am.clear_cache()
+    blocksparse.plans.clear()
+
+    def one_pass():
+        for L in (256, 512, 1024):
+            for masks in model:
+                for m in masks:
+                    lay = m.compile(L)
+                    blocksparse.plan_for(lay)
+                    blocksparse.plan_for(lay, BACKWARD)
+
+    one_pass()
+    first = dict(counts)
+    assert first["compiles"] >= 810 and first["plans"] >= 1620
+    held = sum(5 * blocksparse.tensor_bytes(p.masks) for p in (v[0] for v in blocksparse.plans._items.values()))
+    assert blocksparse.plans.nbytes <= 0.75 * blocksparse.plans.budget       # room to spare
+    assert held > 3 * blocksparse.plans.nbytes                             # shared tiles, counted once
+    assert am.cache_info()["bytes"] < am.cache_info()["limit_bytes"] // 10
+    one_pass()
+    assert counts == first, (first, counts)
 
 
 def test_byte_lru_evicts_by_bytes():

@@ -53,12 +53,12 @@ def row_keys(mask: Mask, p: int, n: int) -> Intervals | None:
     """
     if n <= 0:
         return []
-    out = _row(mask, p, n)
+    out = _program(mask)(p, n)
     return None if out is None else list(out)      # a copy: axis runs are cached on the nodes
 
 
 def _klass(node: Mask) -> StructureClass:
-    # structure_class() of an operator walks its subtree each call; a decode step asks every step
+    # structure_class() of an operator walks its subtree each call
     c = node.__dict__.get("_rk_class")
     if c is None:
         c = node.structure_class()
@@ -66,56 +66,85 @@ def _klass(node: Mask) -> StructureClass:
     return c
 
 
-def _row(node: Mask, p: int, n: int) -> Intervals | None:
+def _program(node: Mask):
+    """``f(p, n)``: the node's row as intervals, or None; made once per node (a decode step calls it
+    for every head's mask: a closure per node costs a fraction of walking the tree's types)."""
+    prog = node.__dict__.get("_rk_prog")
+    if prog is None:
+        prog = _make_program(node)
+        object.__setattr__(node, "_rk_prog", prog)
+    return prog
+
+
+def _make_program(node: Mask):
     c = _klass(node)
     if c is StructureClass.K:
-        return _clip(_axis(node, c, 0, n), 0, n)
+        return lambda p, n: _axis(node, c, 0, n)
     if c is StructureClass.D:
-        axis = _axis(node, c, p - n + 1, p + 1)        # offsets p - k for k in [0, n)
-        if axis is None:
-            return None
-        # offsets [a, b) are keys (p - b, p - a]; reversed into ascending keys, clipped to [0, n)
-        return _clip([(p - b + 1, p - a + 1) for a, b in reversed(axis)], 0, n)
+        def offsets(p, n):
+            axis = _axis(node, c, p - n + 1, p + 1)        # offsets p - k for k in [0, n)
+            if axis is None:
+                return None
+            # offsets [a, b) are keys (p - b, p - a], ascending once reversed; inside [0, n) already
+            return [(p - b + 1, p - a + 1) for a, b in reversed(axis)]
+        return offsets
     if c is StructureClass.Q:
-        axis = _axis(node, c, p, p + 1)
-        return None if axis is None else ([(0, n)] if axis else [])
+        def query(p, n):
+            axis = _axis(node, c, p, p + 1)
+            return None if axis is None else ([(0, n)] if axis else [])
+        return query
     if c is StructureClass.CONST:
-        on = node.__dict__.get("_rk_const")
-        if on is None:
-            zero = torch.zeros((), dtype=torch.int64)
-            on = bool(node.evaluate(zero, zero))
-            object.__setattr__(node, "_rk_const", on)
-        return [(0, n)] if on else []
+        zero = torch.zeros((), dtype=torch.int64)
+        on = bool(node.evaluate(zero, zero))
+        return (lambda p, n: [(0, n)]) if on else (lambda p, n: [])
     if isinstance(node, Union):
-        parts = []
-        for part in node.parts:
-            got = _row(part, p, n)
-            if got is None:
-                return None
-            parts.extend(got)
-        return _merge(parts)
+        parts = [_program(x) for x in node.parts]
+
+        def union(p, n):
+            got = []
+            for part in parts:
+                x = part(p, n)
+                if x is None:
+                    return None
+                got += x
+            return _merge(got)
+        return union
     if isinstance(node, Intersection):
-        out = _row(node.parts[0], p, n)
-        for part in node.parts[1:]:
-            if out is None:
-                return None
-            if not out:
-                return []                              # nothing left to intersect: exact whatever the rest
-            got = _row(part, p, n)
-            out = None if got is None else _intersect(out, got)
-        return out
+        first, rest = _program(node.parts[0]), [_program(x) for x in node.parts[1:]]
+
+        def intersection(p, n):
+            out = first(p, n)
+            for part in rest:
+                if not out:
+                    return out                  # None: cannot say; []: empty whatever the rest is
+                x = part(p, n)
+                out = None if x is None else _intersect(out, x)
+            return out
+        return intersection
     if isinstance(node, Difference):
-        left = _row(node.left, p, n)
-        if left is None:
-            return None
-        right = _row(node.right, p, n) if left else []
-        return None if right is None else _intersect(left, _complement(right, n))
+        left, right = _program(node.left), _program(node.right)
+
+        def difference(p, n):
+            a = left(p, n)
+            if not a:
+                return a
+            b = right(p, n)
+            return None if b is None else _intersect(a, _complement(b, n))
+        return difference
     if isinstance(node, Complement):
-        inner = _row(node.inner, p, n)
-        return None if inner is None else _complement(inner, n)
+        inner = _program(node.inner)
+
+        def complement(p, n):
+            x = inner(p, n)
+            return None if x is None else _complement(x, n)
+        return complement
     if isinstance(node, Primitive):
-        return _primitive_row(node, c, p, n)
-    return None                                        # a mask_mod leaf, or anything else opaque
+        if c in (StructureClass.SEG, StructureClass.RECT):
+            return lambda p, n: _primitive_row(node, c, p, n)
+        lowered = node.lowered()
+        if lowered is not None:
+            return _program(lowered)
+    return lambda p, n: None                          # a mask_mod leaf, or anything else opaque
 
 
 def _primitive_row(node: Primitive, c: StructureClass, p: int, n: int) -> Intervals | None:
@@ -132,8 +161,7 @@ def _primitive_row(node: Primitive, c: StructureClass, p: int, n: int) -> Interv
         if len(state) > MAX_INTERVALS or not bool((state == int(TileState.FULL)).all()):
             return None
         return _clip(_merge(list(zip(lo.tolist(), hi.tolist()))), 0, n)
-    lowered = node.lowered()
-    return None if lowered is None else _row(lowered, p, n)
+    return None
 
 
 def _axis(node: Mask, c: StructureClass, lo: int, hi: int) -> Intervals | None:

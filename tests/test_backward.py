@@ -149,6 +149,39 @@ def test_fully_masked_rows_and_unseen_keys_get_zero_gradient():
     assert torch.equal(dv[:, :, unseen_keys], torch.zeros_like(dv[:, :, unseen_keys]))
 
 
+# -- diagonal bands run key-major ------------------------------------------------------------------
+
+KEY_MAJOR_CASES = {
+    # name: (B, H, Hkv, Lq, Lk, masks, per-(b, h) layout or None, block_size, q_offset, keys per call)
+    "window-gqa": (2, 4, 2, 400, 400, [am.causal & am.sliding(40)], None, 16, None, None),
+    "offset-empty-rows": (1, 2, 1, 300, 350, [am.causal & am.sliding(40) - am.rows(200, 203)], None, 16, 50, None),
+    "band-both-sides": (1, 2, 2, 400, 400, [am.band(30, 10)], None, 16, None, None),
+    "per-head": (1, 4, 2, 600, 600, [am.causal & am.sliding(40), am.causal & am.sliding(100)], [[0, 1, 1, 0]],
+                 16, None, None),
+    # interior key blocks batched two per call, an odd one left over
+    "two-per-call": (1, 2, 1, 400, 400, [am.causal & am.sliding(40)], None, 16, None, 130),
+}
+
+
+@pytest.mark.parametrize("use_lse", [False, True], ids=["out", "out+lse"])
+@pytest.mark.parametrize("name", sorted(KEY_MAJOR_CASES))
+def test_key_major_bands_match_float64(name, use_lse, monkeypatch):
+    """Bands of equal items run one kernel call per key block (here from 32 rows up, so small
+    problems take the path): same gradients as float64, fully masked rows included."""
+    import attnmask.engines.autograd as ag
+    B, H, Hkv, Lq, Lk, masks, hl, bs, q_offset, keys_per_call = KEY_MAJOR_CASES[name]
+    monkeypatch.setattr(ag, "KEY_MAJOR_ROWS", 32)
+    if keys_per_call:
+        monkeypatch.setattr(ag, "KEYS_PER_CALL", keys_per_call)
+    ran = []
+    key_major = ag._key_major
+    monkeypatch.setattr(ag, "_key_major", lambda *a, **kw: ran.append(key_major(*a, **kw)) or ran[-1])
+    head_layout = torch.zeros(B, H, dtype=torch.int64) if hl is None else torch.tensor(hl).expand(B, H)
+    check_case(B, H, Hkv, Lq, Lk, 8, masks, head_layout.contiguous(), block_size=bs, q_offset=q_offset,
+               use_lse=use_lse)
+    assert any(ran), "no op ran key-major"
+
+
 # -- a gradient into lse: the fused kernel with a shifted delta ------------------------------------
 
 def _lse_loss_grads(fn, inputs, w_out, w_lse):

@@ -40,7 +40,7 @@ from ..errors import MaskValueError
 from ..layout import BlockLayout
 from ..threads import threads_for
 from .blocksparse import Plan, _causal_segments, _dilation, blocksparse_forward, head_runs, plan_for
-from .costs import BACKWARD, KEYS_PER_CALL
+from .costs import BACKWARD, KEY_MAJOR_ROWS, KEYS_PER_CALL
 
 __all__ = ["blocksparse_attention_with_grad", "blocksparse_backward"]
 
@@ -136,6 +136,8 @@ def _run_ops(plan: Plan, q, k, v, out, dout, lse0, scale: float, dq, dk, dv) -> 
         dq.add_(ga), dk.add_(gb), dv.add_(gc)
         return
     for op in plan.ops:
+        if _key_major(plan, op, q, k, v, out, dout, lse0, scale, dq, dk, dv):
+            continue
         mask = None if op.mask is None else plan.additive(op.mask, q.dtype)
         e = sum(b_ - a_ for a_, b_ in op.extra)
         step = max(1, KEYS_PER_CALL // max(op.span + e, 1))
@@ -189,6 +191,80 @@ def _run_ops(plan: Plan, q, k, v, out, dout, lse0, scale: float, dq, dk, dv) -> 
                     w = min(op.dk, op.span - c0)
                     _view(dk, k0 + c0, op.dk, G, w).add_(gb[:, :, c0:c0 + w])
                     _view(dv, k0 + c0, op.dk, G, w).add_(gc[:, :, c0:c0 + w])
+
+
+def _key_major_mask(plan: Plan, op, m: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive [m * rows, rows] mask of a key block under m items of ``op``, the first item on top.
+
+    Row a of the item t blocks left of the key block (t = m - 1 for the first) sees column b where
+    the op's mask allows column t * rows + b (past the op's span: never).
+    """
+    d = op.rows
+    allowed = (torch.ones(d, op.span, dtype=torch.bool) if op.mask is None else plan.masks[op.mask])
+    padded = torch.zeros(d, m * d, dtype=torch.bool)
+    padded[:, :op.span] = allowed
+    blocks = padded.view(d, m, d).permute(1, 0, 2).flip(0).reshape(m * d, d)     # [t, a, b], t = m-1 first
+    return torch.zeros(m * d, d, dtype=dtype).masked_fill_(~blocks, float("-inf"))
+
+
+def _key_major(plan: Plan, op, q, k, v, out, dout, lse0, scale: float, dq, dk, dv) -> bool:
+    """Run ``op`` key block by key block when it is a diagonal band of equal items; False if it is not.
+
+    An op whose G items of ``rows`` rows step down by ``rows`` rows and keys (a sliding window's
+    steady state) covers key block j = keys ``k0 + j * rows + [0, rows)`` with the items g = j - m + 1
+    .. j (m = ceil(span / rows)). One kernel call per key block, over those items' rows, computes the
+    same scores (the kernel's backward is exact on any cut of the scores, lse and delta being the
+    rows'); its dK/dV are the block's alone, and the overlapping dQ of the rows are added in m
+    strided pieces of ``rows`` rows (fixed order: deterministic). Interior blocks (all m items)
+    share one mask and batch; the m - 1 blocks at either end have fewer items: one call each.
+    """
+    d = op.rows
+    if op.extra or op.causal or op.G < 2 or op.dr != d or op.dk != d:
+        return False
+    m = -(-op.span // d)
+    # The 2(m - 1) end blocks run one call each: key-major pays when interior blocks dominate.
+    if m < 2 or m * d < KEY_MAJOR_ROWS or op.G < 2 * m:
+        return False
+    lse3 = lse0.unsqueeze(-1)
+    inner_views = [_view(t, op.r0, d, 1, d) for t in (dout, q, out, dq, lse3)] + \
+        [_view(t, op.k0, d, 1, d) for t in (k, v, dk, dv)]
+    if any(x is None for x in inner_views):
+        return False                                    # strides do not merge: the item path runs
+    mask = _key_major_mask(plan, op, m, q.dtype)
+    n_blocks = op.G + m - 1
+    last_keys = op.span - (m - 1) * d                   # the last key block is cut at the band's end
+    step = max(1, KEYS_PER_CALL // (m * d))
+
+    def call(j0: int, G: int, g_lo: int, items: int, keys: int) -> None:
+        # Key blocks j0 .. j0 + G - 1, each under ``items`` items starting at item j - (j0 - g_lo).
+        r0, kb = op.r0 + g_lo * d, op.k0 + j0 * d
+        n = items * d
+        t_hi = j0 - g_lo                                # the first item sits t_hi blocks left
+        rows_mask = mask[(m - 1 - t_hi) * d:(m - 1 - t_hi) * d + n, :keys]
+        if keys < d:
+            rows_mask = rows_mask.contiguous()
+        ga, gb, gc = _flash_bwd(_view(dout, r0, d, G, n), _view(q, r0, d, G, n), _view(k, kb, d, G, keys),
+                                _view(v, kb, d, G, keys), _view(out, r0, d, G, n),
+                                _view(lse3, r0, d, G, n).squeeze(-1), 0.0, False, attn_mask=rows_mask,
+                                scale=scale)
+        _view(dk, kb, d, G, keys).add_(gb)
+        _view(dv, kb, d, G, keys).add_(gc)
+        for c in range(items):                          # item c's rows of every call: no overlap
+            _view(dq, r0 + c * d, d, G, d).add_(ga[:, :, c * d:(c + 1) * d])
+
+    j = 0
+    while j < n_blocks:
+        g_lo, g_hi = max(0, j - m + 1), min(op.G - 1, j)
+        keys = last_keys if j == n_blocks - 1 else d
+        if g_hi - g_lo + 1 == m and keys == d:
+            # interior blocks: all m items, full width; batched while that holds
+            G = min(step, op.G - j)
+            call(j, G, g_lo, m, d)
+            j += G
+        else:
+            call(j, 1, g_lo, g_hi - g_lo + 1, keys)
+            j += 1
+    return True
 
 
 def _add_extra(extra, dk, dv, gk, gv) -> None:

@@ -10,9 +10,10 @@ every engine alike):
   D=64) at L = 1024 and 4096 in fp32 and bf16: a window with and without a
   4-key sink, a window with 32 key columns, a per-head list of nine different
   masks against the sum of their ideals, and decode steps (q_len = 1) with that
-  list against SDPA's decode step at 4K and 64K cached keys (a fixed cache,
-  whose plan is cached, and a cache that grows by one key per step, which
-  plans every step). Written to benchmarks/results/model_shapes.md.
+  list (and one mask) against SDPA's decode step at 4K and 64K cached keys (a
+  fixed cache, whose plan is cached, and a cache that grows by one key per
+  step, a new shape and so a new plan every call). Written to
+  benchmarks/results/model_shapes.md.
 
 The ideal of a mask is SDPA is_causal's time (same dtype, same heads) x its
 attended pairs / the causal pairs; a per-head list's ideal sums its heads'.
@@ -114,20 +115,22 @@ def model_shapes(repeats: int, lengths=(1024, 4096), decode_keys=(4096, 65536), 
             kf, vf = k[:, :, :Lk], v[:, :, :Lk]
             step = [0]
 
-            def growing():
+            def growing(masks):
                 # a cache that grows by one key per step: a new shape, so a new (short-call) plan, every call
                 step[0] = (step[0] + 1) % 64
                 n = Lk + step[0]
-                return am.attention(q, k[:, :, :n], v[:, :, :n], nine, enable_gqa=True)
+                return am.attention(q, k[:, :, :n], v[:, :, :n], masks, enable_gqa=True)
 
             calls = {
                 "sdpa": lambda: F.scaled_dot_product_attention(q, kf, vf, enable_gqa=True),
                 "nine per-head masks": lambda: am.attention(q, kf, vf, nine, enable_gqa=True),
-                "nine per-head masks, growing cache": growing,
+                "nine per-head masks, growing cache": lambda: growing(nine),
                 "causal & (sliding(64) | sink(4))": lambda: am.attention(q, kf, vf, nine[1], enable_gqa=True),
+                "causal & (sliding(64) | sink(4)), growing cache": lambda: growing(nine[1]),
             }
             ms = _median_rounds(calls, repeats)
-            for case in ("nine per-head masks", "nine per-head masks, growing cache", "causal & (sliding(64) | sink(4))"):
+            for case in ("nine per-head masks", "nine per-head masks, growing cache", "causal & (sliding(64) | sink(4))",
+                         "causal & (sliding(64) | sink(4)), growing cache"):
                 target = "<= 2" if case.startswith("nine") else ""
                 lines.append(f"| {dtype_name} | decode, {Lk} keys | {case.replace('|', chr(92) + '|')} | {ms[case]:.3f} | SDPA decode | "
                              f"{ms['sdpa']:.3f} | {ms[case] / ms['sdpa']:.2f} | {target} |")

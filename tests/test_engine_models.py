@@ -120,6 +120,66 @@ def test_decode_is_deterministic_and_its_plan_cached_per_shape():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_growing_cache_matches_float64_at_every_step(dtype):
+    # One key more every step (a new Lk each call, q_offset = Lk - 1), across the row-keys module's
+    # first axis range (1024) and past 2048; per-head lists with GQA, two batch elements, a head with
+    # no key (`none`), rows cut out of a window (`- rows(0, 40)`), strided columns, segments.
+    from attnmask.engines import short
+    B, H, Hkv, D = 2, 9, 3, 16
+    masks = [am.parse(t) for t in NINE]
+    q, k, v = inputs(B, H, Hkv, 1, 2200, D, dtype, seed=11)
+    for Lk in list(range(1000, 1030)) + [2047, 2048, 2049, 2200]:
+        kk, vv = k[:, :, :Lk], v[:, :, :Lk]
+        out, lse = am.attention(q, kk, vv, masks, enable_gqa=True, return_lse=True)
+        allowed = allowed_of(masks, B, H, 1, Lk)
+        ref, ref_lse = reference(q, kk, vv, allowed)
+        err = scaled(out, ref, v)
+        bound = 1e-5 if dtype == torch.float32 else 2 * stick(q, kk, vv, allowed) / float(v.double().abs().max()) + 1e-6
+        assert err < bound, (Lk, err)
+        empty = ~allowed.any(-1)
+        assert empty[:, 7].all() and bool((out[empty] == 0).all()) and bool(torch.isneginf(lse[empty]).all())
+        assert float((lse[~empty].double() - ref_lse[~empty]).abs().max()) < (1e-5 if dtype == torch.float32 else 0.05)
+    # the plan came from the masks' structure (no evaluation over the Lk cells) and split the causal
+    # head (4) from its narrow neighbours: no call over all keys holds a head that reads few of them
+    plan = short._build([(m, 2199) for m in masks], torch.arange(H).reshape(1, H), 1, 2200, Hkv)
+    wide = [c for c in plan.calls if c.pieces is None and c.index is None and c.hi - c.lo > 1100]
+    assert wide and all(c.kv0 == 1 and c.kv1 == 2 and c.rows is not None and c.rows.tolist() == [1] for c in wide)
+
+
+def test_decode_with_patterns_the_row_keys_cannot_describe_is_evaluated_exactly():
+    # Thousands of key columns (every other key) and a strided offset pattern: the plan comes from
+    # evaluating the masks on the call's cells, next to a head the structure describes.
+    window = am.causal & (am.sliding(16) | am.sink(2))
+    for masks in ([am.causal & am.cols(0, 3000, 2), window], [am.causal - am.strided(2), window],
+                  [am.cols(0, 3000, 2) | am.rows(0, 9000, 3), window]):
+        for Lk in (2999, 3000, 3001):
+            q, k, v = inputs(1, 4, 2, 1, Lk, 16, seed=Lk)
+            out = am.attention(q, k, v, masks * 2, enable_gqa=True)
+            ref, _ = reference(q, k, v, allowed_of(masks * 2, 1, 4, 1, Lk))
+            assert scaled(out, ref, v) < 1e-5, (masks, Lk)
+
+
+def test_a_growing_cache_reuses_its_row_masks_and_one_mask_needs_none():
+    # A window and its sink move together: each step's gathered keys hold the same columns, so the
+    # row masks are found again, not rebuilt; one mask for every head needs no mask at all.
+    from attnmask.engines import short
+    q, k, v = inputs(1, 9, 3, 1, 5000, 64, seed=12)
+    nine = [am.parse(t) for t in NINE[:5]] + [am.parse(t) for t in NINE[:4]]
+    one = am.causal & (am.sliding(64) | am.sink(4))
+    short._row_masks.clear()
+    for Lk in range(4000, 4024):
+        out = am.attention(q, k[:, :, :Lk], v[:, :, :Lk], nine, enable_gqa=True)
+        ref, _ = reference(q, k[:, :, :Lk], v[:, :, :Lk], allowed_of(nine, 1, 9, 1, Lk))
+        assert scaled(out, ref, v) < 1e-5
+        out = am.attention(q, k[:, :, :Lk], v[:, :, :Lk], one, enable_gqa=True)
+        ref, _ = reference(q, k[:, :, :Lk], v[:, :, :Lk], allowed_of([one] * 9, 1, 9, 1, Lk))
+        assert scaled(out, ref, v) < 1e-5
+    assert len(short._row_masks) <= 4          # a handful for 24 steps, none for the single mask
+    plan = short._build([(one, 4999)], torch.zeros(1, 9, dtype=torch.int64), 1, 5000, 3)
+    assert len(plan.calls) == 1 and plan.calls[0].mask is None and plan.calls[0].pieces == [(0, 4), (4936, 5000)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_per_head_gqa_prefill_forward_and_backward_match_float64(dtype):
     # Heads with equal layouts next to each other in a kv group (0, 1) and apart (2 vs 5), per-batch rows.
     B, H, Hkv, L, D = 2, 6, 2, 300, 16
@@ -317,6 +377,57 @@ def test_two_python_threads_get_right_results_and_keep_their_thread_count():
     assert torch.get_num_threads() == before
 
 
+def test_a_30_layer_model_with_nine_masks_a_layer_at_three_lengths_fits_the_caches(monkeypatch):
+    # 30 layers x 9 different per-head masks x 3 lengths, forward and backward plans: a second pass
+    # compiles nothing and plans nothing (counted, not timed), and the caches stay within their bytes.
+    # The plans hold ~5x fewer mask bytes than their sum: tiles equal across lengths and masks are
+    # interned and counted once. (Windows' plans do not grow with the length: at 1K / 2K / 4K the
+    # same model holds ~95 MB of plans, measured.)
+    import attnmask.layout as layout_module
+    from attnmask.engines import blocksparse
+    from attnmask.engines.costs import BACKWARD
+    counts = {"compiles": 0, "plans": 0}
+
+    class CountingCompiler(layout_module.Compiler):
+        def run(self, mask):
+            counts["compiles"] += 1
+            return super().run(mask)
+
+    build = blocksparse._build_plan
+
+    def counting_build(*args):
+        counts["plans"] += 1
+        return build(*args)
+
+    monkeypatch.setattr(layout_module, "Compiler", CountingCompiler)
+    monkeypatch.setattr(blocksparse, "_build_plan", counting_build)
+    widths = [16, 32, 64, 128, 256]                 # + 5 * layer: all distinct (see the assert)
+    model = [[am.causal & am.sliding(w + 5 * layer) for w in widths]
+             + [am.causal & (am.sliding(w + 5 * layer) | am.sink(4)) for w in widths[:3]]
+             + [am.causal & (am.sliding(100 + layer) | am.cols(0, 8))] for layer in range(30)]
+    assert len({m for masks in model for m in masks}) == 270
+    am.clear_cache()
+    blocksparse.plans.clear()
+
+    def one_pass():
+        for L in (256, 512, 1024):
+            for masks in model:
+                for m in masks:
+                    lay = m.compile(L)
+                    blocksparse.plan_for(lay)
+                    blocksparse.plan_for(lay, BACKWARD)
+
+    one_pass()
+    first = dict(counts)
+    assert first["compiles"] >= 810 and first["plans"] >= 1620
+    held = sum(5 * blocksparse.tensor_bytes(p.masks) for p in (v[0] for v in blocksparse.plans._items.values()))
+    assert blocksparse.plans.nbytes <= 0.75 * blocksparse.plans.budget       # room to spare
+    assert held > 3 * blocksparse.plans.nbytes                             # shared tiles, counted once
+    assert am.cache_info()["bytes"] < am.cache_info()["limit_bytes"] // 10
+    one_pass()
+    assert counts == first, (first, counts)
+
+
 def test_byte_lru_evicts_by_bytes():
     c = ByteLRU(1000)
     for i in range(10):
@@ -324,3 +435,45 @@ def test_byte_lru_evicts_by_bytes():
     assert len(c) == 3 and c.nbytes == 900 and c.get(9) == 9 and c.get(0) is None
     c.put("huge", 0, 5000)
     assert c.get("huge") is None and len(c) == 3
+
+
+def test_byte_lru_keeps_entries_that_fill_its_budget_exactly():
+    # "the oldest go first once the total passes the budget": a total equal to it is kept
+    c = ByteLRU(1000)
+    c.put("a", 1, 600)
+    c.put("b", 2, 400)
+    assert len(c) == 2 and c.nbytes == 1000 and c.get("a") == 1
+    c.put("whole", 3, 1000)
+    assert len(c) == 1 and c.get("whole") == 3
+
+
+def test_short_plans_stay_within_their_byte_budget(monkeypatch):
+    # Decode-shaped calls (16 rows) on eight distinct windows: each plan holds a bool mask of
+    # 16 x (w + 15) keys and, once used, its float32 additive copy: >= 5 bytes a cell, counted
+    # here from the mask, not from the cache's own accounting. A budget of 1 MB holds at most
+    # that many plans (a plan size computed with the wrong sign kept all eight).
+    from attnmask.engines import short
+    budget = 1 << 20
+    monkeypatch.setattr(short, "short_plans", ByteLRU(budget))
+    Lq, Lk, widths = 16, 8192, range(4000, 4008)
+    q, k, v = inputs(1, 1, 1, Lq, Lk, 8)
+    for w in widths:
+        out = am.attention(q, k, v, am.causal & am.sliding(w))
+        assert out.shape == (1, 1, Lq, 8)
+    held = len(short.short_plans)
+    assert 1 <= held <= budget // (5 * Lq * (min(widths) + Lq - 1))
+
+
+def test_each_pass_gets_its_own_plan_whatever_planned_first():
+    # The forward and the backward cut rows differently (engines/costs.py); the plan a pass gets
+    # must not depend on which pass planned the layout first (one cache entry for both directions
+    # survived the suite: the backward then ran the forward's row pieces).
+    from attnmask.engines import blocksparse
+    from attnmask.engines.costs import BACKWARD, FORWARD
+    lay = (am.causal & am.sliding(1024)).compile(4096)
+    blocksparse.plans.clear()
+    back_first, fwd_second = plan_for(lay, BACKWARD), plan_for(lay, FORWARD)
+    blocksparse.plans.clear()
+    fwd_first, back_second = plan_for(lay, FORWARD), plan_for(lay, BACKWARD)
+    assert fwd_first.ops != back_first.ops, "the case must be one where the passes differ"
+    assert fwd_second.ops == fwd_first.ops and back_second.ops == back_first.ops

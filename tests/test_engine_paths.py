@@ -12,7 +12,9 @@ problems generate, is measured in tests/README.md ("What the strategies generate
 * the backward with an explicit q_offset on square shapes, with and without a
   gradient through the lse;
 * the backward at long lengths, where its work is split into several kernel calls;
-* a small key set under two larger calls of the same rows, and causal regions under a long window.
+* a small key set under two larger calls of the same rows, and causal regions under a long window;
+* a call that merges into rows no earlier call has written, and exactly causal layouts written
+  otherwise than ``causal`` (the backward).
 
 The random problems include long ones (>= ``strategies.LONG_ROWS`` query rows, small H and D);
 for those the forward runs a second time with the engine's bound on a call's temporaries
@@ -195,6 +197,11 @@ def test_long_backward_of_a_window_matches_float64(L, w, block):
     # call that covers its rows, not into one, so two calls of the same rows count its keys twice
     ("causal & (sliding(128) | sink(4) | cols(1000, 1100))", 1536, 128),
     ("(band(64, 0) | sink(3) | cols(300, 400))", 640, 64),
+    # Since the engine splits key-only parts (sink, cols: <= 256 keys) off the mask, the two cases
+    # above no longer reach that fold (the mutation survived the run of d06db22). Key columns that
+    # depend on the query too (cols & rows) stay in the tiles: two key clusters beside the window
+    # in the same rows, the small one folded into the window's and the far columns' calls.
+    ("causal & sliding(128) | (cols(0, 4) & rows(200, 1536)) | (cols(1000, 1100) & rows(1100, 1536))", 1536, 128),
 ])
 def test_a_key_set_joins_one_of_the_calls_over_its_rows(expr, L, block):
     mask = am.parse(expr)
@@ -218,6 +225,40 @@ def test_causal_regions_under_a_long_window_match_float64(L, w, block):
     allowed = mask.to_dense(L)
     _check_forward(q, k, v, mask, allowed, scale=0.35, block_size=block)
     _check_backward(q, k, v, mask, allowed, scale=0.35, block_size=block, seed=w)
+
+
+# -- (g) a merge into rows that no call has written yet --------------------------------------------
+
+@pytest.mark.parametrize("expr,Lq,Lk,block", [
+    # mutation caught (mutation run of d06db22, analysed 2026-12-01 session 3): the plan saying every
+    # row is written whole by its first call (so out / lse need no zero / -inf fill) although one of
+    # its calls merges into rows that are partly unwritten; those rows then merge with uninitialised
+    # memory (errors of 1e28). Found by a search: 67 of 992 random forward plans at lengths 200-3000,
+    # blocks 32-256, have such a call; none of this file's or test_attention's problems had one.
+    ("dilated(64, 3) | cols(145, 439)", 459, 459, 32),
+    ("prefix_lm(1459)", 2372, 2372, (128, 64)),
+])
+def test_merges_into_rows_not_yet_written_match_float64(expr, Lq, Lk, block):
+    mask = am.parse(expr)
+    q, k, v = _qkv(1, 2, 2, Lq, Lk, 8, seed=Lq)
+    _check_forward(q, k, v, mask, mask.to_dense(Lq, Lk), scale=0.25, block_size=block)
+
+
+# -- (h) layouts that are exactly causal but not written as `causal` ---------------------------------
+
+@pytest.mark.parametrize("expr", [
+    # mutation caught (mutation run of d06db22, the backward's exactly-causal plan forced off): the
+    # layout is one is_causal call, but the mask is not a plain causal intersection, so the backward
+    # cannot take its causal-segments path and runs that plan, whose ops list is empty
+    "causal | diagonal", "causal & sliding(1000)", "~~causal",
+])
+def test_backward_of_exactly_causal_layouts_written_otherwise(expr):
+    L = 64
+    mask = am.parse(expr)
+    allowed = mask.to_dense(L)
+    assert torch.equal(allowed, am.causal.to_dense(L)), "the case must be exactly causal"
+    q, k, v = _qkv(1, 2, 2, L, L, 8, seed=3)
+    _check_backward(q, k, v, mask, allowed, scale=0.35, block_size=16)
 
 
 # -- random problems shaped like real use ---------------------------------------------------------
@@ -264,10 +305,8 @@ def test_random_engine_problems_forward(p):
 
 @given(engine_problems(max_blocks=5, long_share=12), st.booleans())
 def test_random_engine_problems_backward(p, use_lse):
-    # A gradient into the lse takes the backward's matmul path, one item at a time: at a long problem's
-    # small blocks that is seconds per example (8 s at 2700 rows, block 16), so long draws run the fused
-    # kernel path, whose work they split into several calls.
-    use_lse = use_lse and p["Lq"] < LONG_ROWS
+    # A gradient into the lse runs the same fused kernel calls (a shifted delta), long draws included:
+    # their work is split into several calls.
     mask = build(p["spec"])
     _record("test_random_engine_problems_backward", p, mask, use_lse=use_lse)
     q, k, v = _problem_tensors(p)

@@ -217,6 +217,10 @@ def check_layout(mask: am.Mask, q_len: int, kv_len: int, q_offset, block) -> Non
 @example(MOD3 & am.causal, (45, 77, 5, 16))
 @example(am.document(5, 9, 13) & am.dilated(3, 4), (31, 40, 3, (3, 5)))
 @example(~am.document(10, 3) | am.cols(4, 70, 6), (61, 29, 50, 7))
+# a one-position document right after a query block whose key block reaches two documents further:
+# a mutation that counted segments up to the one after the block's last row (qe + 1, not qe - 1)
+# counted that document once more in attended_pairs, row_counts and tile_counts (mutation run)
+@example(am.document(4, 1, 3, 5), (13, 13, None, (4, 8)))
 def test_layout_matches_dense(mask, shape):
     q_len, kv_len, q_offset, block = shape
     check_layout(mask, q_len, kv_len, q_offset, block)

@@ -51,7 +51,7 @@ import torch
 
 from ..errors import MaskValueError
 from ..layout import BlockLayout
-from .cache import ByteLRU, tensor_bytes
+from .cache import ByteLRU, interned, tensor_bytes
 from ..threads import SMALL_OP as _SMALL_OP, SMALL_WORK as _SMALL_WORK, run_tasks, single_thread, threads_for
 from . import costs
 from .costs import BACKWARD, FORWARD, Direction
@@ -113,19 +113,25 @@ class Plan:
                 yield op.r0 + g * op.dr, op.rows, op.k0 + g * op.dk, op.span, op.mask, op.causal, op.extra
 
     def additive(self, idx: int, dtype: torch.dtype) -> torch.Tensor:
-        """The mask ``idx`` as 0 / -inf in ``dtype`` (the kernel wants the query's dtype)."""
+        """The mask ``idx`` as 0 / -inf in ``dtype`` (the kernel wants the query's dtype).
+
+        Kept on the mask tensor itself, so plans that share an interned mask (see plan_for) share it."""
         key = (idx, dtype)
         hit = self._typed.get(key)
         if hit is None:
             m = self.masks[idx]
-            hit = torch.zeros(m.shape, dtype=dtype).masked_fill_(~m, float("-inf"))
+            typed = m.__dict__.setdefault("_additive", {})
+            hit = typed.get(dtype)
+            if hit is None:
+                hit = typed[dtype] = torch.zeros(m.shape, dtype=dtype).masked_fill_(~m, float("-inf"))
             self._typed[key] = hit
         return hit
 
 
 #: Plans of both directions, keyed by the layout's value (mask, shape, offset, blocks) and the
-#: direction, bounded in bytes (masks, their additive copies, ops): ~256 MB holds the plans of a
-#: 30-layer model with nine different masks per layer at several shapes (a 4K window plan is ~0.1 MB).
+#: direction, bounded in bytes (masks with one float32 additive copy each, ops). Masks are interned
+#: (plans of one mask at every length hold the same tiles), so each is counted once: 30 layers of
+#: nine different masks at 1K / 2K / 4K, both directions, hold ~100 MB (tests/test_engine_models.py).
 plans = ByteLRU(256 << 20)
 
 
@@ -156,7 +162,9 @@ def plan_for(layout: BlockLayout, direction: Direction = FORWARD) -> Plan:
         # Planning is many small tensor ops: on one thread they never wait for a busy pool.
         with single_thread():
             plan = _build_plan(layout, direction)
-        plans.put(key, plan, plan.nbytes())
+            plan.masks = [interned(m) for m in plan.masks]
+        masks = 5 * tensor_bytes(plan.masks)
+        plans.put(key, plan, plan.nbytes() - masks, [(m, 5 * tensor_bytes(m)) for m in plan.masks])
     return plan
 
 
@@ -821,9 +829,7 @@ def _strided_runs(members: list[tuple[int, int]], rows: int) -> list[tuple[tuple
             while j < len(members) and members[j][0] - members[j - 1][0] == dr \
                     and members[j][1] - members[j - 1][1] == dk:
                 j += 1
-        if j - i == 1:
-            dr = dk = 0
-        out.append((members[i], dr, dk, j - i))
+        out.append((members[i], dr, dk, j - i))      # a run of one member keeps dr = dk = 0
         i = j
     return out
 

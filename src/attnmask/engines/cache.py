@@ -4,7 +4,9 @@ A model calls attention with many (mask, shape) combinations (30 layers x 9
 per-head masks x a few lengths is ~800 plans); a cache bounded by a count
 either evicts what the next layer needs or holds an unknown amount of memory.
 Each entry states its size, and the cache evicts the oldest entries past its
-byte budget.
+byte budget. Entries may also name *shared* tensors (a partial-tile mask that
+the plans of one mask at every length hold): each is counted once, for as long
+as some entry holds it, so the total is the memory the entries really keep.
 
     >>> c = ByteLRU(100)
     >>> c.put("a", "plan a", 60); c.put("b", "plan b", 60)
@@ -14,13 +16,40 @@ byte budget.
 
 from __future__ import annotations
 
+import hashlib
 import threading
+import weakref
 from collections import OrderedDict
 from typing import Any, Hashable
 
 import torch
 
-__all__ = ["ByteLRU", "tensor_bytes"]
+__all__ = ["ByteLRU", "tensor_bytes", "interned"]
+
+#: Live tensors by content (shape, dtype, digest of their bytes); an entry goes when its tensor does.
+_pool: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
+_pool_lock = threading.Lock()
+
+
+def interned(t: torch.Tensor) -> torch.Tensor:
+    """One tensor object for equal contents: ``t``, or a live tensor equal to it (CPU tensors).
+
+    The plans of one mask at several lengths, and of masks that share tiles (every causal
+    window has the same diagonal tile), hold equal partial-tile masks; interned, they hold
+    one, and a :class:`ByteLRU` counts it once.
+
+        >>> a, b = torch.ones(3, 3, dtype=torch.bool).tril(), torch.ones(3, 3, dtype=torch.bool).tril()
+        >>> one = interned(a)                 # a, or an equal tensor some plan already holds
+        >>> interned(b) is one, torch.equal(one, b)
+        (True, True)
+    """
+    key = (tuple(t.shape), t.dtype, hashlib.blake2b(t.numpy().tobytes(), digest_size=16).digest())
+    with _pool_lock:
+        hit = _pool.get(key)
+        if hit is not None and torch.equal(hit, t):
+            return hit
+        _pool[key] = t
+        return t
 
 
 def tensor_bytes(*tensors) -> int:
@@ -55,7 +84,8 @@ class ByteLRU:
 
     def __init__(self, budget: int):
         self.budget = int(budget)
-        self._items: "OrderedDict[Hashable, tuple[Any, int]]" = OrderedDict()
+        self._items: "OrderedDict[Hashable, tuple[Any, int, tuple]]" = OrderedDict()
+        self._shared: dict[int, list] = {}         # id(tensor) -> [entries holding it, bytes, tensor]
         self.nbytes = 0
         self._lock = threading.Lock()
 
@@ -67,23 +97,49 @@ class ByteLRU:
             self._items.move_to_end(key)
             return hit[0]
 
-    def put(self, key: Hashable, value, nbytes: int) -> None:
+    def put(self, key: Hashable, value, nbytes: int, shared=()) -> None:
+        """Keep ``value`` at ``nbytes`` of its own plus ``shared``: (tensor, bytes) pairs counted
+        once across all entries that hold the same tensor object.
+
+            >>> c, t = ByteLRU(1000), torch.zeros(100, dtype=torch.bool)
+            >>> c.put("a", 1, 10, [(t, 500)]); c.put("b", 2, 10, [(t, 500)])
+            >>> c.nbytes, len(c)
+            (520, 2)
+        """
         nbytes = int(nbytes)
+        shared = tuple((t, int(n)) for t, n in shared)
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
-                self.nbytes -= old[1]
-            if nbytes > self.budget:
+                self._drop(old)
+            if nbytes + sum(n for _, n in shared) > self.budget:      # alone it would not fit
                 return
-            self._items[key] = (value, nbytes)
+            self._items[key] = (value, nbytes, tuple(t for t, _ in shared))
             self.nbytes += nbytes
-            while self.nbytes > self.budget:
-                _, (_, n) = self._items.popitem(last=False)
-                self.nbytes -= n
+            for t, n in shared:
+                hold = self._shared.get(id(t))
+                if hold is None:
+                    self._shared[id(t)] = [1, n, t]
+                    self.nbytes += n
+                else:
+                    hold[0] += 1
+            while self.nbytes > self.budget and len(self._items) > 1:
+                _, entry = self._items.popitem(last=False)
+                self._drop(entry)
+
+    def _drop(self, entry: tuple) -> None:
+        self.nbytes -= entry[1]
+        for t in entry[2]:
+            hold = self._shared[id(t)]
+            hold[0] -= 1
+            if hold[0] == 0:
+                del self._shared[id(t)]
+                self.nbytes -= hold[1]
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._shared.clear()
             self.nbytes = 0
 
     def __len__(self) -> int:

@@ -249,6 +249,21 @@ def test_key_set_calls_of_their_own_match_float64(dtype):
     assert float((lse[live].double() - ref_lse[live]).abs().max()) < (1e-5 if dtype == torch.float32 else 0.05)
 
 
+def test_a_gathered_call_that_writes_its_rows_first_ignores_what_was_there():
+    # Found by hypothesis (test_backward, 2026-12-01): a mask of key columns only, whose one
+    # gathered call (keys only, no span of its own) writes its rows first. Its outputs start as
+    # torch.empty: run on NaN-filled buffers, a merge with them (instead of a write) shows.
+    from attnmask.engines.blocksparse import _run_plan
+    lay = am.parse("strided(3)").compile(1, 5, block_size=(1, 2))
+    plan = plan_for(lay)
+    assert plan.covered and any(op.first and op.span == 0 for op in plan.ops)
+    q, k, v = inputs(1, 2, 2, 1, 5, 8, seed=1)
+    out, lse = torch.full((2, 1, 8), float("nan")), torch.full((2, 1), float("nan"))
+    _run_plan(plan, q[0], k[0], v[0], 0.3, out, lse)
+    ref, ref_lse = reference(q, k, v, lay.mask.to_dense(1, 5, q_offset=4)[None, None].expand(1, 2, 1, 5), 0.3)
+    assert scaled(out[None], ref, v) < 1e-5 and float((lse[None].double() - ref_lse).abs().max()) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_per_head_problems_side_by_side_match_float64(dtype):
     # Nine different masks over three kv groups, two batch elements with different per-head rows:

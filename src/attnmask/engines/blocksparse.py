@@ -914,7 +914,8 @@ def _run_key_set(plan: Plan, op: Op, q, k, v, scale: float, out, lse) -> None:
     products summed in float32, as the kernel's), with the additive mask of the cells the
     rest does not cover. The merge is folded into the second matmul: ``out`` is rescaled
     once and ``p @ v`` (its rows pre-weighted) is added onto it, so no [rows, D] temporary
-    is made. Rows whose cells are all masked keep their values (weight an exact 0).
+    is made. Rows whose cells are all masked keep their values (weight an exact 0); an op
+    that writes its rows first (a mask of key sets only) writes them, zeros / -inf included.
     """
     acc = out.dtype
     Z, D = q.shape[0], q.shape[2]
@@ -942,6 +943,10 @@ def _run_key_set(plan: Plan, op: Op, q, k, v, scale: float, out, lse) -> None:
         p = s.sub_(m).exp_()
         total = p.sum(-1, keepdim=True)
         ov, lv = out[:, r:r + R], lse[:, r:r + R].unsqueeze(-1)
+        if op.first:                                                               # nothing to merge with
+            ov.copy_(torch.matmul(p.mul_(total.clamp_min(tiny).reciprocal_()), vB))
+            lv.copy_(torch.where(has, m + total.log(), float("-inf")))
+            continue
         top = torch.maximum(lv, torch.where(has, m + total.log(), float("-inf")))
         top.masked_fill_(~torch.isfinite(top), 0.0)
         wa = (lv - top).exp_()

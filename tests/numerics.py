@@ -118,12 +118,15 @@ def _row_norm_max(t: torch.Tensor) -> float:
     return float(t.detach().double().norm(dim=-1).max())
 
 
-def gradient_units(q, k, v, dout, scale: float) -> tuple[float, float, float]:
+def gradient_units(q, k, v, dout, scale: float, dlse=None) -> tuple[float, float, float]:
     """Input magnitudes for dq, dk, dv: the size of one term of each gradient's sum.
 
-    dv_j = sum_i p_ij dout_i; dq_i = scale * sum_j p_ij (dout_i . v_j - delta_i) k_j, and dk
-    symmetrically with q. Rounding in a term is relative to these sizes.
+    dv_j = sum_i p_ij dout_i; dq_i = scale * sum_j p_ij (dout_i . v_j - delta_i + dlse_i) k_j, and
+    dk symmetrically with q. Rounding in a term is relative to these sizes (``dlse``, the gradient
+    of the lse [B, H, Lq], when one flows).
     """
     dov = scale * _row_norm_max(dout) * _row_norm_max(v)
+    if dlse is not None:
+        dov = max(dov, scale * float(dlse.detach().abs().max()))
     return (dov * float(k.detach().abs().max()), dov * float(q.detach().abs().max()),
             float(dout.detach().abs().max()))

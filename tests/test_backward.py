@@ -149,6 +149,157 @@ def test_fully_masked_rows_and_unseen_keys_get_zero_gradient():
     assert torch.equal(dv[:, :, unseen_keys], torch.zeros_like(dv[:, :, unseen_keys]))
 
 
+# -- diagonal bands run key-major ------------------------------------------------------------------
+
+KEY_MAJOR_CASES = {
+    # name: (B, H, Hkv, Lq, Lk, masks, per-(b, h) layout or None, block_size, q_offset, keys per call)
+    "window-gqa": (2, 4, 2, 400, 400, [am.causal & am.sliding(40)], None, 16, None, None),
+    "offset-empty-rows": (1, 2, 1, 300, 350, [am.causal & am.sliding(40) - am.rows(200, 203)], None, 16, 50, None),
+    "band-both-sides": (1, 2, 2, 400, 400, [am.band(30, 10)], None, 16, None, None),
+    "per-head": (1, 4, 2, 600, 600, [am.causal & am.sliding(40), am.causal & am.sliding(100)], [[0, 1, 1, 0]],
+                 16, None, None),
+    # interior key blocks batched two per call, an odd one left over
+    "two-per-call": (1, 2, 1, 400, 400, [am.causal & am.sliding(40)], None, 16, None, 130),
+}
+
+
+@pytest.mark.parametrize("use_lse", [False, True], ids=["out", "out+lse"])
+@pytest.mark.parametrize("name", sorted(KEY_MAJOR_CASES))
+def test_key_major_bands_match_float64(name, use_lse, monkeypatch):
+    """Bands of equal items run one kernel call per key block (here from 32 rows up, so small
+    problems take the path): same gradients as float64, fully masked rows included."""
+    import attnmask.engines.autograd as ag
+    B, H, Hkv, Lq, Lk, masks, hl, bs, q_offset, keys_per_call = KEY_MAJOR_CASES[name]
+    monkeypatch.setattr(ag, "KEY_MAJOR_ROWS", 32)
+    if keys_per_call:
+        monkeypatch.setattr(ag, "KEYS_PER_CALL", keys_per_call)
+    ran = []
+    key_major = ag._key_major
+    monkeypatch.setattr(ag, "_key_major", lambda *a, **kw: ran.append(key_major(*a, **kw)) or ran[-1])
+    head_layout = torch.zeros(B, H, dtype=torch.int64) if hl is None else torch.tensor(hl).expand(B, H)
+    check_case(B, H, Hkv, Lq, Lk, 8, masks, head_layout.contiguous(), block_size=bs, q_offset=q_offset,
+               use_lse=use_lse)
+    assert any(ran), "no op ran key-major"
+
+
+# -- a gradient into lse: the fused kernel with a shifted delta ------------------------------------
+
+def _lse_loss_grads(fn, inputs, w_out, w_lse):
+    """Gradients of sum(out * w_out) + sum(lse * w_lse) over rows with a key (w_out None: lse only)."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out, lse = fn(*leaves)
+    loss = (lse.double().masked_fill(torch.isneginf(lse), 0.0) * w_lse).sum()
+    if w_out is not None:
+        loss = loss + (out.double() * w_out).sum()
+    return torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True)
+
+
+def _out_weights(kind: str, shape, g) -> torch.Tensor | None:
+    w = torch.randn(shape, generator=g, dtype=torch.float64)
+    rows = torch.arange(shape[2])
+    if kind == "lse-only":
+        return None                          # out is not in the loss: autograd sends no dout at all
+    if kind == "zero-rows":
+        w[:, :, rows % 3 == 0] = 0.0         # these rows' dout cannot carry dlse: the second pass
+    elif kind == "tiny-rows":
+        w[:, :, rows % 4 == 1] *= 1e-6       # a large shift, still exact
+        w[:, :, rows % 4 == 2] *= 1e-40      # fp32 subnormal: dlse / dout overflows, the second pass
+    return w
+
+
+@pytest.mark.parametrize("dout_kind", ["dense", "lse-only", "zero-rows", "tiny-rows"])
+@pytest.mark.parametrize("case", ["gqa-offset-empty-rows", "per-head", "chunked"])
+def test_lse_gradient_matches_float64(case, dout_kind, monkeypatch):
+    """dlse folds into the fused kernel's delta: exact for every kind of dout, fully masked rows get 0."""
+    import attnmask.engines.autograd as ag
+    B, H, Hkv, Lq, Lk, D, q_offset, block = 2, 4, 2, 70, 100, 8, 30, 16
+    masks = [am.causal & am.sliding(30) - am.rows(40, 46)]
+    hl = torch.zeros(B, H, dtype=torch.int64)
+    if case == "per-head":
+        masks.append(am.document(50, 50) & am.causal | am.sink(2))
+        hl = torch.tensor([[0, 1, 1, 0], [1, 1, 0, 0]])
+    elif case == "chunked":
+        # the window's items run as several kernel calls each (a lowered bound on keys per call)
+        monkeypatch.setattr(ag, "KEYS_PER_CALL", 100)
+        B, H, Hkv, Lq, Lk, q_offset, block = 1, 2, 1, 400, 400, None, 16
+        masks = [am.causal & am.sliding(40) - am.rows(100, 104)]
+        hl = torch.zeros(B, H, dtype=torch.int64)
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(B, H, Lq, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, Hkv, Lk, D, generator=g, dtype=torch.float64) for _ in range(2))
+    w_out = _out_weights(dout_kind, q.shape, g)
+    w_lse = torch.randn(B, H, Lq, generator=g, dtype=torch.float64) * 3
+    scale = D ** -0.5
+    allowed = allowed_of(masks, hl, Lq, Lk, q_offset)
+    want = _lse_loss_grads(lambda *t: dense_reference(*t, allowed, scale), (q, k, v), w_out, w_lse)
+    mask = public_mask(masks, hl)
+    got = _lse_loss_grads(lambda *t: am.attention(*t, mask, scale=scale, q_offset=q_offset, enable_gqa=True,
+                                                  return_lse=True, backend="blocksparse", block_size=block),
+                          (q.float(), k.float(), v.float()), w_out, w_lse)
+    zero = torch.zeros(q.shape, dtype=torch.float64)
+    units = gradient_units(q, k, v, zero if w_out is None else w_out, scale, dlse=w_lse)
+    for name, a, b, unit in zip(("dq", "dk", "dv"), got, want, units):
+        assert a.dtype == torch.float32 and torch.isfinite(a).all(), f"{name} not finite"
+        if name == "dv" and w_out is None:
+            assert torch.equal(a, torch.zeros_like(a)), "dv without a dout must be exactly 0"
+            continue
+        err = scaled_error(a, b, unit)
+        assert err < 1e-5, f"{name}: error {err:.2e} >= 1e-5"
+    empty = ~allowed.any(-1)                                                 # [B, H, Lq]
+    assert empty.any()
+    assert torch.equal(got[0][empty], torch.zeros_like(got[0][empty])), "rows with no key get dq = 0"
+
+
+@pytest.mark.parametrize("dout_kind", ["dense", "zero-rows"])
+def test_lse_gradient_in_bfloat16_within_the_dtype_stick(dout_kind):
+    """bf16 with an lse gradient: within 3x the stick (float64 gradients rounded to bf16)."""
+    B, H, L, D = 1, 2, 300, 32
+    mask = am.causal & (am.sliding(100) | am.sink(2))
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(B, H, L, D, generator=g, dtype=torch.float64).to(torch.bfloat16) for _ in range(3))
+    w_out = _out_weights(dout_kind, q.shape, g)
+    w_lse = torch.randn(B, H, L, generator=g, dtype=torch.float64) * 3
+    scale = D ** -0.5
+    allowed = mask.to_dense(L)
+    want = _lse_loss_grads(lambda *t: dense_reference(*t, allowed, scale), [t.double() for t in (q, k, v)],
+                           w_out, w_lse)
+    got = _lse_loss_grads(lambda *t: am.attention(*t, mask, scale=scale, return_lse=True, block_size=64),
+                          (q, k, v), w_out, w_lse)
+    for name, a, r, unit in zip(("dq", "dk", "dv"), got, want, gradient_units(q, k, v, w_out, scale, dlse=w_lse)):
+        assert a.dtype == torch.bfloat16 and torch.isfinite(a).all()
+        stick, err = scaled_error(r.to(torch.bfloat16), r, unit), scaled_error(a, r, unit)
+        assert err <= 3 * stick, f"{name}: error {err:.2e} > 3 x stick {stick:.2e}"
+
+
+def test_lse_gradient_runs_the_fused_kernel_calls(monkeypatch):
+    """With an lse gradient the backward makes the same kernel calls; rows whose dout is 0 add one pass."""
+    import attnmask.engines.autograd as ag
+    calls = []
+    kernel = ag._flash_bwd
+    monkeypatch.setattr(ag, "_flash_bwd", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    mask = am.causal & (am.sliding(50) | am.sink(2))
+    q, k, v = (torch.randn(1, 2, 300, 8) for _ in range(3))
+
+    def count(w_out_rows):
+        calls.clear()
+        qq = q.clone().requires_grad_()
+        out, lse = am.attention(qq, k, v, mask, return_lse=True, backend="blocksparse", block_size=32)
+        loss = lse.sum()
+        if w_out_rows is not None:
+            loss = loss + (out * w_out_rows[:, None]).sum()
+        loss.backward()
+        return len(calls)
+    plain = count(torch.ones(300))
+    calls.clear()
+    qq = q.clone().requires_grad_()
+    am.attention(qq, k, v, mask, backend="blocksparse", block_size=32).sum().backward()
+    assert plain == len(calls) > 0
+    zero_rows = torch.ones(300)
+    zero_rows[::7] = 0
+    assert count(zero_rows) == 2 * plain
+    assert count(None) == plain                  # dout is all zeros: only the dlse pass
+
+
 # -- gradcheck in float64 ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("use_lse", [False, True], ids=["out", "out+lse"])

@@ -20,9 +20,11 @@ float32 buffers (float64 for float64 inputs), so gradients are bit-identical
 run to run. The work of each range is PyTorch's fused CPU flash backward kernel
 (``aten._scaled_dot_product_flash_attention_for_cpu_backward``, all batch
 elements and heads in one call), fed float32 copies of bf16/fp16 inputs so that
-every sum is accumulated in float32; when a gradient also flows into the
-returned lse, a plain-matmul version of the same recipe runs instead (the
-kernel has no input for dlse).
+every sum is accumulated in float32. A gradient that also flows into the
+returned lse runs the same kernel calls: the kernel has no input for dlse, but
+it reads the output only to form delta, so each row's output is shifted in one
+component until its delta is ``rowsum(dO * O) - dlse`` (``_fold_lse_gradient``;
+rows whose dO is 0 get a second pass of their own).
 
 GQA: gradients of a key/value head are summed over the query heads that share
 it. Rows with no allowed key have lse = -inf in the forward; the backward uses
@@ -38,7 +40,7 @@ from ..errors import MaskValueError
 from ..layout import BlockLayout
 from ..threads import threads_for
 from .blocksparse import Plan, _causal_segments, _dilation, blocksparse_forward, head_runs, plan_for
-from .costs import BACKWARD, KEYS_PER_CALL
+from .costs import BACKWARD, KEY_MAJOR_ROWS, KEYS_PER_CALL
 
 __all__ = ["blocksparse_attention_with_grad", "blocksparse_backward"]
 
@@ -70,10 +72,11 @@ def _plan(layout: BlockLayout) -> Plan:
     return plan_for(layout, BACKWARD)
 
 
-def _one_layout(q, k, v, out, dout, lse0, dlse, layout: BlockLayout, scale: float, dq, dk, dv) -> None:
+def _one_layout(q, k, v, out, dout, lse0, layout: BlockLayout, scale: float, dq, dk, dv) -> None:
     """Accumulate the gradients of one layout's heads into dq, dk, dv (all in the compute dtype).
 
-    q/out/dout [b, h, Lq, D], lse0/dlse [b, h, Lq], k/v [b, hk, Lk, D] with h a multiple of hk.
+    q/out/dout [b, h, Lq, D], lse0 [b, h, Lq], k/v [b, hk, Lk, D] with h a multiple of hk. ``out``
+    is only read for delta = rowsum(dout * out) (see :func:`_fold_lse_gradient`).
     ``dilated(w, d)`` pairs only positions of one residue class mod d, where it is a sliding
     window of w: it runs as d window problems on strided views (as the forward does), so it
     costs the w keys a row keeps, not the w * d positions they span.
@@ -91,48 +94,18 @@ def _one_layout(q, k, v, out, dout, lse0, dlse, layout: BlockLayout, scale: floa
             sub = (causal & sliding(w)).compile(len(range(i0, Lq, d)), len(range(r, Lk, d)),
                                                q_offset=(q_offset + i0 - r) // d, block_size=layout.block_size)
             qr, kr = (slice(None), slice(None), slice(i0, None, d)), (slice(None), slice(None), slice(r, None, d))
-            _one_layout(q[qr], k[kr], v[kr], out[qr], dout[qr], lse0[qr], None if dlse is None else dlse[qr],
-                        sub, scale, dq[qr], dk[kr], dv[kr])
+            _one_layout(q[qr], k[kr], v[kr], out[qr], dout[qr], lse0[qr], sub, scale, dq[qr], dk[kr], dv[kr])
         return
-    if dlse is None:
-        segments = _causal_segments(layout)
-        if segments is not None:
-            # Exact causal blocks along the diagonal: one is_causal kernel call each, which
-            # visits only the lower triangle, as the forward does for causal regions.
-            for a, b in segments:
-                sl = (slice(None), slice(None), slice(a, b))
-                ga, gb, gc = _flash_bwd(dout[sl], q[sl], k[sl], v[sl], out[sl], lse0[sl], 0.0, True, scale=scale)
-                dq[sl].add_(ga), dk[sl].add_(gb), dv[sl].add_(gc)
-            return
-        _run_ops(_plan(layout), q, k, v, out, dout, lse0, scale, dq, dk, dv)
+    segments = _causal_segments(layout)
+    if segments is not None:
+        # Exact causal blocks along the diagonal: one is_causal kernel call each, which
+        # visits only the lower triangle, as the forward does for causal regions.
+        for a, b in segments:
+            sl = (slice(None), slice(None), slice(a, b))
+            ga, gb, gc = _flash_bwd(dout[sl], q[sl], k[sl], v[sl], out[sl], lse0[sl], 0.0, True, scale=scale)
+            dq[sl].add_(ga), dk[sl].add_(gb), dv[sl].add_(gc)
         return
-    plan = _plan(layout)
-    # A gradient flows into lse: the same recipe with plain matmuls, delta shifted by dlse.
-    bsz, h, Lq, D = q.shape
-    hk = k.shape[1]
-    g = h // hk
-    delta = (dout * out).sum(-1) - dlse
-    qs = (q * scale).reshape(bsz * hk, g, Lq, D)
-    do = dout.reshape(bsz * hk, g, Lq, D)
-    l3, d3 = lse0.reshape(bsz * hk, g, Lq, 1), delta.reshape(bsz * hk, g, Lq, 1)
-    k3, v3 = k.reshape(bsz * hk, 1, -1, D), v.reshape(bsz * hk, 1, -1, D)
-    dq3, dk3, dv3 = dq.view(bsz * hk, g, Lq, D), dk.view(bsz * hk, -1, D), dv.view(bsz * hk, -1, D)
-    items = [(0, Lq, 0, layout.kv_len, None, True, ())] if plan.causal else plan.items()
-    for r0, rows, k0, span, mask, causal, extra in items:
-        r1 = r0 + rows
-        keys = torch.cat([torch.arange(a_, b_) for a_, b_ in extra] + [torch.arange(k0, k0 + span)])
-        kk, vv = k3.index_select(2, keys), v3.index_select(2, keys)
-        s = torch.matmul(qs[:, :, r0:r1], kk.transpose(-1, -2))                  # [n, g, R, Ks]
-        if mask is not None:
-            s.masked_fill_(~plan.masks[mask], float("-inf"))
-        elif causal:
-            s.masked_fill_(~torch.ones(rows, span, dtype=torch.bool).tril_(), float("-inf"))
-        p = s.sub_(l3[:, :, r0:r1]).exp_()
-        dov = do[:, :, r0:r1]
-        dv3.index_add_(1, keys, torch.matmul(p.transpose(-1, -2), dov).sum(1))
-        ds = torch.matmul(dov, vv.transpose(-1, -2)).sub_(d3[:, :, r0:r1]).mul_(p)
-        dq3[:, :, r0:r1] += torch.matmul(ds, kk) * scale
-        dk3.index_add_(1, keys, torch.matmul(ds.transpose(-1, -2), qs[:, :, r0:r1]).sum(1))
+    _run_ops(_plan(layout), q, k, v, out, dout, lse0, scale, dq, dk, dv)
 
 
 def _view(t: torch.Tensor, start: int, step: int, G: int, n: int) -> torch.Tensor | None:
@@ -163,6 +136,8 @@ def _run_ops(plan: Plan, q, k, v, out, dout, lse0, scale: float, dq, dk, dv) -> 
         dq.add_(ga), dk.add_(gb), dv.add_(gc)
         return
     for op in plan.ops:
+        if _key_major(plan, op, q, k, v, out, dout, lse0, scale, dq, dk, dv):
+            continue
         mask = None if op.mask is None else plan.additive(op.mask, q.dtype)
         e = sum(b_ - a_ for a_, b_ in op.extra)
         step = max(1, KEYS_PER_CALL // max(op.span + e, 1))
@@ -218,6 +193,80 @@ def _run_ops(plan: Plan, q, k, v, out, dout, lse0, scale: float, dq, dk, dv) -> 
                     _view(dv, k0 + c0, op.dk, G, w).add_(gc[:, :, c0:c0 + w])
 
 
+def _key_major_mask(plan: Plan, op, m: int, dtype: torch.dtype) -> torch.Tensor:
+    """The additive [m * rows, rows] mask of a key block under m items of ``op``, the first item on top.
+
+    Row a of the item t blocks left of the key block (t = m - 1 for the first) sees column b where
+    the op's mask allows column t * rows + b (past the op's span: never).
+    """
+    d = op.rows
+    allowed = (torch.ones(d, op.span, dtype=torch.bool) if op.mask is None else plan.masks[op.mask])
+    padded = torch.zeros(d, m * d, dtype=torch.bool)
+    padded[:, :op.span] = allowed
+    blocks = padded.view(d, m, d).permute(1, 0, 2).flip(0).reshape(m * d, d)     # [t, a, b], t = m-1 first
+    return torch.zeros(m * d, d, dtype=dtype).masked_fill_(~blocks, float("-inf"))
+
+
+def _key_major(plan: Plan, op, q, k, v, out, dout, lse0, scale: float, dq, dk, dv) -> bool:
+    """Run ``op`` key block by key block when it is a diagonal band of equal items; False if it is not.
+
+    An op whose G items of ``rows`` rows step down by ``rows`` rows and keys (a sliding window's
+    steady state) covers key block j = keys ``k0 + j * rows + [0, rows)`` with the items g = j - m + 1
+    .. j (m = ceil(span / rows)). One kernel call per key block, over those items' rows, computes the
+    same scores (the kernel's backward is exact on any cut of the scores, lse and delta being the
+    rows'); its dK/dV are the block's alone, and the overlapping dQ of the rows are added in m
+    strided pieces of ``rows`` rows (fixed order: deterministic). Interior blocks (all m items)
+    share one mask and batch; the m - 1 blocks at either end have fewer items: one call each.
+    """
+    d = op.rows
+    if op.extra or op.causal or op.G < 2 or op.dr != d or op.dk != d:
+        return False
+    m = -(-op.span // d)
+    # The 2(m - 1) end blocks run one call each: key-major pays when interior blocks dominate.
+    if m < 2 or m * d < KEY_MAJOR_ROWS or op.G < 2 * m:
+        return False
+    lse3 = lse0.unsqueeze(-1)
+    inner_views = [_view(t, op.r0, d, 1, d) for t in (dout, q, out, dq, lse3)] + \
+        [_view(t, op.k0, d, 1, d) for t in (k, v, dk, dv)]
+    if any(x is None for x in inner_views):
+        return False                                    # strides do not merge: the item path runs
+    mask = _key_major_mask(plan, op, m, q.dtype)
+    n_blocks = op.G + m - 1
+    last_keys = op.span - (m - 1) * d                   # the last key block is cut at the band's end
+    step = max(1, KEYS_PER_CALL // (m * d))
+
+    def call(j0: int, G: int, g_lo: int, items: int, keys: int) -> None:
+        # Key blocks j0 .. j0 + G - 1, each under ``items`` items starting at item j - (j0 - g_lo).
+        r0, kb = op.r0 + g_lo * d, op.k0 + j0 * d
+        n = items * d
+        t_hi = j0 - g_lo                                # the first item sits t_hi blocks left
+        rows_mask = mask[(m - 1 - t_hi) * d:(m - 1 - t_hi) * d + n, :keys]
+        if keys < d:
+            rows_mask = rows_mask.contiguous()
+        ga, gb, gc = _flash_bwd(_view(dout, r0, d, G, n), _view(q, r0, d, G, n), _view(k, kb, d, G, keys),
+                                _view(v, kb, d, G, keys), _view(out, r0, d, G, n),
+                                _view(lse3, r0, d, G, n).squeeze(-1), 0.0, False, attn_mask=rows_mask,
+                                scale=scale)
+        _view(dk, kb, d, G, keys).add_(gb)
+        _view(dv, kb, d, G, keys).add_(gc)
+        for c in range(items):                          # item c's rows of every call: no overlap
+            _view(dq, r0 + c * d, d, G, d).add_(ga[:, :, c * d:(c + 1) * d])
+
+    j = 0
+    while j < n_blocks:
+        g_lo, g_hi = max(0, j - m + 1), min(op.G - 1, j)
+        keys = last_keys if j == n_blocks - 1 else d
+        if g_hi - g_lo + 1 == m and keys == d:
+            # interior blocks: all m items, full width; batched while that holds
+            G = min(step, op.G - j)
+            call(j, G, g_lo, m, d)
+            j += G
+        else:
+            call(j, 1, g_lo, g_hi - g_lo + 1, keys)
+            j += 1
+    return True
+
+
 def _add_extra(extra, dk, dv, gk, gv) -> None:
     """Add the gradients of gathered keys ([B, X, e, D], in ``extra``'s order) where those keys live."""
     c = 0
@@ -254,31 +303,74 @@ def blocksparse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32
     # Contiguous copies only where needed (a model's permuted q/k/v), so strided views can batch items.
     q_, k_, v_, o_, do_ = (x.to(cd).contiguous() for x in (q, k, v, out, dout))
-    lse0 = lse.to(cd).masked_fill(torch.isneginf(lse), 0.0)
-    dlse_ = None if dlse is None else dlse.to(cd).nan_to_num(0.0, 0.0, 0.0)
+    empty = torch.isneginf(lse)
+    lse0 = lse.to(cd).masked_fill(empty, 0.0)
     dq = torch.zeros(B, H, Lq, D, dtype=cd)
     dk = torch.zeros(B, Hkv, Lk, D, dtype=cd)
     dv = torch.zeros(B, Hkv, Lk, v.shape[-1], dtype=cd)
     if q.numel() and k.numel():
         used = torch.unique(head_layout).tolist()
         work = sum(layouts[li].attended_pairs() * int((head_layout == li).sum()) for li in used)
+
+        def run(out_, dout_, v_run, dv_run) -> None:
+            _backward_layouts(q_, k_, v_run, out_, dout_, lse0, layouts, head_layout, used, scale, dq, dk, dv_run)
+
         with threads_for(work):
-            _backward_layouts(q_, k_, v_, o_, do_, lse0, dlse_, layouts, head_layout, used, scale, dq, dk, dv)
+            if dlse is None:
+                run(o_, do_, v_, dv)
+            else:
+                # Rows with no key have a constant lse: no gradient flows through it.
+                dlse_ = dlse.to(cd).nan_to_num(0.0, 0.0, 0.0).masked_fill(empty, 0.0)
+                o_shifted, alone = _fold_lse_gradient(o_, do_, dlse_)
+                if bool(do_.any()):
+                    run(o_shifted, do_, v_, dv)
+                if alone is not None:
+                    # dlse alone on rows whose dout cannot carry it: dS = P * dlse is the kernel's
+                    # dS = P * (dO V^T - rowsum(dO * O)) with V = 0, dO = e_0 and O = -dlse e_0
+                    # (exact; rows outside ``alone`` get dO = 0, so delta = 0: no contribution). dV is unused.
+                    do_alone = torch.zeros_like(do_)
+                    o_alone = torch.zeros_like(o_)
+                    do_alone[..., 0] = alone.to(cd)
+                    o_alone[..., 0] = dlse_.neg()
+                    run(o_alone, do_alone, torch.zeros_like(v_), torch.zeros_like(dv))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _backward_layouts(q_, k_, v_, o_, do_, lse0, dlse_, layouts, head_layout, used, scale, dq, dk, dv) -> None:
-    """Run every layout's heads; dq, dk, dv (compute dtype, zero on entry) are filled in place."""
+def _fold_lse_gradient(out: torch.Tensor, dout: torch.Tensor,
+                       dlse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out', alone): ``rowsum(dout * out') = rowsum(dout * out) - dlse`` on every row it can, and the rest.
+
+    A gradient into lse adds ``dlse * P`` to dS: the backward is FlashAttention's with delta
+    = rowsum(dO * O) - dlse. The fused kernel reads O only to form that delta, so shifting one
+    component of each row of O (the one where dO is largest, j) by ``-dlse / dO_j`` runs it
+    exactly, with no extra pass. The rounding stays that of the delta itself: fl(O_j - dlse / dO_j)
+    * dO_j is off by eps * (|O_j dO_j| + |dlse|). ``alone`` (bool [B, H, Lq], None when empty) marks
+    the rows where that shift does not exist (dO = 0, or a quotient past the dtype's range) and
+    dlse is not 0; the caller adds their share with a second kernel pass.
+
+    out/dout [B, H, Lq, D], dlse [B, H, Lq] in the compute dtype (0 on rows with no key).
+    """
+    j = dout.abs().argmax(-1, keepdim=True)                          # [B, H, Lq, 1]
+    d_j = dout.gather(-1, j)
+    shifted = out.gather(-1, j) - dlse.unsqueeze(-1) / d_j
+    ok = (d_j != 0) & torch.isfinite(shifted) & torch.isfinite(shifted * d_j)
+    out_ = out.clone()
+    out_.scatter_(-1, j, torch.where(ok, shifted, out.gather(-1, j)))
+    alone = ~ok.squeeze(-1) & (dlse != 0)
+    return out_, (alone if bool(alone.any()) else None)
+
+
+def _backward_layouts(q_, k_, v_, o_, do_, lse0, layouts, head_layout, used, scale, dq, dk, dv) -> None:
+    """Run every layout's heads; dq, dk, dv (compute dtype) are accumulated in place."""
     if len(used) == 1:
-        _one_layout(q_, k_, v_, o_, do_, lse0, dlse_, layouts[used[0]], scale, dq, dk, dv)
+        _one_layout(q_, k_, v_, o_, do_, lse0, layouts[used[0]], scale, dq, dk, dv)
         return
     # Heads with different layouts: each run of neighbouring heads with one layout inside a kv
     # group runs on views (no gather, no K/V repetition); dK/dV of a kv head are accumulated run
     # after run in a fixed order, so the sums are deterministic.
     for bs, h0, h1, j, li in head_runs(head_layout, k_.shape[1]):
         _one_layout(q_[bs, h0:h1], k_[bs, j:j + 1], v_[bs, j:j + 1], o_[bs, h0:h1], do_[bs, h0:h1],
-                    lse0[bs, h0:h1], None if dlse_ is None else dlse_[bs, h0:h1], layouts[li], scale,
-                    dq[bs, h0:h1], dk[bs, j:j + 1], dv[bs, j:j + 1])
+                    lse0[bs, h0:h1], layouts[li], scale, dq[bs, h0:h1], dk[bs, j:j + 1], dv[bs, j:j + 1])
 
 
 class _BlockSparseAttention(torch.autograd.Function):

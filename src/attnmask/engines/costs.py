@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 __all__ = ["Direction", "FORWARD", "BACKWARD", "kernel_cost", "causal_call_cost", "pieces_cost",
            "KERNEL_SLICE_FACTORS", "SUB_ROWS", "MIN_SUB_ROWS", "FINE_PIECES_REPEATS", "SPLIT_GAIN", "REGION_GAIN", "SPLIT_FULL_BLOCKS", "ONE_CALL_BLOCKS",
-           "GATHER_KEYS", "GATHER_SPAN_ROWS", "KEY_SET_KEYS", "KEY_SET_ROWS", "KEY_SET_CELLS", "KEY_SET_JOIN_RUNS", "MIN_SEGMENT_ROWS", "CHUNK_BYTES", "KEYS_PER_CALL",
+           "GATHER_KEYS", "GATHER_SPAN_ROWS", "KEY_SET_KEYS", "KEY_SET_ROWS", "KEY_SET_CELLS", "KEY_SET_JOIN_RUNS", "MIN_SEGMENT_ROWS", "CHUNK_BYTES", "KEYS_PER_CALL", "KEY_MAJOR_ROWS",
            "BACKWARD_ROW_COSTS", "backward_cost"]
 
 #: Relative cost per score of the forward kernel by its query slice (256, 64, 32 rows: calls of
@@ -92,6 +92,16 @@ CHUNK_BYTES = 16 << 20
 #: glibc's mmap threshold and fault their pages in every call). (Last session, on the
 #: oversubscribed machine at load 5, 32768 had measured 2-3x faster than 2048.)
 KEYS_PER_CALL = 4096
+#: A backward op of equal items stepping down a diagonal band (a sliding window's) runs key-major
+#: when a key block's rows (the items over it: ceil(span / rows) x rows) are at least this many: one
+#: call per key block, all the band's query rows that see it, so dK/dV land without overlap and the
+#: kernel runs 256-row query slices (768 rows and up) instead of 32-row ones. Measured under the
+#: CPU lock (2 threads, 2026-12-01), N=8192, H=8, D=64, fp32, the band of sliding(1024) at 128-row
+#: items: 327-347 ms key-major against 394-403 query-major (kernel and accumulation, same process).
+#: The ends of the band (m - 1 key blocks each side, under fewer items) are one call each, so an op
+#: runs key-major only with at least 2m items (a 3072-token sliding(1500), 12 items of m = 13: key-major
+#: 18-26 ms against 15-19).
+KEY_MAJOR_ROWS = 768
 
 
 def kernel_cost(rows: int, keys: int) -> float:

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             f"- Command: `{command}`",
             f"- Took {elapsed:.0f} s. H=8, D=64, fp32 for the 16K forward and 8K forward + backward rows; decode "
             "at SmolLM2's shapes (H=9, Hkv=3, D=64, fp32, one query row, q_offset = Lk - 1). `import attnmask` "
-            "is timed apart (import ms) and is not part of the first call. \"next step\": a third call one key "
+            "is timed apart (import ms) and is not part of the first call. \"next step\": a fifth call one key "
             "longer (a growing cache's next step, a new shape). Best warm: the fastest of calls 2-4. CPU: the process's CPU time (all threads), less "
             "sensitive than wall time to other jobs on a shared machine.",
             "- Condition (issue 13, Build 6): the first call stays under 1 s slower than the second.",

@@ -246,6 +246,93 @@ def test_gathered_key_sets_match_float64(expr):
             assert float((got.double() - want).abs().max()) / float(want.abs().max()) < 1e-5, with_lse
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_key_set_calls_of_their_own_match_float64(dtype):
+    # A wide window leaves its key sets to calls of their own (matmuls merged by LSE in place):
+    # several 1024-row chunks, a shorter last one, a row with no key at all, heads sharing a kv head.
+    L, D = 2100, 32
+    mask = am.parse("(causal & (sliding(700) | sink(4) | cols(100, 1000, 300))) - rows(1500)")
+    plan = plan_for(mask.compile(L))
+    assert sum(op.G for op in plan.ops if op.span == 0) >= 3           # the path under test runs
+    q, k, v = inputs(1, 2, 1, L, L, D, dtype, seed=21)
+    out, lse = am.attention(q, k, v, mask, enable_gqa=True, return_lse=True)
+    allowed = mask.to_dense(L)[None, None].expand(1, 2, L, L)
+    ref, ref_lse = reference(q, k, v, allowed)
+    if dtype == torch.float32:
+        assert scaled(out, ref, v) < 1e-5
+    else:
+        assert scaled(out, ref, v) <= 2 * stick(q, k, v, allowed) / float(v.double().abs().max())
+    assert bool((out[:, :, 1500] == 0).all()) and bool(torch.isneginf(lse[:, :, 1500]).all())
+    live = torch.isfinite(ref_lse)
+    assert float((lse[live].double() - ref_lse[live]).abs().max()) < (1e-5 if dtype == torch.float32 else 0.05)
+
+
+def test_a_gathered_call_that_writes_its_rows_first_ignores_what_was_there():
+    # Found by hypothesis (test_backward, 2026-12-01): a mask of key columns only, whose one
+    # gathered call (keys only, no span of its own) writes its rows first. Its outputs start as
+    # torch.empty: run on NaN-filled buffers, a merge with them (instead of a write) shows.
+    from attnmask.engines.blocksparse import _run_plan
+    lay = am.parse("strided(3)").compile(1, 5, block_size=(1, 2))
+    plan = plan_for(lay)
+    assert plan.covered and any(op.first and op.span == 0 for op in plan.ops)
+    q, k, v = inputs(1, 2, 2, 1, 5, 8, seed=1)
+    out, lse = torch.full((2, 1, 8), float("nan")), torch.full((2, 1), float("nan"))
+    _run_plan(plan, q[0], k[0], v[0], 0.3, out, lse)
+    ref, ref_lse = reference(q, k, v, lay.mask.to_dense(1, 5, q_offset=4)[None, None].expand(1, 2, 1, 5), 0.3)
+    assert scaled(out[None], ref, v) < 1e-5 and float((lse[None].double() - ref_lse).abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_head_problems_side_by_side_match_float64(dtype):
+    # Nine different masks over three kv groups, two batch elements with different per-head rows:
+    # the head problems run on worker threads (run_tasks); each must read its own mask and its own
+    # kv head (a problem taking another's mask, or kv head 0 for every group, fails here), give
+    # the bits of the one-thread run, and leave the caller's thread count as it was.
+    B, H, Hkv, L, D = 2, 9, 3, 600, 32
+    masks = [am.parse(t) for t in ["causal & (sliding(32) | sink(4))", "causal & sliding(64)", "causal",
+                                   "causal & (sliding(256) | sink(4))", "causal & (sliding(16) | sink(1))",
+                                   "causal & sliding(64) - rows(0, 30)", "causal & (sliding(128) | cols(0, 8))",
+                                   "causal & chunked(100)", "causal & (sliding(300) | sink(2))"]]
+    rows = [masks, masks[::-1]]
+    q, k, v = inputs(B, H, Hkv, L, L, D, dtype, seed=13)
+    before = torch.get_num_threads()
+    out = am.attention(q, k, v, am.per_batch(rows), enable_gqa=True)
+    assert torch.get_num_threads() == before
+    ref, _ = reference(q, k, v, allowed_of(rows, B, H, L, L))
+    if dtype == torch.float32:
+        assert scaled(out, ref, v) < 1e-5
+    else:
+        assert scaled(out, ref, v) <= 2 * stick(q, k, v, allowed_of(rows, B, H, L, L)) / float(v.double().abs().max())
+    from attnmask.threads import single_thread
+    with single_thread():                                          # run_tasks then runs them in order, here
+        alone = am.attention(q, k, v, am.per_batch(rows), enable_gqa=True)
+    assert torch.equal(out, alone)
+    fresh = []
+    t = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert fresh == [before]                                        # the workers' pin did not leak
+
+
+def test_run_tasks_runs_each_task_once_and_raises_the_first_error():
+    from attnmask.threads import run_tasks
+    seen = []
+    lock = threading.Lock()
+
+    def task(i):
+        with lock:
+            seen.append((i, torch.get_num_threads(), torch.is_grad_enabled()))
+    run_tasks([lambda i=i: task(i) for i in range(7)], [3, 1, 4, 1, 5, 9, 2])
+    assert sorted(i for i, _, _ in seen) == list(range(7))
+    if torch.get_num_threads() > 1:
+        assert all(n == 1 and not grad for _, n, grad in seen)     # one intra-op thread each, no autograd
+
+    def boom():
+        raise ValueError("task failed")
+    with pytest.raises(ValueError, match="task failed"):
+        run_tasks([boom, lambda: None, lambda: None], [1, 2, 3])
+
+
 def _work(plan) -> int:
     """Scores a plan's calls compute per head (gathered keys included)."""
     return sum(op.G * op.rows * (op.span + sum(b - a for a, b in op.extra)) for op in plan.ops)

@@ -52,7 +52,7 @@ import torch
 from ..errors import MaskValueError
 from ..layout import BlockLayout
 from .cache import ByteLRU, interned, tensor_bytes
-from ..threads import SMALL_OP as _SMALL_OP, SMALL_WORK as _SMALL_WORK, single_thread, threads_for
+from ..threads import SMALL_OP as _SMALL_OP, SMALL_WORK as _SMALL_WORK, run_tasks, single_thread, threads_for
 from . import costs
 from .costs import BACKWARD, FORWARD, Direction
 
@@ -886,6 +886,9 @@ def _run_plan(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     """
     neg_inf = float("-inf")
     for op in plan.ops:
+        if op.span == 0 and not op.causal:
+            _run_key_set(plan, op, q, k, v, scale, out, lse)
+            continue
         per_row = q.shape[0] * q.shape[2] * max(q.element_size(), 4)
         with threads_for(q.shape[0] * op.G * op.rows * op.span, _SMALL_OP):
             if op.G == 1 and not op.causal and op.mask is None and op.rows * per_row > costs.CHUNK_BYTES:
@@ -900,6 +903,58 @@ def _run_plan(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
                 step = max(1, min(step, costs.CHUNK_BYTES // (2 * (op.span + _extra_keys(op)) * per_row)))
             for g0 in range(0, op.G, step):
                 _run_op(plan, op, g0, min(step, op.G - g0), q, k, v, scale, out, lse, neg_inf)
+
+
+def _run_key_set(plan: Plan, op: Op, q, k, v, scale: float, out, lse) -> None:
+    """A key-set op (only gathered keys: a sink, key columns) as two small matmuls merged by LSE in place.
+
+    The fused kernel pays a fixed cost per query row that dwarfs a few keys' work (1024
+    rows x 4 keys: ~60 ns per score against ~4 for wide calls, one thread), so the rows x E
+    scores are computed directly, in the accumulator's dtype (float32 for bf16 inputs: exact
+    products summed in float32, as the kernel's), with the additive mask of the cells the
+    rest does not cover. The merge is folded into the second matmul: ``out`` is rescaled
+    once and ``p @ v`` (its rows pre-weighted) is added onto it, so no [rows, D] temporary
+    is made. Rows whose cells are all masked keep their values (weight an exact 0); an op
+    that writes its rows first (a mask of key sets only) writes them, zeros / -inf included.
+    """
+    acc = out.dtype
+    Z, D = q.shape[0], q.shape[2]
+    kz, vz = (k[:1], v[:1]) if k.stride(0) == 0 and v.stride(0) == 0 else (k, v)   # shared kv: once
+    kE = torch.cat([kz[:, a:b] for a, b in op.extra], 1).to(acc)                   # [Z|1, E, D]
+    vE = torch.cat([vz[:, a:b] for a, b in op.extra], 1).to(acc)
+    E = kE.shape[1]
+    kT = kE.transpose(1, 2)
+    vB = vE.expand(Z, E, D)
+    add = None if op.mask is None else plan.additive(op.mask, acc)                  # [rows, E]
+    # Consecutive items are one range of rows: as many per step as keep the scores (and bf16
+    # queries converted to float32) under costs.CHUNK_BYTES; larger steps measured faster.
+    row_bytes = Z * op.rows * (E + (D if q.dtype != acc else 0)) * out.element_size()
+    per = max(1, costs.CHUNK_BYTES // row_bytes) if op.dr == op.rows else 1
+    tiny = torch.finfo(acc).tiny
+    for g0 in range(0, op.G, per):
+        n = min(per, op.G - g0)
+        r, R = op.r0 + g0 * op.dr, n * op.rows
+        s = torch.matmul(q[:, r:r + R].to(acc), kT).mul_(scale)                    # [Z, R, E]
+        if add is not None:
+            s.view(Z, n, op.rows, E).add_(add)
+        m = s.amax(-1, keepdim=True)
+        has = torch.isfinite(m)                                                    # the row has a key here
+        m.masked_fill_(~has, 0.0)
+        p = s.sub_(m).exp_()
+        total = p.sum(-1, keepdim=True)
+        ov, lv = out[:, r:r + R], lse[:, r:r + R].unsqueeze(-1)
+        if op.first:                                                               # nothing to merge with
+            ov.copy_(torch.matmul(p.mul_(total.clamp_min(tiny).reciprocal_()), vB))
+            lv.copy_(torch.where(has, m + total.log(), float("-inf")))
+            continue
+        top = torch.maximum(lv, torch.where(has, m + total.log(), float("-inf")))
+        top.masked_fill_(~torch.isfinite(top), 0.0)
+        wa = (lv - top).exp_()
+        wb = torch.where(has, (m - top).exp_(), 0.0)                               # m <= top: no overflow
+        den = wa + total * wb
+        inv = den.clamp_min(tiny).reciprocal_()
+        ov.mul_(wa * inv).baddbmm_(p.mul_(wb * inv), vB)
+        lv.copy_(top + den.log())
 
 
 def _extra_keys(op: Op) -> int:
@@ -1018,7 +1073,17 @@ def _causal_segments(layout: BlockLayout) -> list[tuple[int, int]] | None:
 
 def _forward_one_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
                         scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
-    """q [X, Y, Lq, D], k/v [X, Y, Lk, D] (possibly stride-0 expanded) -> fills out, lse in place.
+    """q [X, Y, Lq, D], k/v [X, Y, Lk, D] (possibly stride-0 expanded) -> fills out, lse in place."""
+    for job in _layout_jobs(q, k, v, layout, scale, out, lse):
+        job()
+
+
+def _layout_jobs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
+                 scale: float, out: torch.Tensor, lse: torch.Tensor) -> list:
+    """The forward of one layout as calls to make in order, planned here (the caller's thread).
+
+    Every compile and plan look-up happens now, so the jobs may run on a worker
+    (:func:`attnmask.threads.run_tasks`; the layout cache is not thread-safe).
 
     ``dilated(w, d)`` only pairs positions of one residue class mod d, where it is a
     sliding window of w: it runs as d window problems on strided views (no copies),
@@ -1030,25 +1095,33 @@ def _forward_one_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
         if segments is not None and len(segments) * costs.MIN_SEGMENT_ROWS <= layout.q_len:
             # causal & document(...): each document is its own causal problem, one top-left
             # is_causal call on its rows and keys (the kernel visits only the triangle).
-            with threads_for(layout.attended_pairs() * q.shape[0] * q.shape[1], _SMALL_WORK):
-                _forward_segments(q, k, v, segments, layout.q_len, scale, out, lse)
-            return
-        _forward_plain(q, k, v, layout, scale, out, lse)
-        return
+            work = layout.attended_pairs() * q.shape[0] * q.shape[1]
+
+            def segments_job():
+                with threads_for(work, _SMALL_WORK):
+                    _forward_segments(q, k, v, segments, layout.q_len, scale, out, lse)
+            return [segments_job]
+        plan = plan_for(layout)
+        return [lambda: _forward_plain(q, k, v, plan, scale, out, lse)]
     from ..primitives import causal, sliding
     w, d = dil
     Lq, Lk, q_offset = layout.q_len, layout.kv_len, layout.q_offset
     sub_mask = causal & sliding(w)
+    jobs = []
     # Only the residues of the first min(d, Lq) rows have rows: loop over those (d can be huge).
     for i0 in range(min(d, Lq)):
         r = (q_offset + i0) % d                  # the residue class of row i0 (first row at position r mod d)
         if r >= Lk:
-            out[:, :, i0::d].zero_()              # rows with no key: zeros / -inf
-            lse[:, :, i0::d].fill_(float("-inf"))
+            def empty(i0=i0):                    # rows with no key: zeros / -inf
+                out[:, :, i0::d].zero_()
+                lse[:, :, i0::d].fill_(float("-inf"))
+            jobs.append(empty)
             continue
         sub = sub_mask.compile(len(range(i0, Lq, d)), len(range(r, Lk, d)), q_offset=(q_offset + i0 - r) // d,
                                block_size=layout.block_size)
-        _forward_plain(q[:, :, i0::d], k[:, :, r::d], v[:, :, r::d], sub, scale, out[:, :, i0::d], lse[:, :, i0::d])
+        jobs.append(lambda i0=i0, r=r, plan=plan_for(sub): _forward_plain(
+            q[:, :, i0::d], k[:, :, r::d], v[:, :, r::d], plan, scale, out[:, :, i0::d], lse[:, :, i0::d]))
+    return jobs
 
 
 def _forward_segments(q, k, v, segments: list[tuple[int, int]], L: int, scale: float, out, lse) -> None:
@@ -1067,9 +1140,8 @@ def _forward_segments(q, k, v, segments: list[tuple[int, int]], L: int, scale: f
         lse[:, :, ~seen] = float("-inf")
 
 
-def _forward_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
+def _forward_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan,
                    scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
-    plan = plan_for(layout)
     if plan.causal:
         o, l = _flash(q, k, v, 0.0, True, scale=scale)
         out.copy_(o)
@@ -1156,12 +1228,18 @@ def _forward_groups(q, k, v, layouts, head_layout, used, scale, out, lse):
         return out, lse
     # Heads (or batch elements) with different layouts: each run of neighbouring heads with one
     # layout inside a kv group is one problem on views (q[b, h0:h1] against k[b, j] broadcast with
-    # a zero stride), so nothing is gathered and GQA never repeats K/V.
+    # a zero stride), so nothing is gathered and GQA never repeats K/V. The problems write
+    # disjoint rows of out / lse: they run side by side, one intra-op thread each (run_tasks;
+    # small per-head calls gain little from a second thread, two problems at once nearly 2x).
+    tasks, work = [], []
     for bs, h0, h1, j, li in head_runs(head_layout, Hkv):
         n = h1 - h0
         kv_shape = (bs.stop - bs.start, n, Lk, D)
-        _forward_one_layout(q[bs, h0:h1], k[bs, j:j + 1].expand(kv_shape), v[bs, j:j + 1].expand(kv_shape),
+        jobs = _layout_jobs(q[bs, h0:h1], k[bs, j:j + 1].expand(kv_shape), v[bs, j:j + 1].expand(kv_shape),
                             layouts[li], scale, out[bs, h0:h1], lse[bs, h0:h1])
+        tasks.append(lambda jobs=jobs: [job() for job in jobs])
+        work.append(layouts[li].attended_pairs() * (bs.stop - bs.start) * n)
+    run_tasks(tasks, work)
     return out, lse
 
 

@@ -3,7 +3,8 @@
 Default case (issue 6): N=8192, H=8, D=64, float32, ``causal & sliding(1024)``.
 It times, best of ``--repeats`` after one warm-up:
 
-* attnmask forward (no grad), attnmask backward alone, attnmask forward + backward;
+* attnmask forward (no grad), attnmask backward alone (also with a gradient into the returned
+  lse), attnmask forward + backward;
 * SDPA with a dense bool mask, forward + backward (the competitor of the target);
 * SDPA ``is_causal`` forward and forward + backward (the anchor of the ideal:
   is_causal time x attended pairs / (N(N+1)/2)).
@@ -127,10 +128,23 @@ def measure(q, k, v, dout, layout, dense, repeats: int) -> dict[str, float | Non
         out.backward(dout)
         return time.perf_counter() - t0
 
+    g = torch.Generator().manual_seed(1)
+    w_lse = torch.randn(q.shape[:3], generator=g)
+
+    def bwd_with_lse() -> float:             # a gradient also into the returned lse (context parallelism)
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, k, v))
+        with torch.enable_grad():
+            out, lse = am.attention(qq, kk, vv, layout, backend="blocksparse", return_lse=True)
+            loss = (out * dout).sum() + (lse * w_lse).sum()
+        t0 = time.perf_counter()
+        loss.backward()
+        return time.perf_counter() - t0
+
     runs: dict[str, Callable[[], float] | None] = {
         "attnmask fwd": timed(fwd_attnmask),
         "sdpa is_causal fwd": timed(fwd_causal),
         "attnmask bwd": bwd_only,
+        "attnmask bwd, lse gradient too": bwd_with_lse,
         "attnmask fwd+bwd": timed(fwd_bwd_attnmask(q, k, v, layout, dout)),
         "sdpa is_causal fwd+bwd": timed(fwd_bwd_sdpa(q, k, v, dout, is_causal=True)),
         "sdpa+mask fwd+bwd": None if dense is None else timed(fwd_bwd_sdpa(q, k, v, dout, attn_mask=dense)),
@@ -204,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             + ("-" if sdpa_ratio is None else f"{sdpa_ratio:.1f}x")
             + f" (target >= {TARGETS['sdpa_mask_over_ours']:.0f}x): "
             + verdict(None if sdpa_ratio is None else sdpa_ratio >= TARGETS["sdpa_mask_over_ours"]),
+            f"- {dtype_name}: backward with an lse gradient / without = "
+            f"{ms['attnmask bwd, lse gradient too'] / ms['attnmask bwd']:.2f}",
             f"- {dtype_name}: attnmask fwd / ideal fwd = {ms['attnmask fwd'] / ideal_f:.2f}; "
             f"attnmask fwd+bwd / ideal = {ms['attnmask fwd+bwd'] / ideal_fb:.2f}; "
             f"attnmask fwd+bwd / SDPA is_causal fwd+bwd = {ms['attnmask fwd+bwd'] / ms['sdpa is_causal fwd+bwd']:.2f}",

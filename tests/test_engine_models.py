@@ -159,6 +159,24 @@ def test_decode_with_patterns_the_row_keys_cannot_describe_is_evaluated_exactly(
             assert scaled(out, ref, v) < 1e-5, (masks, Lk)
 
 
+def test_a_growing_cache_chooses_its_calls_again_when_a_row_without_keys_gets_some(monkeypatch):
+    # Steps of a growing cache reuse the first step's grouping of rows into calls; a row left out
+    # because it had no key (here: rows cut until position 3000) must make the step choose again.
+    from attnmask.engines import short
+    chosen = []
+    choose = short._choose_units
+    monkeypatch.setattr(short, "_choose_units", lambda *a: chosen.append(1) or choose(*a))
+    masks = [am.causal, am.causal & am.sliding(16), am.causal & am.sliding(8) - am.rows(0, 3000)]
+    q, k, v = inputs(1, 3, 1, 1, 3010, 16, seed=13)
+    for Lk in range(2995, 3010):
+        out, lse = am.attention(q, k[:, :, :Lk], v[:, :, :Lk], masks, enable_gqa=True, return_lse=True)
+        allowed = allowed_of(masks, 1, 3, 1, Lk)
+        ref, _ = reference(q, k[:, :, :Lk], v[:, :, :Lk], allowed)
+        assert scaled(out, ref, v) < 1e-5, Lk
+        assert bool(torch.isneginf(lse[0, 2, 0])) == (Lk <= 3000)
+    assert len(chosen) == 2                     # the first step, and the step whose cut row got keys
+
+
 def test_a_growing_cache_reuses_its_row_masks_and_one_mask_needs_none():
     # A window and its sink move together: each step's gathered keys hold the same columns, so the
     # row masks are found again, not rebuilt; one mask for every head needs no mask at all.

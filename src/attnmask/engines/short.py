@@ -179,7 +179,13 @@ def _width(keys: list) -> int:
     return span if used >= _VIEW_SHARE * span else used
 
 
-def _plan_from_rows(ivs: list, head_index: torch.Tensor, Lq: int, Hkv: int) -> _ShortPlan:
+def _plan_from_rows(ivs: list, head_index: torch.Tensor, Lq: int, Hkv: int,
+                    units: list | None = None) -> tuple[_ShortPlan | None, list]:
+    """The plan of rows given as intervals, and its units (which rows of which kv heads share a call).
+
+    ``units`` from an earlier step of the same call site (a growing cache) are used instead of
+    choosing again; every call is still built from these rows, so the plan is exact either way,
+    provided every row the units leave out has no key (else None: choose again)."""
     B, H = head_index.shape
     rep = H // Hkv
     same_rows = B == 1 or bool((head_index == head_index[:1]).all())
@@ -188,8 +194,23 @@ def _plan_from_rows(ivs: list, head_index: torch.Tensor, Lq: int, Hkv: int) -> _
     # rows of kv head g in the kernel's order (b, then query head of the group, then query row)
     per_kv = [[ivs[heads[b][g * rep + j]][r] for b in range(Bp) for j in range(rep) for r in range(Lq)]
               for g in range(Hkv)]
+    if units is None:
+        units = _choose_units(per_kv, Bp, R)
+    elif not _covers(units, per_kv, Bp, R):
+        return None, units
+    calls = []
+    for a, b, rows in units:
+        picked = range(R) if rows is None else rows
+        keys = _union([per_kv[g][x * R + i] for x in range(Bp) for g in range(a, b) for i in picked])
+        if keys:
+            calls.append(_call_from_rows(a, b, rows, keys, per_kv, Bp, R))
+    return _ShortPlan(calls, Hkv), units
+
+
+def _choose_units(per_kv: list, Bp: int, R: int) -> list:
+    """[(kv0, kv1, rows or None)]: kv heads, and rows of one kv head, that share a call (see _cost)."""
     units: list[list] = []                                 # [kv0, kv1, rows (tuple or None), keys]
-    for g in range(Hkv):
+    for g in range(len(per_kv)):
         for rows, keys in _split_rows(per_kv[g], Bp):
             prev = next((u for u in reversed(units) if u[1] == g and u[2] == rows), None)
             if prev is not None:
@@ -202,8 +223,26 @@ def _plan_from_rows(ivs: list, head_index: torch.Tensor, Lq: int, Hkv: int) -> _
                     prev[1], prev[3] = g + 1, both
                     continue
             units.append([g, g + 1, rows, keys])
-    calls = [_call_from_rows(a, b, rows, keys, per_kv, Bp, R) for a, b, rows, keys in units]
-    return _ShortPlan(calls, Hkv)
+    return [(a, b, rows) for a, b, rows, _ in units]
+
+
+def _covers(units: list, per_kv: list, Bp: int, R: int) -> bool:
+    """Whether every row with a key is in some unit."""
+    partial: dict[int, set] = {}
+    whole = set()
+    for a, b, rows in units:
+        for g in range(a, b):
+            if rows is None:
+                whole.add(g)
+            else:
+                partial.setdefault(g, set()).update(rows)
+    for g, rows in enumerate(per_kv):
+        if g in whole:
+            continue
+        seen = partial.get(g, ())
+        if any(rows[x * R + i] for x in range(Bp) for i in range(R) if i not in seen):
+            return False
+    return True
 
 
 def _split_rows(rows: list, Bp: int) -> list[tuple]:
@@ -328,11 +367,27 @@ def _plan_by_evaluation(items: list[tuple[Mask, int]], head_index: torch.Tensor,
     return _ShortPlan([_Call(0, Hkv, None, lo, hi, None, index, mask)], Hkv)
 
 
-def _build(items: list[tuple[Mask, int]], head_index: torch.Tensor, Lq: int, Lk: int, Hkv: int) -> _ShortPlan:
+#: Units chosen at a call site (masks, offsets from the end, heads), with the Lk they were chosen
+#: at: a growing cache reuses them for later steps up to _REUSE_GROWTH x that Lk.
+_site_units = ByteLRU(1 << 20)
+_REUSE_GROWTH = 1.25
+
+
+def _build(items: list[tuple[Mask, int]], head_index: torch.Tensor, Lq: int, Lk: int, Hkv: int,
+           site=None) -> _ShortPlan:
     ivs = _rows_of(items, Lq, Lk) if len(items) * Lq <= _ROW_WALKS else None
-    if ivs is not None:
-        return _plan_from_rows(ivs, head_index, Lq, Hkv)
-    return _plan_by_evaluation(items, head_index, Lq, Lk, Hkv)
+    if ivs is None:
+        return _plan_by_evaluation(items, head_index, Lq, Lk, Hkv)
+    if site is not None:
+        hit = _site_units.get(site)
+        if hit is not None and hit[0] <= Lk < _REUSE_GROWTH * hit[0]:
+            plan, _ = _plan_from_rows(ivs, head_index, Lq, Hkv, hit[1])
+            if plan is not None:
+                return plan
+    plan, units = _plan_from_rows(ivs, head_index, Lq, Hkv)
+    if site is not None:
+        _site_units.put(site, (Lk, units), 64 + 32 * len(units))
+    return plan
 
 
 #: The last masks seen, by identity: (their ids, the masks themselves, their token).
@@ -382,11 +437,13 @@ def short_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, items: list
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    key = (_masks_key(items), tuple(off for _, off in items), Lq, Lk, B, H, Hkv, head_index.numpy().tobytes())
+    token, heads = _masks_key(items), head_index.numpy().tobytes()
+    key = (token, tuple(off for _, off in items), Lq, Lk, B, H, Hkv, heads)
     plan = short_plans.get(key)
     if plan is None:
+        site = (token, tuple(off - Lk for _, off in items), Lq, B, H, Hkv, heads)
         with single_thread():        # many small ops: the pool's wake-ups cost more than they save
-            plan = _build(items, head_index, Lq, Lk, Hkv)
+            plan = _build(items, head_index, Lq, Lk, Hkv, site)
         short_plans.put(key, plan, plan.nbytes())
     rep = H // Hkv
     qf = q.reshape(B, Hkv, rep * Lq, D)

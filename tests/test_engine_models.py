@@ -283,11 +283,14 @@ def test_a_gathered_call_that_writes_its_rows_first_ignores_what_was_there():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_per_head_problems_side_by_side_match_float64(dtype):
+def test_per_head_problems_side_by_side_match_float64(dtype, monkeypatch):
     # Nine different masks over three kv groups, two batch elements with different per-head rows:
-    # the head problems run on worker threads (run_tasks); each must read its own mask and its own
-    # kv head (a problem taking another's mask, or kv head 0 for every group, fails here), give
-    # the bits of the one-thread run, and leave the caller's thread count as it was.
+    # the head problems run on worker threads (run_tasks; its work bound lowered to reach it at
+    # this size); each must read its own mask and its own kv head (a problem taking another's
+    # mask, or kv head 0 for every group, fails here), give the bits of the one-thread run, and
+    # leave the caller's thread count as it was.
+    from attnmask.engines import costs
+    monkeypatch.setattr(costs, "SIDE_BY_SIDE_PAIRS", 0)
     B, H, Hkv, L, D = 2, 9, 3, 600, 32
     masks = [am.parse(t) for t in ["causal & (sliding(32) | sink(4))", "causal & sliding(64)", "causal",
                                    "causal & (sliding(256) | sink(4))", "causal & (sliding(16) | sink(1))",

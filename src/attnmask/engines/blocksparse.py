@@ -1229,8 +1229,9 @@ def _forward_groups(q, k, v, layouts, head_layout, used, scale, out, lse):
     # Heads (or batch elements) with different layouts: each run of neighbouring heads with one
     # layout inside a kv group is one problem on views (q[b, h0:h1] against k[b, j] broadcast with
     # a zero stride), so nothing is gathered and GQA never repeats K/V. The problems write
-    # disjoint rows of out / lse: they run side by side, one intra-op thread each (run_tasks;
-    # small per-head calls gain little from a second thread, two problems at once nearly 2x).
+    # disjoint rows of out / lse: with enough work (costs.SIDE_BY_SIDE_PAIRS) they run side by
+    # side, one intra-op thread each (run_tasks: small per-head calls gain little from a second
+    # intra-op thread, while two problems at once run nearly twice as fast).
     tasks, work = [], []
     for bs, h0, h1, j, li in head_runs(head_layout, Hkv):
         n = h1 - h0
@@ -1239,7 +1240,11 @@ def _forward_groups(q, k, v, layouts, head_layout, used, scale, out, lse):
                             layouts[li], scale, out[bs, h0:h1], lse[bs, h0:h1])
         tasks.append(lambda jobs=jobs: [job() for job in jobs])
         work.append(layouts[li].attended_pairs() * (bs.stop - bs.start) * n)
-    run_tasks(tasks, work)
+    if sum(work) >= costs.SIDE_BY_SIDE_PAIRS:
+        run_tasks(tasks, work)
+    else:
+        for task in tasks:
+            task()
     return out, lse
 
 

@@ -336,6 +336,25 @@ def test_run_tasks_runs_each_task_once_and_raises_the_first_error():
         run_tasks([boom, lambda: None, lambda: None], [1, 2, 3])
 
 
+def test_run_tasks_keeps_one_pool_whatever_the_task_counts():
+    # The pool grows to the largest count asked for and is shared: calls with 2, 3, 4, ... tasks
+    # must not each leave a pool of threads behind, blocked on a queue nobody feeds.
+    from attnmask.threads import run_tasks
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        for n_tasks in (2, 3, 4, 2, 5, 3, 6):
+            out = [0] * n_tasks
+            run_tasks([lambda i=i: out.__setitem__(i, i + 1) for i in range(n_tasks)], [1] * n_tasks)
+            assert out == list(range(1, n_tasks + 1))
+        workers = [t for t in threading.enumerate() if t.name.startswith("attnmask-worker-")]
+        assert len(workers) <= 4, [t.name for t in workers]
+        assert len({t.name for t in workers}) == len(workers)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.get_num_threads() == before
+
+
 def _work(plan) -> int:
     """Scores a plan's calls compute per head (gathered keys included)."""
     return sum(op.G * op.rows * (op.span + sum(b - a for a, b in op.extra)) for op in plan.ops)

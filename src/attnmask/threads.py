@@ -91,15 +91,25 @@ def threads_for(work: int, limit: int = SMALL_WORK):
 
 
 class _Workers:
-    """``n`` daemon threads, each pinned to one intra-op thread, taking jobs from one queue."""
+    """Daemon threads, each pinned to one intra-op thread, taking jobs from one queue.
 
-    def __init__(self, n: int):
-        self.n, self.pid = n, os.getpid()
+    The pool only grows (:meth:`grow`), to the largest count ever asked for, and is never
+    rebuilt in one process: calls that ask for different counts share it, so no thread is
+    left behind waiting on a queue nobody feeds.
+    """
+
+    def __init__(self):
+        self.n, self.pid = 0, os.getpid()
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
-        ready = threading.Barrier(n + 1)
-        for i in range(n):
+
+    def grow(self, n: int) -> None:
+        if n <= self.n:
+            return
+        ready = threading.Barrier(n - self.n + 1)
+        for i in range(self.n, n):
             threading.Thread(target=self._loop, args=(ready,), name=f"attnmask-worker-{i}", daemon=True).start()
         ready.wait()
+        self.n = n
         with _lock:
             # A worker's set_num_threads(1) also set the default of threads created later;
             # give that default back (this thread's own count is unchanged by it).
@@ -119,10 +129,12 @@ _workers_lock = threading.Lock()
 
 
 def _pool(n: int) -> _Workers:
+    """The process's worker pool with at least ``n`` workers (a forked child gets a new one)."""
     global _workers
     with _workers_lock:
-        if _workers is None or _workers.n != n or _workers.pid != os.getpid():
-            _workers = _Workers(n)           # (a forked child has the object but not its threads)
+        if _workers is None or _workers.pid != os.getpid():
+            _workers = _Workers()            # (a forked child has the object but not its threads)
+        _workers.grow(n)
         return _workers
 
 

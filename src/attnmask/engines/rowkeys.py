@@ -37,7 +37,7 @@ import torch
 from ..kinds import StructureClass, TileState
 from ..masks import Complement, Difference, Intersection, Mask, Primitive, Union
 
-__all__ = ["row_keys", "MAX_INTERVALS"]
+__all__ = ["row_keys", "merge_intervals", "MAX_INTERVALS"]
 
 #: An axis pattern with more intervals than this (within the range asked) is not described.
 MAX_INTERVALS = 256
@@ -107,7 +107,7 @@ def _make_program(node: Mask):
                 if x is None:
                     return None
                 got += x
-            return _merge(got)
+            return merge_intervals(got)
         return union
     if isinstance(node, Intersection):
         first, rest = _program(node.parts[0]), [_program(x) for x in node.parts[1:]]
@@ -160,7 +160,7 @@ def _primitive_row(node: Primitive, c: StructureClass, p: int, n: int) -> Interv
                                                np.array([p + 1], dtype=np.int64))
         if len(state) > MAX_INTERVALS or not bool((state == int(TileState.FULL)).all()):
             return None
-        return _clip(_merge(list(zip(lo.tolist(), hi.tolist()))), 0, n)
+        return _clip(merge_intervals(list(zip(lo.tolist(), hi.tolist()))), 0, n)
     return None
 
 
@@ -213,7 +213,7 @@ def _clip(runs: Intervals, lo: int, hi: int) -> Intervals:
     return out
 
 
-def _merge(runs: Intervals) -> Intervals:
+def merge_intervals(runs: Intervals) -> Intervals:
     """Sorted, disjoint, non-touching union of any intervals."""
     runs = sorted(r for r in runs if r[1] > r[0])
     out: Intervals = []

@@ -48,7 +48,7 @@ import torch
 from ..masks import Frame, Mask, evaluate_at
 from ..threads import single_thread, threads_for
 from .cache import ByteLRU, tensor_bytes
-from .rowkeys import row_keys
+from .rowkeys import merge_intervals, row_keys
 
 __all__ = ["short_forward", "SHORT_ROWS", "SHORT_MAX_CELLS", "short_plans"]
 
@@ -154,15 +154,7 @@ def _union(lists) -> list:
     distinct = {id(x): x for x in lists}
     if len(distinct) == 1:
         return next(iter(distinct.values()))
-    runs = sorted(r for x in distinct.values() for r in x)
-    out: list = []
-    for a, b in runs:
-        if out and a <= out[-1][1]:
-            if b > out[-1][1]:
-                out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return out
+    return merge_intervals([r for x in distinct.values() for r in x])
 
 
 def _cost(kv_heads: int, rows: int, width: int) -> int:

@@ -103,8 +103,8 @@ class Plan:
     covered: bool = False                       # every row's first op writes it whole (no zero-fill needed)
 
     def nbytes(self) -> int:
-        """Bytes the plan holds, counting one float32 additive copy of every mask (made on first use)."""
-        return 5 * tensor_bytes(self.masks) + tensor_bytes(self.row_empty) + 128 * len(self.ops) + 256
+        """Bytes the plan holds (its masks' additive copies are counted by ``plans`` when made)."""
+        return tensor_bytes(self.masks) + tensor_bytes(self.row_empty) + 128 * len(self.ops) + 256
 
     def items(self):
         """Every op's items one by one: ``(row0, rows, k0, span, mask, causal, extra)``."""
@@ -115,23 +115,22 @@ class Plan:
     def additive(self, idx: int, dtype: torch.dtype) -> torch.Tensor:
         """The mask ``idx`` as 0 / -inf in ``dtype`` (the kernel wants the query's dtype).
 
-        Kept on the mask tensor itself, so plans that share an interned mask (see plan_for) share it."""
+        Kept by ``plans`` with the interned mask (``ByteLRU.derived``), so plans that share the mask
+        (see plan_for) share it, it is counted once, and it goes when the last of them is evicted."""
         key = (idx, dtype)
         hit = self._typed.get(key)
         if hit is None:
             m = self.masks[idx]
-            typed = m.__dict__.setdefault("_additive", {})
-            hit = typed.get(dtype)
-            if hit is None:
-                hit = typed[dtype] = torch.zeros(m.shape, dtype=dtype).masked_fill_(~m, float("-inf"))
-            self._typed[key] = hit
+            hit = self._typed[key] = plans.derived(
+                m, dtype, lambda: torch.zeros(m.shape, dtype=dtype).masked_fill_(~m, float("-inf")))
         return hit
 
 
 #: Plans of both directions, keyed by the layout's value (mask, shape, offset, blocks) and the
-#: direction, bounded in bytes (masks with one float32 additive copy each, ops). Masks are interned
-#: (plans of one mask at every length hold the same tiles), so each is counted once: 30 layers of
-#: nine different masks at 1K / 2K / 4K, both directions, hold ~100 MB (tests/test_engine_models.py).
+#: direction, bounded in bytes (masks, ops, and the masks' additive copies once made). Masks are
+#: interned (plans of one mask at every length hold the same tiles), so each is counted once: 30
+#: layers of nine different masks at 1K / 2K / 4K, both directions, hold ~100 MB with float32
+#: copies (tests/test_engine_models.py).
 plans = ByteLRU(256 << 20)
 
 
@@ -163,8 +162,8 @@ def plan_for(layout: BlockLayout, direction: Direction = FORWARD) -> Plan:
         with single_thread():
             plan = _build_plan(layout, direction)
             plan.masks = [interned(m) for m in plan.masks]
-        masks = 5 * tensor_bytes(plan.masks)
-        plans.put(key, plan, plan.nbytes() - masks, [(m, 5 * tensor_bytes(m)) for m in plan.masks])
+        masks = tensor_bytes(plan.masks)
+        plans.put(key, plan, plan.nbytes() - masks, [(m, tensor_bytes(m)) for m in plan.masks])
     return plan
 
 

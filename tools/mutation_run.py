@@ -91,7 +91,7 @@ DESELECT = ("not training_example and not flex_attention_equals and not flex_bac
 #: issue 11's surviving mutants (text at the revision the issue reviewed), plus two wrong accumulation dtypes
 NAMED = [
     ("a: merge without the isfinite guard", "engines/blocksparse.py",
-     "    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))\n", ""),
+     "    top.masked_fill_(~torch.isfinite(top), 0.0)\n", ""),   # (the one merge, _merge_lse, since session 4)
     ("b: long-call row cut not advancing", "engines/blocksparse.py",
      "part = dataclasses.replace(op, r0=op.r0 + r, rows=n)", "part = dataclasses.replace(op, r0=op.r0, rows=n)"),
     ("c: backward causal path without the q_offset guard", "engines/autograd.py",

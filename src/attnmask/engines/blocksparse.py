@@ -920,8 +920,9 @@ def _run_key_set(plan: Plan, op: Op, q, k, v, scale: float, out, lse) -> None:
     products summed in float32, as the kernel's), with the additive mask of the cells the
     rest does not cover. The merge (:func:`_merge_lse`, pre-weighted) is folded into the
     second matmul: ``out`` is rescaled once and ``p @ v`` (its rows pre-weighted) is added
-    onto it, so no [rows, D] temporary is made. Rows whose cells are all masked keep their values (weight an exact 0); an op
-    that writes its rows first (a mask of key sets only) writes them, zeros / -inf included.
+    onto it, so no [rows, D] temporary is made. Rows whose cells are all masked keep their
+    values (weight an exact 0); an op that writes its rows first (a mask of key sets only)
+    writes them, zeros / -inf included.
     """
     acc = out.dtype
     Z, D = q.shape[0], q.shape[2]

@@ -376,9 +376,16 @@ def _backward_layouts(q_, k_, v_, o_, do_, lse0, layouts, head_layout, used, sca
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layouts, head_layout, scale):
-        # Reduced-precision inputs: the forward kernel already accumulates in float32.
-        out, lse = blocksparse_forward(q, k, v, layouts, head_layout, scale)
+        # Reduced-precision inputs: the forward accumulates in float32, and the backward gets that
+        # float32 output, not its bf16 rounding: delta = rowsum(dO * O) from a rounded O puts the
+        # output's rounding error into dQ and dK (measured: 3x the gradients' own bf16 rounding).
+        # It costs holding O in float32 (the backward makes a float32 copy of O anyway).
+        reduced = q.dtype in (torch.bfloat16, torch.float16)
+        out, lse = blocksparse_forward(q, k, v, layouts, head_layout, scale,
+                                       out_dtype=torch.float32 if reduced else None)
         ctx.save_for_backward(q, k, v, out, lse, head_layout)
+        if reduced:
+            out = out.to(q.dtype)
         ctx.layouts, ctx.scale = layouts, scale
         ctx.set_materialize_grads(False)   # an unused lse sends None: take the fused kernel path
         return out, lse

@@ -53,7 +53,7 @@ from ..errors import MaskValueError
 from ..layout import BlockLayout
 from .cache import ByteLRU, interned, tensor_bytes
 from ..threads import SMALL_OP as _SMALL_OP, SMALL_WORK as _SMALL_WORK, run_tasks, single_thread, threads_for
-from . import costs
+from . import costs, fused
 from .costs import BACKWARD, FORWARD, Direction
 
 __all__ = ["blocksparse_forward", "plan_for", "Plan", "head_runs", "plans"]
@@ -101,6 +101,7 @@ class Plan:
     causal: bool                                # the whole layout is exactly causal (one is_causal call)
     _typed: dict
     covered: bool = False                       # every row's first op writes it whole (no zero-fill needed)
+    kernel_items: object = None                 # the fused kernel's item table (engines/fused.py), on first use
 
     def nbytes(self) -> int:
         """Bytes the plan holds (its masks' additive copies are counted by ``plans`` when made)."""
@@ -1145,8 +1146,25 @@ def _layout_jobs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bloc
     return jobs
 
 
+def _forward_fused(q, k, v, items, covered: bool, scale: float, out, lse) -> None:
+    """An item table through the fused kernel (engines/fused.py), into float32 out / lse."""
+    acc = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32)
+    if not covered:
+        # Rows no item writes have no key: zeros and lse -inf.
+        acc.zero_()
+        lse.fill_(float("-inf"))
+    fused.run_items(items, q, k, v, scale, acc, lse)
+    if acc is not out:
+        out.copy_(acc)
+
+
 def _forward_segments(q, k, v, segments: list[tuple[int, int]], L: int, scale: float, out, lse) -> None:
     """One is_causal call per segment [a, b) of rows and keys; rows outside every segment attend nothing."""
+    if fused.usable(q.dtype, q.shape[-1]):
+        segments = tuple(segments)
+        _forward_fused(q, k, v, fused.causal_items(segments), sum(b - a for a, b in segments) == L,
+                       scale, out, lse)
+        return
     covered = 0
     for a, b in segments:
         o, l = _flash(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], 0.0, True, scale=scale)
@@ -1163,6 +1181,10 @@ def _forward_segments(q, k, v, segments: list[tuple[int, int]], L: int, scale: f
 
 def _forward_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan,
                    scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
+    if fused.usable(q.dtype, q.shape[-1]):
+        items = fused.causal_items(((0, q.shape[2]),)) if plan.causal else fused.plan_items(plan)
+        _forward_fused(q, k, v, items, plan.covered, scale, out, lse)
+        return
     if plan.causal:
         o, l = _flash(q, k, v, 0.0, True, scale=scale)
         out.copy_(o)
@@ -1192,13 +1214,15 @@ def _forward_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan
 
 
 def blocksparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layouts: list[BlockLayout],
-                        head_layout: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                        head_layout: torch.Tensor, scale: float,
+                        out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact masked attention computed only on the non-empty tiles of ``layouts``.
 
     q ``[B, H, Lq, D]``; k, v ``[B, Hkv, Lk, D]`` with H a multiple of Hkv (query
     head h reads kv head ``h // (H // Hkv)``); ``head_layout`` int64 ``[B, H]``
     says which entry of ``layouts`` applies to batch element b, head h.
-    Returns (out ``[B, H, Lq, D]`` in q's dtype, lse ``[B, H, Lq]`` float32, float64 for
+    Returns (out ``[B, H, Lq, D]`` in q's dtype (or ``out_dtype``: float32 keeps a bf16 call's
+    accumulator unrounded, for the backward), lse ``[B, H, Lq]`` float32, float64 for
     float64 inputs): the
     natural-log log-sum-exp of the scaled scores of each row, -inf (and an
     all-zero output row) where a row attends to no key. Inputs are assumed
@@ -1216,8 +1240,8 @@ def blocksparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     for lay in layouts:
         lay._check_lengths(Lq, Lk)
     if D == 0 or Lq == 0 or B == 0 or H == 0 or Lk == 0:
-        return q.new_zeros(q.shape), torch.full((B, H, Lq), float("-inf"), dtype=lse_dtype(q.dtype))
-    out = torch.empty(q.shape, dtype=q.dtype)
+        return q.new_zeros(q.shape, dtype=out_dtype or q.dtype), torch.full((B, H, Lq), float("-inf"), dtype=lse_dtype(q.dtype))
+    out = torch.empty(q.shape, dtype=out_dtype or q.dtype)
     lse = torch.empty((B, H, Lq), dtype=lse_dtype(q.dtype))
     head_layout = torch.as_tensor(head_layout, dtype=torch.int64)
     if head_layout.shape != (B, H):

@@ -1,0 +1,558 @@
+/* attnmask's fused CPU attention kernel: exact masked attention over a list of "items".
+ *
+ * An item is one query range against one key range (plus gathered keys in front), with an
+ * optional bit mask, the top-left causal mask, or no mask. It is exactly one call of the
+ * block-sparse plan (engines/blocksparse.py, Plan.items); engines/fused.py builds the tables.
+ * Items that cover the same rows are folded into one another by continuing the online softmax
+ * from the stored (out, lse) of the rows, so a plan needs no separate log-sum-exp merges.
+ *
+ * Why a kernel of our own (issue 13): ATen's CPU flash kernel turns bf16 into fp32 on
+ * machines without AMX, and pays a fixed cost per call and per query row that dominates
+ * narrow spans (sinks, key columns, narrow windows, per-head masks). This kernel
+ *   - keeps 16 query rows in the lanes of one AVX-512 register, so the softmax's row-wise
+ *     max and sum are plain vertical operations and every key is one broadcast operand;
+ *   - skips every 16-row x 16-key piece whose mask bits are all zero;
+ *   - for bf16 inputs uses AVX512-BF16 dot products (pairs of bf16 products summed into
+ *     fp32), the probabilities rounded to bf16 for P @ V as ATen's bf16 kernel does.
+ * Scores, the softmax and all accumulators are fp32. The order of every reduction is fixed
+ * by the item table, never by the thread count (the caller splits work by batch-head).
+ *
+ * No dependency on torch's C++ API: the module takes raw pointers and strides, so it builds
+ * with a C compiler and Python's headers alone, and is independent of the torch ABI.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TILE 64   /* keys per tile: the softmax rescales once per tile */
+#define GROUP 16  /* query rows per group: the lanes of one register */
+#define CHUNK 4   /* groups that share one packed K / V tile */
+#define MAX_D 256
+
+/* Columns of the int64 item table. */
+enum { I_R0, I_ROWS, I_K0, I_SPAN, I_MASK, I_FLAGS, I_X0, I_XN, I_E, I_COLS };
+enum { F_CAUSAL = 1, F_FIRST = 2 };
+
+typedef struct {
+    const char *q, *k, *v;
+    float *out, *lse;
+    /* Batch-heads are z = x * Y + y; per tensor the strides of x, y and rows, in elements. */
+    int64_t Y;
+    int64_t qx, qy, qr, kx, ky, kr, vx, vy, vr, ox, oy, orow, lx, ly, lr;
+    int64_t D;
+    int bf16;
+    float c; /* scale * log2(e): scores are kept in base 2 */
+    const int64_t *items;
+    int64_t n_items;
+    const int64_t *extras; /* (a, b) pairs */
+    const int64_t *masks;  /* addresses of uint16 bit masks: [ceil(rows / 16)][E + span] */
+} Problem;
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#include <immintrin.h>
+#define HAVE_AVX512 1
+#define T512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+#define TBF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+
+/* 2^x for x <= 128: Cody-Waite split x = n + f (|f| <= 1/2), a degree-7 polynomial for 2^f,
+ * then vscalefps. Inputs below -160 give exactly 0; NaN stays NaN. */
+static inline T512 __m512 exp2_ps(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-160.0f), x); /* (NaN in the second operand is returned) */
+    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(1.5252734e-05f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530e-04f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-02f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline int64_t z_off(const Problem *P, int64_t z, int64_t sx, int64_t sy) {
+    return (z / P->Y) * sx + (z % P->Y) * sy;
+}
+
+/* The position of key j of an item: gathered ranges first, then k0 + [0, span). */
+static inline int64_t key_pos(const Problem *P, const int64_t *it, int64_t j) {
+    int64_t E = it[I_E];
+    if (j >= E) return it[I_K0] + (j - E);
+    const int64_t *x = P->extras + 2 * it[I_X0];
+    for (int64_t i = 0; i < it[I_XN]; i++) {
+        int64_t n = x[2 * i + 1] - x[2 * i];
+        if (j < n) return x[2 * i] + j;
+        j -= n;
+    }
+    return -1; /* unreachable for a well-formed table */
+}
+
+/* Per-group state of the online softmax: base-2 running max, sum, and the output transposed. */
+typedef struct {
+    __m512 m, l;
+    float *acc; /* [D][GROUP] */
+} State;
+
+/* Work buffers of one call (64-byte aligned). */
+typedef struct {
+    float *qt;     /* CHUNK x [D][GROUP] fp32, or [D/2][GROUP] bf16 pairs */
+    float *acc;    /* CHUNK x [D][GROUP] */
+    float *p;      /* [TILE][GROUP] probabilities (fp32), or [TILE/2][GROUP] bf16 pairs */
+    char *kpack;   /* [TILE][D] keys of the tile, in the input dtype */
+    char *vpack;   /* [TILE][D] (fp32) or [TILE/2][D] bf16 pairs */
+    float s[TILE * GROUP] __attribute__((aligned(64)));
+} Work;
+
+/* The 16-row mask bits of key j for group g of an item (bit r: row g*16 + r may attend). */
+static inline uint16_t item_bits(const Problem *P, const int64_t *it, int64_t g, int64_t j, uint16_t valid) {
+    int64_t mi = it[I_MASK];
+    if (mi >= 0) {
+        const uint16_t *mb = (const uint16_t *)(intptr_t)P->masks[mi];
+        int64_t N = it[I_E] + it[I_SPAN];
+        return mb[g * N + j] & valid;
+    }
+    if (it[I_FLAGS] & F_CAUSAL) { /* row r sees key j when j <= r (top-left; no gathered keys) */
+        int64_t lo = j - g * GROUP; /* first lane that sees j */
+        if (lo <= 0) return valid;
+        if (lo >= GROUP) return 0;
+        return (uint16_t)(valid & (uint16_t)(0xFFFFu << lo));
+    }
+    return valid;
+}
+
+/* ---- fp32 --------------------------------------------------------------------------------- */
+
+static inline T512 void qk_f32(const float *qt, const float *kp, int64_t D, __m512 *s) {
+    __m512 a[16];
+    for (int j = 0; j < 16; j++) a[j] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d++) {
+        __m512 qv = _mm512_load_ps(qt + d * GROUP);
+        const float *kd = kp + d;
+        for (int j = 0; j < 16; j++) a[j] = _mm512_fmadd_ps(_mm512_set1_ps(kd[j * D]), qv, a[j]);
+    }
+    for (int j = 0; j < 16; j++) s[j] = a[j];
+}
+
+/* acc[d][.] += sum over the live 16-key pieces' keys t of p[t][.] * v[t][d]. */
+static inline T512 void pv_f32(const float *p, const float *vp, int64_t D, int64_t nt, unsigned live, float *acc) {
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        __m512 a[16];
+        for (int i = 0; i < 16; i++) a[i] = _mm512_load_ps(acc + (d0 + i) * GROUP);
+        for (int64_t t = 0; t < nt; t++) {
+            if (!(live >> (t / 16) & 1)) { t |= 15; continue; }
+            __m512 pt = _mm512_load_ps(p + t * GROUP);
+            const float *vt = vp + t * D + d0;
+            for (int i = 0; i < 16; i++) a[i] = _mm512_fmadd_ps(pt, _mm512_set1_ps(vt[i]), a[i]);
+        }
+        for (int i = 0; i < 16; i++) _mm512_store_ps(acc + (d0 + i) * GROUP, a[i]);
+    }
+}
+
+/* ---- bf16 --------------------------------------------------------------------------------- */
+
+static inline TBF16 void qk_bf16(const uint32_t *qt, const uint16_t *kp, int64_t D, __m512 *s) {
+    __m512 a[16];
+    for (int j = 0; j < 16; j++) a[j] = _mm512_setzero_ps();
+    for (int64_t d2 = 0; d2 < D / 2; d2++) {
+        __m512bh qv = (__m512bh)_mm512_load_si512((const void *)(qt + d2 * GROUP));
+        const uint16_t *kd = kp + 2 * d2;
+        for (int j = 0; j < 16; j++) {
+            uint32_t pair;
+            memcpy(&pair, kd + j * D, 4);
+            a[j] = _mm512_dpbf16_ps(a[j], qv, (__m512bh)_mm512_set1_epi32((int)pair));
+        }
+    }
+    for (int j = 0; j < 16; j++) s[j] = a[j];
+}
+
+static inline TBF16 void pv_bf16(const uint32_t *pp, const uint32_t *vp, int64_t D, int64_t nt2, unsigned live,
+                                 float *acc) {
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        __m512 a[16];
+        for (int i = 0; i < 16; i++) a[i] = _mm512_load_ps(acc + (d0 + i) * GROUP);
+        for (int64_t t2 = 0; t2 < nt2; t2++) {
+            if (!(live >> (t2 / 8) & 1)) { t2 |= 7; continue; }
+            __m512bh pt = (__m512bh)_mm512_load_si512((const void *)(pp + t2 * GROUP));
+            const uint32_t *vt = vp + t2 * D + d0;
+            for (int i = 0; i < 16; i++) a[i] = _mm512_dpbf16_ps(a[i], pt, (__m512bh)_mm512_set1_epi32((int)vt[i]));
+        }
+        for (int i = 0; i < 16; i++) _mm512_store_ps(acc + (d0 + i) * GROUP, a[i]);
+    }
+}
+
+/* ---- one item ----------------------------------------------------------------------------- */
+
+/* The softmax step of one group over one tile: scores s [TILE][GROUP] (already masked, base 2),
+ * nt keys of which the 16-key pieces in `live` hold any; writes probabilities to w->p and
+ * rescales the group's accumulator. Returns 0 when no lane has a key in this tile. */
+static inline T512 int softmax_tile(State *st, Work *w, int64_t D, int64_t nt, unsigned live, int bf16) {
+    __m512 neg = _mm512_set1_ps(-INFINITY);
+    __m512 mt = neg;
+    for (int64_t j = 0; j < nt; j++)
+        if (live >> (j / 16) & 1) mt = _mm512_max_ps(mt, _mm512_load_ps(w->s + j * GROUP));
+    __m512 mnew = _mm512_max_ps(st->m, mt);
+    __mmask16 has = _mm512_cmp_ps_mask(mnew, neg, _CMP_NEQ_OQ);
+    if (!has) return 0;
+    __m512 muse = _mm512_mask_blend_ps(has, _mm512_setzero_ps(), mnew); /* no (-inf) - (-inf) */
+    __m512 alpha = exp2_ps(_mm512_sub_ps(st->m, muse));
+    __m512 sum = _mm512_setzero_ps();
+    int64_t ntp = bf16 ? (nt + 1) & ~(int64_t)1 : nt;
+    for (int64_t j = 0; j < ntp; j++) {
+        __m512 p = _mm512_setzero_ps();
+        if (j < nt && (live >> (j / 16) & 1)) p = exp2_ps(_mm512_sub_ps(_mm512_load_ps(w->s + j * GROUP), muse));
+        sum = _mm512_add_ps(sum, p);
+        _mm512_store_ps(w->s + j * GROUP, p); /* probabilities overwrite the scores */
+    }
+    st->l = _mm512_fmadd_ps(st->l, alpha, sum);
+    st->m = mnew;
+    if (_mm512_cmp_ps_mask(alpha, _mm512_set1_ps(1.0f), _CMP_NEQ_UQ))
+        for (int64_t d = 0; d < D; d++)
+            _mm512_store_ps(st->acc + d * GROUP, _mm512_mul_ps(_mm512_load_ps(st->acc + d * GROUP), alpha));
+    return 1;
+}
+
+/* bf16 pairs of probabilities: lane r of pair t2 holds (p[2 t2][r], p[2 t2 + 1][r]). */
+static inline TBF16 void pack_probs(const float *p, int64_t nt2, uint32_t *pp) {
+    const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int64_t t2 = 0; t2 < nt2; t2++) {
+        __m512bh both = _mm512_cvtne2ps_pbh(_mm512_load_ps(p + (2 * t2 + 1) * GROUP), _mm512_load_ps(p + 2 * t2 * GROUP));
+        _mm512_store_si512((void *)(pp + t2 * GROUP), _mm512_permutexvar_epi16(idx, (__m512i)both));
+    }
+}
+
+static TBF16 void run_item_bf16(const Problem *P, int64_t z, const int64_t *it, Work *w);
+
+static T512 void run_item_f32(const Problem *P, int64_t z, const int64_t *it, Work *w) {
+    const int64_t D = P->D, rows = it[I_ROWS], N = it[I_E] + it[I_SPAN];
+    const int first = (it[I_FLAGS] & F_FIRST) != 0, causal = (it[I_FLAGS] & F_CAUSAL) != 0;
+    const float *q = (const float *)P->q + z_off(P, z, P->qx, P->qy);
+    const float *k = (const float *)P->k + z_off(P, z, P->kx, P->ky);
+    const float *v = (const float *)P->v + z_off(P, z, P->vx, P->vy);
+    float *out = P->out + z_off(P, z, P->ox, P->oy);
+    float *lse = P->lse + z_off(P, z, P->lx, P->ly);
+    const __m512 c = _mm512_set1_ps(P->c), neg = _mm512_set1_ps(-INFINITY);
+    for (int64_t rc = 0; rc < rows; rc += CHUNK * GROUP) {
+        int64_t ng = (rows - rc + GROUP - 1) / GROUP;
+        if (ng > CHUNK) ng = CHUNK;
+        State st[CHUNK];
+        uint16_t valid[CHUNK];
+        for (int64_t g = 0; g < ng; g++) {
+            int64_t r0 = rc + g * GROUP, nr = rows - r0 < GROUP ? rows - r0 : GROUP;
+            valid[g] = (uint16_t)(nr >= 16 ? 0xFFFFu : (1u << nr) - 1);
+            float *qt = w->qt + g * D * GROUP;
+            st[g].acc = w->acc + g * D * GROUP;
+            float m[GROUP], l[GROUP];
+            for (int64_t r = 0; r < GROUP; r++) {
+                int64_t row = it[I_R0] + r0 + (r < nr ? r : 0);
+                const float *qr = q + row * P->qr;
+                for (int64_t d = 0; d < D; d++) qt[d * GROUP + r] = r < nr ? qr[d] : 0.0f;
+                float l0 = first || r >= nr ? -INFINITY : lse[row * P->lr];
+                const float *o = out + row * P->orow;
+                int on = l0 != -INFINITY;
+                m[r] = on ? l0 * 1.4426950408889634f : -INFINITY;
+                l[r] = on ? 1.0f : 0.0f;
+                for (int64_t d = 0; d < D; d++) st[g].acc[d * GROUP + r] = on ? o[d] : 0.0f;
+            }
+            st[g].m = _mm512_loadu_ps(m);
+            st[g].l = _mm512_loadu_ps(l);
+        }
+        int64_t kend = N;
+        if (causal && rc + ng * GROUP < kend) kend = rc + ng * GROUP;
+        for (int64_t t0 = 0; t0 < kend; t0 += TILE) {
+            int64_t nt = kend - t0 < TILE ? kend - t0 : TILE;
+            unsigned live[CHUNK], any = 0;
+            for (int64_t g = 0; g < ng; g++) {
+                live[g] = 0;
+                for (int64_t j = 0; j < nt; j++)
+                    if (item_bits(P, it, rc / GROUP + g, t0 + j, valid[g])) live[g] |= 1u << (j / 16);
+                any |= live[g];
+            }
+            if (!any) continue;
+            /* K and V rows of the tile, contiguous: strided or gathered keys become [nt][D]. */
+            const float *kp, *vp;
+            int64_t p0 = key_pos(P, it, t0);
+            int contiguous = t0 >= it[I_E] && P->kr == D && P->vr == D;
+            if (contiguous) {
+                kp = k + p0 * D;
+                vp = v + p0 * D;
+            } else {
+                float *kb = (float *)w->kpack, *vb = (float *)w->vpack;
+                for (int64_t j = 0; j < nt; j++) {
+                    int64_t pos = key_pos(P, it, t0 + j);
+                    memcpy(kb + j * D, k + pos * P->kr, D * 4);
+                    memcpy(vb + j * D, v + pos * P->vr, D * 4);
+                }
+                kp = kb;
+                vp = vb;
+            }
+            for (int64_t g = 0; g < ng; g++) {
+                if (!live[g]) continue;
+                const float *qt = w->qt + g * D * GROUP;
+                for (int64_t j0 = 0; j0 < nt; j0 += 16) {
+                    __m512 s[16];
+                    int64_t nj = nt - j0 < 16 ? nt - j0 : 16;
+                    if (live[g] >> (j0 / 16) & 1) {
+                        if (nj == 16) {
+                            qk_f32(qt, kp + j0 * D, D, s);
+                        } else { /* a short last piece: compute on a padded copy */
+                            float *pad = (float *)w->kpack + (contiguous ? 0 : TILE * D);
+                            memcpy(pad, kp + j0 * D, nj * D * 4);
+                            memset(pad + nj * D, 0, (16 - nj) * D * 4);
+                            qk_f32(qt, pad, D, s);
+                        }
+                        for (int64_t j = 0; j < 16; j++) {
+                            __mmask16 b = j < nj ? item_bits(P, it, rc / GROUP + g, t0 + j0 + j, valid[g]) : 0;
+                            _mm512_store_ps(w->s + (j0 + j) * GROUP, _mm512_mask_mul_ps(neg, b, s[j], c));
+                        }
+                    }
+                }
+                if (!softmax_tile(&st[g], w, D, nt, live[g], 0)) continue;
+                pv_f32(w->s, vp, D, nt, live[g], st[g].acc);
+            }
+        }
+        for (int64_t g = 0; g < ng; g++) {
+            int64_t r0 = rc + g * GROUP;
+            float m[GROUP], l[GROUP];
+            _mm512_storeu_ps(m, st[g].m);
+            _mm512_storeu_ps(l, st[g].l);
+            for (int64_t r = 0; r < GROUP && r0 + r < rows; r++) {
+                int64_t row = it[I_R0] + r0 + r;
+                float *o = out + row * P->orow;
+                if (l[r] > 0.0f) {
+                    float inv = 1.0f / l[r];
+                    for (int64_t d = 0; d < D; d++) o[d] = st[g].acc[d * GROUP + r] * inv;
+                    lse[row * P->lr] = (m[r] + log2f(l[r])) * 0.6931471805599453f;
+                } else {
+                    for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+                    lse[row * P->lr] = -INFINITY;
+                }
+            }
+        }
+    }
+}
+
+static TBF16 void run_item_bf16(const Problem *P, int64_t z, const int64_t *it, Work *w) {
+    const int64_t D = P->D, rows = it[I_ROWS], N = it[I_E] + it[I_SPAN];
+    const int first = (it[I_FLAGS] & F_FIRST) != 0, causal = (it[I_FLAGS] & F_CAUSAL) != 0;
+    const uint16_t *q = (const uint16_t *)P->q + z_off(P, z, P->qx, P->qy);
+    const uint16_t *k = (const uint16_t *)P->k + z_off(P, z, P->kx, P->ky);
+    const uint16_t *v = (const uint16_t *)P->v + z_off(P, z, P->vx, P->vy);
+    float *out = P->out + z_off(P, z, P->ox, P->oy);
+    float *lse = P->lse + z_off(P, z, P->lx, P->ly);
+    const __m512 c = _mm512_set1_ps(P->c), neg = _mm512_set1_ps(-INFINITY);
+    for (int64_t rc = 0; rc < rows; rc += CHUNK * GROUP) {
+        int64_t ng = (rows - rc + GROUP - 1) / GROUP;
+        if (ng > CHUNK) ng = CHUNK;
+        State st[CHUNK];
+        uint16_t valid[CHUNK];
+        for (int64_t g = 0; g < ng; g++) {
+            int64_t r0 = rc + g * GROUP, nr = rows - r0 < GROUP ? rows - r0 : GROUP;
+            valid[g] = (uint16_t)(nr >= 16 ? 0xFFFFu : (1u << nr) - 1);
+            uint32_t *qt = (uint32_t *)w->qt + g * (D / 2) * GROUP;
+            st[g].acc = w->acc + g * D * GROUP;
+            float m[GROUP], l[GROUP];
+            for (int64_t r = 0; r < GROUP; r++) {
+                int64_t row = it[I_R0] + r0 + (r < nr ? r : 0);
+                const uint16_t *qr = q + row * P->qr;
+                for (int64_t d2 = 0; d2 < D / 2; d2++) {
+                    uint32_t pair = (uint32_t)qr[2 * d2] | ((uint32_t)qr[2 * d2 + 1] << 16);
+                    qt[d2 * GROUP + r] = r < nr ? pair : 0u;
+                }
+                float l0 = first || r >= nr ? -INFINITY : lse[row * P->lr];
+                const float *o = out + row * P->orow;
+                int on = l0 != -INFINITY;
+                m[r] = on ? l0 * 1.4426950408889634f : -INFINITY;
+                l[r] = on ? 1.0f : 0.0f;
+                for (int64_t d = 0; d < D; d++) st[g].acc[d * GROUP + r] = on ? o[d] : 0.0f;
+            }
+            st[g].m = _mm512_loadu_ps(m);
+            st[g].l = _mm512_loadu_ps(l);
+        }
+        int64_t kend = N;
+        if (causal && rc + ng * GROUP < kend) kend = rc + ng * GROUP;
+        for (int64_t t0 = 0; t0 < kend; t0 += TILE) {
+            int64_t nt = kend - t0 < TILE ? kend - t0 : TILE;
+            unsigned live[CHUNK], any = 0;
+            for (int64_t g = 0; g < ng; g++) {
+                live[g] = 0;
+                for (int64_t j = 0; j < nt; j++)
+                    if (item_bits(P, it, rc / GROUP + g, t0 + j, valid[g])) live[g] |= 1u << (j / 16);
+                any |= live[g];
+            }
+            if (!any) continue;
+            /* Keys of the tile as [TILE][D] (zero rows past nt); values as bf16 pairs of keys. */
+            uint16_t *kb = (uint16_t *)w->kpack;
+            uint32_t *vb = (uint32_t *)w->vpack;
+            int64_t nt2 = (nt + 1) / 2;
+            for (int64_t j = 0; j < TILE; j++) {
+                if (j < nt) memcpy(kb + j * D, k + key_pos(P, it, t0 + j) * P->kr, D * 2);
+                else if (j < ((nt + 15) & ~(int64_t)15)) memset(kb + j * D, 0, D * 2);
+            }
+            for (int64_t t2 = 0; t2 < nt2; t2++) {
+                const uint16_t *v0 = v + key_pos(P, it, t0 + 2 * t2) * P->vr;
+                const uint16_t *v1 = 2 * t2 + 1 < nt ? v + key_pos(P, it, t0 + 2 * t2 + 1) * P->vr : NULL;
+                uint32_t *dst = vb + t2 * D;
+                if (v1)
+                    for (int64_t d = 0; d < D; d++) dst[d] = (uint32_t)v0[d] | ((uint32_t)v1[d] << 16);
+                else
+                    for (int64_t d = 0; d < D; d++) dst[d] = (uint32_t)v0[d];
+            }
+            for (int64_t g = 0; g < ng; g++) {
+                if (!live[g]) continue;
+                const uint32_t *qt = (const uint32_t *)w->qt + g * (D / 2) * GROUP;
+                for (int64_t j0 = 0; j0 < nt; j0 += 16) {
+                    if (!(live[g] >> (j0 / 16) & 1)) continue;
+                    __m512 s[16];
+                    int64_t nj = nt - j0 < 16 ? nt - j0 : 16;
+                    qk_bf16(qt, kb + j0 * D, D, s);
+                    for (int64_t j = 0; j < 16; j++) {
+                        __mmask16 b = j < nj ? item_bits(P, it, rc / GROUP + g, t0 + j0 + j, valid[g]) : 0;
+                        _mm512_store_ps(w->s + (j0 + j) * GROUP, _mm512_mask_mul_ps(neg, b, s[j], c));
+                    }
+                }
+                if (!softmax_tile(&st[g], w, D, nt, live[g], 1)) continue;
+                pack_probs(w->s, nt2, (uint32_t *)w->p);
+                pv_bf16((const uint32_t *)w->p, vb, D, nt2, live[g], st[g].acc);
+            }
+        }
+        for (int64_t g = 0; g < ng; g++) {
+            int64_t r0 = rc + g * GROUP;
+            float m[GROUP], l[GROUP];
+            _mm512_storeu_ps(m, st[g].m);
+            _mm512_storeu_ps(l, st[g].l);
+            for (int64_t r = 0; r < GROUP && r0 + r < rows; r++) {
+                int64_t row = it[I_R0] + r0 + r;
+                float *o = out + row * P->orow;
+                if (l[r] > 0.0f) {
+                    float inv = 1.0f / l[r];
+                    for (int64_t d = 0; d < D; d++) o[d] = st[g].acc[d * GROUP + r] * inv;
+                    lse[row * P->lr] = (m[r] + log2f(l[r])) * 0.6931471805599453f;
+                } else {
+                    for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+                    lse[row * P->lr] = -INFINITY;
+                }
+            }
+        }
+    }
+}
+
+static int cpu_has(int bf16) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+    int f = (b >> 16) & 1, dq = (b >> 17) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1;
+    /* the OS must save the zmm and opmask state (XCR0 bits 1, 2, 5, 6, 7) */
+    unsigned lo, hi;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !((c >> 27) & 1)) return 0;
+    __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & 0xE6) != 0xE6) return 0;
+    if (!(f && dq && bw && vl)) return 0;
+    if (!bf16) return 1;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return 0;
+    return (a >> 5) & 1; /* AVX512_BF16 */
+}
+#else
+#define HAVE_AVX512 0
+static int cpu_has(int bf16) { (void)bf16; return 0; }
+#endif
+
+/* ---- Python interface --------------------------------------------------------------------- */
+
+static PyObject *py_supports(PyObject *self, PyObject *args) {
+    int bf16;
+    if (!PyArg_ParseTuple(args, "p", &bf16)) return NULL;
+    return PyBool_FromLong(cpu_has(bf16));
+}
+
+/* run(q, k, v, out, lse, Y, strides(15), D, bf16, c, items, n_items, extras, masks, z0, z1) */
+static PyObject *py_run(PyObject *self, PyObject *args) {
+    unsigned long long q, k, v, out, lse, items, extras, masks;
+    Problem P;
+    long long s[15], Y, D, n_items, z0, z1;
+    int bf16;
+    double c;
+    if (!PyArg_ParseTuple(args, "KKKKKL(LLLLLLLLLLLLLLL)LpdKLKKLL", &q, &k, &v, &out, &lse, &Y, &s[0], &s[1], &s[2],
+                          &s[3], &s[4], &s[5], &s[6], &s[7], &s[8], &s[9], &s[10], &s[11], &s[12], &s[13], &s[14],
+                          &D, &bf16, &c, &items, &n_items, &extras, &masks, &z0, &z1))
+        return NULL;
+    if (Y < 1) {
+        PyErr_SetString(PyExc_ValueError, "Y must be >= 1");
+        return NULL;
+    }
+    if (D <= 0 || D > MAX_D || D % 16) {
+        PyErr_Format(PyExc_ValueError, "head dim must be a multiple of 16 up to %d, got %lld", MAX_D, D);
+        return NULL;
+    }
+    if (!cpu_has(bf16)) {
+        PyErr_SetString(PyExc_RuntimeError, bf16 ? "this CPU has no AVX512-BF16" : "this CPU has no AVX-512");
+        return NULL;
+    }
+#if HAVE_AVX512
+    P.q = (const char *)(uintptr_t)q;
+    P.k = (const char *)(uintptr_t)k;
+    P.v = (const char *)(uintptr_t)v;
+    P.out = (float *)(uintptr_t)out;
+    P.lse = (float *)(uintptr_t)lse;
+    P.Y = Y;
+    P.qx = s[0], P.qy = s[1], P.qr = s[2], P.kx = s[3], P.ky = s[4], P.kr = s[5], P.vx = s[6], P.vy = s[7];
+    P.vr = s[8], P.ox = s[9], P.oy = s[10], P.orow = s[11], P.lx = s[12], P.ly = s[13], P.lr = s[14];
+    P.D = D;
+    P.bf16 = bf16;
+    P.c = (float)c;
+    P.items = (const int64_t *)(uintptr_t)items;
+    P.n_items = n_items;
+    P.extras = (const int64_t *)(uintptr_t)extras;
+    P.masks = (const int64_t *)(uintptr_t)masks;
+    Work w;
+    size_t qt = CHUNK * MAX_D * GROUP * 4, acc = CHUNK * MAX_D * GROUP * 4, pb = TILE * GROUP * 4;
+    size_t kp = 2 * TILE * MAX_D * 4, vp = TILE * MAX_D * 4;
+    char *mem = aligned_alloc(64, qt + acc + pb + kp + vp);
+    if (!mem) return PyErr_NoMemory();
+    w.qt = (float *)mem;
+    w.acc = (float *)(mem + qt);
+    w.p = (float *)(mem + qt + acc);
+    w.kpack = mem + qt + acc + pb;
+    w.vpack = mem + qt + acc + pb + kp;
+    Py_BEGIN_ALLOW_THREADS
+    for (int64_t z = z0; z < z1; z++)
+        for (int64_t i = 0; i < P.n_items; i++) {
+            const int64_t *it = P.items + i * I_COLS;
+            if (bf16) run_item_bf16(&P, z, it, &w);
+            else run_item_f32(&P, z, it, &w);
+        }
+    Py_END_ALLOW_THREADS
+    free(mem);
+#endif
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"run", py_run, METH_VARARGS, "Run an item table over batch-heads [z0, z1) (see engines/fused.py)."},
+    {"supports", py_supports, METH_VARARGS, "supports(bf16): whether this CPU can run the kernel."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_attend", "attnmask's fused CPU attention kernel.", -1,
+                                    methods};
+
+PyMODINIT_FUNC PyInit__attend(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m) {
+        PyModule_AddIntConstant(m, "COLUMNS", I_COLS);
+        PyModule_AddIntConstant(m, "GROUP", GROUP);
+        PyModule_AddIntConstant(m, "MAX_D", MAX_D);
+    }
+    return m;
+}

@@ -1,0 +1,174 @@
+"""The fused CPU kernel (``csrc/attend.c``, built by the install as ``engines._attend``): plans as one call.
+
+A block-sparse plan (:mod:`attnmask.engines.blocksparse`) is a list of items: query rows
+``[r0, r0 + rows)`` against gathered keys and ``[k0, k0 + span)``, with a bool mask, the
+top-left causal mask, or none. The pure-PyTorch path makes one ATen flash call per op and
+merges overlapping results by log-sum-exp; the kernel runs the whole item table in one call
+per thread, continuing each row's online softmax from what earlier items stored, with
+16 query rows in the lanes of one AVX-512 register, every all-masked 16 x 16 piece skipped,
+and AVX512-BF16 dot products for bf16 inputs (fp32 accumulation, probabilities rounded to
+bf16 for P @ V, as ATen's bf16 kernel does).
+
+When it is used (``usable``): the extension was built, the CPU has AVX-512 (and AVX512-BF16
+for bf16 inputs), the dtype is float32 or bfloat16, the head dim a multiple of 16 up to 256,
+and ``ATTNMASK_KERNEL`` is not ``0``. Otherwise the engine runs the ATen path, and
+:func:`status` says why (``attnmask info`` prints it): nothing falls back silently.
+
+    >>> import torch
+    >>> status()["built"] in (True, False)
+    True
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+
+import numpy as np
+import torch
+
+from ..threads import run_tasks
+
+__all__ = ["status", "usable", "run_items", "plan_items", "causal_items"]
+
+try:                                     # built by `pip install -e .` (setup.py); optional
+    from . import _attend
+    _IMPORT_ERROR = None
+except ImportError as exc:               # noqa: F841 (reported by status())
+    _attend = None
+    _IMPORT_ERROR = str(exc)
+
+_DTYPES = {torch.float32: False, torch.bfloat16: True}
+_FIRST, _CAUSAL = 2, 1
+_LOG2E = 1.4426950408889634
+#: Below this many scores per thread a call stays on one thread (a task hand-off costs ~20 us).
+PARALLEL_SCORES = 1 << 17
+
+
+def _supports(bf16: bool) -> bool:
+    return _attend is not None and _attend.supports(bf16)
+
+
+def status() -> dict:
+    """Whether the kernel is built and usable here, per dtype, with the reason when not.
+
+        >>> sorted(status())
+        ['bfloat16', 'built', 'enabled', 'float32', 'reason']
+    """
+    enabled = os.environ.get("ATTNMASK_KERNEL", "1") != "0"
+    if _attend is None:
+        reason = f"not built ({_IMPORT_ERROR}); reinstall with a C compiler: pip install -e ."
+    elif not enabled:
+        reason = "disabled by ATTNMASK_KERNEL=0"
+    elif not _supports(False):
+        reason = "this CPU has no AVX-512 (the engine uses ATen's flash kernel)"
+    elif not _supports(True):
+        reason = "this CPU has no AVX512-BF16: bfloat16 uses ATen's flash kernel"
+    else:
+        reason = ""
+    return {"built": _attend is not None, "enabled": enabled,
+            "float32": enabled and _supports(False), "bfloat16": enabled and _supports(True), "reason": reason}
+
+
+def usable(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the kernel runs attention of ``dtype`` with this head dim here (see the module docstring)."""
+    if dtype not in _DTYPES or head_dim % 16 or not 0 < head_dim <= 256:
+        return False
+    if os.environ.get("ATTNMASK_KERNEL", "1") == "0":
+        return False
+    return _supports(_DTYPES[dtype])
+
+
+class Items:
+    """An item table ready for the kernel: int64 [n, COLUMNS] rows, the gathered ranges and packed masks.
+
+    ``scores`` is the number of (row, key) cells the items span (the work, for threading)."""
+
+    def __init__(self, rows: list[list[int]], extras: list[tuple[int, int]], masks: list[torch.Tensor]):
+        self.table = torch.tensor(rows, dtype=torch.int64).reshape(-1, _attend.COLUMNS if _attend else 9)
+        self.extras = torch.tensor(extras or [(0, 0)], dtype=torch.int64)
+        self.bits = [_pack_bits(m) for m in masks]
+        self.addresses = torch.tensor([b.data_ptr() for b in self.bits] or [0], dtype=torch.int64)
+        self.scores = int(sum(r[1] * (r[8] + r[3]) for r in rows))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [self.table, self.extras, self.addresses, *self.bits])
+
+
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool [rows, N] -> uint16 bits [ceil(rows / 16), N]: bit r of [g, j] is mask[16 g + r, j]."""
+    rows, N = mask.shape
+    G = -(-rows // 16)
+    m = torch.zeros((G * 16, N), dtype=torch.int32)
+    m[:rows] = mask
+    bits = (m.view(G, 16, N) << torch.arange(16, dtype=torch.int32).view(1, 16, 1)).sum(1)
+    return torch.from_numpy(bits.numpy().astype(np.uint16))
+
+
+_lock = threading.Lock()
+
+
+def plan_items(plan) -> Items:
+    """The plan's item table, built once and kept on the plan.
+
+    The plan's byte count (``Plan.nbytes``) already holds a float32 additive copy of every
+    mask that the ATen path makes on first use; the kernel never makes those, and its
+    packed bits are 1/8 of the bool masks, so the cache's accounting stays an upper bound."""
+    items = plan.kernel_items
+    if items is None:
+        with _lock:
+            if plan.kernel_items is None:
+                rows, extras = [], []
+                index: dict[tuple, int] = {}
+                for op in plan.ops:
+                    x0 = index.get(op.extra)
+                    if x0 is None:
+                        x0 = index[op.extra] = len(extras)
+                        extras.extend(op.extra)
+                    E = sum(b - a for a, b in op.extra)
+                    flags = (_CAUSAL if op.causal else 0) | (_FIRST if op.first else 0)
+                    mask = -1 if op.mask is None else op.mask
+                    for g in range(op.G):
+                        rows.append([op.r0 + g * op.dr, op.rows, op.k0 + g * op.dk, op.span, mask, flags,
+                                     x0, len(op.extra), E])
+                plan.kernel_items = Items(rows, extras, plan.masks)
+            items = plan.kernel_items
+    return items
+
+
+@functools.lru_cache(maxsize=256)
+def causal_items(segments: tuple[tuple[int, int], ...]) -> Items:
+    """One top-left causal item per segment ``[a, b)`` of rows and keys (``causal``, documents)."""
+    return Items([[a, b - a, a, b - a, -1, _CAUSAL | _FIRST, 0, 0, 0] for a, b in segments], [], [])
+
+
+def run_items(items: Items, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Run ``items`` on q [X, Y, Lq, D], k/v [X, Y, Lk, D] (any strides, D contiguous; stride 0 allowed
+    on X and Y), writing out [X, Y, Lq, D] float32 and lse [X, Y, Lq] float32 in place.
+
+    Rows no item writes are left as they are (the caller zero-fills when the plan does not cover
+    every row). Batch-heads are split over ``torch.get_num_threads()`` threads when the work is
+    large enough; each batch-head's bits do not depend on the split.
+    """
+    X, Y, Lq, D = q.shape
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    tensors = []
+    for t in (q, k, v, out):
+        if t.stride(-1) != 1:
+            raise ValueError("the fused kernel needs the head dim contiguous")
+        tensors.append(t)
+    strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()]
+    bf16 = q.dtype == torch.bfloat16
+    args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), Y, tuple(strides), D, bf16,
+            scale * _LOG2E, items.table.data_ptr(), items.table.shape[0], items.extras.data_ptr(),
+            items.addresses.data_ptr())
+    Z = X * Y
+    n = min(torch.get_num_threads(), Z, max(1, items.scores * Z // PARALLEL_SCORES))
+    if n <= 1:
+        _attend.run(*args, 0, Z)
+        return
+    cuts = [Z * i // n for i in range(n + 1)]
+    run_tasks([lambda a=a, b=b: _attend.run(*args, a, b) for a, b in zip(cuts, cuts[1:])],
+              [b - a for a, b in zip(cuts, cuts[1:])])

@@ -104,8 +104,13 @@ class Plan:
     kernel_items: object = None                 # the fused kernel's item table (engines/fused.py), on first use
 
     def nbytes(self) -> int:
-        """Bytes the plan holds (its masks' additive copies are counted by ``plans`` when made)."""
-        return tensor_bytes(self.masks) + tensor_bytes(self.row_empty) + 128 * len(self.ops) + 256
+        """Bytes the plan holds: masks, rows-empty vectors, ops, and a bound on the fused kernel's
+        item table (engines/fused.py, made on first use: 72 bytes an item, 16 a gathered range, the
+        masks packed 16 rows to 2 bytes a key). The masks' additive copies (the ATen path) are
+        counted by ``plans`` when made (``ByteLRU.derived``)."""
+        kernel = sum(72 * op.G + 16 * len(op.extra) for op in self.ops) \
+            + sum(2 * -(-m.shape[0] // 16) * m.shape[-1] + 8 for m in self.masks)
+        return tensor_bytes(self.masks) + tensor_bytes(self.row_empty) + 128 * len(self.ops) + kernel + 256
 
     def items(self):
         """Every op's items one by one: ``(row0, rows, k0, span, mask, causal, extra)``."""
@@ -130,8 +135,8 @@ class Plan:
 #: Plans of both directions, keyed by the layout's value (mask, shape, offset, blocks) and the
 #: direction, bounded in bytes (masks, ops, and the masks' additive copies once made). Masks are
 #: interned (plans of one mask at every length hold the same tiles), so each is counted once: 30
-#: layers of nine different masks at 1K / 2K / 4K, both directions, hold ~100 MB with float32
-#: copies (tests/test_engine_models.py).
+#: layers of nine different masks at 256 / 512 / 1K, both directions, hold ~39 MB, ~136 MB with
+#: every float32 copy made (tests/test_engine_models.py).
 plans = ByteLRU(256 << 20)
 
 

@@ -164,6 +164,41 @@ static inline int64_t live_pieces(const Problem *P, const int64_t *it, int64_t g
     return n;
 }
 
+/* r[16] <- its transpose: r[j] lane i = old r[i] lane j (32-bit elements; 64 shuffles). */
+static inline T512 void transpose16(__m512 *r) {
+    __m512 t[16];
+    for (int i = 0; i < 4; i++) { /* 4x4 transposes inside each 128-bit lane, rows 4i..4i+3 */
+        __m512 a = _mm512_unpacklo_ps(r[4 * i], r[4 * i + 1]), b = _mm512_unpackhi_ps(r[4 * i], r[4 * i + 1]);
+        __m512 c = _mm512_unpacklo_ps(r[4 * i + 2], r[4 * i + 3]), d = _mm512_unpackhi_ps(r[4 * i + 2], r[4 * i + 3]);
+        t[4 * i] = _mm512_shuffle_ps(a, c, _MM_SHUFFLE(1, 0, 1, 0));
+        t[4 * i + 1] = _mm512_shuffle_ps(a, c, _MM_SHUFFLE(3, 2, 3, 2));
+        t[4 * i + 2] = _mm512_shuffle_ps(b, d, _MM_SHUFFLE(1, 0, 1, 0));
+        t[4 * i + 3] = _mm512_shuffle_ps(b, d, _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int c = 0; c < 4; c++) { /* then the 4x4 transpose of 128-bit lanes */
+        __m512 x = _mm512_shuffle_f32x4(t[c], t[4 + c], _MM_SHUFFLE(1, 0, 1, 0));
+        __m512 y = _mm512_shuffle_f32x4(t[c], t[4 + c], _MM_SHUFFLE(3, 2, 3, 2));
+        __m512 x2 = _mm512_shuffle_f32x4(t[8 + c], t[12 + c], _MM_SHUFFLE(1, 0, 1, 0));
+        __m512 y2 = _mm512_shuffle_f32x4(t[8 + c], t[12 + c], _MM_SHUFFLE(3, 2, 3, 2));
+        r[c] = _mm512_shuffle_f32x4(x, x2, _MM_SHUFFLE(2, 0, 2, 0));
+        r[4 + c] = _mm512_shuffle_f32x4(x, x2, _MM_SHUFFLE(3, 1, 3, 1));
+        r[8 + c] = _mm512_shuffle_f32x4(y, y2, _MM_SHUFFLE(2, 0, 2, 0));
+        r[12 + c] = _mm512_shuffle_f32x4(y, y2, _MM_SHUFFLE(3, 1, 3, 1));
+    }
+}
+
+/* dst[c][r] = rows[r][c] for c < cols (a multiple of 16), r < 16: the group's queries with lanes
+ * as rows, as 32-bit elements (floats, or pairs of bf16); rows past nr are zeros. */
+static inline T512 void rows_to_lanes(const char *base, int64_t row_bytes, int64_t nr, int64_t cols, float *dst) {
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+        __m512 r[16];
+        for (int64_t i = 0; i < 16; i++)
+            r[i] = i < nr ? _mm512_loadu_ps((const float *)(base + i * row_bytes) + c0) : _mm512_setzero_ps();
+        transpose16(r);
+        for (int j = 0; j < 16; j++) _mm512_store_ps(dst + (c0 + j) * GROUP, r[j]);
+    }
+}
+
 /* Row state in: a first item starts empty; a later one continues from the stored (out, lse):
  * running max lse (base 2), sum 1, accumulator the stored output (exactly the online softmax
  * after the earlier keys). Rows with lse -inf hold nothing yet. */
@@ -196,18 +231,18 @@ static inline T512 void store_state(const Problem *P, const int64_t *it, float *
     float mv[GROUP], lv[GROUP];
     _mm512_storeu_ps(mv, m);
     _mm512_storeu_ps(lv, l);
-    for (int64_t r = 0; r < nr; r++) {
-        int64_t row = it[I_R0] + r0 + r;
-        float *o = out + row * P->orow;
-        if (lv[r] > 0.0f) {
-            float inv = 1.0f / lv[r];
-            for (int64_t d = 0; d < D; d++) o[d] = acc[d * GROUP + r] * inv;
-            lse[row * P->lr] = (mv[r] + log2f(lv[r])) * 0.6931471805599453f;
-        } else {
-            for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
-            lse[row * P->lr] = -INFINITY;
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        __m512 r[16];
+        for (int i = 0; i < 16; i++) r[i] = _mm512_load_ps(acc + (d0 + i) * GROUP);
+        transpose16(r); /* r[row] = that row's output, columns d0 .. d0 + 15 */
+        for (int64_t i = 0; i < nr; i++) {
+            float *o = out + (it[I_R0] + r0 + i) * P->orow + d0;
+            __m512 inv = _mm512_set1_ps(lv[i] > 0.0f ? 1.0f / lv[i] : 0.0f);
+            _mm512_storeu_ps(o, _mm512_mul_ps(r[i], inv));
         }
     }
+    for (int64_t i = 0; i < nr; i++)
+        lse[(it[I_R0] + r0 + i) * P->lr] = lv[i] > 0.0f ? (mv[i] + log2f(lv[i])) * 0.6931471805599453f : -INFINITY;
 }
 
 /* One softmax step over nk masked base-2 scores (s: [nk][GROUP]): updates m and l, turns the

@@ -36,17 +36,9 @@ static ITEM_TARGET void ITEM_FN(const Problem *P, int64_t z, const int64_t *it, 
         const int64_t nlive = live_pieces(P, it, g, valid, w->live);
         __m512 m, l;
         load_state(P, it, out, lse, r0, nr, &m, &l, w->acc);
-        /* the group's queries, transposed: lanes are rows (padding rows are zeros) */
-        for (int64_t r = 0; r < GROUP; r++) {
-            const ELEM *qr = q + (it[I_R0] + r0 + (r < nr ? r : 0)) * P->qr;
-#if ITEM_BF16
-            uint32_t *qt = (uint32_t *)w->qt;
-            for (int64_t d2 = 0; d2 < D / 2; d2++)
-                qt[d2 * GROUP + r] = r < nr ? ((uint32_t)qr[2 * d2] | ((uint32_t)qr[2 * d2 + 1] << 16)) : 0u;
-#else
-            for (int64_t d = 0; d < D; d++) w->qt[d * GROUP + r] = r < nr ? qr[d] : 0.0f;
-#endif
-        }
+        /* the group's queries, transposed: lanes are rows (as pairs of bf16 for bf16) */
+        rows_to_lanes((const char *)(q + (it[I_R0] + r0) * P->qr), P->qr * (int64_t)sizeof(ELEM), nr,
+                      D * (int64_t)sizeof(ELEM) / 4, w->qt);
         for (int64_t b0 = 0; b0 < nlive; b0 += BATCH) {
             const int64_t nb = nlive - b0 < BATCH ? nlive - b0 : BATCH;
             int64_t nj[BATCH];

@@ -288,7 +288,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, *, scale:
     ``scale`` defaults to ``1 / sqrt(D)``. Rows with no allowed key give zeros
     and lse = -inf; so does ``Lk = 0``, and ``Lq = 0`` gives an empty output (as SDPA),
     both with gradients (zeros) and without compiling anything. Returns out ``[B, H, Lq, D]``
-    in q's dtype, or ``(out, lse)`` with lse ``[B, H, Lq]`` (float32; float64 for float64 inputs) when ``return_lse``.
+    in q's dtype, or ``(out, lse)`` with lse ``[B, H, Lq]`` (float32; float64 for float64
+    inputs) when ``return_lse``.
     ``backend``: ``"auto"`` (blocksparse on CPU, flex on CUDA), ``"blocksparse"``,
     ``"dense"`` or ``"flex"``; a backend that cannot run the inputs raises a
     MaskError listing why. ``block_size`` is used when compiling a Mask.

@@ -1290,7 +1290,8 @@ def _forward_groups(q, k, v, layouts, head_layout, used, scale, out, lse):
                             layouts[li], scale, out[bs, h0:h1], lse[bs, h0:h1])
         tasks.append(lambda jobs=jobs: [job() for job in jobs])
         work.append(layouts[li].attended_pairs() * (bs.stop - bs.start) * n)
-    if sum(work) >= costs.SIDE_BY_SIDE_PAIRS:
+    side_by_side = costs.SIDE_BY_SIDE_PAIRS_FUSED if fused.usable(q.dtype, D) else costs.SIDE_BY_SIDE_PAIRS
+    if sum(work) >= side_by_side:
         run_tasks(tasks, work)
     else:
         for task in tasks:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 __all__ = ["Direction", "FORWARD", "BACKWARD", "kernel_cost", "causal_call_cost", "pieces_cost",
            "KERNEL_SLICE_FACTORS", "SUB_ROWS", "MIN_SUB_ROWS", "FINE_PIECES_REPEATS", "SPLIT_GAIN", "REGION_GAIN", "SPLIT_FULL_BLOCKS", "ONE_CALL_BLOCKS",
-           "GATHER_KEYS", "GATHER_SPAN_ROWS", "KEY_SET_KEYS", "KEY_SET_ROWS", "KEY_SET_CELLS", "KEY_SET_JOIN_RUNS", "SIDE_BY_SIDE_PAIRS", "MIN_SEGMENT_ROWS", "CHUNK_BYTES", "KEYS_PER_CALL", "KEY_MAJOR_ROWS",
+           "GATHER_KEYS", "GATHER_SPAN_ROWS", "KEY_SET_KEYS", "KEY_SET_ROWS", "KEY_SET_CELLS", "KEY_SET_JOIN_RUNS", "SIDE_BY_SIDE_PAIRS", "SIDE_BY_SIDE_PAIRS_FUSED", "MIN_SEGMENT_ROWS", "CHUNK_BYTES", "KEYS_PER_CALL", "KEY_MAJOR_ROWS",
            "BACKWARD_ROW_COSTS", "MIN_BACKWARD_ROWS", "backward_cost"]
 
 #: Relative cost per score of the forward kernel by its query slice (256, 64, 32 rows: calls of
@@ -84,6 +84,10 @@ KEY_SET_JOIN_RUNS = 3
 #: in turn: L=4096 (9.5M pairs) 44.4 / 56.3; L=1024 (1.4M pairs) 13.9 / 12.9 (Python's share of
 #: small calls, serialised by the GIL, eats the gain), benchmarks/results/model_shapes.md.
 SIDE_BY_SIDE_PAIRS = 1 << 22
+#: The same with the fused kernel (engines/fused.py), which holds no GIL for a whole head problem:
+#: side by side pays from small work on. Measured (lead, under the CPU lock, 2 threads) on SmolLM2's
+#: nine masks at L = 1024 (1.4M pairs): see benchmarks/results/model_shapes.md.
+SIDE_BY_SIDE_PAIRS_FUSED = 1 << 17
 #: ``causal & document(...)`` runs one is_causal call per document when documents average at least
 #: this many rows (below, the calls' fixed costs outweigh the plan's merged calls).
 MIN_SEGMENT_ROWS = 256

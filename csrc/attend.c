@@ -27,9 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define TILE 64   /* keys per tile: the softmax rescales once per tile */
-#define GROUP 16  /* query rows per group: the lanes of one register */
-#define CHUNK 4   /* groups that share one packed K / V tile */
+#define GROUP 16 /* query rows per group: the lanes of one register */
 #define MAX_D 256
 
 /* Columns of the int64 item table. */
@@ -99,23 +97,22 @@ static inline int64_t key_pos(const Problem *P, const int64_t *it, int64_t j) {
     return -1; /* unreachable for a well-formed table */
 }
 
-/* Per-group state of the online softmax: base-2 running max, sum, and the output transposed. */
-typedef struct {
-    __m512 m, l;
-    float *acc; /* [D][GROUP] */
-} State;
+#define BATCH 4 /* live 16-key pieces per softmax step: the accumulator is rescaled once per step */
 
-/* Work buffers of one call (64-byte aligned). */
+/* Work buffers of one call (64-byte aligned). Pieces are item-relative: piece p holds keys
+ * [16 p, 16 p + 16) of the item's E + span keys. */
 typedef struct {
-    float *qt;     /* CHUNK x [D][GROUP] fp32, or [D/2][GROUP] bf16 pairs */
-    float *acc;    /* CHUNK x [D][GROUP] */
-    float *p;      /* [TILE][GROUP] probabilities (fp32), or [TILE/2][GROUP] bf16 pairs */
-    char *kpack;   /* [TILE][D] keys of the tile, in the input dtype */
-    char *vpack;   /* [TILE][D] (fp32) or [TILE/2][D] bf16 pairs */
-    float s[TILE * GROUP] __attribute__((aligned(64)));
+    float *qt;       /* [D][GROUP] fp32, or [D/2][GROUP] bf16 pairs (uint32) */
+    float *acc;      /* [D][GROUP]: the group's output, transposed */
+    uint32_t *pp;    /* [BATCH * 8][GROUP] bf16 pairs of probabilities */
+    char *kbuf;      /* [pieces][16][D] keys in the input dtype, copied on first use in an item */
+    char *vbuf;      /* [pieces][16][D] fp32 values, or [pieces][8][D] bf16 pairs of values */
+    uint8_t *packed; /* [pieces]: bit 0 keys copied, bit 1 values copied (reset per item) */
+    int32_t *live;   /* [pieces]: the live pieces of the current group */
+    float s[BATCH * 16 * GROUP] __attribute__((aligned(64)));
 } Work;
 
-/* The 16-row mask bits of key j for group g of an item (bit r: row g*16 + r may attend). */
+/* The 16-row mask bits of key j for group g of an item (bit r: row 16 g + r may attend). */
 static inline uint16_t item_bits(const Problem *P, const int64_t *it, int64_t g, int64_t j, uint16_t valid) {
     int64_t mi = it[I_MASK];
     if (mi >= 0) {
@@ -124,7 +121,7 @@ static inline uint16_t item_bits(const Problem *P, const int64_t *it, int64_t g,
         return mb[g * N + j] & valid;
     }
     if (it[I_FLAGS] & F_CAUSAL) { /* row r sees key j when j <= r (top-left; no gathered keys) */
-        int64_t lo = j - g * GROUP; /* first lane that sees j */
+        int64_t lo = j - g * GROUP; /* the first lane that sees j */
         if (lo <= 0) return valid;
         if (lo >= GROUP) return 0;
         return (uint16_t)(valid & (uint16_t)(0xFFFFu << lo));
@@ -132,95 +129,194 @@ static inline uint16_t item_bits(const Problem *P, const int64_t *it, int64_t g,
     return valid;
 }
 
+/* Pieces: the item's gathered keys [0, E) in pieces of 16 (the last one narrow), then the span's
+ * keys [E, N) in pieces of 16 from E, so that a 4-key sink costs a 4-key piece. */
+static inline int64_t piece_count(const int64_t *it) {
+    return (it[I_E] + 15) / 16 + (it[I_SPAN] + 15) / 16;
+}
+
+static inline void piece_keys(const int64_t *it, int64_t p, int64_t *j0, int64_t *nj) {
+    const int64_t E = it[I_E], pe = (E + 15) / 16, N = E + it[I_SPAN];
+    *j0 = p < pe ? 16 * p : E + 16 * (p - pe);
+    int64_t end = p < pe ? E : N;
+    *nj = end - *j0 < 16 ? end - *j0 : 16;
+}
+
+/* The pieces group g must visit, in key order: those with a mask bit for its rows, the causal
+ * triangle's pieces 0..g, or all. Returns their count. */
+static inline int64_t live_pieces(const Problem *P, const int64_t *it, int64_t g, uint16_t valid, int32_t *live) {
+    const int64_t np = piece_count(it), mi = it[I_MASK];
+    int64_t n = 0;
+    if (mi >= 0) {
+        const int64_t N = it[I_E] + it[I_SPAN];
+        const uint16_t *mb = (const uint16_t *)(intptr_t)P->masks[mi] + g * N;
+        for (int64_t p = 0; p < np; p++) {
+            int64_t j0, nj;
+            piece_keys(it, p, &j0, &nj);
+            uint16_t any = 0;
+            for (int64_t j = 0; j < nj; j++) any |= mb[j0 + j];
+            if (any & valid) live[n++] = (int32_t)p;
+        }
+        return n;
+    }
+    int64_t last = (it[I_FLAGS] & F_CAUSAL) && g < np - 1 ? g : np - 1;
+    for (int64_t p = 0; p <= last; p++) live[n++] = (int32_t)p;
+    return n;
+}
+
+/* r[16] <- its transpose: r[j] lane i = old r[i] lane j (32-bit elements; 64 shuffles). */
+static inline T512 void transpose16(__m512 *r) {
+    __m512 t[16];
+    for (int i = 0; i < 4; i++) { /* 4x4 transposes inside each 128-bit lane, rows 4i..4i+3 */
+        __m512 a = _mm512_unpacklo_ps(r[4 * i], r[4 * i + 1]), b = _mm512_unpackhi_ps(r[4 * i], r[4 * i + 1]);
+        __m512 c = _mm512_unpacklo_ps(r[4 * i + 2], r[4 * i + 3]), d = _mm512_unpackhi_ps(r[4 * i + 2], r[4 * i + 3]);
+        t[4 * i] = _mm512_shuffle_ps(a, c, _MM_SHUFFLE(1, 0, 1, 0));
+        t[4 * i + 1] = _mm512_shuffle_ps(a, c, _MM_SHUFFLE(3, 2, 3, 2));
+        t[4 * i + 2] = _mm512_shuffle_ps(b, d, _MM_SHUFFLE(1, 0, 1, 0));
+        t[4 * i + 3] = _mm512_shuffle_ps(b, d, _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int c = 0; c < 4; c++) { /* then the 4x4 transpose of 128-bit lanes */
+        __m512 x = _mm512_shuffle_f32x4(t[c], t[4 + c], _MM_SHUFFLE(1, 0, 1, 0));
+        __m512 y = _mm512_shuffle_f32x4(t[c], t[4 + c], _MM_SHUFFLE(3, 2, 3, 2));
+        __m512 x2 = _mm512_shuffle_f32x4(t[8 + c], t[12 + c], _MM_SHUFFLE(1, 0, 1, 0));
+        __m512 y2 = _mm512_shuffle_f32x4(t[8 + c], t[12 + c], _MM_SHUFFLE(3, 2, 3, 2));
+        r[c] = _mm512_shuffle_f32x4(x, x2, _MM_SHUFFLE(2, 0, 2, 0));
+        r[4 + c] = _mm512_shuffle_f32x4(x, x2, _MM_SHUFFLE(3, 1, 3, 1));
+        r[8 + c] = _mm512_shuffle_f32x4(y, y2, _MM_SHUFFLE(2, 0, 2, 0));
+        r[12 + c] = _mm512_shuffle_f32x4(y, y2, _MM_SHUFFLE(3, 1, 3, 1));
+    }
+}
+
+/* dst[c][r] = rows[r][c] for c < cols (a multiple of 16), r < 16: the group's queries with lanes
+ * as rows, as 32-bit elements (floats, or pairs of bf16); rows past nr are zeros. */
+static inline T512 void rows_to_lanes(const char *base, int64_t row_bytes, int64_t nr, int64_t cols, float *dst) {
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+        __m512 r[16];
+        for (int64_t i = 0; i < 16; i++)
+            r[i] = i < nr ? _mm512_loadu_ps((const float *)(base + i * row_bytes) + c0) : _mm512_setzero_ps();
+        transpose16(r);
+        for (int j = 0; j < 16; j++) _mm512_store_ps(dst + (c0 + j) * GROUP, r[j]);
+    }
+}
+
+/* Row state in: a first item starts empty; a later one continues from the stored (out, lse):
+ * running max lse (base 2), sum 1, accumulator the stored output (exactly the online softmax
+ * after the earlier keys). Rows with lse -inf hold nothing yet. */
+static inline T512 void load_state(const Problem *P, const int64_t *it, const float *out, const float *lse,
+                                   int64_t r0, int64_t nr, __m512 *m, __m512 *l, float *acc) {
+    const int64_t D = P->D;
+    float mv[GROUP], lv[GROUP];
+    int any = 0;
+    for (int64_t r = 0; r < GROUP; r++) {
+        float l0 = (it[I_FLAGS] & F_FIRST) || r >= nr ? -INFINITY : lse[(it[I_R0] + r0 + r) * P->lr];
+        mv[r] = l0 == -INFINITY ? -INFINITY : l0 * 1.4426950408889634f;
+        lv[r] = l0 == -INFINITY ? 0.0f : 1.0f;
+        any |= l0 != -INFINITY;
+    }
+    *m = _mm512_loadu_ps(mv);
+    *l = _mm512_loadu_ps(lv);
+    for (int64_t d = 0; d < D; d++) _mm512_store_ps(acc + d * GROUP, _mm512_setzero_ps());
+    if (!any) return;
+    for (int64_t r = 0; r < nr; r++) {
+        if (lv[r] == 0.0f) continue;
+        const float *o = out + (it[I_R0] + r0 + r) * P->orow;
+        for (int64_t d = 0; d < D; d++) acc[d * GROUP + r] = o[d];
+    }
+}
+
+/* Row state out: out = acc / l, lse = (m + log2 l) ln 2; rows with no key: zeros and -inf. */
+static inline T512 void store_state(const Problem *P, const int64_t *it, float *out, float *lse, int64_t r0,
+                                    int64_t nr, __m512 m, __m512 l, const float *acc) {
+    const int64_t D = P->D;
+    float mv[GROUP], lv[GROUP];
+    _mm512_storeu_ps(mv, m);
+    _mm512_storeu_ps(lv, l);
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        __m512 r[16];
+        for (int i = 0; i < 16; i++) r[i] = _mm512_load_ps(acc + (d0 + i) * GROUP);
+        transpose16(r); /* r[row] = that row's output, columns d0 .. d0 + 15 */
+        for (int64_t i = 0; i < nr; i++) {
+            float *o = out + (it[I_R0] + r0 + i) * P->orow + d0;
+            __m512 inv = _mm512_set1_ps(lv[i] > 0.0f ? 1.0f / lv[i] : 0.0f);
+            _mm512_storeu_ps(o, _mm512_mul_ps(r[i], inv));
+        }
+    }
+    for (int64_t i = 0; i < nr; i++)
+        lse[(it[I_R0] + r0 + i) * P->lr] = lv[i] > 0.0f ? (mv[i] + log2f(lv[i])) * 0.6931471805599453f : -INFINITY;
+}
+
+/* One softmax step over nk masked base-2 scores (s: [nk][GROUP]): updates m and l, turns the
+ * scores into probabilities in place and rescales the accumulator. 0 when no lane has a key yet. */
+static inline T512 int softmax_step(__m512 *m, __m512 *l, float *acc, float *s, int64_t nk, int64_t D) {
+    const __m512 neg = _mm512_set1_ps(-INFINITY);
+    __m512 mt = neg;
+    for (int64_t j = 0; j < nk; j++) mt = _mm512_max_ps(mt, _mm512_load_ps(s + j * GROUP));
+    __m512 mnew = _mm512_max_ps(*m, mt);
+    __mmask16 has = _mm512_cmp_ps_mask(mnew, neg, _CMP_NEQ_OQ);
+    if (!has) return 0;
+    __m512 muse = _mm512_mask_blend_ps(has, _mm512_setzero_ps(), mnew); /* no (-inf) - (-inf) */
+    __m512 alpha = exp2_ps(_mm512_sub_ps(*m, muse));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < nk; j++) {
+        __m512 p = exp2_ps(_mm512_sub_ps(_mm512_load_ps(s + j * GROUP), muse));
+        sum = _mm512_add_ps(sum, p);
+        _mm512_store_ps(s + j * GROUP, p);
+    }
+    *l = _mm512_fmadd_ps(*l, alpha, sum);
+    *m = mnew;
+    if (_mm512_cmp_ps_mask(alpha, _mm512_set1_ps(1.0f), _CMP_NEQ_UQ))
+        for (int64_t d = 0; d < D; d++)
+            _mm512_store_ps(acc + d * GROUP, _mm512_mul_ps(_mm512_load_ps(acc + d * GROUP), alpha));
+    return 1;
+}
+
 /* ---- fp32 --------------------------------------------------------------------------------- */
 
-static inline T512 void qk_f32(const float *qt, const float *kp, int64_t D, __m512 *s) {
+/* s[j] = sum_d qt[d][.] * kp[j][d] for the J keys of a piece (kp: [J][D]; J = 16, or 8 for a narrow one). */
+static inline __attribute__((always_inline)) T512 void qk_f32(const float *qt, const float *kp, int64_t D, __m512 *s,
+                                                               const int J) {
     __m512 a[16];
-    for (int j = 0; j < 16; j++) a[j] = _mm512_setzero_ps();
+    for (int j = 0; j < J; j++) a[j] = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d++) {
         __m512 qv = _mm512_load_ps(qt + d * GROUP);
         const float *kd = kp + d;
-        for (int j = 0; j < 16; j++) a[j] = _mm512_fmadd_ps(_mm512_set1_ps(kd[j * D]), qv, a[j]);
+        for (int j = 0; j < J; j++) a[j] = _mm512_fmadd_ps(_mm512_set1_ps(kd[j * D]), qv, a[j]);
     }
-    for (int j = 0; j < 16; j++) s[j] = a[j];
+    for (int j = 0; j < J; j++) s[j] = a[j];
 }
 
-/* acc[d][.] += sum over the live 16-key pieces' keys t of p[t][.] * v[t][d]. */
-static inline T512 void pv_f32(const float *p, const float *vp, int64_t D, int64_t nt, unsigned live, float *acc) {
+/* acc[d][.] += sum over the step's pieces' keys t of p[t][.] * v[t][d]. */
+static inline T512 void pv_f32(const float *p, const float *const *vp, const int64_t *nj, int64_t nb, int64_t D,
+                               float *acc) {
     for (int64_t d0 = 0; d0 < D; d0 += 16) {
         __m512 a[16];
         for (int i = 0; i < 16; i++) a[i] = _mm512_load_ps(acc + (d0 + i) * GROUP);
-        for (int64_t t = 0; t < nt; t++) {
-            if (!(live >> (t / 16) & 1)) { t |= 15; continue; }
-            __m512 pt = _mm512_load_ps(p + t * GROUP);
-            const float *vt = vp + t * D + d0;
-            for (int i = 0; i < 16; i++) a[i] = _mm512_fmadd_ps(pt, _mm512_set1_ps(vt[i]), a[i]);
-        }
+        for (int64_t b = 0; b < nb; b++)
+            for (int64_t t = 0; t < nj[b]; t++) {
+                __m512 pt = _mm512_load_ps(p + (16 * b + t) * GROUP);
+                const float *vt = vp[b] + t * D + d0;
+                for (int i = 0; i < 16; i++) a[i] = _mm512_fmadd_ps(pt, _mm512_set1_ps(vt[i]), a[i]);
+            }
         for (int i = 0; i < 16; i++) _mm512_store_ps(acc + (d0 + i) * GROUP, a[i]);
     }
 }
 
 /* ---- bf16 --------------------------------------------------------------------------------- */
 
-static inline TBF16 void qk_bf16(const uint32_t *qt, const uint16_t *kp, int64_t D, __m512 *s) {
+static inline __attribute__((always_inline)) TBF16 void qk_bf16(const uint32_t *qt, const uint16_t *kp, int64_t D,
+                                                                  __m512 *s, const int J) {
     __m512 a[16];
-    for (int j = 0; j < 16; j++) a[j] = _mm512_setzero_ps();
+    for (int j = 0; j < J; j++) a[j] = _mm512_setzero_ps();
     for (int64_t d2 = 0; d2 < D / 2; d2++) {
         __m512bh qv = (__m512bh)_mm512_load_si512((const void *)(qt + d2 * GROUP));
         const uint16_t *kd = kp + 2 * d2;
-        for (int j = 0; j < 16; j++) {
+        for (int j = 0; j < J; j++) {
             uint32_t pair;
             memcpy(&pair, kd + j * D, 4);
             a[j] = _mm512_dpbf16_ps(a[j], qv, (__m512bh)_mm512_set1_epi32((int)pair));
         }
     }
-    for (int j = 0; j < 16; j++) s[j] = a[j];
-}
-
-static inline TBF16 void pv_bf16(const uint32_t *pp, const uint32_t *vp, int64_t D, int64_t nt2, unsigned live,
-                                 float *acc) {
-    for (int64_t d0 = 0; d0 < D; d0 += 16) {
-        __m512 a[16];
-        for (int i = 0; i < 16; i++) a[i] = _mm512_load_ps(acc + (d0 + i) * GROUP);
-        for (int64_t t2 = 0; t2 < nt2; t2++) {
-            if (!(live >> (t2 / 8) & 1)) { t2 |= 7; continue; }
-            __m512bh pt = (__m512bh)_mm512_load_si512((const void *)(pp + t2 * GROUP));
-            const uint32_t *vt = vp + t2 * D + d0;
-            for (int i = 0; i < 16; i++) a[i] = _mm512_dpbf16_ps(a[i], pt, (__m512bh)_mm512_set1_epi32((int)vt[i]));
-        }
-        for (int i = 0; i < 16; i++) _mm512_store_ps(acc + (d0 + i) * GROUP, a[i]);
-    }
-}
-
-/* ---- one item ----------------------------------------------------------------------------- */
-
-/* The softmax step of one group over one tile: scores s [TILE][GROUP] (already masked, base 2),
- * nt keys of which the 16-key pieces in `live` hold any; writes probabilities to w->p and
- * rescales the group's accumulator. Returns 0 when no lane has a key in this tile. */
-static inline T512 int softmax_tile(State *st, Work *w, int64_t D, int64_t nt, unsigned live, int bf16) {
-    __m512 neg = _mm512_set1_ps(-INFINITY);
-    __m512 mt = neg;
-    for (int64_t j = 0; j < nt; j++)
-        if (live >> (j / 16) & 1) mt = _mm512_max_ps(mt, _mm512_load_ps(w->s + j * GROUP));
-    __m512 mnew = _mm512_max_ps(st->m, mt);
-    __mmask16 has = _mm512_cmp_ps_mask(mnew, neg, _CMP_NEQ_OQ);
-    if (!has) return 0;
-    __m512 muse = _mm512_mask_blend_ps(has, _mm512_setzero_ps(), mnew); /* no (-inf) - (-inf) */
-    __m512 alpha = exp2_ps(_mm512_sub_ps(st->m, muse));
-    __m512 sum = _mm512_setzero_ps();
-    int64_t ntp = bf16 ? (nt + 1) & ~(int64_t)1 : nt;
-    for (int64_t j = 0; j < ntp; j++) {
-        __m512 p = _mm512_setzero_ps();
-        if (j < nt && (live >> (j / 16) & 1)) p = exp2_ps(_mm512_sub_ps(_mm512_load_ps(w->s + j * GROUP), muse));
-        sum = _mm512_add_ps(sum, p);
-        _mm512_store_ps(w->s + j * GROUP, p); /* probabilities overwrite the scores */
-    }
-    st->l = _mm512_fmadd_ps(st->l, alpha, sum);
-    st->m = mnew;
-    if (_mm512_cmp_ps_mask(alpha, _mm512_set1_ps(1.0f), _CMP_NEQ_UQ))
-        for (int64_t d = 0; d < D; d++)
-            _mm512_store_ps(st->acc + d * GROUP, _mm512_mul_ps(_mm512_load_ps(st->acc + d * GROUP), alpha));
-    return 1;
+    for (int j = 0; j < J; j++) s[j] = a[j];
 }
 
 /* bf16 pairs of probabilities: lane r of pair t2 holds (p[2 t2][r], p[2 t2 + 1][r]). */
@@ -233,221 +329,31 @@ static inline TBF16 void pack_probs(const float *p, int64_t nt2, uint32_t *pp) {
     }
 }
 
-static TBF16 void run_item_bf16(const Problem *P, int64_t z, const int64_t *it, Work *w);
-
-static T512 void run_item_f32(const Problem *P, int64_t z, const int64_t *it, Work *w) {
-    const int64_t D = P->D, rows = it[I_ROWS], N = it[I_E] + it[I_SPAN];
-    const int first = (it[I_FLAGS] & F_FIRST) != 0, causal = (it[I_FLAGS] & F_CAUSAL) != 0;
-    const float *q = (const float *)P->q + z_off(P, z, P->qx, P->qy);
-    const float *k = (const float *)P->k + z_off(P, z, P->kx, P->ky);
-    const float *v = (const float *)P->v + z_off(P, z, P->vx, P->vy);
-    float *out = P->out + z_off(P, z, P->ox, P->oy);
-    float *lse = P->lse + z_off(P, z, P->lx, P->ly);
-    const __m512 c = _mm512_set1_ps(P->c), neg = _mm512_set1_ps(-INFINITY);
-    for (int64_t rc = 0; rc < rows; rc += CHUNK * GROUP) {
-        int64_t ng = (rows - rc + GROUP - 1) / GROUP;
-        if (ng > CHUNK) ng = CHUNK;
-        State st[CHUNK];
-        uint16_t valid[CHUNK];
-        for (int64_t g = 0; g < ng; g++) {
-            int64_t r0 = rc + g * GROUP, nr = rows - r0 < GROUP ? rows - r0 : GROUP;
-            valid[g] = (uint16_t)(nr >= 16 ? 0xFFFFu : (1u << nr) - 1);
-            float *qt = w->qt + g * D * GROUP;
-            st[g].acc = w->acc + g * D * GROUP;
-            float m[GROUP], l[GROUP];
-            for (int64_t r = 0; r < GROUP; r++) {
-                int64_t row = it[I_R0] + r0 + (r < nr ? r : 0);
-                const float *qr = q + row * P->qr;
-                for (int64_t d = 0; d < D; d++) qt[d * GROUP + r] = r < nr ? qr[d] : 0.0f;
-                float l0 = first || r >= nr ? -INFINITY : lse[row * P->lr];
-                const float *o = out + row * P->orow;
-                int on = l0 != -INFINITY;
-                m[r] = on ? l0 * 1.4426950408889634f : -INFINITY;
-                l[r] = on ? 1.0f : 0.0f;
-                for (int64_t d = 0; d < D; d++) st[g].acc[d * GROUP + r] = on ? o[d] : 0.0f;
+/* acc[d][.] += sum over pairs of keys of (p, p') . (v[d], v'[d]) (vp: per piece [8][D] pairs). */
+static inline TBF16 void pv_bf16(const uint32_t *pp, const uint32_t *const *vp, const int64_t *nj, int64_t nb,
+                                 int64_t D, float *acc) {
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        __m512 a[16];
+        for (int i = 0; i < 16; i++) a[i] = _mm512_load_ps(acc + (d0 + i) * GROUP);
+        for (int64_t b = 0; b < nb; b++)
+            for (int64_t t2 = 0; t2 < (nj[b] + 1) / 2; t2++) {
+                __m512bh pt = (__m512bh)_mm512_load_si512((const void *)(pp + (8 * b + t2) * GROUP));
+                const uint32_t *vt = vp[b] + t2 * D + d0;
+                for (int i = 0; i < 16; i++)
+                    a[i] = _mm512_dpbf16_ps(a[i], pt, (__m512bh)_mm512_set1_epi32((int)vt[i]));
             }
-            st[g].m = _mm512_loadu_ps(m);
-            st[g].l = _mm512_loadu_ps(l);
-        }
-        int64_t kend = N;
-        if (causal && rc + ng * GROUP < kend) kend = rc + ng * GROUP;
-        for (int64_t t0 = 0; t0 < kend; t0 += TILE) {
-            int64_t nt = kend - t0 < TILE ? kend - t0 : TILE;
-            unsigned live[CHUNK], any = 0;
-            for (int64_t g = 0; g < ng; g++) {
-                live[g] = 0;
-                for (int64_t j = 0; j < nt; j++)
-                    if (item_bits(P, it, rc / GROUP + g, t0 + j, valid[g])) live[g] |= 1u << (j / 16);
-                any |= live[g];
-            }
-            if (!any) continue;
-            /* K and V rows of the tile, contiguous: strided or gathered keys become [nt][D]. */
-            const float *kp, *vp;
-            int64_t p0 = key_pos(P, it, t0);
-            int contiguous = t0 >= it[I_E] && P->kr == D && P->vr == D;
-            if (contiguous) {
-                kp = k + p0 * D;
-                vp = v + p0 * D;
-            } else {
-                float *kb = (float *)w->kpack, *vb = (float *)w->vpack;
-                for (int64_t j = 0; j < nt; j++) {
-                    int64_t pos = key_pos(P, it, t0 + j);
-                    memcpy(kb + j * D, k + pos * P->kr, D * 4);
-                    memcpy(vb + j * D, v + pos * P->vr, D * 4);
-                }
-                kp = kb;
-                vp = vb;
-            }
-            for (int64_t g = 0; g < ng; g++) {
-                if (!live[g]) continue;
-                const float *qt = w->qt + g * D * GROUP;
-                for (int64_t j0 = 0; j0 < nt; j0 += 16) {
-                    __m512 s[16];
-                    int64_t nj = nt - j0 < 16 ? nt - j0 : 16;
-                    if (live[g] >> (j0 / 16) & 1) {
-                        if (nj == 16) {
-                            qk_f32(qt, kp + j0 * D, D, s);
-                        } else { /* a short last piece: compute on a padded copy */
-                            float *pad = (float *)w->kpack + (contiguous ? 0 : TILE * D);
-                            memcpy(pad, kp + j0 * D, nj * D * 4);
-                            memset(pad + nj * D, 0, (16 - nj) * D * 4);
-                            qk_f32(qt, pad, D, s);
-                        }
-                        for (int64_t j = 0; j < 16; j++) {
-                            __mmask16 b = j < nj ? item_bits(P, it, rc / GROUP + g, t0 + j0 + j, valid[g]) : 0;
-                            _mm512_store_ps(w->s + (j0 + j) * GROUP, _mm512_mask_mul_ps(neg, b, s[j], c));
-                        }
-                    }
-                }
-                if (!softmax_tile(&st[g], w, D, nt, live[g], 0)) continue;
-                pv_f32(w->s, vp, D, nt, live[g], st[g].acc);
-            }
-        }
-        for (int64_t g = 0; g < ng; g++) {
-            int64_t r0 = rc + g * GROUP;
-            float m[GROUP], l[GROUP];
-            _mm512_storeu_ps(m, st[g].m);
-            _mm512_storeu_ps(l, st[g].l);
-            for (int64_t r = 0; r < GROUP && r0 + r < rows; r++) {
-                int64_t row = it[I_R0] + r0 + r;
-                float *o = out + row * P->orow;
-                if (l[r] > 0.0f) {
-                    float inv = 1.0f / l[r];
-                    for (int64_t d = 0; d < D; d++) o[d] = st[g].acc[d * GROUP + r] * inv;
-                    lse[row * P->lr] = (m[r] + log2f(l[r])) * 0.6931471805599453f;
-                } else {
-                    for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
-                    lse[row * P->lr] = -INFINITY;
-                }
-            }
-        }
+        for (int i = 0; i < 16; i++) _mm512_store_ps(acc + (d0 + i) * GROUP, a[i]);
     }
 }
 
-static TBF16 void run_item_bf16(const Problem *P, int64_t z, const int64_t *it, Work *w) {
-    const int64_t D = P->D, rows = it[I_ROWS], N = it[I_E] + it[I_SPAN];
-    const int first = (it[I_FLAGS] & F_FIRST) != 0, causal = (it[I_FLAGS] & F_CAUSAL) != 0;
-    const uint16_t *q = (const uint16_t *)P->q + z_off(P, z, P->qx, P->qy);
-    const uint16_t *k = (const uint16_t *)P->k + z_off(P, z, P->kx, P->ky);
-    const uint16_t *v = (const uint16_t *)P->v + z_off(P, z, P->vx, P->vy);
-    float *out = P->out + z_off(P, z, P->ox, P->oy);
-    float *lse = P->lse + z_off(P, z, P->lx, P->ly);
-    const __m512 c = _mm512_set1_ps(P->c), neg = _mm512_set1_ps(-INFINITY);
-    for (int64_t rc = 0; rc < rows; rc += CHUNK * GROUP) {
-        int64_t ng = (rows - rc + GROUP - 1) / GROUP;
-        if (ng > CHUNK) ng = CHUNK;
-        State st[CHUNK];
-        uint16_t valid[CHUNK];
-        for (int64_t g = 0; g < ng; g++) {
-            int64_t r0 = rc + g * GROUP, nr = rows - r0 < GROUP ? rows - r0 : GROUP;
-            valid[g] = (uint16_t)(nr >= 16 ? 0xFFFFu : (1u << nr) - 1);
-            uint32_t *qt = (uint32_t *)w->qt + g * (D / 2) * GROUP;
-            st[g].acc = w->acc + g * D * GROUP;
-            float m[GROUP], l[GROUP];
-            for (int64_t r = 0; r < GROUP; r++) {
-                int64_t row = it[I_R0] + r0 + (r < nr ? r : 0);
-                const uint16_t *qr = q + row * P->qr;
-                for (int64_t d2 = 0; d2 < D / 2; d2++) {
-                    uint32_t pair = (uint32_t)qr[2 * d2] | ((uint32_t)qr[2 * d2 + 1] << 16);
-                    qt[d2 * GROUP + r] = r < nr ? pair : 0u;
-                }
-                float l0 = first || r >= nr ? -INFINITY : lse[row * P->lr];
-                const float *o = out + row * P->orow;
-                int on = l0 != -INFINITY;
-                m[r] = on ? l0 * 1.4426950408889634f : -INFINITY;
-                l[r] = on ? 1.0f : 0.0f;
-                for (int64_t d = 0; d < D; d++) st[g].acc[d * GROUP + r] = on ? o[d] : 0.0f;
-            }
-            st[g].m = _mm512_loadu_ps(m);
-            st[g].l = _mm512_loadu_ps(l);
-        }
-        int64_t kend = N;
-        if (causal && rc + ng * GROUP < kend) kend = rc + ng * GROUP;
-        for (int64_t t0 = 0; t0 < kend; t0 += TILE) {
-            int64_t nt = kend - t0 < TILE ? kend - t0 : TILE;
-            unsigned live[CHUNK], any = 0;
-            for (int64_t g = 0; g < ng; g++) {
-                live[g] = 0;
-                for (int64_t j = 0; j < nt; j++)
-                    if (item_bits(P, it, rc / GROUP + g, t0 + j, valid[g])) live[g] |= 1u << (j / 16);
-                any |= live[g];
-            }
-            if (!any) continue;
-            /* Keys of the tile as [TILE][D] (zero rows past nt); values as bf16 pairs of keys. */
-            uint16_t *kb = (uint16_t *)w->kpack;
-            uint32_t *vb = (uint32_t *)w->vpack;
-            int64_t nt2 = (nt + 1) / 2;
-            for (int64_t j = 0; j < TILE; j++) {
-                if (j < nt) memcpy(kb + j * D, k + key_pos(P, it, t0 + j) * P->kr, D * 2);
-                else if (j < ((nt + 15) & ~(int64_t)15)) memset(kb + j * D, 0, D * 2);
-            }
-            for (int64_t t2 = 0; t2 < nt2; t2++) {
-                const uint16_t *v0 = v + key_pos(P, it, t0 + 2 * t2) * P->vr;
-                const uint16_t *v1 = 2 * t2 + 1 < nt ? v + key_pos(P, it, t0 + 2 * t2 + 1) * P->vr : NULL;
-                uint32_t *dst = vb + t2 * D;
-                if (v1)
-                    for (int64_t d = 0; d < D; d++) dst[d] = (uint32_t)v0[d] | ((uint32_t)v1[d] << 16);
-                else
-                    for (int64_t d = 0; d < D; d++) dst[d] = (uint32_t)v0[d];
-            }
-            for (int64_t g = 0; g < ng; g++) {
-                if (!live[g]) continue;
-                const uint32_t *qt = (const uint32_t *)w->qt + g * (D / 2) * GROUP;
-                for (int64_t j0 = 0; j0 < nt; j0 += 16) {
-                    if (!(live[g] >> (j0 / 16) & 1)) continue;
-                    __m512 s[16];
-                    int64_t nj = nt - j0 < 16 ? nt - j0 : 16;
-                    qk_bf16(qt, kb + j0 * D, D, s);
-                    for (int64_t j = 0; j < 16; j++) {
-                        __mmask16 b = j < nj ? item_bits(P, it, rc / GROUP + g, t0 + j0 + j, valid[g]) : 0;
-                        _mm512_store_ps(w->s + (j0 + j) * GROUP, _mm512_mask_mul_ps(neg, b, s[j], c));
-                    }
-                }
-                if (!softmax_tile(&st[g], w, D, nt, live[g], 1)) continue;
-                pack_probs(w->s, nt2, (uint32_t *)w->p);
-                pv_bf16((const uint32_t *)w->p, vb, D, nt2, live[g], st[g].acc);
-            }
-        }
-        for (int64_t g = 0; g < ng; g++) {
-            int64_t r0 = rc + g * GROUP;
-            float m[GROUP], l[GROUP];
-            _mm512_storeu_ps(m, st[g].m);
-            _mm512_storeu_ps(l, st[g].l);
-            for (int64_t r = 0; r < GROUP && r0 + r < rows; r++) {
-                int64_t row = it[I_R0] + r0 + r;
-                float *o = out + row * P->orow;
-                if (l[r] > 0.0f) {
-                    float inv = 1.0f / l[r];
-                    for (int64_t d = 0; d < D; d++) o[d] = st[g].acc[d * GROUP + r] * inv;
-                    lse[row * P->lr] = (m[r] + log2f(l[r])) * 0.6931471805599453f;
-                } else {
-                    for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
-                    lse[row * P->lr] = -INFINITY;
-                }
-            }
-        }
-    }
-}
+/* ---- one item, for each dtype ------------------------------------------------------------- */
+
+#define ITEM_BF16 0
+#include "attend_item.h"
+#undef ITEM_BF16
+#define ITEM_BF16 1
+#include "attend_item.h"
+#undef ITEM_BF16
 
 static int cpu_has(int bf16) {
     unsigned a, b, c, d;
@@ -515,16 +421,24 @@ static PyObject *py_run(PyObject *self, PyObject *args) {
     P.n_items = n_items;
     P.extras = (const int64_t *)(uintptr_t)extras;
     P.masks = (const int64_t *)(uintptr_t)masks;
+    int64_t np = 1;
+    for (int64_t i = 0; i < n_items; i++) {
+        int64_t n = piece_count(P.items + i * I_COLS);
+        if (n > np) np = n;
+    }
     Work w;
-    size_t qt = CHUNK * MAX_D * GROUP * 4, acc = CHUNK * MAX_D * GROUP * 4, pb = TILE * GROUP * 4;
-    size_t kp = 2 * TILE * MAX_D * 4, vp = TILE * MAX_D * 4;
-    char *mem = aligned_alloc(64, qt + acc + pb + kp + vp);
+    size_t sq = MAX_D * GROUP * 4, sacc = MAX_D * GROUP * 4, spp = BATCH * 8 * GROUP * 4;
+    size_t sk = (size_t)np * 16 * D * 4, sv = (size_t)np * 16 * D * 4, spk = ((size_t)np + 63) & ~(size_t)63;
+    size_t sl = ((size_t)np * 4 + 63) & ~(size_t)63;
+    char *mem = aligned_alloc(64, sq + sacc + spp + sk + sv + spk + sl);
     if (!mem) return PyErr_NoMemory();
     w.qt = (float *)mem;
-    w.acc = (float *)(mem + qt);
-    w.p = (float *)(mem + qt + acc);
-    w.kpack = mem + qt + acc + pb;
-    w.vpack = mem + qt + acc + pb + kp;
+    w.acc = (float *)(mem + sq);
+    w.pp = (uint32_t *)(mem + sq + sacc);
+    w.kbuf = mem + sq + sacc + spp;
+    w.vbuf = mem + sq + sacc + spp + sk;
+    w.packed = (uint8_t *)(mem + sq + sacc + spp + sk + sv);
+    w.live = (int32_t *)(mem + sq + sacc + spp + sk + sv + spk);
     Py_BEGIN_ALLOW_THREADS
     for (int64_t z = z0; z < z1; z++)
         for (int64_t i = 0; i < P.n_items; i++) {

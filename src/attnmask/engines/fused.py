@@ -93,7 +93,8 @@ class Items:
         self.scores = int(sum(r[1] * (r[8] + r[3]) for r in rows))
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in [self.table, self.extras, self.addresses, *self.bits])
+        return sum(t.numel() * t.element_size()
+                   for t in [self.table, self.extras, self.addresses, *self.bits])
 
 
 def _pack_bits(mask: torch.Tensor) -> torch.Tensor:

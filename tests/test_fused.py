@@ -8,7 +8,8 @@ fed the kernel's out / lse) still exact. Everything but the build guard is skipp
 kernel cannot run (no AVX-512, or ``ATTNMASK_KERNEL=0``); the build guard makes a broken build
 turn the suite red instead of silently running the ATen path.
 
-Each test names the kernel mutation it was seen to catch (tests/README.md, "test_fused").
+Which plausible kernel bugs each test catches: benchmarks/results/kernel_mutations.md
+(tools/kernel_mutations.py).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from strategies import build, engine_problems, masks, resolved, shapes
 #: float32 against float64, scaled to the inputs.
 FP32_TOL = 1e-5
 
-kernel = pytest.mark.skipif(not fused.usable(torch.float32, 16), reason=f"kernel not usable: {fused.status()['reason']}")
+kernel = pytest.mark.skipif(not fused.usable(torch.float32, 16),
+                            reason=f"kernel not usable: {fused.status()['reason']}")
 kernel_bf16 = pytest.mark.skipif(not fused.usable(torch.bfloat16, 16),
                                  reason=f"bf16 kernel not usable: {fused.status()['reason']}")
 
@@ -163,7 +165,8 @@ def test_float32_head_dims(D, expr):
 @kernel
 @pytest.mark.parametrize("L", [1, 15, 16, 17, 63, 64, 65, 129])
 def test_float32_lengths_off_the_kernel_grid(L):
-    # Groups of 16 rows, pieces of 16 keys and tiles of 64 keys, each with a short last one.
+    # Groups of 16 rows, pieces of 16 keys (narrow ones of <= 8), softmax steps of 4 pieces: each with
+    # a short last one.
     for expr in ("causal", "causal & (sliding(20) | sink(1))", "full"):
         q, k, v = _qkv(1, 1, 1, L, L + 3, 16, seed=L)
         _check_kernel(q, k, v, am.parse(expr), block_size=16)
@@ -323,7 +326,7 @@ def test_same_bits_on_every_run_and_thread_count(dtype, monkeypatch):
             ranges.append(sorted(splits.ranges))
     finally:
         torch.set_num_threads(before)
-    assert ranges[0] == [(0, 8)] and len(ranges[1]) == 2, f"one thread must run all 8 batch-heads, two split them: {ranges}"
+    assert ranges[0] == [(0, 8)] and len(ranges[1]) == 2, f"1 thread runs the 8 batch-heads, 2 split them: {ranges}"
     for out, lse in results[1:]:
         assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
 

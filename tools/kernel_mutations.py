@@ -1,4 +1,4 @@
-"""Named mutants of the fused kernel (csrc/attend.c) and its wiring: does tests/test_fused.py notice each?
+"""Named mutants of the fused kernel (csrc/attend.c, attend_item.h) and its wiring: does tests/test_fused.py notice each?
 
 Each mutant is one plausible bug (a mask bit, the causal lane shift, the merge of a non-first
 item, the tail of a 16-key piece, a buffer shared by threads, ...), written as exact text
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-C = "csrc/attend.c"
+C, ITEM = "csrc/attend.c", "csrc/attend_item.h"
 FUSED, BS = "src/attnmask/engines/fused.py", "src/attnmask/engines/blocksparse.py"
 
 #: name -> (why it is plausible, [(file, old, new)]): every occurrence of old is replaced,
@@ -37,25 +37,26 @@ MUTANTS: dict[str, tuple[str, list[tuple]]] = {
                  [(C, "return mb[g * N + j] & valid;", "return (mb[g * N + j] | 1) & valid;")]),
     "causal_lane_shift": ("the top-left causal item lets a row see the next key",
                           [(C, "(uint16_t)(0xFFFFu << lo)", "(uint16_t)(0xFFFFu << (lo - 1))")]),
-    "causal_kend_short": ("a causal item stops one key before the last row's diagonal",
-                          [(C, "kend = rc + ng * GROUP;", "kend = rc + ng * GROUP - 1;")]),
+    "causal_pieces_short": ("a causal group skips its diagonal piece",
+                            [(C, "int64_t last = (it[I_FLAGS] & F_CAUSAL) && g < np - 1 ? g : np - 1;",
+                              "int64_t last = (it[I_FLAGS] & F_CAUSAL) && g < np - 1 ? g - 1 : np - 1;")]),
+    "live_misses_last_key": ("a piece's last key never makes it live",
+                             [(C, "for (int64_t j = 0; j < nj; j++) any |= mb[j0 + j];",
+                               "for (int64_t j = 0; j < nj - 1; j++) any |= mb[j0 + j];")]),
     "merge_ignores_stored": ("a non-first item starts afresh instead of continuing the stored (out, lse)",
-                             [(C, "float l0 = first || r >= nr ? -INFINITY : lse[row * P->lr];",
+                             [(C, "float l0 = (it[I_FLAGS] & F_FIRST) || r >= nr ? -INFINITY : lse[(it[I_R0] + r0 + r) * P->lr];",
                                "float l0 = -INFINITY;")]),
-    "merge_ignores_stored_bf16": ("the same, in the bf16 kernel only",
-                                  [(C, "float l0 = first || r >= nr ? -INFINITY : lse[row * P->lr];",
-                                    "float l0 = -INFINITY;", "last")]),
     "merge_base_e": ("the stored lse (natural log) taken as the running max in base 2",
-                     [(C, "m[r] = on ? l0 * 1.4426950408889634f : -INFINITY;", "m[r] = on ? l0 : -INFINITY;")]),
-    "piece_tail_drops_key": ("a short last 16-key piece loses its last key (fp32 padded copy)",
-                             [(C, "memcpy(pad, kp + j0 * D, nj * D * 4);", "memcpy(pad, kp + j0 * D, (nj - 1) * D * 4);"),
-                              (C, "memset(pad + nj * D, 0, (16 - nj) * D * 4);",
-                               "memset(pad + (nj - 1) * D, 0, (17 - nj) * D * 4);")]),
-    "live_misses_last_key": ("the tile's last key never marks its 16-key piece live",
-                             [(C, "for (int64_t j = 0; j < nt; j++)\n                    if (item_bits",
-                               "for (int64_t j = 0; j < nt - 1; j++)\n                    if (item_bits")]),
-    "bf16_odd_pair": ("bf16 V pairs: the second key of the last pair dropped",
-                      [(C, "2 * t2 + 1 < nt ? v +", "2 * t2 + 2 < nt ? v +")]),
+                     [(C, "mv[r] = l0 == -INFINITY ? -INFINITY : l0 * 1.4426950408889634f;",
+                       "mv[r] = l0 == -INFINITY ? -INFINITY : l0;")]),
+    "piece_tail_drops_key": ("a copied piece (tail, gathered or strided keys) loses its last key",
+                             [(ITEM, "if (j < nj[b]) memcpy(dst + j * D, k +", "if (j < nj[b] - 1) memcpy(dst + j * D, k +")]),
+    "narrow_piece_short": ("a piece of 9 keys scored as a narrow (8-key) one",
+                           [(ITEM, "if (nj[b] > 8) qk_", "if (nj[b] > 9) qk_")]),
+    "pv_drops_last_key": ("fp32 P @ V skips each piece's last key (its probability still summed)",
+                          [(C, "for (int64_t t = 0; t < nj[b]; t++) {", "for (int64_t t = 0; t < nj[b] - 1; t++) {")]),
+    "bf16_odd_pair": ("bf16 V pairs: the last key of an even piece dropped",
+                      [(ITEM, "const uint16_t *v1 = b1 < nj[b] ?", "const uint16_t *v1 = b1 < nj[b] - 1 ?")]),
     "bf16_pairs_swapped": ("bf16 probability pairs packed in the wrong order",
                            [(C, "_mm512_cvtne2ps_pbh(_mm512_load_ps(p + (2 * t2 + 1) * GROUP), _mm512_load_ps(p + 2 * t2 * GROUP))",
                              "_mm512_cvtne2ps_pbh(_mm512_load_ps(p + 2 * t2 * GROUP), _mm512_load_ps(p + (2 * t2 + 1) * GROUP))")]),
@@ -65,22 +66,25 @@ MUTANTS: dict[str, tuple[str, list[tuple]]] = {
                                "_mm512_castsi512_ps(_mm512_set1_epi32((int)0xFFFF0000u))), "
                                "_mm512_and_ps(_mm512_load_ps(p + 2 * t2 * GROUP), "
                                "_mm512_castsi512_ps(_mm512_set1_epi32((int)0xFFFF0000u))))")]),
-    "no_rescale": ("the accumulator is not rescaled when a tile raises the running max",
+    "no_rescale": ("the accumulator is not rescaled when a step raises the running max",
                    [(C, "if (_mm512_cmp_ps_mask(alpha, _mm512_set1_ps(1.0f), _CMP_NEQ_UQ))", "if (0)")]),
     "lse_log_base": ("lse from log(l) instead of log2(l) (out unchanged)",
-                     [(C, "(m[r] + log2f(l[r])) * 0.6931471805599453f", "(m[r] + logf(l[r])) * 0.6931471805599453f")]),
+                     [(C, "(mv[i] + log2f(lv[i])) * 0.6931471805599453f", "(mv[i] + logf(lv[i])) * 0.6931471805599453f")]),
     "dead_rows_unwritten": ("a row with no key keeps whatever the output held",
-                            [(C, "                    for (int64_t d = 0; d < D; d++) o[d] = 0.0f;\n", "")]),
+                            [(C, "_mm512_storeu_ps(o, _mm512_mul_ps(r[i], inv));",
+                              "if (lv[i] > 0.0f) _mm512_storeu_ps(o, _mm512_mul_ps(r[i], inv));")]),
     "gathered_key_off_by_one": ("the position of a gathered key (sink, key columns) off by one range",
                                 [(C, "if (j < n) return x[2 * i] + j;", "if (j <= n) return x[2 * i] + j;")]),
-    "strided_keys_as_contiguous": ("k / v rows strided by H * D read as if contiguous",
-                                   [(C, "int contiguous = t0 >= it[I_E] && P->kr == D && P->vr == D;",
-                                     "int contiguous = t0 >= it[I_E];")]),
+    "strided_keys_in_place": ("k rows strided by H * D read in place as if contiguous",
+                              [(ITEM, "if (plain && nj[b] == 16 && P->kr == D) {", "if (plain && nj[b] == 16) {")]),
+    "packed_not_reset": ("copied keys / values kept from the previous item or batch-head",
+                         [(ITEM, "    memset(w->packed, 0, (size_t)np);\n", "")]),
     "z_off_swapped": ("batch and head strides swapped",
                       [(C, "return (z / P->Y) * sx + (z % P->Y) * sy;", "return (z % P->Y) * sx + (z / P->Y) * sy;")]),
-    "shared_work_buffer": ("one work buffer for every call (threads overwrite each other's)",
-                           [(C, "char *mem = aligned_alloc(64, qt + acc + pb + kp + vp);",
-                             "static char *mem; if (!mem) mem = aligned_alloc(64, qt + acc + pb + kp + vp);"),
+    "shared_work_buffer": ("one work buffer kept for every call (threads overwrite each other's)",
+                           [(C, "char *mem = aligned_alloc(64, sq + sacc + spp + sk + sv + spk + sl);",
+                             "static char *mem; static size_t have; size_t need = sq + sacc + spp + sk + sv + spk + sl; "
+                             "if (need > have) { free(mem); mem = aligned_alloc(64, need); have = need; }"),
                             (C, "    free(mem);\n", "")]),
     "head_dim_unchecked": ("a head dim not a multiple of 16 accepted",
                            [(C, "if (D <= 0 || D > MAX_D || D % 16) {", "if (D <= 0 || D > MAX_D) {")]),

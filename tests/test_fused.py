@@ -3,10 +3,12 @@
 The block-sparse engine runs every plan through the kernel when ``fused.usable(dtype, D)``;
 these tests make sure it does, and that what it returns is exact: float32 out and lse within
 1e-5 of float64 attention from ``Mask.to_dense`` (``numerics.reference``), bfloat16 within the
-dtype's own rounding, the same bits on every run and thread count, and the backward (ATen's,
-fed the kernel's out / lse) still exact. Everything but the build guard is skipped where the
-kernel cannot run (no AVX-512, or ``ATTNMASK_KERNEL=0``); the build guard makes a broken build
-turn the suite red instead of silently running the ATen path.
+dtype's own rounding, the same bits on every run and thread count; and the kernel's float32
+backward (``fused.run_backward``, which the autograd runs wherever the kernel runs) the same:
+dq, dk, dv within 1e-5 of float64 autograd, bf16 inputs within the dtype's stick, fixed bits.
+Everything but the build guard is skipped where the kernel cannot run (no AVX-512, or
+``ATTNMASK_KERNEL=0``); the build guard makes a broken build turn the suite red instead of
+silently running the ATen path.
 
 Which plausible kernel bugs each test catches: benchmarks/results/kernel_mutations.md
 (tools/kernel_mutations.py).
@@ -24,9 +26,11 @@ from hypothesis import strategies as st
 
 import attnmask as am
 from attnmask.engines import attention, fused
+from attnmask.engines.autograd import blocksparse_attention_with_grad
 from attnmask.engines.blocksparse import blocksparse_forward
 from numerics import gradient_units, one_thread, output_unit, reference, scaled_error
 from strategies import build, engine_problems, masks, resolved, shapes
+from test_backward import _out_weights
 
 #: float32 against float64, scaled to the inputs.
 FP32_TOL = 1e-5
@@ -427,7 +431,7 @@ def test_the_extension_refuses_bad_head_dims():
         fused._attend.run(*[0] * 5, 0, (0,) * 15, 16, False, 1.0, 0, 0, 0, 0, 0, 0)
 
 
-# -- the backward, fed the kernel's forward ---------------------------------------------------------
+# -- the backward through the public attention (kernel forward and backward) -----------------------
 
 @kernel
 @pytest.mark.parametrize("expr,L,block", [
@@ -458,6 +462,305 @@ def test_float32_gradients_match_float64(expr, L, block):
         assert a.dtype == torch.float32 and not torch.isnan(a).any(), name
         err = scaled_error(a, r, unit)
         assert err < FP32_TOL, f"{name}: error {err:.2e}"
+
+
+# -- the kernel's own backward (float32) ------------------------------------------------------------
+#
+# The autograd runs the kernel's backward (fused.run_backward) wherever the kernel runs the forward;
+# bf16 / fp16 inputs are upcast, so it is always float32. Each test first confirms it ran.
+
+@contextlib.contextmanager
+def backward_calls():
+    """The autograd's calls of the kernel backward (fused.run_backward) meanwhile, as (items, dq shape)."""
+    seen, run = [], fused.run_backward
+
+    def counted(items, q, *args):
+        seen.append((items, tuple(q.shape)))
+        return run(items, q, *args)
+    fused.run_backward = counted
+    try:
+        yield seen
+    finally:
+        fused.run_backward = run
+
+
+def _layouts(mask, H, Lq, Lk, q_offset, block):
+    heads = mask if isinstance(mask, list) else [mask]
+    layouts = [m.compile(Lq, Lk, q_offset=q_offset, block_size=block) for m in heads]
+    return layouts, (torch.arange(H) if isinstance(mask, list) else torch.zeros(H, dtype=torch.int64))
+
+
+def _loss(out, lse, w_out, w_lse):
+    loss = (lse.double().masked_fill(torch.isneginf(lse), 0.0) * w_lse).sum()
+    return loss if w_out is None else loss + (out.double() * w_out).sum()
+
+
+def _kernel_grads(q, k, v, mask, w_out, w_lse, *, scale, q_offset=None, block=32):
+    """dq, dk, dv of the block-sparse autograd (no dispatch) and its kernel backward calls."""
+    B, H, Lq, _ = q.shape
+    layouts, hl = _layouts(mask, H, Lq, k.shape[2], q_offset, block)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    with backward_calls() as calls:
+        out, lse = blocksparse_attention_with_grad(*leaves, layouts, hl.expand(B, H), scale)
+        got = torch.autograd.grad(_loss(out, lse, w_out, w_lse), leaves, allow_unused=True, materialize_grads=True)
+    return got, calls
+
+
+def _reference_grads(q, k, v, allowed, w_out, w_lse, scale):
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    with one_thread():
+        out, lse = reference(*leaves, allowed, scale)
+        return torch.autograd.grad(_loss(out, lse, w_out, w_lse), leaves, allow_unused=True, materialize_grads=True)
+
+
+def _check_backward(q, k, v, mask, *, scale=None, q_offset=None, block=32, w_out="dense", seed=0, tol=FP32_TOL):
+    """The kernel backward ran, and its dq, dk, dv are within ``tol`` of float64 autograd (scaled);
+    rows with no key get dq exactly 0, keys no row sees dk = dv exactly 0."""
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(w_out, str):
+        w_out = _out_weights(w_out, q.shape, g)
+    w_lse = torch.randn((B, H, Lq), generator=g, dtype=torch.float64)
+    got, calls = _kernel_grads(q, k, v, mask, w_out, w_lse, scale=scale, q_offset=q_offset, block=block)
+    assert calls, "the kernel backward was not called"
+    allowed = _allowed(mask, Lq, Lk, q_offset).expand(B, H, Lq, Lk)
+    want = _reference_grads(q, k, v, allowed, w_out, w_lse, scale)
+    zero = torch.zeros(q.shape, dtype=torch.float64)
+    units = gradient_units(q, k, v, zero if w_out is None else w_out, scale, dlse=w_lse)
+    for name, a, r, unit in zip(("dq", "dk", "dv"), got, want, units):
+        assert a.dtype == q.dtype and a.shape == r.shape and torch.isfinite(a).all(), name
+        if name == "dv" and w_out is None:
+            continue                   # no dout: dv must be exactly 0 (below)
+        err = scaled_error(a, r, unit)
+        assert err < tol, f"{name}: error {err:.2e}"
+    dq, dk, dv = got
+    empty = ~allowed.any(-1)
+    assert torch.equal(dq[empty], torch.zeros_like(dq[empty])), "rows with no key must get dq = 0"
+    rep = H // k.shape[1]
+    unseen = ~allowed.reshape(B, k.shape[1], rep * Lq, Lk).any(2)                     # [B, Hkv, Lk]
+    assert torch.equal(dk[unseen], torch.zeros_like(dk[unseen])) and torch.equal(dv[unseen], torch.zeros_like(dv[unseen]))
+    if w_out is None:
+        assert torch.equal(dv, torch.zeros_like(dv)), "dv without a dout must be exactly 0"
+    return got, calls
+
+
+BACKWARD_SPREAD = [
+    # (expression, Lq, Lk, q_offset, block): the forward's spread, each item path of the backward
+    ("causal", 150, None, None, 64),                                     # one causal item
+    ("causal & sliding(5)", 200, None, None, 32),                        # narrow window
+    ("causal & sliding(200)", 300, None, None, 64),                      # wide window, off the 16 grid
+    ("sliding(37)", 173, None, None, 32),                                # two-sided, odd
+    ("band(21, 9)", 150, None, None, (16, 32)),
+    ("causal & (sliding(40) | sink(4))", 200, None, None, 64),           # gathered keys in front
+    ("causal & (sliding(24) | sink(70))", 200, None, None, 32),          # gathered keys past one piece
+    ("(causal & sliding(30)) | cols(100, 117)", 250, None, None, 32),
+    ("(causal & sliding(30)) | cols(3, 200, 7)", 250, None, None, 64),   # a strided key set
+    ("cols(0, 40, 3) | cols(150, 151)", 130, 190, None, 32),             # key sets only
+    ("causal & document(70, 130, 100)", 300, None, None, 64),            # causal items per segment
+    ("causal & document(17, 5, 60)", 113, None, None, 16),               # past the documents: no key
+    ("document(40, 90, 50)", 180, None, None, 32),                       # documents as a plan
+    ("(causal & document(60, 70, 50)) | sink(2)", 180, None, None, 32),  # documents as a plan, causal
+    ("prefix_lm(50)", 211, None, None, 64),
+    ("chunked(48)", 200, None, None, 32),
+    ("causal & chunked(37)", 200, None, None, 64),
+    ("dilated(20, 3)", 250, None, None, 32),                             # strided views, lse strided too
+    ("causal & dilated(9, 4)", 161, None, None, 16),
+    ("causal - (rows(36, 64, 8) - diagonal)", 120, None, None, 16),      # the signature
+    ("full", 100, 257, 30, 64),
+    ("full", 33, 17, None, 16),
+    ("causal", 100, 257, None, 64),                                      # a bottom-right causal chunk
+    ("causal & sliding(50)", 70, 200, 90, 32),
+    ("causal - rows(40, 70)", 150, None, None, 32),                      # dead rows inside live groups
+    ("(causal & (sliding(8) | sink(2))) - rows(20, 100, 3)", 130, None, None, 16),
+]
+
+
+@kernel
+@pytest.mark.parametrize("expr,Lq,Lk,q_offset,block", BACKWARD_SPREAD)
+def test_backward_masks_match_float64(expr, Lq, Lk, q_offset, block):
+    Lk = Lq if Lk is None else Lk
+    q, k, v = _qkv(2, 2, 2, Lq, Lk, 32, seed=Lq + Lk)
+    _check_backward(q, k, v, am.parse(expr), scale=0.2, q_offset=q_offset, block=block, seed=Lq)
+
+
+def _item_kinds(calls):
+    """Per call: 'causal' when every item is a maskless top-left causal one, else 'plan'."""
+    kinds = []
+    for items, _ in calls:
+        t = items.table
+        kinds.append("causal" if bool(((t[:, 4] == -1) & (t[:, 5] & 1 == 1)).all()) else "plan")
+    return kinds
+
+
+@kernel
+def test_backward_runs_both_item_paths_and_none_has_no_gradient():
+    q, k, v = _qkv(1, 2, 2, 180, 180, 16, seed=4)
+    _, calls = _check_backward(q, k, v, am.causal & am.document(60, 70, 50))
+    assert _item_kinds(calls) == ["causal"] and calls[0][0].table.shape[0] == 3, "one causal item per document"
+    _, calls = _check_backward(q, k, v, am.document(60, 70, 50))
+    assert _item_kinds(calls) == ["plan"]
+    _, calls = _check_backward(q, k, v, am.causal & am.dilated(9, 3))
+    assert len(calls) == 3, "dilated: one window problem per residue class (strided views)"
+    got, _ = _kernel_grads(q, k, v, am.none, _randn(q.shape, 1, torch.float64), _randn(q.shape[:3], 2, torch.float64),
+                           scale=0.25)
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in got)
+
+
+@kernel
+@pytest.mark.parametrize("D", [16, 48, 64, 128, 256])
+def test_backward_head_dims(D):
+    q, k, v = _qkv(1, 2, 1, 131, 131, D, seed=D)
+    for expr in ("causal", "causal & (sliding(45) | sink(3)) | cols(90, 99)"):
+        _check_backward(q, k, v, am.parse(expr), block=32, seed=D)
+
+
+@kernel
+@pytest.mark.parametrize("L", [1, 15, 17, 63, 65, 129])
+def test_backward_lengths_off_the_kernel_grid(L):
+    for expr in ("causal", "causal & (sliding(20) | sink(1))", "full"):
+        q, k, v = _qkv(1, 1, 1, L, L + 3, 16, seed=L)
+        _check_backward(q, k, v, am.parse(expr), block=16, seed=L)
+
+
+@kernel
+def test_backward_batches_gqa_and_per_head_lists():
+    # dk / dv of a key head summed over the query heads sharing it (views with stride-0 keys, or runs
+    # of per-head layouts), B > 1.
+    q, k, v = _qkv(2, 6, 2, 100, 100, 32, seed=5)
+    _check_backward(q, k, v, am.causal & (am.sliding(33) | am.sink(4)), block=32)
+    _check_backward(q, k, v, am.document(30, 40, 30), block=16)
+    heads = [am.causal, am.causal & am.sliding(7), am.document(30, 40, 30) & am.causal,
+             am.sink(2) | am.diagonal, am.causal & am.dilated(5, 3), am.prefix_lm(19)]
+    _check_backward(q, k, v, heads, block=32)
+
+
+@kernel
+def test_backward_non_contiguous_inputs_as_models_pass_them():
+    B, L, H, Hkv, D = 2, 150, 4, 2, 32
+    for expr in ("causal & (sliding(30) | sink(5))", "causal & document(40, 60, 50)", "dilated(10, 2)"):
+        mask = am.parse(expr)
+        leaves = [_randn((B, L, h, D), i).requires_grad_() for i, h in ((1, H), (2, Hkv), (3, Hkv))]
+        w = _randn((B, H, L, D), 4, torch.float64)
+        with backward_calls() as calls:
+            out = attention(*(t.transpose(1, 2) for t in leaves), mask, scale=0.2, enable_gqa=True,
+                            backend="blocksparse", block_size=32)
+            got = torch.autograd.grad((out.double() * w).sum(), leaves)
+        assert calls, expr
+        want = _reference_grads(*(t.transpose(1, 2) for t in leaves), mask.to_dense(L), w, torch.zeros(B, H, L), 0.2)
+        units = gradient_units(*(t.transpose(1, 2) for t in leaves), w, 0.2)
+        for name, a, r, unit in zip(("dq", "dk", "dv"), got, want, units):
+            err = scaled_error(a, r.transpose(1, 2), unit)
+            assert err < FP32_TOL, f"{expr} {name}: error {err:.2e}"
+
+
+@kernel
+@pytest.mark.parametrize("dout_kind", ["dense", "lse-only", "zero-rows", "tiny-rows"])
+def test_backward_lse_gradient(dout_kind):
+    # A loss on lse folds into delta (rows whose dout cannot carry it: a second kernel pass).
+    q, k, v = _qkv(2, 4, 2, 70, 100, 32, seed=6)
+    mask = am.causal & (am.sliding(30) | am.sink(2)) - am.rows(40, 46)
+    _, calls = _check_backward(q, k, v, mask, q_offset=30, block=16, w_out=dout_kind, seed=7)
+    assert len(calls) == (2 if dout_kind in ("zero-rows", "tiny-rows") else 1), len(calls)
+
+
+@kernel
+def test_backward_bfloat16_within_the_dtypes_stick():
+    # bf16 inputs run the float32 kernel backward on upcast copies: within 3x the stick (float64
+    # gradients of the bf16 inputs, rounded to bf16), as tests/test_backward.py holds the ATen path.
+    expr = "(causal & document(100, 200, 300)) | sink(8) | cols(400, 420)"
+    mask, L, D = am.parse(expr), 600, 32
+    q, k, v = _qkv(1, 2, 2, L, L, D, seed=5, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(9)
+    w_out = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    w_lse = torch.randn(q.shape[:3], generator=g, dtype=torch.float64)
+    got, calls = _kernel_grads(q, k, v, mask, w_out, w_lse, scale=D ** -0.5, block=16)
+    assert calls
+    want = _reference_grads(q, k, v, mask.to_dense(L), w_out, w_lse, D ** -0.5)
+    for name, a, r, unit in zip(("dq", "dk", "dv"), got, want, gradient_units(q, k, v, w_out, D ** -0.5, dlse=w_lse)):
+        assert a.dtype == torch.bfloat16 and torch.isfinite(a).all()
+        stick, err = scaled_error(r.to(torch.bfloat16), r, unit), scaled_error(a, r, unit)
+        assert err <= 3 * stick, f"{name}: error {err:.2e} > 3 x stick {stick:.2e}"
+
+
+@kernel
+@given(engine_problems(long_share=0), st.sampled_from(["dense", "zero-rows"]))
+def test_backward_random_engine_problems_match_float64(problem, dout_kind):
+    # Windows with sinks and key columns, documents, row cuts, GQA, B = 2, offsets; a loss on lse too.
+    p = problem
+    q, k, v = _qkv(p["B"], p["H"], p["Hkv"], p["Lq"], p["Lk"], 16, p["seed"])
+    mask = build(p["spec"])
+    if not mask.to_dense(p["Lq"], p["Lk"], q_offset=p["q_offset"]).any():
+        return                           # nothing to attend: no kernel call to check
+    _check_backward(q, k, v, mask, scale=0.3, q_offset=p["q_offset"], block=p["block"], w_out=dout_kind,
+                    seed=p["seed"])
+
+
+@kernel
+@given(masks(max_leaves=5), shapes(max_len=70, max_offset=40), st.sampled_from([16, (16, 32), 32]),
+       st.integers(0, 2**16))
+def test_backward_random_language_masks_match_float64(mask, shape, block, seed):
+    # Any expression of the language, square or not, any offset (negative too); 2 query heads on a key head.
+    Lq, Lk, q_offset = resolved(shape)
+    q, k, v = _qkv(1, 2, 1, Lq, Lk, 16, seed)
+    if not mask.to_dense(Lq, Lk, q_offset=q_offset).any():
+        return
+    _check_backward(q, k, v, mask, scale=0.5, q_offset=shape[2], block=block, seed=seed)
+
+
+class _BackwardSplits(_Splits):
+    """Records the backward calls' batch-head ranges in ``backward_ranges`` (the forward's in ``ranges``)."""
+
+    def __init__(self, module):
+        super().__init__(module)
+        self.backward_ranges = []
+
+    def backward(self, *args):
+        self.backward_ranges.append(args[-2:])
+        return self.module.backward(*args)
+
+
+@kernel
+def test_backward_same_bits_on_every_run_and_thread_count(monkeypatch):
+    # 3 key heads shared by 2 query heads each: z ranges must not split a key head's query heads,
+    # whose dk / dv are summed by one thread in a fixed order.
+    mask = am.causal & (am.sliding(150) | am.sink(4)) | am.cols(300, 310)
+    q, k, v = _qkv(1, 6, 3, 512, 512, 64, seed=3)
+    w_out, w_lse = _randn(q.shape, 4, torch.float64), _randn(q.shape[:3], 5, torch.float64)
+    splits = _BackwardSplits(fused._attend)
+    monkeypatch.setattr(fused, "_attend", splits)
+    before = torch.get_num_threads()
+    results, ranges = [], []
+    try:
+        for threads in (1, 2, 1, 2):
+            torch.set_num_threads(threads)
+            splits.backward_ranges = []
+            results.append(_kernel_grads(q, k, v, mask, w_out, w_lse, scale=0.125)[0])
+            ranges.append(sorted(splits.backward_ranges))
+    finally:
+        torch.set_num_threads(before)
+    assert ranges[0] == [(0, 6)] and len(ranges[1]) == 2, f"1 thread runs the 6 batch-heads, 2 split them: {ranges}"
+    assert all(a % 2 == 0 and b % 2 == 0 for a, b in ranges[1]), f"a key head's query heads split: {ranges[1]}"
+    for got in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got, results[0]))
+
+
+@kernel
+def test_backward_runs_the_kernel_unless_disabled(monkeypatch):
+    q, k, v = _qkv(1, 2, 2, 100, 100, 32, seed=1)
+    for expr in ("causal", "causal & document(50, 50)", "causal & (sliding(20) | sink(2))", "dilated(8, 2)"):
+        _check_backward(q, k, v, am.parse(expr))
+    monkeypatch.setenv("ATTNMASK_KERNEL", "0")
+    assert not fused.usable_backward(torch.float32, 32)
+    for expr in ("causal", "causal & document(50, 50)", "causal & (sliding(20) | sink(2))", "dilated(8, 2)"):
+        mask = am.parse(expr)
+        w_out, w_lse = _randn(q.shape, 2, torch.float64), _randn(q.shape[:3], 3, torch.float64)
+        got, calls = _kernel_grads(q, k, v, mask, w_out, w_lse, scale=0.2)
+        assert not calls, expr
+        want = _reference_grads(q, k, v, mask.to_dense(100), w_out, w_lse, 0.2)
+        for a, r, unit in zip(got, want, gradient_units(q, k, v, w_out, 0.2, dlse=w_lse)):
+            assert scaled_error(a, r, unit) < FP32_TOL, expr
 
 
 # -- the build ------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ exists (the kernel was rewritten) is reported as ``stale``, to be rewritten for 
 
     /work/notes/cpu python tools/kernel_mutations.py --out benchmarks/results/kernel_mutations.md
 
-(not a test: ~10 s per mutant on two cores.)
+(not a test: ~30 s per mutant on two cores.)
 """
 
 from __future__ import annotations
@@ -100,6 +100,46 @@ MUTANTS: dict[str, tuple[str, list[tuple]]] = {
                               "    if fused.usable(q.dtype, q.shape[-1]):",
                           "                   scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:\n"
                           "    if fused.usable(q.dtype, q.shape[-1]) and 0 not in k.stride()[:2]:")]),
+    # -- the backward (bwd_item, run_backward) --
+    "bwd_ds_no_delta": ("backward: dS = P dP, delta (rowsum(dO * O)) left out",
+                        [(C, "_mm512_mul_ps(pr, _mm512_sub_ps(dp[j], dlt))", "_mm512_mul_ps(pr, dp[j])")]),
+    "bwd_dk_no_scale": ("backward: dK added without the softmax scale",
+                        [(C, "_mm512_fmadd_ps(_mm512_load_ps(x + d0), sc, _mm512_loadu_ps(a + d0))",
+                          "_mm512_add_ps(_mm512_load_ps(x + d0), _mm512_loadu_ps(a + d0))")]),
+    "bwd_dv_uses_ds": ("backward: dV += dS^T dO instead of P^T dO",
+                       [(C, "outer_add(w->p, w->dorows", "outer_add(w->ds, w->dorows")]),
+    "bwd_lse_base_e": ("backward: the lse (natural log) not converted to base 2 for P = exp2(S c - lse2)",
+                       [(C, "lse[(row0 + r) * B->s[B_LSE][2]] * 1.4426950408889634f",
+                         "lse[(row0 + r) * B->s[B_LSE][2]]")]),
+    "bwd_lse_row_stride": ("backward: the lse read as contiguous rows (dilated passes strided views)",
+                           [(C, "lse[(row0 + r) * B->s[B_LSE][2]]", "lse[row0 + r]")]),
+    "bwd_dk_wrong_key": ("backward: a piece's dK flushed to its neighbouring key (dV right)",
+                         [(C, "float *a = dk + pos * B->s[B_DK][2]",
+                           "float *a = dk + key_pos(&P, it, j0 + (j + 1) % nj) * B->s[B_DK][2]")]),
+    "bwd_gathered_dropped": ("backward: the gradients of gathered keys (sinks, key columns) never flushed",
+                             [(C, "for (int64_t j = 0; j < nj; j++) {\n            int64_t pos = key_pos(&P, it, j0 + j);\n            float *a",
+                               "for (int64_t j = 0; j0 >= E && j < nj; j++) {\n            int64_t pos = key_pos(&P, it, j0 + j);\n            float *a")]),
+    "bwd_dq_row_off": ("backward: the dQ transpose stored one row off",
+                       [(C, "_mm512_storeu_ps(o, _mm512_fmadd_ps(r[i], sc,", "_mm512_storeu_ps(o, _mm512_fmadd_ps(r[(i + 1) % 16], sc,")]),
+    "bwd_dq_not_zeroed": ("backward: a group's dQ accumulator starts from the previous group's",
+                          [(C, "        for (int64_t d = 0; d < D; d++) _mm512_store_ps(w->dqt + d * GROUP, _mm512_setzero_ps());\n", "")]),
+    "bwd_narrow_piece_short": ("backward: a piece of 9 keys computed as a narrow (8-key) one",
+                               [(C, "const int J = nj > 8 ? 16 : 8;", "const int J = nj > 9 ? 16 : 8;")]),
+    "bwd_packed_not_reset": ("backward: dK / dV buffers and copied keys kept from the previous item",
+                             [(C, "    memset(w->packed, 0, (size_t)np);\n    for (int64_t g = 0; g * GROUP < rows; g++) {\n        const int64_t r0 = g * GROUP, nr = rows - r0 < GROUP ? rows - r0 : GROUP, row0",
+                               "    for (int64_t g = 0; g * GROUP < rows; g++) {\n        const int64_t r0 = g * GROUP, nr = rows - r0 < GROUP ? rows - r0 : GROUP, row0")]),
+    "bwd_dk_row_stride": ("backward: dK / dV rows written as contiguous (dilated passes strided views)",
+                          [(C, "float *a = dk + pos * B->s[B_DK][2], *b = dv + pos * B->s[B_DV][2];",
+                            "float *a = dk + pos * D, *b = dv + pos * D;")]),
+    "bwd_dq_row_stride": ("backward: dQ rows written as contiguous (dilated passes strided views)",
+                          [(C, "float *o = dq + (row0 + i) * B->s[B_DQ][2] + d0;", "float *o = dq + (row0 + i) * D + d0;")]),
+    "bwd_gqa_split": ("backward: threads split the query heads of one key head (their dK / dV race)",
+                      [(FUSED, "cuts = [X * i // n * Y for i in range(n + 1)]", "cuts = [X * Y * i // n for i in range(n + 1)]")]),
+    "bwd_on_aten": ("the autograd never reaches the kernel backward (ATen's runs)",
+                    [(FUSED, "    return dtype == torch.float32 and usable(torch.float32, head_dim)", "    return False")]),
+    "bwd_env_ignored": ("ATTNMASK_KERNEL=0 does not turn the kernel backward off",
+                        [(FUSED, "    return dtype == torch.float32 and usable(torch.float32, head_dim)",
+                          "    return dtype == torch.float32 and _supports(False) and head_dim % 16 == 0 and 0 < head_dim <= 256")]),
     "unbuilt": ("no extension at all (a failed build)", []),
 }
 

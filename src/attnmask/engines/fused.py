@@ -12,7 +12,7 @@ bf16 for P @ V, as ATen's bf16 kernel does).
 When it is used (``usable``): the extension was built, the CPU has AVX-512 (and AVX512-BF16
 for bf16 inputs), the dtype is float32 or bfloat16, the head dim a multiple of 16 up to 256,
 and ``ATTNMASK_KERNEL`` is not ``0``. Otherwise the engine runs the ATen path, and
-:func:`status` says why (``attnmask info`` prints it): nothing falls back silently.
+:func:`status` says why (``attnmask --version`` prints it): nothing falls back silently.
 
     >>> import torch
     >>> status()["built"] in (True, False)

@@ -17,6 +17,7 @@ Which plausible kernel bugs each test catches: benchmarks/results/kernel_mutatio
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import pytest
 import torch
@@ -471,12 +472,13 @@ def test_float32_gradients_match_float64(expr, L, block):
 
 @contextlib.contextmanager
 def backward_calls():
-    """The autograd's calls of the kernel backward (fused.run_backward) meanwhile, as (items, dq shape)."""
+    """The autograd's calls of the kernel backward (fused.run_backward) meanwhile, as (items, q's shape,
+    the calling thread, dk's address)."""
     seen, run = [], fused.run_backward
 
-    def counted(items, q, *args):
-        seen.append((items, tuple(q.shape)))
-        return run(items, q, *args)
+    def counted(items, q, k, v, dout, lse, delta, dq, dk, *args):
+        seen.append((items, tuple(q.shape), threading.get_ident(), dk.data_ptr()))
+        return run(items, q, k, v, dout, lse, delta, dq, dk, *args)
     fused.run_backward = counted
     try:
         yield seen
@@ -588,7 +590,7 @@ def test_backward_masks_match_float64(expr, Lq, Lk, q_offset, block):
 def _item_kinds(calls):
     """Per call: 'causal' when every item is a maskless top-left causal one, else 'plan'."""
     kinds = []
-    for items, _ in calls:
+    for items, *_ in calls:
         t = items.table
         kinds.append("causal" if bool(((t[:, 4] == -1) & (t[:, 5] & 1 == 1)).all()) else "plan")
     return kinds
@@ -726,7 +728,7 @@ def test_backward_same_bits_on_every_run_and_thread_count(monkeypatch):
     # 3 key heads shared by 2 query heads each: z ranges must not split a key head's query heads,
     # whose dk / dv are summed by one thread in a fixed order.
     mask = am.causal & (am.sliding(150) | am.sink(4)) | am.cols(300, 310)
-    q, k, v = _qkv(1, 6, 3, 512, 512, 64, seed=3)
+    q, k, v = _qkv(1, 6, 3, 512, 512, 32, seed=3)
     w_out, w_lse = _randn(q.shape, 4, torch.float64), _randn(q.shape[:3], 5, torch.float64)
     splits = _BackwardSplits(fused._attend)
     monkeypatch.setattr(fused, "_attend", splits)
@@ -742,6 +744,34 @@ def test_backward_same_bits_on_every_run_and_thread_count(monkeypatch):
         torch.set_num_threads(before)
     assert ranges[0] == [(0, 6)] and len(ranges[1]) == 2, f"1 thread runs the 6 batch-heads, 2 split them: {ranges}"
     assert all(a % 2 == 0 and b % 2 == 0 for a, b in ranges[1]), f"a key head's query heads split: {ranges[1]}"
+    for got in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got, results[0]))
+
+
+@kernel
+def test_backward_per_head_runs_same_bits_and_key_heads_whole_per_thread():
+    # Per-head layouts: the runs of heads of different key heads run side by side on two threads;
+    # the runs of one key head (two here, each adding into its dk / dv) stay on one thread, in order.
+    w1, w2 = am.causal & (am.sliding(150) | am.sink(4)), am.causal & am.document(200, 312)
+    heads = [w1, w2, w2, w1, w1, w2]
+    q, k, v = _qkv(1, 6, 2, 512, 512, 32, seed=4)
+    w_out, w_lse = _randn(q.shape, 5, torch.float64), _randn(q.shape[:3], 6, torch.float64)
+    before = torch.get_num_threads()
+    results, threads_of = [], []
+    try:
+        for threads in (1, 2, 1, 2):
+            torch.set_num_threads(threads)
+            got, calls = _kernel_grads(q, k, v, heads, w_out, w_lse, scale=0.125)
+            results.append(got)
+            by_key = {}
+            for _, _, thread, dk in calls:
+                by_key.setdefault(dk, set()).add(thread)
+            threads_of.append(by_key)
+    finally:
+        torch.set_num_threads(before)
+    for by_key in threads_of:
+        assert len(by_key) == 2 and all(len(t) == 1 for t in by_key.values()), f"a key head on two threads: {by_key}"
+    assert len(set().union(*threads_of[1].values())) == 2, "two threads must run the key heads side by side"
     for got in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(got, results[0]))
 

@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 C, ITEM = "csrc/attend.c", "csrc/attend_item.h"
 FUSED, BS = "src/attnmask/engines/fused.py", "src/attnmask/engines/blocksparse.py"
+AG = "src/attnmask/engines/autograd.py"
 
 #: name -> (why it is plausible, [(file, old, new)]): every occurrence of old is replaced,
 #: or only the last one where the entry has a fourth element "last" (the bf16 copy of a step).
@@ -135,6 +136,9 @@ MUTANTS: dict[str, tuple[str, list[tuple]]] = {
                           [(C, "float *o = dq + (row0 + i) * B->s[B_DQ][2] + d0;", "float *o = dq + (row0 + i) * D + d0;")]),
     "bwd_gqa_split": ("backward: threads split the query heads of one key head (their dK / dV race)",
                       [(FUSED, "cuts = [X * i // n * Y for i in range(n + 1)]", "cuts = [X * Y * i // n for i in range(n + 1)]")]),
+    "bwd_key_head_runs_split": ("backward: per-head runs of one key head on different workers (their dK / dV race)",
+                                [(AG, "by_key_head.setdefault((run[0].start, run[0].stop, run[3]), [])",
+                                  "by_key_head.setdefault((run[0].start, run[0].stop, run[3], run[1]), [])")]),
     "bwd_on_aten": ("the autograd never reaches the kernel backward (ATen's runs)",
                     [(FUSED, "    return dtype == torch.float32 and usable(torch.float32, head_dim)", "    return False")]),
     "bwd_env_ignored": ("ATTNMASK_KERNEL=0 does not turn the kernel backward off",

@@ -372,6 +372,38 @@ def test_fully_masked_rows_are_exact_zeros_with_minus_inf_lse():
     assert torch.equal(out, torch.zeros_like(out))
 
 
+@pytest.mark.parametrize("backend", ["auto", "blocksparse", "dense"])
+@pytest.mark.parametrize("lq, lk", [(0, 40), (6, 0), (0, 0)])
+def test_empty_sequences_give_empty_outputs_and_zero_gradients(backend, lq, lk):
+    # As SDPA: no query row gives an empty output; no key gives every row zeros and lse -inf (PRODUCT:
+    # rows with no allowed key). Gradients flow with the shapes of the inputs, all zeros. (Both were
+    # refused: "q_len must be >= 1, got 0", from compiling the layout.)
+    masks = [am.causal & am.sliding(8), am.sink(2) | am.cols(5), am.full, am.none]
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = (t.to(dtype).requires_grad_() for t in tensors(2, 4, 2, lq, lk, 16, seed=1))
+        out, lse = attention(q, k, v, masks, enable_gqa=True, return_lse=True, backend=backend)
+        assert out.shape == (2, 4, lq, 16) and out.dtype == dtype and torch.equal(out, torch.zeros_like(out))
+        assert lse.shape == (2, 4, lq) and lse.dtype == torch.float32 and bool((lse == float("-inf")).all())
+        out.backward(torch.randn_like(out))
+        for t in (q, k, v):
+            assert t.grad.shape == t.shape and torch.equal(t.grad, torch.zeros_like(t.grad))
+        with torch.no_grad():
+            assert attention(q, k, v, am.causal, enable_gqa=True, backend=backend).shape == (2, 4, lq, 16)
+    # the mask argument is still checked, uncompiled
+    q, k, v = tensors(1, 2, 2, lq, lk, 16, seed=1)
+    with pytest.raises(am.MaskError, match="list of 3 masks but q has 2 heads"):
+        attention(q, k, v, [am.causal] * 3, backend=backend)
+    with pytest.raises(am.MaskError, match="compiled"):
+        attention(q, k, v, am.causal.compile(8), backend=backend)
+
+
+def test_empty_sequences_keep_each_backends_reasons():
+    q, k, v = tensors(1, 2, 2, 0, 16, 16, seed=0)
+    with pytest.raises(am.MaskError, match="cannot return the lse on CPU"):
+        attention(q, k, v, am.causal, backend="flex", return_lse=True)
+    assert attention(q, k, v, am.causal, backend="flex").shape == (1, 2, 0, 16)
+
+
 def test_bit_identical_on_repeat():
     mask = am.causal & (am.sliding(70) | am.sink(4)) | am.document(100, 200) & am.causal
     q, k, v = tensors(2, 4, 4, 300, 300, 32, seed=8)

@@ -435,9 +435,12 @@ def test_two_python_threads_get_right_results_and_keep_their_thread_count():
 def test_a_30_layer_model_with_nine_masks_a_layer_at_three_lengths_fits_the_caches(monkeypatch):
     # 30 layers x 9 different per-head masks x 3 lengths, forward and backward plans: a second pass
     # compiles nothing and plans nothing (counted, not timed), and the caches stay within their bytes.
-    # The plans hold ~5x fewer mask bytes than their sum: tiles equal across lengths and masks are
-    # interned and counted once. (Windows' plans do not grow with the length: at 1K / 2K / 4K the
-    # same model holds ~95 MB of plans, measured.)
+    # The plans hold ~4x fewer mask bytes than their sum: tiles equal across lengths and masks are
+    # interned and counted once (measured: 96 MB of masks in the plans, 24 MB distinct, 39 MB counted
+    # in all with the bound on the fused kernel's tables; the float32 copies the ATen path makes, 4
+    # bytes a cell, are counted when made: 39 + 4 x 24 = ~136 MB with every one made). (Windows'
+    # plans do not grow with the length: at 1K / 2K / 4K the same model held ~95 MB of plans,
+    # measured with the copies counted up front.)
     import attnmask.layout as layout_module
     from attnmask.engines import blocksparse
     from attnmask.engines.costs import BACKWARD
@@ -475,12 +478,52 @@ def test_a_30_layer_model_with_nine_masks_a_layer_at_three_lengths_fits_the_cach
     one_pass()
     first = dict(counts)
     assert first["compiles"] >= 810 and first["plans"] >= 1620
-    held = sum(5 * blocksparse.tensor_bytes(p.masks) for p in (v[0] for v in blocksparse.plans._items.values()))
+    kept = [v[0] for v in blocksparse.plans._items.values()]
+    held = sum(blocksparse.tensor_bytes(p.masks) for p in kept)
+    distinct = blocksparse.tensor_bytes(list({id(m): m for p in kept for m in p.masks}.values()))
+    own = sum(p.nbytes() - blocksparse.tensor_bytes(p.masks) for p in kept)
     assert blocksparse.plans.nbytes <= 0.75 * blocksparse.plans.budget       # room to spare
-    assert held > 3 * blocksparse.plans.nbytes                             # shared tiles, counted once
+    assert held > 3 * distinct                                              # tiles shared ...
+    assert blocksparse.plans.nbytes == own + distinct                       # ... and counted once
     assert am.cache_info()["bytes"] < am.cache_info()["limit_bytes"] // 10
     one_pass()
     assert counts == first, (first, counts)
+
+
+def test_additive_mask_copies_are_shared_counted_and_dropped_with_their_plans(monkeypatch):
+    # A plan's masks run as float copies (0 / -inf). Plans of one mask at two lengths share an
+    # interned mask and so its copy; the plan cache counts each copy when it is made (4 bytes a
+    # cell for float32) and lets it go when the last plan holding the mask is evicted, even if the
+    # mask tensor itself lives on (the copies hung on the tensor then, counted only up front, and
+    # lived as long as it).
+    import gc
+    import weakref
+    from attnmask.engines import blocksparse
+    monkeypatch.setenv("ATTNMASK_KERNEL", "0")        # the ATen path (the fused kernel makes no copies)
+    mask = am.causal & am.sliding(64)
+    blocksparse.plans.clear()
+    plans = [plan_for(mask.compile(L)) for L in (512, 1024)]
+    used = [{id(p.masks[op.mask]): p.masks[op.mask] for op in p.ops if op.mask is not None} for p in plans]
+    shared = used[0].keys() & used[1].keys()
+    assert shared, "the case must be one where the plans share a mask"
+    held = blocksparse.plans.nbytes
+    for L in (512, 1024):
+        q, k, v = inputs(1, 2, 2, L, L, 16)
+        am.attention(q, k, v, mask)
+    distinct = {**used[0], **used[1]}
+    assert blocksparse.plans.nbytes - held == 4 * sum(m.numel() for m in distinct.values())
+    i0 = {id(m): i for i, m in enumerate(plans[0].masks)}
+    i1 = {id(m): i for i, m in enumerate(plans[1].masks)}
+    one = next(iter(shared))
+    copy = plans[0].additive(i0[one], torch.float32)
+    assert plans[1].additive(i1[one], torch.float32) is copy
+    assert torch.equal(copy, torch.zeros(copy.shape).masked_fill_(~distinct[one], float("-inf")))
+    kept, gone = distinct[one], weakref.ref(copy)
+    del plans, copy
+    blocksparse.plans.clear()
+    gc.collect()
+    assert gone() is None and blocksparse.plans.nbytes == 0
+    assert kept.dtype == torch.bool                             # the mask itself lives on, here
 
 
 def test_byte_lru_evicts_by_bytes():

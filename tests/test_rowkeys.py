@@ -88,3 +88,43 @@ def test_row_keys_give_up_on_patterns_of_too_many_intervals():
     assert row_keys(am.rows(0, 5000, 2) | am.sink(3), 4000, 5000) is None
     assert row_keys(am.causal - am.strided(2), 5000, 5001) is None
     assert row_keys(am.strided(2000), 5000, 5001) == [(1000, 1001), (3000, 3001), (5000, 5001)]
+
+
+def _nodes(mask):
+    out, todo = [], [mask]
+    while todo:
+        node = todo.pop()
+        out.append(node)
+        todo += list(node.children())
+    return out
+
+
+def test_row_programs_live_in_a_bounded_cache_not_on_the_masks(monkeypatch):
+    # Mask nodes are frozen values shared by any number of masks and plans: row_keys hangs nothing
+    # on them (it kept its programs and axis runs in their __dict__), and what it keeps instead is
+    # bounded in bytes and answers exactly whatever it evicted.
+    from attnmask.engines.cache import ByteLRU
+    monkeypatch.setattr(rowkeys, "programs", ByteLRU(16 << 10), raising=False)
+    masks = [am.causal & (am.sliding(w) | am.sink(3)) & am.document(700, 900) for w in range(1, 61)]
+    k, rows = torch.arange(1600), (0, 699, 700, 1599)
+    dense = {(i, p): runs(m.evaluate(torch.tensor(p), k[:p + 1]).tolist()) for i, m in enumerate(masks) for p in rows}
+    before = {id(node): dict(vars(node)) for m in masks for node in _nodes(m)}     # (the oracle's tables made)
+    for _ in range(2):
+        for i, m in enumerate(masks):
+            for p in rows:
+                assert row_keys(m, p, p + 1) == dense[(i, p)], (str(m), p)
+    assert {id(node): dict(vars(node)) for m in masks for node in _nodes(m)} == before
+    assert 0 < len(rowkeys.programs) < len(masks) and rowkeys.programs.nbytes <= rowkeys.programs.budget
+
+
+def test_a_row_programs_bytes_follow_its_axis_runs(monkeypatch):
+    # A periodic pattern's cached runs double their range as the cache grows; the program's entry
+    # is counted again each time (it was counted nowhere).
+    from attnmask.engines.cache import ByteLRU
+    monkeypatch.setattr(rowkeys, "programs", ByteLRU(1 << 20))
+    m = am.causal & am.strided(64)
+    assert row_keys(m, 1000, 1001) == [(p, p + 1) for p in range(1000 % 64, 1001, 64)]
+    small = rowkeys.programs.nbytes
+    assert row_keys(m, 8000, 8001) == [(p, p + 1) for p in range(8000 % 64, 8001, 64)]
+    # its runs: offsets 0, 64, ... below 1024, then below 8192 (the range doubled past 8001)
+    assert len(rowkeys.programs) == 1 and rowkeys.programs.nbytes >= small + 100 * (8192 - 1024) // 64

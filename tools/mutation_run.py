@@ -21,7 +21,9 @@ test catches it now, why it is equivalent, or that it is open.
     PYTHONPATH=src python tools/mutation_run.py --sample 40 --note "under the CPU lock" \
         --out benchmarks/results/mutation.md
 
-(not a test: minutes per mutant on two cores.)
+(not a test: minutes per mutant on two cores.) The tests of every module sampled first run on
+the unmutated copy; if any fail, the run stops with exit status 2 and names them (a failing
+test would otherwise count every mutant as caught).
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ DESELECT = ("not training_example and not flex_attention_equals and not flex_bac
 #: issue 11's surviving mutants (text at the revision the issue reviewed), plus two wrong accumulation dtypes
 NAMED = [
     ("a: merge without the isfinite guard", "engines/blocksparse.py",
-     "    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))\n", ""),
+     "    top.masked_fill_(~torch.isfinite(top), 0.0)\n", ""),   # (the one merge, _merge_lse, since session 4)
     ("b: long-call row cut not advancing", "engines/blocksparse.py",
      "part = dataclasses.replace(op, r0=op.r0 + r, rows=n)", "part = dataclasses.replace(op, r0=op.r0, rows=n)"),
     ("c: backward causal path without the q_offset guard", "engines/autograd.py",
@@ -311,6 +313,17 @@ def run_tests(src_dir: Path, tests: list[str], timeout: float) -> tuple[str, flo
     return status, time.time() - t0, tail[0][:160] if tail else ""
 
 
+def baseline_failures(src_dir: Path, test_lists: list[list[str]], timeout: float) -> list[tuple[list[str], str, str]]:
+    """``(tests, status, first failure)`` of each test list that does not pass on ``src_dir`` (the
+    unmutated copy), run exactly as a mutant's are; [] when all pass."""
+    out = []
+    for tests in test_lists:
+        status, _, failure = run_tests(src_dir, tests, timeout)
+        if status != "survived":
+            out.append((tests, status.replace("caught", "fails", 1), failure or "(no FAILED line)"))
+    return out
+
+
 PROBE = r'''
 import hashlib, json, sys, torch
 import attnmask as am
@@ -423,6 +436,16 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="attnmask-mut-"))
     pristine = work / "orig"
     shutil.copytree(ROOT / "src", pristine, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    # A test that fails on the unmutated code would count every mutant of its module as caught.
+    lists = {tuple(TARGETS.get(mut.module, _ENGINE_TESTS)) for _, mut in chosen if mut.source}
+    failing = baseline_failures(pristine, [list(t) for t in sorted(lists)], args.timeout)
+    if failing:
+        shutil.rmtree(work, ignore_errors=True)
+        print("the selected tests fail on the unmutated code, so every mutant would count as caught; "
+              "no mutant was run. Fix the code or the tests first:", file=sys.stderr)
+        for tests, status, failure in failing:
+            print(f"  {status}: {' '.join(tests)}\n    {failure}", file=sys.stderr)
+        return 2
     base_probe = probe(pristine)
     load = os.getloadavg()[0]
     t_start = time.time()

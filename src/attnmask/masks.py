@@ -559,10 +559,11 @@ def check_length(name: str, value, minimum: int = 1) -> int:
     return value
 
 
-def resolve_shape(q_len, kv_len=None, q_offset=None) -> tuple[int, int, int]:
-    """Validate lengths; fill kv_len = q_len and q_offset = kv_len - q_len."""
-    q_len = check_length("q_len", q_len)
-    kv_len = q_len if kv_len is None else check_length("kv_len", kv_len)
+def resolve_shape(q_len, kv_len=None, q_offset=None, minimum: int = 1) -> tuple[int, int, int]:
+    """Validate lengths (``minimum`` 0: attention on empty sequences); fill kv_len = q_len and
+    q_offset = kv_len - q_len."""
+    q_len = check_length("q_len", q_len, minimum)
+    kv_len = q_len if kv_len is None else check_length("kv_len", kv_len, minimum)
     if q_offset is None:
         q_offset = kv_len - q_len
     else:

@@ -104,8 +104,13 @@ class Plan:
     kernel_items: object = None                 # the fused kernel's item table (engines/fused.py), on first use
 
     def nbytes(self) -> int:
-        """Bytes the plan holds, counting one float32 additive copy of every mask (made on first use)."""
-        return 5 * tensor_bytes(self.masks) + tensor_bytes(self.row_empty) + 128 * len(self.ops) + 256
+        """Bytes the plan holds: masks, rows-empty vectors, ops, and a bound on the fused kernel's
+        item table (engines/fused.py, made on first use: 72 bytes an item, 16 a gathered range, the
+        masks packed 16 rows to 2 bytes a key). The masks' additive copies (the ATen path) are
+        counted by ``plans`` when made (``ByteLRU.derived``)."""
+        kernel = sum(72 * op.G + 16 * len(op.extra) for op in self.ops) \
+            + sum(2 * -(-m.shape[0] // 16) * m.shape[-1] + 8 for m in self.masks)
+        return tensor_bytes(self.masks) + tensor_bytes(self.row_empty) + 128 * len(self.ops) + kernel + 256
 
     def items(self):
         """Every op's items one by one: ``(row0, rows, k0, span, mask, causal, extra)``."""
@@ -116,23 +121,22 @@ class Plan:
     def additive(self, idx: int, dtype: torch.dtype) -> torch.Tensor:
         """The mask ``idx`` as 0 / -inf in ``dtype`` (the kernel wants the query's dtype).
 
-        Kept on the mask tensor itself, so plans that share an interned mask (see plan_for) share it."""
+        Kept by ``plans`` with the interned mask (``ByteLRU.derived``), so plans that share the mask
+        (see plan_for) share it, it is counted once, and it goes when the last of them is evicted."""
         key = (idx, dtype)
         hit = self._typed.get(key)
         if hit is None:
             m = self.masks[idx]
-            typed = m.__dict__.setdefault("_additive", {})
-            hit = typed.get(dtype)
-            if hit is None:
-                hit = typed[dtype] = torch.zeros(m.shape, dtype=dtype).masked_fill_(~m, float("-inf"))
-            self._typed[key] = hit
+            hit = self._typed[key] = plans.derived(
+                m, dtype, lambda: torch.zeros(m.shape, dtype=dtype).masked_fill_(~m, float("-inf")))
         return hit
 
 
 #: Plans of both directions, keyed by the layout's value (mask, shape, offset, blocks) and the
-#: direction, bounded in bytes (masks with one float32 additive copy each, ops). Masks are interned
-#: (plans of one mask at every length hold the same tiles), so each is counted once: 30 layers of
-#: nine different masks at 1K / 2K / 4K, both directions, hold ~100 MB (tests/test_engine_models.py).
+#: direction, bounded in bytes (masks, ops, and the masks' additive copies once made). Masks are
+#: interned (plans of one mask at every length hold the same tiles), so each is counted once: 30
+#: layers of nine different masks at 256 / 512 / 1K, both directions, hold ~39 MB, ~136 MB with
+#: every float32 copy made (tests/test_engine_models.py).
 plans = ByteLRU(256 << 20)
 
 
@@ -164,8 +168,8 @@ def plan_for(layout: BlockLayout, direction: Direction = FORWARD) -> Plan:
         with single_thread():
             plan = _build_plan(layout, direction)
             plan.masks = [interned(m) for m in plan.masks]
-        masks = 5 * tensor_bytes(plan.masks)
-        plans.put(key, plan, plan.nbytes() - masks, [(m, 5 * tensor_bytes(m)) for m in plan.masks])
+        masks = tensor_bytes(plan.masks)
+        plans.put(key, plan, plan.nbytes() - masks, [(m, tensor_bytes(m)) for m in plan.masks])
     return plan
 
 
@@ -456,35 +460,42 @@ def _row_chunks(m: torch.Tensor, fine: bool = False) -> list[tuple[int, int]]:
     starts = [0] + (cut.nonzero().flatten() + 1).tolist()
     # Narrow windows want shorter pieces (sliding(16): 79 keys a row for 64-row pieces, 31 for
     # 16): with ``fine``, every height from SUB_ROWS down to MIN_SUB_ROWS by halves is weighed.
-    best, best_cost = [(0, rows)], costs.kernel_cost(rows, _span(m.any(0))) * costs.SPLIT_GAIN
-    height = costs.SUB_ROWS
-    while True:
-        pieces = []
-        for a, b in zip(starts, starts[1:] + [rows]):
-            pieces += [(r, min(height, b - r)) for r in range(a, b, height)]
-        if len(pieces) > 1:
-            cost = sum(costs.kernel_cost(n, _span(m[r:r + n].any(0))) for r, n in pieces)
-            if cost < best_cost:
-                best, best_cost = pieces, cost
-        if not fine or height // 2 < costs.MIN_SUB_ROWS:
-            return best
-        height //= 2
+    ends = starts[1:] + [rows]
+
+    def pieces(height: int) -> list[tuple[int, int]]:
+        return [(r, min(height, b - r)) for a, b in zip(starts, ends) for r in range(a, b, height)]
+
+    whole = [(0, rows)], costs.kernel_cost(rows, _span(m.any(0))) * costs.SPLIT_GAIN
+    return _cheapest_height(m, pieces, costs.kernel_cost, costs.SUB_ROWS, costs.MIN_SUB_ROWS, fine, whole)
 
 
 def _fixed_row_chunks(m: torch.Tensor, height: int, fine: bool = False) -> list[tuple[int, int]]:
     """The backward's row chunks: every ``height`` rows, or (``fine``: a segment that repeats, so one
     batched call runs its pieces) a half or a quarter of it where ``costs.backward_cost`` says so."""
     rows = m.shape[0]
-    best, best_cost = None, float("inf")
-    h = height
+    return _cheapest_height(m, lambda h: [(r, min(h, rows - r)) for r in range(0, rows, h)],
+                            costs.backward_cost, height, costs.MIN_BACKWARD_ROWS, fine)
+
+
+def _cheapest_height(m: torch.Tensor, pieces, cost, height: int, floor: int, fine: bool,
+                     best: tuple | None = None) -> list[tuple[int, int]]:
+    """The cheapest row pieces of mask ``m`` among ``pieces(h)`` for h = ``height`` and, with ``fine``,
+    its halves down to ``floor``: the one search of both directions' row cuts.
+
+    ``cost(rows, keys)`` prices one piece trimmed to its keys; ``best`` = (pieces, cost) to beat
+    (the forward's whole block), else the first height's cut is the start. A cut into one piece
+    never replaces a best found (it is the whole block); ties keep the taller pieces.
+    """
+    best, best_cost = best if best is not None else (None, float("inf"))
     while True:
-        pieces = [(r, min(h, rows - r)) for r in range(0, rows, h)]
-        cost = sum(costs.backward_cost(n, _span(m[r:r + n].any(0))) for r, n in pieces)
-        if cost < best_cost:
-            best, best_cost = pieces, cost
-        if not fine or h // 2 < 32:
+        cut = pieces(height)
+        if best is None or len(cut) > 1:
+            c = sum(cost(n, _span(m[r:r + n].any(0))) for r, n in cut)
+            if c < best_cost:
+                best, best_cost = cut, c
+        if not fine or height // 2 < floor:
             return best
-        h //= 2
+        height //= 2
 
 
 def _span(cols: torch.Tensor) -> int:
@@ -913,10 +924,11 @@ def _run_key_set(plan: Plan, op: Op, q, k, v, scale: float, out, lse) -> None:
     rows x 4 keys: ~60 ns per score against ~4 for wide calls, one thread), so the rows x E
     scores are computed directly, in the accumulator's dtype (float32 for bf16 inputs: exact
     products summed in float32, as the kernel's), with the additive mask of the cells the
-    rest does not cover. The merge is folded into the second matmul: ``out`` is rescaled
-    once and ``p @ v`` (its rows pre-weighted) is added onto it, so no [rows, D] temporary
-    is made. Rows whose cells are all masked keep their values (weight an exact 0); an op
-    that writes its rows first (a mask of key sets only) writes them, zeros / -inf included.
+    rest does not cover. The merge (:func:`_merge_lse`, pre-weighted) is folded into the
+    second matmul: ``out`` is rescaled once and ``p @ v`` (its rows pre-weighted) is added
+    onto it, so no [rows, D] temporary is made. Rows whose cells are all masked keep their
+    values (weight an exact 0); an op that writes its rows first (a mask of key sets only)
+    writes them, zeros / -inf included.
     """
     acc = out.dtype
     Z, D = q.shape[0], q.shape[2]
@@ -948,14 +960,36 @@ def _run_key_set(plan: Plan, op: Op, q, k, v, scale: float, out, lse) -> None:
             ov.copy_(torch.matmul(p.mul_(total.clamp_min(tiny).reciprocal_()), vB))
             lv.copy_(torch.where(has, m + total.log(), float("-inf")))
             continue
-        top = torch.maximum(lv, torch.where(has, m + total.log(), float("-inf")))
-        top.masked_fill_(~torch.isfinite(top), 0.0)
-        wa = (lv - top).exp_()
-        wb = torch.where(has, (m - top).exp_(), 0.0)                               # m <= top: no overflow
+        _merge_lse(ov, lv, torch.where(has, m + total.log(), float("-inf")),
+                   lambda w: ov.baddbmm_(p.mul_(w), vB), peak=m, total=total)
+
+
+def _merge_lse(ov: torch.Tensor, lv: torch.Tensor, l: torch.Tensor, add, *, peak: torch.Tensor | None = None,
+               total: torch.Tensor | None = None) -> None:
+    """Merge a new part into rows that earlier ops wrote, by log-sum-exp, in place (the one merge).
+
+    ``ov [..., R, D]`` and ``lv [..., R, 1]`` are the accumulator (its dtype throughout); the new
+    part's log-sum-exp is ``l [..., R, 1]`` (-inf: the row has no key in it). ``add(w)`` must add
+    ``w [..., R, 1]`` times the new part onto ``ov`` (after ``ov`` is rescaled), so the caller picks
+    the fused op and no [R, D] temporary is made. The new part is either normalised (a kernel's
+    output, weight ``exp(l - top)``), or pre-weighted: unnormalised ``exp(s - peak)`` rows that sum
+    to ``total`` (``l = peak + log total``), weight ``exp(peak - top)`` and mass ``total`` times it,
+    which spares dividing by ``total`` first. ``top`` is the larger lse (0 where both are -inf:
+    no NaN; the weights are then 0 and the row keeps its zeros).
+    """
+    top = torch.maximum(lv, l)
+    top.masked_fill_(~torch.isfinite(top), 0.0)
+    wa = (lv - top).exp_()
+    if total is None:
+        wb = (l - top).exp_()
+        den = wa + wb
+    else:
+        wb = torch.where(torch.isfinite(l), (peak - top).exp_(), 0.0)            # peak <= top: no overflow
         den = wa + total * wb
-        inv = den.clamp_min(tiny).reciprocal_()
-        ov.mul_(wa * inv).baddbmm_(p.mul_(wb * inv), vB)
-        lv.copy_(top + den.log())
+    inv = den.clamp_min(torch.finfo(den.dtype).tiny).reciprocal_()
+    ov.mul_(wa * inv)
+    add(wb * inv)
+    lv.copy_(top + den.log())
 
 
 def _extra_keys(op: Op) -> int:
@@ -1002,17 +1036,9 @@ def _run_op(plan: Plan, op: Op, g0: int, G: int, q, k, v, scale: float, out, lse
         ov.copy_(o)
         lv.copy_(l)
         return
-    # Merge with what earlier ops wrote for these rows (all in the accumulator's precision).
-    l = l.to(lv.dtype)
-    m = torch.maximum(lv, l)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    wa = torch.exp(lv - m)
-    wb = torch.exp(l - m)
-    s = wa + wb
-    inv = 1.0 / s.clamp_min(torch.finfo(s.dtype).tiny)
-    # In place, without a temporary the size of the output (addcmul_ promotes o itself).
-    ov.mul_((wa * inv).unsqueeze(-1)).addcmul_(o, (wb * inv).unsqueeze(-1))
-    lv.copy_(m + torch.log(s))
+    # Merge with what earlier ops wrote for these rows (all in the accumulator's precision;
+    # addcmul_ promotes o itself, so no temporary the size of the output).
+    _merge_lse(ov, lv.unsqueeze(-1), l.to(lv.dtype).unsqueeze(-1), lambda w: ov.addcmul_(o, w))
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:

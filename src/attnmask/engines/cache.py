@@ -7,6 +7,9 @@ Each entry states its size, and the cache evicts the oldest entries past its
 byte budget. Entries may also name *shared* tensors (a partial-tile mask that
 the plans of one mask at every length hold): each is counted once, for as long
 as some entry holds it, so the total is the memory the entries really keep.
+Values derived from a shared tensor (its additive float copy) are kept with it
+(:meth:`ByteLRU.derived`): made once for all the entries that hold it, counted
+when made, and dropped with it.
 
     >>> c = ByteLRU(100)
     >>> c.put("a", "plan a", 60); c.put("b", "plan b", 60)
@@ -85,7 +88,8 @@ class ByteLRU:
     def __init__(self, budget: int):
         self.budget = int(budget)
         self._items: "OrderedDict[Hashable, tuple[Any, int, tuple]]" = OrderedDict()
-        self._shared: dict[int, list] = {}         # id(tensor) -> [entries holding it, bytes, tensor]
+        # id(tensor) -> [entries holding it, bytes (its own and its derived values'), tensor, {key: derived}]
+        self._shared: dict[int, list] = {}
         self.nbytes = 0
         self._lock = threading.Lock()
 
@@ -119,13 +123,48 @@ class ByteLRU:
             for t, n in shared:
                 hold = self._shared.get(id(t))
                 if hold is None:
-                    self._shared[id(t)] = [1, n, t]
+                    self._shared[id(t)] = [1, n, t, {}]
                     self.nbytes += n
                 else:
                     hold[0] += 1
-            while self.nbytes > self.budget and len(self._items) > 1:
-                _, entry = self._items.popitem(last=False)
-                self._drop(entry)
+            self._evict()
+
+    def derived(self, t: torch.Tensor, key: Hashable, build):
+        """``build()``, a tensor made from the shared tensor ``t``, made once while some entry holds ``t``.
+
+        Kept (and its bytes counted) with ``t`` until the last entry holding ``t`` goes, so every
+        entry that shares ``t`` shares it. When no entry holds ``t`` (never put, or evicted) it is
+        built and returned, not kept.
+
+            >>> c, t = ByteLRU(1000), torch.zeros(100, dtype=torch.bool)
+            >>> c.put("a", 1, 10, [(t, 100)]); c.put("b", 2, 10, [(t, 100)])
+            >>> f = c.derived(t, torch.float32, lambda: t.float())
+            >>> c.derived(t, torch.float32, lambda: t.float()) is f, c.nbytes
+            (True, 520)
+            >>> c.put("a", 1, 10); c.put("b", 2, 10); c.nbytes           # t's last holders gone: f too
+            20
+        """
+        with self._lock:
+            hold = self._shared.get(id(t))
+            if hold is not None and key in hold[3]:
+                return hold[3][key]
+        value = build()                                 # outside the lock (see the class docstring)
+        with self._lock:
+            hold = self._shared.get(id(t))
+            if hold is None:
+                return value
+            if key not in hold[3]:
+                hold[3][key] = value
+                n = tensor_bytes(value)
+                hold[1] += n
+                self.nbytes += n
+                self._evict()
+            return hold[3][key]
+
+    def _evict(self) -> None:
+        while self.nbytes > self.budget and len(self._items) > 1:
+            _, entry = self._items.popitem(last=False)
+            self._drop(entry)
 
     def _drop(self, entry: tuple) -> None:
         self.nbytes -= entry[1]

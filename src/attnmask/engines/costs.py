@@ -30,7 +30,7 @@ from dataclasses import dataclass
 __all__ = ["Direction", "FORWARD", "BACKWARD", "kernel_cost", "causal_call_cost", "pieces_cost",
            "KERNEL_SLICE_FACTORS", "SUB_ROWS", "MIN_SUB_ROWS", "FINE_PIECES_REPEATS", "SPLIT_GAIN", "REGION_GAIN", "SPLIT_FULL_BLOCKS", "ONE_CALL_BLOCKS",
            "GATHER_KEYS", "GATHER_SPAN_ROWS", "KEY_SET_KEYS", "KEY_SET_ROWS", "KEY_SET_CELLS", "KEY_SET_JOIN_RUNS", "SIDE_BY_SIDE_PAIRS", "SIDE_BY_SIDE_PAIRS_FUSED", "MIN_SEGMENT_ROWS", "CHUNK_BYTES", "KEYS_PER_CALL", "KEY_MAJOR_ROWS",
-           "BACKWARD_ROW_COSTS", "backward_cost"]
+           "BACKWARD_ROW_COSTS", "MIN_BACKWARD_ROWS", "backward_cost"]
 
 #: Relative cost per score of the forward kernel by its query slice (256, 64, 32 rows: calls of
 #: >= 768, >= 192, < 192 rows). Rounded from bench_kernel_slices.py: 1.445 / 1.49-1.51 / 1.59 ns.
@@ -185,6 +185,11 @@ BACKWARD = Direction("backward", 128)
 #: N=8192, fp32, 2 threads, quiet (benchmarks/results/backward.md, 2026-12-01): sliding(1024) /
 #: sliding(64) backward 425 / 85 ms at 128 rows, 436 / 73 at 64, 494 / 71 at 32.
 BACKWARD_ROW_COSTS = {128: (1.0, 49.0), 64: (1.07, 71.0), 32: (1.24, 83.0)}
+
+
+#: The shortest row pieces the backward weighs (the shortest height fitted above): halves of
+#: ``BACKWARD.fixed_rows`` down to this, in segments that repeat.
+MIN_BACKWARD_ROWS = min(BACKWARD_ROW_COSTS)
 
 
 def backward_cost(rows: int, keys: int) -> float:

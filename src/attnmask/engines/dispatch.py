@@ -116,7 +116,7 @@ def _resolve_masks(mask, B: int, H: int, Lq: int, Lk: int, q_offset: int | None,
     layouts: list = []
     index: dict = {}
     by_id: dict[int, int] = {}
-    default_offset = resolve_shape(Lq, Lk, q_offset)[2] if not compile else None
+    default_offset = resolve_shape(Lq, Lk, q_offset, minimum=0)[2] if not compile else None
 
     def layout_of(item: MaskLike, where: str, b: int = 0, h: int = 0) -> int:
         hit = by_id.get((id(item), b, h))
@@ -219,10 +219,10 @@ def _flex_reasons(c: _Call) -> list[str]:
         import torch.nn.attention.flex_attention  # noqa: F401
     except ImportError:
         return ["torch.nn.attention.flex_attention is not available in this torch"]
-    first = c.layouts[0]
-    if any((lay.q_offset, lay.block_size) != (first.q_offset, first.block_size) for lay in c.layouts):
+    layouts = [lay for lay in c.layouts if isinstance(lay, BlockLayout)]    # none for empty sequences
+    if any((lay.q_offset, lay.block_size) != (layouts[0].q_offset, layouts[0].block_size) for lay in layouts):
         reasons.append("needs per-head masks compiled with one q_offset and block size")
-    if any(lay.block_q != lay.block_k for lay in c.layouts):
+    if any(lay.block_q != lay.block_k for lay in layouts):
         reasons.append("needs square blocks (block_q == block_k)")
     if c.needs_grad and c.q.device.type == "cpu":
         reasons.append("has no backward pass on CPU in torch (gradients were requested)")
@@ -233,7 +233,6 @@ def _flex_reasons(c: _Call) -> list[str]:
     D = c.q.shape[-1]
     if D < 16 or D & (D - 1):
         reasons.append(f"needs a power-of-two head dim >= 16, got D={D}")
-    # (empty sequences never get here: compiling the layouts refuses a length of 0)
     return reasons
 
 
@@ -287,8 +286,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, *, scale:
     :func:`per_batch` ``([...])`` for masks that differ per batch element.
     Query row i sits at position ``q_offset + i`` (default ``Lk - Lq``).
     ``scale`` defaults to ``1 / sqrt(D)``. Rows with no allowed key give zeros
-    and lse = -inf. Returns out ``[B, H, Lq, D]`` in q's dtype, or
-    ``(out, lse)`` with lse ``[B, H, Lq]`` (float32; float64 for float64 inputs) when ``return_lse``.
+    and lse = -inf; so does ``Lk = 0``, and ``Lq = 0`` gives an empty output (as SDPA),
+    both with gradients (zeros) and without compiling anything. Returns out ``[B, H, Lq, D]``
+    in q's dtype, or ``(out, lse)`` with lse ``[B, H, Lq]`` (float32; float64 for float64
+    inputs) when ``return_lse``.
     ``backend``: ``"auto"`` (blocksparse on CPU, flex on CUDA), ``"blocksparse"``,
     ``"dense"`` or ``"flex"``; a backend that cannot run the inputs raises a
     MaskError listing why. ``block_size`` is used when compiling a Mask.
@@ -318,7 +319,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, *, scale:
         if short_fits(len(items), Lq, Lk):
             out, lse = short_forward(q, k, v, items, head_index, scale)
             return (out, lse) if return_lse else out
-    layouts, head_layout = _resolve_masks(mask, B, H, Lq, Lk, q_offset, block_size)
+    empty = Lq == 0 or Lk == 0
+    # Empty sequences have no (query, key) cell, so nothing is compiled (a layout needs lengths
+    # >= 1); the masks are still checked, uncompiled, and the backend's reasons still apply.
+    layouts, head_layout = _resolve_masks(mask, B, H, Lq, Lk, q_offset, block_size, compile=not empty)
     call = _Call(q, k, v, layouts, head_layout, scale, enable_gqa, needs_grad, return_lse)
 
     if backend == "auto":
@@ -340,5 +344,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, *, scale:
                     others.append(name)
             hint = f"; backends that can: {', '.join(others)}" if others else ""
             raise MaskValueError(f"backend {backend!r} cannot run these inputs: " + "; ".join(reasons) + hint)
-    out, lse = _RUN[backend](call)
+    out, lse = _no_cells(call) if empty else _RUN[backend](call)
     return (out, lse) if return_lse else out
+
+
+def _no_cells(c: _Call) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with no query row or no key (Lq or Lk 0), as SDPA gives it: out [B, H, Lq, D] (zeros:
+    every row has no key) and lse -inf, through ops on empty tensors, so gradients flow (dq zeros
+    for Lk = 0; dk, dv zeros for Lq = 0) and backward needs no engine."""
+    B, H, Lq, D = c.q.shape
+    Hkv, Lk = c.k.shape[1], c.k.shape[2]
+    rep = H // Hkv
+    q = c.q.reshape(B, Hkv, rep * Lq, D)          # query heads of a kv group as rows: K/V never repeated
+    s = torch.matmul(q, c.k.transpose(-2, -1)) * c.scale                     # [B, Hkv, rep * Lq, Lk]: empty
+    out = torch.matmul(s, c.v).reshape(B, H, Lq, D)                          # a sum over no key: zeros
+    from .blocksparse import lse_dtype
+    lse = s.to(lse_dtype(c.q.dtype)).logsumexp(-1).reshape(B, H, Lq)        # -inf (no key), or empty
+    return out, lse

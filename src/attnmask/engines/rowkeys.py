@@ -9,8 +9,9 @@ subtree depends on, with no torch call in the common case:
 
 - a subtree of one axis (structure class Q, K or D: ``causal & sliding(64)``, ``sink(4)``,
   ``rows(0, 40)``) is evaluated once on its axis (query positions, key positions or offsets
-  ``q - k``) and kept on the node as intervals of that axis, for a range that doubles when
-  a later call needs more; a row then maps and clips them;
+  ``q - k``) and kept as intervals of that axis, for a range that doubles when a later call
+  needs more; a row then maps and clips them (kept in the mask's row program, one per mask
+  object in the byte-bounded ``programs`` cache, never on the nodes);
 - a SEG primitive gives the query's segment (its ``segments`` hook), a RECT primitive the
   keys of a one-query range (``key_ranges``, used when every range it names is FULL), a
   primitive that lowers to an expression is read through that expression;
@@ -36,6 +37,7 @@ import torch
 
 from ..kinds import StructureClass, TileState
 from ..masks import Complement, Difference, Intersection, Mask, Primitive, Union
+from .cache import ByteLRU
 
 __all__ = ["row_keys", "merge_intervals", "MAX_INTERVALS"]
 
@@ -43,6 +45,18 @@ __all__ = ["row_keys", "merge_intervals", "MAX_INTERVALS"]
 MAX_INTERVALS = 256
 
 Intervals = list  # list[tuple[int, int]]: sorted, disjoint, never touching
+
+
+#: Row programs by mask object, bounded in bytes (:meth:`_Program.nbytes`). An entry holds its mask,
+#: so the id names that one object while the entry lives; a decode loop passes the same mask objects
+#: step after step. Nothing is kept on the mask nodes themselves (frozen values, shared by any number
+#: of masks and plans).
+programs = ByteLRU(16 << 20)
+
+#: Bytes counted per node of a program (its closure) and per cached axis interval (a tuple of two
+#: ints in a list, ~120 bytes in CPython).
+_NODE_BYTES = 512
+_INTERVAL_BYTES = 128
 
 
 def row_keys(mask: Mask, p: int, n: int) -> Intervals | None:
@@ -53,131 +67,156 @@ def row_keys(mask: Mask, p: int, n: int) -> Intervals | None:
     """
     if n <= 0:
         return []
-    out = _program(mask)(p, n)
-    return None if out is None else list(out)      # a copy: axis runs are cached on the nodes
+    prog = programs.get(id(mask))
+    fresh = prog is None or prog.mask is not mask
+    if fresh:
+        prog = _Program(mask)
+    grown = prog.grown
+    out = prog.run(p, n)
+    if fresh or prog.grown != grown:             # new, or an axis reached further: (re)count its bytes
+        programs.put(id(mask), prog, prog.nbytes())
+    return None if out is None else list(out)      # a copy: axis runs are cached in the program
 
 
-def _klass(node: Mask) -> StructureClass:
-    # structure_class() of an operator walks its subtree each call
-    c = node.__dict__.get("_rk_class")
-    if c is None:
+class _Program:
+    """One mask's row: ``run(p, n)`` -> intervals or None, a closure per node made once (a decode
+    step calls it for every head's mask: a closure per node costs a fraction of walking the tree's
+    types), and the runs its one-axis subtrees cached (``axes``), for a range that doubles when a
+    later call needs more (``grown`` counts those evaluations)."""
+
+    def __init__(self, mask: Mask):
+        self.mask = mask
+        self.nodes = 0
+        self.axes: list[list] = []                   # per one-axis subtree: [(lo, hi, runs or None)]
+        self.grown = 0
+        self.run = self._make(mask, {})
+
+    def nbytes(self) -> int:
+        return _NODE_BYTES * self.nodes + sum(_INTERVAL_BYTES * len(a[0][2] or ()) for a in self.axes if a[0])
+
+    def _make(self, node: Mask, memo: dict):
+        """``f(p, n)``: the node's row as intervals, or None; one per node object of the tree."""
+        hit = memo.get(id(node))
+        if hit is None:
+            hit = memo[id(node)] = self._build(node, memo)
+            self.nodes += 1 + (len(node.args) // 16 if isinstance(node, Primitive) else 0)
+        return hit
+
+    def _build(self, node: Mask, memo: dict):
         c = node.structure_class()
-        object.__setattr__(node, "_rk_class", c)
-    return c
+        if c is StructureClass.K:
+            axis = self._axis(node, c)
+            return lambda p, n: axis(0, n)
+        if c is StructureClass.D:
+            axis = self._axis(node, c)
 
-
-def _program(node: Mask):
-    """``f(p, n)``: the node's row as intervals, or None; made once per node (a decode step calls it
-    for every head's mask: a closure per node costs a fraction of walking the tree's types)."""
-    prog = node.__dict__.get("_rk_prog")
-    if prog is None:
-        prog = _make_program(node)
-        object.__setattr__(node, "_rk_prog", prog)
-    return prog
-
-
-def _make_program(node: Mask):
-    c = _klass(node)
-    if c is StructureClass.K:
-        return lambda p, n: _axis(node, c, 0, n)
-    if c is StructureClass.D:
-        def offsets(p, n):
-            axis = _axis(node, c, p - n + 1, p + 1)        # offsets p - k for k in [0, n)
-            if axis is None:
-                return None
-            # offsets [a, b) are keys (p - b, p - a], ascending once reversed; inside [0, n) already
-            return [(p - b + 1, p - a + 1) for a, b in reversed(axis)]
-        return offsets
-    if c is StructureClass.Q:
-        def query(p, n):
-            axis = _axis(node, c, p, p + 1)
-            return None if axis is None else ([(0, n)] if axis else [])
-        return query
-    if c is StructureClass.CONST:
-        zero = torch.zeros((), dtype=torch.int64)
-        on = bool(node.evaluate(zero, zero))
-        return (lambda p, n: [(0, n)]) if on else (lambda p, n: [])
-    if isinstance(node, Union):
-        parts = [_program(x) for x in node.parts]
-
-        def union(p, n):
-            got = []
-            for part in parts:
-                x = part(p, n)
-                if x is None:
+            def offsets(p, n):
+                runs = axis(p - n + 1, p + 1)              # offsets p - k for k in [0, n)
+                if runs is None:
                     return None
-                got += x
-            return merge_intervals(got)
-        return union
-    if isinstance(node, Intersection):
-        first, rest = _program(node.parts[0]), [_program(x) for x in node.parts[1:]]
+                # offsets [a, b) are keys (p - b, p - a], ascending once reversed; inside [0, n) already
+                return [(p - b + 1, p - a + 1) for a, b in reversed(runs)]
+            return offsets
+        if c is StructureClass.Q:
+            axis = self._axis(node, c)
 
-        def intersection(p, n):
-            out = first(p, n)
-            for part in rest:
-                if not out:
-                    return out                  # None: cannot say; []: empty whatever the rest is
-                x = part(p, n)
-                out = None if x is None else _intersect(out, x)
-            return out
-        return intersection
-    if isinstance(node, Difference):
-        left, right = _program(node.left), _program(node.right)
+            def query(p, n):
+                runs = axis(p, p + 1)
+                return None if runs is None else ([(0, n)] if runs else [])
+            return query
+        if c is StructureClass.CONST:
+            zero = torch.zeros((), dtype=torch.int64)
+            on = bool(node.evaluate(zero, zero))
+            return (lambda p, n: [(0, n)]) if on else (lambda p, n: [])
+        if isinstance(node, Union):
+            parts = [self._make(x, memo) for x in node.parts]
 
-        def difference(p, n):
-            a = left(p, n)
-            if not a:
-                return a
-            b = right(p, n)
-            return None if b is None else _intersect(a, _complement(b, n))
-        return difference
-    if isinstance(node, Complement):
-        inner = _program(node.inner)
+            def union(p, n):
+                got = []
+                for part in parts:
+                    x = part(p, n)
+                    if x is None:
+                        return None
+                    got += x
+                return merge_intervals(got)
+            return union
+        if isinstance(node, Intersection):
+            first, rest = self._make(node.parts[0], memo), [self._make(x, memo) for x in node.parts[1:]]
 
-        def complement(p, n):
-            x = inner(p, n)
-            return None if x is None else _complement(x, n)
-        return complement
-    if isinstance(node, Primitive):
-        if c in (StructureClass.SEG, StructureClass.RECT):
-            return lambda p, n: _primitive_row(node, c, p, n)
-        lowered = node.lowered()
-        if lowered is not None:
-            return _program(lowered)
-    return lambda p, n: None                          # a mask_mod leaf, or anything else opaque
+            def intersection(p, n):
+                out = first(p, n)
+                for part in rest:
+                    if not out:
+                        return out                  # None: cannot say; []: empty whatever the rest is
+                    x = part(p, n)
+                    out = None if x is None else _intersect(out, x)
+                return out
+            return intersection
+        if isinstance(node, Difference):
+            left, right = self._make(node.left, memo), self._make(node.right, memo)
+
+            def difference(p, n):
+                a = left(p, n)
+                if not a:
+                    return a
+                b = right(p, n)
+                return None if b is None else _intersect(a, _complement(b, n))
+            return difference
+        if isinstance(node, Complement):
+            inner = self._make(node.inner, memo)
+
+            def complement(p, n):
+                x = inner(p, n)
+                return None if x is None else _complement(x, n)
+            return complement
+        if isinstance(node, Primitive):
+            if c is StructureClass.SEG:
+                return _segment_row(node.kind.segments(node.args))
+            if c is StructureClass.RECT:
+                return lambda p, n: _rect_row(node, p, n)
+            lowered = node.lowered()
+            if lowered is not None:
+                return self._make(lowered, memo)
+        return lambda p, n: None                          # a mask_mod leaf, or anything else opaque
+
+    def _axis(self, node: Mask, c: StructureClass):
+        """``f(lo, hi)``: the node's True runs on its one axis within [lo, hi) (None: too many), from
+        runs evaluated once over a range that doubles when a call reaches past it."""
+        cell: list = [None]                               # [(lo, hi, runs)]: one tuple, swapped whole
+        self.axes.append(cell)
+
+        def axis(lo: int, hi: int) -> Intervals | None:
+            hit = cell[0]
+            if hit is not None and hit[0] <= lo and hi <= hit[1]:
+                runs = hit[2]
+            else:
+                reach = max(1024, abs(lo), abs(hi)) if hit is None else max(2 * hit[1], abs(lo), abs(hi))
+                reach = 1 << (reach - 1).bit_length()
+                runs = _runs(node, c, -reach, reach)
+                cell[0] = (-reach, reach, runs)
+                self.grown += 1
+            if runs is None:
+                return None
+            out = _clip(runs, lo, hi)
+            return out if len(out) <= MAX_INTERVALS else None
+        return axis
 
 
-def _primitive_row(node: Primitive, c: StructureClass, p: int, n: int) -> Intervals | None:
-    kind = node.kind
-    if c is StructureClass.SEG:
-        seg = node.cached("rk_segments", lambda: kind.segments(node.args))
+def _segment_row(seg):
+    def row(p: int, n: int) -> Intervals:
         if seg.real is not None and not seg.real[0] <= p < seg.real[1]:
             return []
         s = seg.of(np.array([p], dtype=np.int64))
         return _clip([(int(seg.start(s)[0]), int(seg.end(s)[0]))], 0, n)
-    if c is StructureClass.RECT:
-        owner, lo, hi, state = kind.key_ranges(node.args, np.array([p], dtype=np.int64),
-                                               np.array([p + 1], dtype=np.int64))
-        if len(state) > MAX_INTERVALS or not bool((state == int(TileState.FULL)).all()):
-            return None
-        return _clip(merge_intervals(list(zip(lo.tolist(), hi.tolist()))), 0, n)
-    return None
+    return row
 
 
-def _axis(node: Mask, c: StructureClass, lo: int, hi: int) -> Intervals | None:
-    """The node's True runs on its one axis, covering at least [lo, hi) (cached on the node; None: too many)."""
-    hit = node.__dict__.get("_rk_axis")
-    if hit is not None and hit[0] <= lo and hi <= hit[1]:
-        runs = hit[2]
-    else:
-        reach = max(1024, abs(lo), abs(hi)) if hit is None else max(2 * hit[1], abs(lo), abs(hi))
-        reach = 1 << (reach - 1).bit_length()
-        runs = _runs(node, c, -reach, reach)
-        object.__setattr__(node, "_rk_axis", (-reach, reach, runs))
-    if runs is None:
+def _rect_row(node: Primitive, p: int, n: int) -> Intervals | None:
+    owner, lo, hi, state = node.kind.key_ranges(node.args, np.array([p], dtype=np.int64),
+                                                np.array([p + 1], dtype=np.int64))
+    if len(state) > MAX_INTERVALS or not bool((state == int(TileState.FULL)).all()):
         return None
-    out = _clip(runs, lo, hi)
-    return out if len(out) <= MAX_INTERVALS else None
+    return _clip(merge_intervals(list(zip(lo.tolist(), hi.tolist()))), 0, n)
 
 
 def _runs(node: Mask, c: StructureClass, lo: int, hi: int) -> Intervals | None:

@@ -3,7 +3,7 @@
 The kernel needs only a C compiler and Python's headers (no torch headers: it takes raw
 pointers), so it is independent of the installed torch's ABI. If it cannot be built the
 install still succeeds and the engine runs its pure-PyTorch path, saying so in
-``attnmask.engines.fused.status()`` and ``attnmask info``.
+``attnmask.engines.fused.status()`` and ``attnmask --version``.
 """
 from setuptools import Extension, setup
 

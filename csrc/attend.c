@@ -355,6 +355,157 @@ static inline TBF16 void pv_bf16(const uint32_t *pp, const uint32_t *const *vp, 
 #include "attend_item.h"
 #undef ITEM_BF16
 
+/* ---- backward (float32) ------------------------------------------------------------------- */
+
+/* The FlashAttention backward over the same item table, float32 inputs (the autograd makes
+ * float32 copies of reduced-precision inputs): per group of 16 rows and live piece of keys,
+ *   P = exp2(S c - lse2), dP = dO V^T, dS = P (dP - delta),
+ *   dQ += dS K (lanes are rows), dK += dS^T Q, dV += P^T dO (per key, over the lanes).
+ * dK / dV of an item collect in per-item buffers and are added to the gradients at the end of
+ * the item, so every sum has a fixed order. Rows of one z are one thread's; the caller keeps the
+ * z that share a key head (GQA) on one thread. */
+typedef struct {
+    const float *q, *k, *v, *dout, *lse, *delta;
+    float *dq, *dk, *dv;
+    int64_t s[9][3]; /* x, y, row strides of q, k, v, dout, lse, delta, dq, dk, dv */
+    int64_t Y, D;
+    float c, scale;
+    const int64_t *items, *extras, *masks;
+    int64_t n_items;
+} Bwd;
+
+enum { B_Q, B_K, B_V, B_DO, B_LSE, B_DELTA, B_DQ, B_DK, B_DV };
+
+static inline int64_t bz(const Bwd *B, int which, int64_t z) {
+    return (z / B->Y) * B->s[which][0] + (z % B->Y) * B->s[which][1];
+}
+
+/* dst[t][d] += sum_r w[t][r] * rows[r][d] for the J keys of a piece (w: [16][GROUP], rows: [16][D]). */
+static inline __attribute__((always_inline)) T512 void outer_add(const float *wt, const float *rowsv, int64_t D,
+                                                                  float *dst, const int J) {
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        __m512 a[16];
+        for (int t = 0; t < J; t++) a[t] = _mm512_load_ps(dst + t * D + d0);
+        for (int r = 0; r < GROUP; r++) {
+            __m512 x = _mm512_load_ps(rowsv + r * D + d0);
+            for (int t = 0; t < J; t++) a[t] = _mm512_fmadd_ps(_mm512_set1_ps(wt[t * GROUP + r]), x, a[t]);
+        }
+        for (int t = 0; t < J; t++) _mm512_store_ps(dst + t * D + d0, a[t]);
+    }
+}
+
+typedef struct {
+    float *qt, *dot, *dqt, *qrows, *dorows;
+    float *kbuf, *vbuf, *dkbuf, *dvbuf;
+    uint8_t *packed;
+    int32_t *live;
+    float p[16 * GROUP] __attribute__((aligned(64)));
+    float ds[16 * GROUP] __attribute__((aligned(64)));
+} BWork;
+
+static T512 void bwd_item(const Bwd *B, int64_t z, const int64_t *it, BWork *w) {
+    const int64_t D = B->D, rows = it[I_ROWS], E = it[I_E], np = piece_count(it);
+    Problem P; /* the forward's view of the item, for key_pos / item_bits / live_pieces */
+    P.extras = B->extras;
+    P.masks = B->masks;
+    const float *q = B->q + bz(B, B_Q, z), *k = B->k + bz(B, B_K, z), *v = B->v + bz(B, B_V, z);
+    const float *dout = B->dout + bz(B, B_DO, z), *lse = B->lse + bz(B, B_LSE, z);
+    const float *delta = B->delta + bz(B, B_DELTA, z);
+    float *dq = B->dq + bz(B, B_DQ, z), *dk = B->dk + bz(B, B_DK, z), *dv = B->dv + bz(B, B_DV, z);
+    const int64_t kr = B->s[B_K][2], vr = B->s[B_V][2];
+    const __m512 c = _mm512_set1_ps(B->c), neg = _mm512_set1_ps(-INFINITY);
+    memset(w->packed, 0, (size_t)np);
+    for (int64_t g = 0; g * GROUP < rows; g++) {
+        const int64_t r0 = g * GROUP, nr = rows - r0 < GROUP ? rows - r0 : GROUP, row0 = it[I_R0] + r0;
+        const uint16_t valid = (uint16_t)(nr >= 16 ? 0xFFFFu : (1u << nr) - 1);
+        const int64_t nlive = live_pieces(&P, it, g, valid, w->live);
+        if (!nlive) continue;
+        rows_to_lanes((const char *)(q + row0 * B->s[B_Q][2]), B->s[B_Q][2] * 4, nr, D, w->qt);
+        rows_to_lanes((const char *)(dout + row0 * B->s[B_DO][2]), B->s[B_DO][2] * 4, nr, D, w->dot);
+        float lv[GROUP], dv_[GROUP];
+        for (int64_t r = 0; r < GROUP; r++) {
+            lv[r] = r < nr ? lse[(row0 + r) * B->s[B_LSE][2]] * 1.4426950408889634f : 0.0f;
+            dv_[r] = r < nr ? delta[(row0 + r) * B->s[B_DELTA][2]] : 0.0f;
+            for (int64_t d = 0; d < D; d++) {
+                w->qrows[r * D + d] = r < nr ? q[(row0 + r) * B->s[B_Q][2] + d] : 0.0f;
+                w->dorows[r * D + d] = r < nr ? dout[(row0 + r) * B->s[B_DO][2] + d] : 0.0f;
+            }
+        }
+        const __m512 lse2 = _mm512_loadu_ps(lv), dlt = _mm512_loadu_ps(dv_);
+        for (int64_t d = 0; d < D; d++) _mm512_store_ps(w->dqt + d * GROUP, _mm512_setzero_ps());
+        for (int64_t b = 0; b < nlive; b++) {
+            const int64_t p = w->live[b];
+            int64_t j0, nj;
+            piece_keys(it, p, &j0, &nj);
+            float *kp = w->kbuf + p * 16 * D, *vp = w->vbuf + p * 16 * D;
+            if (!(w->packed[p] & 1)) { /* copy the piece's keys and values (zero rows past nj), zero its dK / dV */
+                for (int64_t j = 0; j < 16; j++) {
+                    if (j < nj) {
+                        int64_t pos = key_pos(&P, it, j0 + j);
+                        memcpy(kp + j * D, k + pos * kr, D * 4);
+                        memcpy(vp + j * D, v + pos * vr, D * 4);
+                    } else {
+                        memset(kp + j * D, 0, D * 4);
+                        memset(vp + j * D, 0, D * 4);
+                    }
+                }
+                memset(w->dkbuf + p * 16 * D, 0, 16 * D * 4);
+                memset(w->dvbuf + p * 16 * D, 0, 16 * D * 4);
+                w->packed[p] = 1;
+            }
+            __m512 sv[16], dp[16];
+            const int J = nj > 8 ? 16 : 8;
+            if (J == 16) { qk_f32(w->qt, kp, D, sv, 16); qk_f32(w->dot, vp, D, dp, 16); }
+            else { qk_f32(w->qt, kp, D, sv, 8); qk_f32(w->dot, vp, D, dp, 8); }
+            for (int j = 0; j < J; j++) {
+                __mmask16 bits = j < nj ? item_bits(&P, it, g, j0 + j, valid) : 0;
+                __m512 pr = exp2_ps(_mm512_sub_ps(_mm512_mask_mul_ps(neg, bits, sv[j], c), lse2));
+                pr = _mm512_maskz_mov_ps(bits, pr); /* exactly 0 off the mask, whatever lse is */
+                _mm512_store_ps(w->p + j * GROUP, pr);
+                _mm512_store_ps(w->ds + j * GROUP, _mm512_mul_ps(pr, _mm512_sub_ps(dp[j], dlt)));
+            }
+            const float *kpp = kp;
+            if (J == 16) {
+                pv_f32(w->ds, &kpp, &nj, 1, D, w->dqt);
+                outer_add(w->ds, w->qrows, D, w->dkbuf + p * 16 * D, 16);
+                outer_add(w->p, w->dorows, D, w->dvbuf + p * 16 * D, 16);
+            } else {
+                pv_f32(w->ds, &kpp, &nj, 1, D, w->dqt);
+                outer_add(w->ds, w->qrows, D, w->dkbuf + p * 16 * D, 8);
+                outer_add(w->p, w->dorows, D, w->dvbuf + p * 16 * D, 8);
+            }
+        }
+        /* dQ rows += (dQ^T)^T * scale */
+        const __m512 sc = _mm512_set1_ps(B->scale);
+        for (int64_t d0 = 0; d0 < D; d0 += 16) {
+            __m512 r[16];
+            for (int i = 0; i < 16; i++) r[i] = _mm512_load_ps(w->dqt + (d0 + i) * GROUP);
+            transpose16(r);
+            for (int64_t i = 0; i < nr; i++) {
+                float *o = dq + (row0 + i) * B->s[B_DQ][2] + d0;
+                _mm512_storeu_ps(o, _mm512_fmadd_ps(r[i], sc, _mm512_loadu_ps(o)));
+            }
+        }
+    }
+    /* the item's dK (times scale) and dV into the gradients, piece by piece in key order */
+    const __m512 sc = _mm512_set1_ps(B->scale);
+    for (int64_t p = 0; p < np; p++) {
+        if (!w->packed[p]) continue;
+        int64_t j0, nj;
+        piece_keys(it, p, &j0, &nj);
+        for (int64_t j = 0; j < nj; j++) {
+            int64_t pos = key_pos(&P, it, j0 + j);
+            float *a = dk + pos * B->s[B_DK][2], *b = dv + pos * B->s[B_DV][2];
+            const float *x = w->dkbuf + (p * 16 + j) * D, *y = w->dvbuf + (p * 16 + j) * D;
+            for (int64_t d0 = 0; d0 < D; d0 += 16) {
+                _mm512_storeu_ps(a + d0, _mm512_fmadd_ps(_mm512_load_ps(x + d0), sc, _mm512_loadu_ps(a + d0)));
+                _mm512_storeu_ps(b + d0, _mm512_add_ps(_mm512_load_ps(y + d0), _mm512_loadu_ps(b + d0)));
+            }
+        }
+    }
+    (void)E;
+}
+
 static int cpu_has(int bf16) {
     unsigned a, b, c, d;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
@@ -452,7 +603,68 @@ static PyObject *py_run(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* backward(params, n_items, z0, z1): params is an int64 array (see engines/fused.py backward_items):
+ * 9 pointers, 27 strides, Y, D, items, extras, masks, then c and scale as float64 bit patterns. */
+static PyObject *py_backward(PyObject *self, PyObject *args) {
+    unsigned long long pa;
+    long long n_items, z0, z1;
+    if (!PyArg_ParseTuple(args, "KLLL", &pa, &n_items, &z0, &z1)) return NULL;
+    const int64_t *a = (const int64_t *)(uintptr_t)pa;
+    Bwd B;
+    B.Y = a[36];
+    B.D = a[37];
+    if (B.D <= 0 || B.D > MAX_D || B.D % 16 || B.Y < 1) {
+        PyErr_Format(PyExc_ValueError, "head dim must be a multiple of 16 up to %d, got %lld", MAX_D, (long long)B.D);
+        return NULL;
+    }
+    if (!cpu_has(0)) {
+        PyErr_SetString(PyExc_RuntimeError, "this CPU has no AVX-512");
+        return NULL;
+    }
+#if HAVE_AVX512
+    B.q = (const float *)(intptr_t)a[0]; B.k = (const float *)(intptr_t)a[1]; B.v = (const float *)(intptr_t)a[2];
+    B.dout = (const float *)(intptr_t)a[3]; B.lse = (const float *)(intptr_t)a[4];
+    B.delta = (const float *)(intptr_t)a[5];
+    B.dq = (float *)(intptr_t)a[6]; B.dk = (float *)(intptr_t)a[7]; B.dv = (float *)(intptr_t)a[8];
+    for (int i = 0; i < 9; i++)
+        for (int j = 0; j < 3; j++) B.s[i][j] = a[9 + 3 * i + j];
+    B.items = (const int64_t *)(intptr_t)a[38];
+    B.extras = (const int64_t *)(intptr_t)a[39];
+    B.masks = (const int64_t *)(intptr_t)a[40];
+    double cd, sd;
+    memcpy(&cd, a + 41, 8);
+    memcpy(&sd, a + 42, 8);
+    B.c = (float)cd;
+    B.scale = (float)sd;
+    B.n_items = n_items;
+    const int64_t D = B.D;
+    int64_t np = 1;
+    for (int64_t i = 0; i < n_items; i++) {
+        int64_t n = piece_count(B.items + i * I_COLS);
+        if (n > np) np = n;
+    }
+    BWork w;
+    size_t lane = (size_t)D * GROUP * 4, piece = (size_t)np * 16 * D * 4;
+    size_t spk = ((size_t)np + 63) & ~(size_t)63, sl = ((size_t)np * 4 + 63) & ~(size_t)63;
+    char *mem = aligned_alloc(64, 5 * lane + 4 * piece + spk + sl);
+    if (!mem) return PyErr_NoMemory();
+    w.qt = (float *)mem; w.dot = (float *)(mem + lane); w.dqt = (float *)(mem + 2 * lane);
+    w.qrows = (float *)(mem + 3 * lane); w.dorows = (float *)(mem + 4 * lane);
+    w.kbuf = (float *)(mem + 5 * lane); w.vbuf = (float *)(mem + 5 * lane + piece);
+    w.dkbuf = (float *)(mem + 5 * lane + 2 * piece); w.dvbuf = (float *)(mem + 5 * lane + 3 * piece);
+    w.packed = (uint8_t *)(mem + 5 * lane + 4 * piece);
+    w.live = (int32_t *)(mem + 5 * lane + 4 * piece + spk);
+    Py_BEGIN_ALLOW_THREADS
+    for (int64_t z = z0; z < z1; z++)
+        for (int64_t i = 0; i < n_items; i++) bwd_item(&B, z, B.items + i * I_COLS, &w);
+    Py_END_ALLOW_THREADS
+    free(mem);
+#endif
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"backward", py_backward, METH_VARARGS, "The float32 backward of an item table (see engines/fused.py)."},
     {"run", py_run, METH_VARARGS, "Run an item table over batch-heads [z0, z1) (see engines/fused.py)."},
     {"supports", py_supports, METH_VARARGS, "supports(bf16): whether this CPU can run the kernel."},
     {NULL, NULL, 0, NULL},

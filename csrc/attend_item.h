@@ -15,7 +15,7 @@
 #endif
 
 static ITEM_TARGET void ITEM_FN(const Problem *P, int64_t z, const int64_t *it, Work *w) {
-    const int64_t D = P->D, rows = it[I_ROWS], E = it[I_E], N = E + it[I_SPAN];
+    const int64_t D = P->D, rows = it[I_ROWS], E = it[I_E];
     const int64_t np = piece_count(it);
     const ELEM *q = (const ELEM *)P->q + z_off(P, z, P->qx, P->qy);
     const ELEM *k = (const ELEM *)P->k + z_off(P, z, P->kx, P->ky);

@@ -207,3 +207,16 @@ def test_console_script_subprocess(tmp_path):
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.count("\n") == 1 and "did you mean 'causal'" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_version_says_whether_the_fused_kernel_runs(capsys, monkeypatch):
+    """--version names the dtypes the fused CPU kernel runs here, or why it is off."""
+    from attnmask.engines import fused
+    st = fused.status()
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.startswith(f"attnmask {am.__version__} (fused CPU kernel: ")
+    runs = [name for name in ("float32", "bfloat16") if st[name]]
+    assert (", ".join(runs) if runs else "off") in out
+    monkeypatch.setenv("ATTNMASK_KERNEL", "0")
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and "fused CPU kernel: off; disabled by ATTNMASK_KERNEL=0" in out

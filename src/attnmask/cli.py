@@ -167,12 +167,24 @@ mask language: full none causal diagonal band(l, r) sliding(w) sink(n) prefix_lm
 """
 
 
+class _VersionAction(argparse._VersionAction):
+    """``--version``: the version and whether the fused CPU kernel runs here (and why not)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .engines import fused
+        st = fused.status()
+        runs = [name for name in ("float32", "bfloat16") if st[name]]
+        kernel = f"fused CPU kernel: {', '.join(runs)}" if runs else "fused CPU kernel: off"
+        self.version = f"{self.version} ({kernel}{'; ' + st['reason'] if st['reason'] else ''})"
+        super().__call__(parser, namespace, values, option_string)
+
+
 def build_parser(with_bench: bool = False) -> argparse.ArgumentParser:
     """The argument parser; ``with_bench`` imports the benchmark's own options."""
     from .version import __version__
     parser = _Parser(prog="attnmask", formatter_class=_formatter, epilog=MAIN_EPILOG,
                      description="Describe, see, measure and run attention masks.")
-    parser.add_argument("--version", action="version", version=f"attnmask {__version__}")
+    parser.add_argument("--version", action=_VersionAction, version=f"attnmask {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("demo", help="draw the signature picture", epilog=DEMO_EPILOG,

@@ -40,6 +40,7 @@ from ..errors import MaskValueError
 from ..layout import BlockLayout
 from ..threads import threads_for
 from .blocksparse import Plan, _causal_segments, _dilation, blocksparse_forward, head_runs, plan_for
+from . import fused
 from .costs import BACKWARD, KEY_MAJOR_ROWS, KEYS_PER_CALL
 
 __all__ = ["blocksparse_attention_with_grad", "blocksparse_backward"]
@@ -96,6 +97,9 @@ def _one_layout(q, k, v, out, dout, lse0, layout: BlockLayout, scale: float, dq,
             qr, kr = (slice(None), slice(None), slice(i0, None, d)), (slice(None), slice(None), slice(r, None, d))
             _one_layout(q[qr], k[kr], v[kr], out[qr], dout[qr], lse0[qr], sub, scale, dq[qr], dk[kr], dv[kr])
         return
+    if fused.usable_backward(q.dtype, q.shape[-1]):
+        _one_layout_fused(q, k, v, out, dout, lse0, layout, scale, dq, dk, dv)
+        return
     segments = _causal_segments(layout)
     if segments is not None:
         # Exact causal blocks along the diagonal: one is_causal kernel call each, which
@@ -106,6 +110,44 @@ def _one_layout(q, k, v, out, dout, lse0, layout: BlockLayout, scale: float, dq,
             dq[sl].add_(ga), dk[sl].add_(gb), dv[sl].add_(gc)
         return
     _run_ops(_plan(layout), q, k, v, out, dout, lse0, scale, dq, dk, dv)
+
+
+def _one_layout_fused(q, k, v, out, dout, lse0, layout: BlockLayout, scale: float, dq, dk, dv) -> None:
+    """The fused kernel's backward (engines/fused.py) over the forward plan's items.
+
+    The forward's items cover every attended (row, key) pair exactly once, so their
+    contributions sum to the exact gradient; query heads that share a key head are viewed as
+    [b * hk, rep] with the keys broadcast (stride 0), and run on one thread in a fixed order.
+    """
+    b, h, Lq, D = q.shape
+    hk, Lk = k.shape[1], k.shape[2]
+    rep = h // hk
+    segments = _causal_segments(layout)
+    if segments is not None:
+        items = fused.causal_items(tuple(segments))
+    else:
+        plan = plan_for(layout)
+        items = fused.causal_items(((0, Lq),)) if plan.causal else fused.plan_items(plan)
+    delta = (dout * out).sum(-1)
+
+    def heads(t):                      # [b, h, L, .] -> [b * hk, rep, L, .] (a view: strides allow it)
+        s = t.stride()
+        return t.as_strided((b * hk, rep) + tuple(t.shape[2:]), (rep * s[1], s[1]) + s[2:], t.storage_offset()) \
+            if b == 1 or s[0] == h * s[1] else None
+
+    def keys(t):                       # [b, hk, L, D] -> [b * hk, rep (stride 0), L, D]
+        s = t.stride()
+        return t.as_strided((b * hk, rep) + tuple(t.shape[2:]), (s[1], 0) + s[2:], t.storage_offset()) \
+            if b == 1 or s[0] == hk * s[1] else None
+
+    views = [heads(t) for t in (q, dout, lse0, delta, dq)] + [keys(t) for t in (k, v, dk, dv)]
+    if any(x is None for x in views):
+        for i in range(b):             # batch elements whose strides do not merge: one at a time
+            _one_layout_fused(q[i:i + 1], k[i:i + 1], v[i:i + 1], out[i:i + 1], dout[i:i + 1], lse0[i:i + 1],
+                              layout, scale, dq[i:i + 1], dk[i:i + 1], dv[i:i + 1])
+        return
+    qv, dov, lv, dlv, dqv, kv, vv, dkv, dvv = views
+    fused.run_backward(items, qv, kv, vv, dov, lv, dlv, dqv, dkv, dvv, scale)
 
 
 def _view(t: torch.Tensor, start: int, step: int, G: int, n: int) -> torch.Tensor | None:

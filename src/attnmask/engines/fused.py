@@ -12,7 +12,7 @@ bf16 for P @ V, as ATen's bf16 kernel does).
 When it is used (``usable``): the extension was built, the CPU has AVX-512 (and AVX512-BF16
 for bf16 inputs), the dtype is float32 or bfloat16, the head dim a multiple of 16 up to 256,
 and ``ATTNMASK_KERNEL`` is not ``0``. Otherwise the engine runs the ATen path, and
-:func:`status` says why (``attnmask info`` prints it): nothing falls back silently.
+:func:`status` says why (``attnmask --version`` prints it): nothing falls back silently.
 
     >>> import torch
     >>> status()["built"] in (True, False)
@@ -30,7 +30,7 @@ import torch
 
 from ..threads import run_tasks
 
-__all__ = ["status", "usable", "run_items", "plan_items", "causal_items"]
+__all__ = ["status", "usable", "usable_backward", "run_items", "run_backward", "plan_items", "causal_items"]
 
 try:                                     # built by `pip install -e .` (setup.py); optional
     from . import _attend
@@ -111,11 +111,7 @@ _lock = threading.Lock()
 
 
 def plan_items(plan) -> Items:
-    """The plan's item table, built once and kept on the plan.
-
-    The plan's byte count (``Plan.nbytes``) already holds a float32 additive copy of every
-    mask that the ATen path makes on first use; the kernel never makes those, and its
-    packed bits are 1/8 of the bool masks, so the cache's accounting stays an upper bound."""
+    """The plan's item table, built once and kept on the plan (``Plan.nbytes`` counts an upper bound of it)."""
     items = plan.kernel_items
     if items is None:
         with _lock:
@@ -173,3 +169,38 @@ def run_items(items: Items, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     cuts = [Z * i // n for i in range(n + 1)]
     run_tasks([lambda a=a, b=b: _attend.run(*args, a, b) for a, b in zip(cuts, cuts[1:])],
               [b - a for a, b in zip(cuts, cuts[1:])])
+
+
+def usable_backward(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the kernel's backward runs here: float32 (the autograd's compute dtype for float32,
+    bfloat16 and float16 inputs), the forward's conditions otherwise."""
+    return dtype == torch.float32 and usable(torch.float32, head_dim)
+
+
+def run_backward(items: Items, q, k, v, dout, lse, delta, dq, dk, dv, scale: float) -> None:
+    """Accumulate the gradients of ``items`` into dq [X, Y, Lq, D], dk / dv [X, Y, Lk, D] (float32, in place).
+
+    q, dout [X, Y, Lq, D], k, v [X, Y, Lk, D] float32 (stride 0 on Y where query heads share a key
+    head); lse (the forward's, 0 on rows with no key) and delta = rowsum(dout * out) [X, Y, Lq].
+    The Y heads of one x run on one thread, so dk / dv of a shared key head are summed in a fixed
+    order; x ranges are split over threads when the work is large enough.
+    """
+    X, Y, Lq, D = q.shape
+    tensors = (q, k, v, dout, lse, delta, dq, dk, dv)
+    for t in tensors:
+        if t.dtype != torch.float32 or (t.dim() == 4 and t.stride(-1) != 1):
+            raise ValueError("the fused backward needs float32 tensors with the head dim contiguous")
+    strides = []
+    for t in tensors:
+        strides += list(t.stride()[:3])
+    floats = np.array([scale * _LOG2E, scale], dtype=np.float64).view(np.int64).tolist()
+    params = torch.tensor([t.data_ptr() for t in tensors] + strides
+                          + [Y, D, items.table.data_ptr(), items.extras.data_ptr(), items.addresses.data_ptr()]
+                          + floats, dtype=torch.int64)
+    n = min(torch.get_num_threads(), X, max(1, items.scores * X * Y // PARALLEL_SCORES))
+    if n <= 1:
+        _attend.backward(params.data_ptr(), items.table.shape[0], 0, X * Y)
+        return
+    cuts = [X * i // n * Y for i in range(n + 1)]
+    run_tasks([lambda a=a, b=b: _attend.backward(params.data_ptr(), items.table.shape[0], a, b)
+               for a, b in zip(cuts, cuts[1:])], [b - a for a, b in zip(cuts, cuts[1:])])

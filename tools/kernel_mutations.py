@@ -1,0 +1,180 @@
+"""Named mutants of the fused kernel (csrc/attend.c, attend_item.h) and its wiring: does tests/test_fused.py notice each?
+
+Each mutant is one plausible bug (a mask bit, the causal lane shift, the merge of a non-first
+item, the tail of a 16-key piece, a buffer shared by threads, ...), written as exact text
+replacements. It is applied to a copy of ``src/``, ``csrc/``, ``setup.py`` and ``tests/`` in a
+temporary folder, the extension is built there (``setup.py build_ext --inplace``: the worktree's
+build is untouched), and tests/test_fused.py runs on the copy under the ``ci`` hypothesis profile.
+The mutant is *caught* when a test fails (or the run crashes). A mutant whose text no longer
+exists (the kernel was rewritten) is reported as ``stale``, to be rewritten for the new code.
+``unbuilt`` runs the tests with no extension at all: only the build guard may fail.
+
+    /work/notes/cpu python tools/kernel_mutations.py --out benchmarks/results/kernel_mutations.md
+
+(not a test: ~10 s per mutant on two cores.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+C, ITEM = "csrc/attend.c", "csrc/attend_item.h"
+FUSED, BS = "src/attnmask/engines/fused.py", "src/attnmask/engines/blocksparse.py"
+
+#: name -> (why it is plausible, [(file, old, new)]): every occurrence of old is replaced,
+#: or only the last one where the entry has a fourth element "last" (the bf16 copy of a step).
+MUTANTS: dict[str, tuple[str, list[tuple]]] = {
+    "mask_bit": ("row 0 of every 16-row group sees every key",
+                 [(C, "return mb[g * N + j] & valid;", "return (mb[g * N + j] | 1) & valid;")]),
+    "causal_lane_shift": ("the top-left causal item lets a row see the next key",
+                          [(C, "(uint16_t)(0xFFFFu << lo)", "(uint16_t)(0xFFFFu << (lo - 1))")]),
+    "causal_pieces_short": ("a causal group skips its diagonal piece",
+                            [(C, "int64_t last = (it[I_FLAGS] & F_CAUSAL) && g < np - 1 ? g : np - 1;",
+                              "int64_t last = (it[I_FLAGS] & F_CAUSAL) && g < np - 1 ? g - 1 : np - 1;")]),
+    "live_misses_last_key": ("a piece's last key never makes it live",
+                             [(C, "for (int64_t j = 0; j < nj; j++) any |= mb[j0 + j];",
+                               "for (int64_t j = 0; j < nj - 1; j++) any |= mb[j0 + j];")]),
+    "merge_ignores_stored": ("a non-first item starts afresh instead of continuing the stored (out, lse)",
+                             [(C, "float l0 = (it[I_FLAGS] & F_FIRST) || r >= nr ? -INFINITY : lse[(it[I_R0] + r0 + r) * P->lr];",
+                               "float l0 = -INFINITY;")]),
+    "merge_base_e": ("the stored lse (natural log) taken as the running max in base 2",
+                     [(C, "mv[r] = l0 == -INFINITY ? -INFINITY : l0 * 1.4426950408889634f;",
+                       "mv[r] = l0 == -INFINITY ? -INFINITY : l0;")]),
+    "piece_tail_drops_key": ("a copied piece (tail, gathered or strided keys) loses its last key",
+                             [(ITEM, "if (j < nj[b]) memcpy(dst + j * D, k +", "if (j < nj[b] - 1) memcpy(dst + j * D, k +")]),
+    "narrow_piece_short": ("a piece of 9 keys scored as a narrow (8-key) one",
+                           [(ITEM, "if (nj[b] > 8) qk_", "if (nj[b] > 9) qk_")]),
+    "pv_drops_last_key": ("fp32 P @ V skips each piece's last key (its probability still summed)",
+                          [(C, "for (int64_t t = 0; t < nj[b]; t++) {", "for (int64_t t = 0; t < nj[b] - 1; t++) {")]),
+    "bf16_odd_pair": ("bf16 V pairs: the last key of an even piece dropped",
+                      [(ITEM, "const uint16_t *v1 = b1 < nj[b] ?", "const uint16_t *v1 = b1 < nj[b] - 1 ?")]),
+    "bf16_pairs_swapped": ("bf16 probability pairs packed in the wrong order",
+                           [(C, "_mm512_cvtne2ps_pbh(_mm512_load_ps(p + (2 * t2 + 1) * GROUP), _mm512_load_ps(p + 2 * t2 * GROUP))",
+                             "_mm512_cvtne2ps_pbh(_mm512_load_ps(p + 2 * t2 * GROUP), _mm512_load_ps(p + (2 * t2 + 1) * GROUP))")]),
+    "bf16_probs_truncated": ("bf16 probabilities truncated instead of rounded to nearest (a biased P @ V)",
+                             [(C, "_mm512_cvtne2ps_pbh(_mm512_load_ps(p + (2 * t2 + 1) * GROUP), _mm512_load_ps(p + 2 * t2 * GROUP))",
+                               "_mm512_cvtne2ps_pbh(_mm512_and_ps(_mm512_load_ps(p + (2 * t2 + 1) * GROUP), "
+                               "_mm512_castsi512_ps(_mm512_set1_epi32((int)0xFFFF0000u))), "
+                               "_mm512_and_ps(_mm512_load_ps(p + 2 * t2 * GROUP), "
+                               "_mm512_castsi512_ps(_mm512_set1_epi32((int)0xFFFF0000u))))")]),
+    "no_rescale": ("the accumulator is not rescaled when a step raises the running max",
+                   [(C, "if (_mm512_cmp_ps_mask(alpha, _mm512_set1_ps(1.0f), _CMP_NEQ_UQ))", "if (0)")]),
+    "lse_log_base": ("lse from log(l) instead of log2(l) (out unchanged)",
+                     [(C, "(mv[i] + log2f(lv[i])) * 0.6931471805599453f", "(mv[i] + logf(lv[i])) * 0.6931471805599453f")]),
+    "dead_rows_unwritten": ("a row with no key keeps whatever the output held",
+                            [(C, "_mm512_storeu_ps(o, _mm512_mul_ps(r[i], inv));",
+                              "if (lv[i] > 0.0f) _mm512_storeu_ps(o, _mm512_mul_ps(r[i], inv));")]),
+    "gathered_key_off_by_one": ("the position of a gathered key (sink, key columns) off by one range",
+                                [(C, "if (j < n) return x[2 * i] + j;", "if (j <= n) return x[2 * i] + j;")]),
+    "strided_keys_in_place": ("k rows strided by H * D read in place as if contiguous",
+                              [(ITEM, "if (plain && nj[b] == 16 && P->kr == D) {", "if (plain && nj[b] == 16) {")]),
+    "packed_not_reset": ("copied keys / values kept from the previous item or batch-head",
+                         [(ITEM, "    memset(w->packed, 0, (size_t)np);\n", "")]),
+    "z_off_swapped": ("batch and head strides swapped",
+                      [(C, "return (z / P->Y) * sx + (z % P->Y) * sy;", "return (z % P->Y) * sx + (z / P->Y) * sy;")]),
+    "shared_work_buffer": ("one work buffer kept for every call (threads overwrite each other's)",
+                           [(C, "char *mem = aligned_alloc(64, sq + sacc + spp + sk + sv + spk + sl);",
+                             "static char *mem; static size_t have; size_t need = sq + sacc + spp + sk + sv + spk + sl; "
+                             "if (need > have) { free(mem); mem = aligned_alloc(64, need); have = need; }"),
+                            (C, "    free(mem);\n", "")]),
+    "head_dim_unchecked": ("a head dim not a multiple of 16 accepted",
+                           [(C, "if (D <= 0 || D > MAX_D || D % 16) {", "if (D <= 0 || D > MAX_D) {")]),
+    "env_ignored": ("ATTNMASK_KERNEL=0 does not turn the kernel off",
+                    [(FUSED, '    if os.environ.get("ATTNMASK_KERNEL", "1") == "0":\n        return False\n', "")]),
+    "segments_on_aten": ("causal segments never reach the kernel",
+                         [(BS, '    """One is_causal call per segment [a, b) of rows and keys; rows outside every segment '
+                               'attend nothing."""\n    if fused.usable(q.dtype, q.shape[-1]):',
+                           '    """One is_causal call per segment [a, b) of rows and keys; rows outside every segment '
+                           'attend nothing."""\n    if False:')]),
+    "stride0_on_aten": ("k / v broadcast with stride 0 (GQA, runs of per-head masks) refused by the kernel",
+                        [(BS, "                   scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:\n"
+                              "    if fused.usable(q.dtype, q.shape[-1]):",
+                          "                   scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:\n"
+                          "    if fused.usable(q.dtype, q.shape[-1]) and 0 not in k.stride()[:2]:")]),
+    "unbuilt": ("no extension at all (a failed build)", []),
+}
+
+
+def _copy(dst: Path) -> None:
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info", ".hypothesis")
+    for name in ("src", "csrc", "tests"):
+        shutil.copytree(ROOT / name, dst / name, ignore=ignore)
+    for name in ("setup.py", "pyproject.toml"):
+        shutil.copy(ROOT / name, dst / name)
+
+
+def _apply(dst: Path, edits: list[tuple]) -> bool:
+    for edit in edits:
+        path, old, new = edit[:3]
+        text = (dst / path).read_text()
+        if old not in text:
+            return False
+        if len(edit) > 3:
+            i = text.rindex(old)
+            text = text[:i] + new + text[i + len(old):]
+        else:
+            text = text.replace(old, new)
+        (dst / path).write_text(text)
+    return True
+
+
+def run_one(name: str) -> tuple[str, str]:
+    """(verdict, the failing tests) for one mutant."""
+    _, edits = MUTANTS[name]
+    with tempfile.TemporaryDirectory(prefix="kmut-") as tmp:
+        dst = Path(tmp)
+        _copy(dst)
+        if not _apply(dst, edits):
+            return "stale", ""
+        if name != "unbuilt":
+            b = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-q"], cwd=dst,
+                               capture_output=True, text=True)
+            if b.returncode or not list((dst / "src/attnmask/engines").glob("_attend*.so")):
+                return "build failed", b.stderr.strip().splitlines()[-1] if b.stderr.strip() else ""
+        env = dict(os.environ, PYTHONPATH=str(dst / "src"), CI="true")
+        env.pop("ATTNMASK_HYPOTHESIS", None)
+        r = subprocess.run([sys.executable, "-m", "pytest", "tests/test_fused.py", "-q", "-p", "no:cacheprovider",
+                            "-rf", "--tb=no"], cwd=dst, capture_output=True, text=True, env=env, timeout=600)
+        failed = [line.split()[1].split("::")[1] for line in r.stdout.splitlines() if line.startswith("FAILED")]
+        tests = sorted({re.sub(r"\[.*", "", t) for t in failed})
+        if r.returncode == 0:
+            return "SURVIVED", ""
+        if not failed:
+            return f"caught (crash, rc {r.returncode})", ""
+        return f"caught ({len(failed)} failed)", ", ".join(t.removeprefix("test_") for t in tests)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("names", nargs="*", help="mutants to run (default: all)")
+    ap.add_argument("--out", help="write a markdown table here")
+    ap.add_argument("--note", default="", help="a line on the conditions (load, lock)")
+    args = ap.parse_args()
+    rows, t0 = [], time.time()
+    for name in args.names or list(MUTANTS):
+        verdict, tests = run_one(name)
+        print(f"{name}: {verdict} {tests}", flush=True)
+        rows.append(f"| `{name}` | {MUTANTS[name][0]} | {verdict} | {tests} |")
+    if args.out:
+        cpu = subprocess.run("lscpu | grep 'Model name' | sed 's/.*: *//'", shell=True, capture_output=True,
+                             text=True).stdout.strip()
+        load = os.getloadavg()[0]
+        Path(args.out).write_text("\n".join([
+            "# Kernel mutants against tests/test_fused.py", "",
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; CPU {cpu}; load {load:.1f} at the end; "
+            f"{time.time() - t0:.0f} s. {args.note}".strip(), "",
+            "Command: `python tools/kernel_mutations.py --out benchmarks/results/kernel_mutations.md`", "",
+            "| mutant | the bug | verdict | failing tests |", "|---|---|---|---|", *rows, ""]))
+
+
+if __name__ == "__main__":
+    main()

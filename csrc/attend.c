@@ -426,9 +426,12 @@ static T512 void bwd_item(const Bwd *B, int64_t z, const int64_t *it, BWork *w) 
         for (int64_t r = 0; r < GROUP; r++) {
             lv[r] = r < nr ? lse[(row0 + r) * B->s[B_LSE][2]] * 1.4426950408889634f : 0.0f;
             dv_[r] = r < nr ? delta[(row0 + r) * B->s[B_DELTA][2]] : 0.0f;
-            for (int64_t d = 0; d < D; d++) {
-                w->qrows[r * D + d] = r < nr ? q[(row0 + r) * B->s[B_Q][2] + d] : 0.0f;
-                w->dorows[r * D + d] = r < nr ? dout[(row0 + r) * B->s[B_DO][2] + d] : 0.0f;
+            if (r < nr) {
+                memcpy(w->qrows + r * D, q + (row0 + r) * B->s[B_Q][2], D * 4);
+                memcpy(w->dorows + r * D, dout + (row0 + r) * B->s[B_DO][2], D * 4);
+            } else {
+                memset(w->qrows + r * D, 0, D * 4);
+                memset(w->dorows + r * D, 0, D * 4);
             }
         }
         const __m512 lse2 = _mm512_loadu_ps(lv), dlt = _mm512_loadu_ps(dv_);

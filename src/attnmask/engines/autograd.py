@@ -38,9 +38,9 @@ import torch
 
 from ..errors import MaskValueError
 from ..layout import BlockLayout
-from ..threads import threads_for
+from ..threads import run_tasks, threads_for
 from .blocksparse import Plan, _causal_segments, _dilation, blocksparse_forward, head_runs, plan_for
-from . import fused
+from . import costs, fused
 from .costs import BACKWARD, KEY_MAJOR_ROWS, KEYS_PER_CALL
 
 __all__ = ["blocksparse_attention_with_grad", "blocksparse_backward"]
@@ -410,9 +410,26 @@ def _backward_layouts(q_, k_, v_, o_, do_, lse0, layouts, head_layout, used, sca
     # Heads with different layouts: each run of neighbouring heads with one layout inside a kv
     # group runs on views (no gather, no K/V repetition); dK/dV of a kv head are accumulated run
     # after run in a fixed order, so the sums are deterministic.
-    for bs, h0, h1, j, li in head_runs(head_layout, k_.shape[1]):
+    runs = head_runs(head_layout, k_.shape[1])
+
+    def one(bs, h0, h1, j, li) -> None:
         _one_layout(q_[bs, h0:h1], k_[bs, j:j + 1], v_[bs, j:j + 1], o_[bs, h0:h1], do_[bs, h0:h1],
                     lse0[bs, h0:h1], layouts[li], scale, dq[bs, h0:h1], dk[bs, j:j + 1], dv[bs, j:j + 1])
+
+    if fused.usable_backward(q_.dtype, q_.shape[-1]) and torch.get_num_threads() > 1:
+        # The fused kernel holds no GIL: the runs of different key heads (disjoint dK / dV) run
+        # side by side; the runs of one key head stay on one worker, in order.
+        by_key_head: dict[tuple, list] = {}
+        for run in runs:
+            by_key_head.setdefault((run[0].start, run[0].stop, run[3]), []).append(run)
+        groups = list(by_key_head.values())
+        cost = [sum(layouts[r[4]].attended_pairs() * (r[2] - r[1]) * (r[0].stop - r[0].start) for r in g)
+                for g in groups]
+        if len(groups) > 1 and sum(cost) >= costs.SIDE_BY_SIDE_PAIRS_FUSED:
+            run_tasks([lambda g=g: [one(*r) for r in g] for g in groups], cost)
+            return
+    for run in runs:
+        one(*run)
 
 
 class _BlockSparseAttention(torch.autograd.Function):

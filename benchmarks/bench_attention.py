@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import attnmask as am
-from harness import machine_description, main, save_results
+from harness import machine_description, main, save_results, without_kernel
 
 #: Nine different masks for the heads of one layer, as a per-head fit gives them (mean density ~0.2).
 NINE_MASKS = ["causal & (sliding(32) | sink(4))", "causal & (sliding(64) | sink(4))",
@@ -65,12 +65,40 @@ def _median_rounds(calls: dict, repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+_ATEN = " @aten"
+
+
+def _with_aten(calls: dict, aten: bool) -> dict:
+    """``calls`` plus, when ``aten``, each attnmask call again with ATTNMASK_KERNEL=0 (label + _ATEN)."""
+    if not aten:
+        return calls
+    return {**calls, **{label + _ATEN: without_kernel(fn) for label, fn in calls.items() if not label.startswith("sdpa")}}
+
+
 def model_shapes(repeats: int, lengths=(1024, 4096), decode_keys=(4096, 65536), dtypes=("float32", "bfloat16"),
-                 log=print) -> list[str]:
-    """Measure the model-shapes table; returns its markdown lines."""
+                 log=print, aten: bool = False) -> list[str]:
+    """Measure the model-shapes table; returns its markdown lines.
+
+    ``aten``: every attnmask call is also timed with ATTNMASK_KERNEL=0 (the ATen path, the "before"
+    of the fused kernel) in the same rounds, and two more columns give its time and ratio."""
     H, Hkv, D = 9, 3, 64
     nine = [am.parse(t) for t in NINE_MASKS]
-    lines = ["| dtype | L | case | attnmask ms | reference | reference ms | ratio | target |", "|---|---|---|---|---|---|---|---|"]
+    extra = " ATTNMASK_KERNEL=0 ms | ratio then |" if aten else ""
+    lines = ["| dtype | L | case | attnmask ms | reference | reference ms | ratio | target |" + extra,
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if aten else "")]
+
+    def line(dtype_name, where, case, ms, mine, ref_name, ref, target):
+        # ``mine`` / ``ref``: labels of ms, or a number (an ideal: the same before and after)
+        def get(x, suffix=""):
+            return x if isinstance(x, float) else ms[x + suffix] if x + suffix in ms else ms[x]
+        a, r = get(mine), get(ref)
+        text = (f"| {dtype_name} | {where} | {case} | {a:.{3 if a < 1 else 2}f} | {ref_name} | "
+                f"{r:.{3 if r < 1 else 2}f} | {a / r:.2f} | {target} |")
+        if aten:
+            a0, r0 = get(mine, _ATEN), get(ref, _ATEN)
+            text += f" {a0:.{3 if a0 < 1 else 2}f} | {a0 / r0:.2f} |"
+        lines.append(text)
+        log(text)
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
         for L in lengths:
@@ -90,24 +118,22 @@ def model_shapes(repeats: int, lengths=(1024, 4096), decode_keys=(4096, 65536), 
                 "nine per-head masks": lambda: am.attention(q, k, v, lays["nine"], enable_gqa=True),
                 "causal": lambda: am.attention(q, k, v, am.causal, enable_gqa=True),
             }
-            ms = _median_rounds(calls, repeats)
+            ms = _median_rounds(_with_aten(calls, aten), repeats)
             causal_pairs = L * (L + 1) / 2
             per_pair = ms["sdpa is_causal"] / causal_pairs          # all 9 heads
             ideal_cols = per_pair * lays["cols"].attended_pairs()
             ideal_nine = per_pair * sum(lay.attended_pairs() for lay in lays["nine"]) / H
             rows = [
-                ("window + sink(4) vs window", ms["window + sink(4)"], "`causal & sliding(64)`", ms["window"], "<= 1.1"),
-                ("window(256) + 32 cols vs its ideal", ms["window(256) + 32 cols"], "ideal", ideal_cols, "<= 1.5"),
-                ("nine per-head masks vs the sum of their ideals", ms["nine per-head masks"], "ideal", ideal_nine,
+                ("window + sink(4) vs window", "window + sink(4)", "`causal & sliding(64)`", "window", "<= 1.1"),
+                ("window(256) + 32 cols vs its ideal", "window(256) + 32 cols", "ideal", ideal_cols, "<= 1.5"),
+                ("nine per-head masks vs the sum of their ideals", "nine per-head masks", "ideal", ideal_nine,
                  "<= 1.5"),
-                ("nine per-head masks vs SDPA is_causal", ms["nine per-head masks"], "SDPA is_causal",
-                 ms["sdpa is_causal"], ""),
-                ("`causal` vs SDPA is_causal", ms["causal"], "SDPA is_causal", ms["sdpa is_causal"], ""),
+                ("nine per-head masks vs SDPA is_causal", "nine per-head masks", "SDPA is_causal",
+                 "sdpa is_causal", ""),
+                ("`causal` vs SDPA is_causal", "causal", "SDPA is_causal", "sdpa is_causal", ""),
             ]
             for case, mine, ref_name, ref, target in rows:
-                lines.append(f"| {dtype_name} | {L} | {case} | {mine:.2f} | {ref_name} | {ref:.2f} | "
-                             f"{mine / ref:.2f} | {target} |")
-                log(lines[-1])
+                line(dtype_name, L, case, ms, mine, ref_name, ref, target)
         for Lk in decode_keys:
             g = torch.Generator().manual_seed(Lk)
             q = torch.randn(1, H, 1, D, generator=g).to(dtype)
@@ -128,13 +154,12 @@ def model_shapes(repeats: int, lengths=(1024, 4096), decode_keys=(4096, 65536), 
                 "causal & (sliding(64) | sink(4))": lambda: am.attention(q, kf, vf, nine[1], enable_gqa=True),
                 "causal & (sliding(64) | sink(4)), growing cache": lambda: growing(nine[1]),
             }
-            ms = _median_rounds(calls, repeats)
+            ms = _median_rounds(_with_aten(calls, aten), repeats)
             for case in ("nine per-head masks", "nine per-head masks, growing cache", "causal & (sliding(64) | sink(4))",
                          "causal & (sliding(64) | sink(4)), growing cache"):
                 target = "<= 2" if case.startswith("nine") else ""
-                lines.append(f"| {dtype_name} | decode, {Lk} keys | {case.replace('|', chr(92) + '|')} | {ms[case]:.3f} | SDPA decode | "
-                             f"{ms['sdpa']:.3f} | {ms[case] / ms['sdpa']:.2f} | {target} |")
-                log(lines[-1])
+                line(dtype_name, f"decode, {Lk} keys", case.replace('|', chr(92) + '|'), ms, case, "SDPA decode",
+                     "sdpa", target)
     return lines
 
 
@@ -147,6 +172,8 @@ def run_model_shapes(argv: list[str]) -> int:
     ap.add_argument("--decode-keys", default="4096,65536")
     ap.add_argument("--dtype", default="float32,bfloat16")
     ap.add_argument("--results", default="benchmarks/results/model_shapes.md", help="markdown file ('' = none)")
+    ap.add_argument("--aten-column", action="store_true",
+                    help="also time every attnmask call with ATTNMASK_KERNEL=0 (the ATen path), side by side")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -156,7 +183,7 @@ def run_model_shapes(argv: list[str]) -> int:
     print(machine)
     t0 = time.perf_counter()
     lines = model_shapes(args.repeats, [int(x) for x in args.lengths.split(",")],
-                         [int(x) for x in args.decode_keys.split(",")], args.dtype.split(","))
+                         [int(x) for x in args.decode_keys.split(",")], args.dtype.split(","), aten=args.aten_column)
     if args.results:
         head = [
             "# Attention at a small real model's shapes (SmolLM2-135M: H=9, Hkv=3, D=64)", "",
@@ -169,6 +196,9 @@ def run_model_shapes(argv: list[str]) -> int:
             "- Ideal: SDPA is_causal (same dtype, enable_gqa) x attended pairs / causal pairs (a per-head list: "
             "the mean over its heads). Decode: one query row against the cache, `q_offset = Lk - 1`; SDPA "
             "attends every key. \"growing cache\": the cache grows by one key per step (a new shape every call).",
+            *(["- `ATTNMASK_KERNEL=0 ms` / `ratio then`: the same attnmask call with the fused kernel off (the ATen "
+               "path), timed in the same rounds; the reference of `ratio then` is likewise taken with the kernel "
+               "off where it is attnmask's own (the window), SDPA and ideals are unchanged."] if args.aten_column else []),
             "",
         ]
         save_results(args.results, "\n".join(head + lines) + "\n")

@@ -41,8 +41,9 @@ import torch
 import torch.nn.functional as F
 
 import attnmask as am
-from harness import fwd_bwd, machine_description, reset_peak, save_results, status_kb
+from harness import fwd_bwd, machine_description, reset_peak, save_results, status_kb, without_kernel
 
+ATEN_FWD, ATEN_FWD_BWD = "attnmask fwd, ATTNMASK_KERNEL=0", "attnmask fwd+bwd, ATTNMASK_KERNEL=0"
 TARGETS = {"bwd_over_fwd": 2.5, "sdpa_mask_over_ours": 5.0, "memory_gb": 1.0}
 
 
@@ -102,9 +103,10 @@ def verdict(ok: bool | None) -> str:
     return "-" if ok is None else ("met" if ok else "NOT met")
 
 
-def measure(q, k, v, dout, layout, dense, repeats: int) -> dict[str, float | None]:
+def measure(q, k, v, dout, layout, dense, repeats: int, aten: bool = False) -> dict[str, float | None]:
     """Best ms of each engine (attnmask fwd / bwd / fwd+bwd, SDPA is_causal fwd and fwd+bwd, SDPA+mask
-    fwd+bwd when ``dense`` is given), round robin: one warm-up round, then best of ``repeats``."""
+    fwd+bwd when ``dense`` is given), round robin: one warm-up round, then best of ``repeats``.
+    ``aten``: also attnmask's fwd and fwd+bwd with ``ATTNMASK_KERNEL=0`` (the ATen path), side by side."""
     def timed(fn: Callable[[], object]) -> Callable[[], float]:
         def run() -> float:
             t0 = time.perf_counter()
@@ -149,6 +151,9 @@ def measure(q, k, v, dout, layout, dense, repeats: int) -> dict[str, float | Non
         "sdpa is_causal fwd+bwd": timed(fwd_bwd_sdpa(q, k, v, dout, is_causal=True)),
         "sdpa+mask fwd+bwd": None if dense is None else timed(fwd_bwd_sdpa(q, k, v, dout, attn_mask=dense)),
     }
+    if aten:
+        runs[ATEN_FWD] = without_kernel(timed(fwd_attnmask))
+        runs[ATEN_FWD_BWD] = without_kernel(timed(fwd_bwd_attnmask(q, k, v, layout, dout)))
     # Round robin (one warm-up round, then best of --repeats): on a shared machine the load
     # drifts, and interleaving lets every engine see the same conditions.
     best: dict[str, float] = {}
@@ -174,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per engine (best kept; the box is shared)")
     p.add_argument("--memory-length", type=int, default=65536, help="length of the memory check (0 = skip)")
     p.add_argument("--no-sdpa-mask", action="store_true", help="skip SDPA with a dense mask")
+    p.add_argument("--aten-column", action="store_true",
+                   help="also time attnmask's fwd and fwd+bwd with ATTNMASK_KERNEL=0 (the ATen path), side by side")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--results", default="benchmarks/results/backward.md", help="markdown file ('' = none)")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
@@ -202,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     for dtype_name in dtypes:
         g = torch.Generator().manual_seed(0)
         q, k, v, dout = (torch.randn(1, H, n, D, generator=g).to(getattr(torch, dtype_name)) for _ in range(4))
-        ms = measure(q, k, v, dout, layout, dense, args.repeats)
+        ms = measure(q, k, v, dout, layout, dense, args.repeats, aten=args.aten_column)
         ideal_f = ms["sdpa is_causal fwd"] * frac
         ideal_fb = ms["sdpa is_causal fwd+bwd"] * frac
         bwd_ratio = ms["attnmask bwd"] / ms["attnmask fwd"]
@@ -224,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
             f"attnmask fwd+bwd / ideal = {ms['attnmask fwd+bwd'] / ideal_fb:.2f}; "
             f"attnmask fwd+bwd / SDPA is_causal fwd+bwd = {ms['attnmask fwd+bwd'] / ms['sdpa is_causal fwd+bwd']:.2f}",
         ]
+        if ms.get(ATEN_FWD):
+            summary.append(
+                f"- {dtype_name}: with ATTNMASK_KERNEL=0 (the ATen path), side by side: fwd {ms[ATEN_FWD]:,.1f} ms "
+                f"({ms[ATEN_FWD] / ideal_f:.2f}x the ideal), fwd+bwd {ms[ATEN_FWD_BWD]:,.1f} ms; backward / forward "
+                f"{(ms[ATEN_FWD_BWD] - ms[ATEN_FWD]) / ms[ATEN_FWD]:.2f} (fwd+bwd - fwd)"
+                + ("" if sdpa_ratio is None else f"; SDPA+mask fwd+bwd / it = {ms['sdpa+mask fwd+bwd'] / ms[ATEN_FWD_BWD]:.1f}x"))
         print("\n".join(lines))
 
     mem = []

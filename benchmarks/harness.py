@@ -119,6 +119,31 @@ def prep_attnmask(case: Case) -> Callable:
     return lambda: attention(q, k, v, layout, backend="blocksparse")
 
 
+ATEN_LABEL = "attnmask ATen"
+
+
+def without_kernel(fn: Callable) -> Callable:
+    """``fn`` run with ``ATTNMASK_KERNEL=0``: the engine's ATen path, the "before" of the fused kernel.
+
+    The engine reads the variable on every call (``engines.fused.usable``), so the two paths
+    can take turns in one process, side by side."""
+    def call():
+        old = os.environ.get("ATTNMASK_KERNEL")
+        os.environ["ATTNMASK_KERNEL"] = "0"
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["ATTNMASK_KERNEL"]
+            else:
+                os.environ["ATTNMASK_KERNEL"] = old
+    return call
+
+
+def prep_attnmask_aten(case: Case) -> Callable:
+    return without_kernel(prep_attnmask(case))
+
+
 def prep_sdpa_mask(case: Case) -> Callable:
     import torch.nn.functional as F
     n = case.n
@@ -286,7 +311,23 @@ def machine_description() -> str:
     except OSError:
         load = ""
     return (f"{cpu}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads{load}")
+            f"Python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads{load}, "
+            f"{kernel_description()}")
+
+
+def kernel_description() -> str:
+    """Which attention kernel the engine runs here: the fused kernel's dtypes, or why it is not used.
+
+    Part of every machine line, so each results file says whether its figures came from the
+    fused kernel (``csrc/attend.c``) or the ATen path (``ATTNMASK_KERNEL=0``, not built, no AVX-512)."""
+    try:
+        from attnmask.engines import fused
+    except ImportError as exc:
+        return f"fused kernel: unknown (attnmask.engines.fused: {exc})"
+    st = fused.status()
+    dtypes = [name for name in ("float32", "bfloat16") if st[name]]
+    text = "fused kernel: " + (" + ".join(dtypes) if dtypes else "off")
+    return text + (f" ({st['reason']})" if st["reason"] else "")
 
 
 # -- the main sweep --------------------------------------------------------------------------------
@@ -601,6 +642,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, results: str = "", plot: s
     parser.add_argument("--anchor-once", dest="anchor_every_mask", action="store_false",
                         help="time SDPA is_causal once per length instead of beside every mask (faster; "
                              "only fair on a quiet machine)")
+    parser.add_argument("--aten-column", action="store_true",
+                        help=f"forward mode: also time attnmask with ATTNMASK_KERNEL=0 ('{ATEN_LABEL}', the "
+                             "ATen path without the fused kernel), side by side")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its compiles take minutes)")
     parser.add_argument("--flex-max-length", type=int, default=16384)
     parser.add_argument("--no-extras", action="store_true", help="skip first-call, memory and decode checks")
@@ -624,6 +668,12 @@ def run_from_args(args: argparse.Namespace) -> int:
         console = Console(width=160)     # the table is wide; piped output defaults to 80 columns
     if args.mode not in MODES:
         raise MaskValueError(f"unknown benchmark mode {args.mode!r}; choose one of {', '.join(MODES)}")
+    if getattr(args, "aten_column", False):
+        if args.mode != "forward":
+            raise MaskValueError("--aten-column is for --mode forward")
+        engines = dict(MODES["forward"])
+        first = next(iter(engines))
+        MODES["forward"] = {first: engines.pop(first), ATEN_LABEL: prep_attnmask_aten, **engines}
     args.masks = [m.strip() for m in args.masks.split(",")] if isinstance(args.masks, str) else args.masks
     for m in args.masks:
         if m not in MASKS:

@@ -10,10 +10,18 @@ Three measurements, each side by side in one process (calls taking turns, median
    bf16, with torch.profiler's self CPU time per operator (kernel calls, LSE
    merges, accumulator copies).
 
+Where the engine's fused kernel (``csrc/attend.c``, ``engines/fused.py``) is usable, the
+first two tables also time it (the same window block through the engine, and the engine
+with ``ATTNMASK_KERNEL=0`` beside it), and a breakdown splits each call into the time
+inside ``fused.run_items`` (the kernel, threads included) and the Python around it: the
+kernel is one opaque call, so torch.profiler sees only the operators around it.
+``ATTNMASK_KERNEL=0`` in the environment profiles the ATen path instead.
+
 Run it with the tree to measure first on PYTHONPATH (main for "before", a branch
 for "after"); ``--label`` names the run in the results file, which is appended to.
 
     $ PYTHONPATH=src python benchmarks/profile_bf16.py --label after --length 8192
+    $ ATTNMASK_KERNEL=0 PYTHONPATH=src python benchmarks/profile_bf16.py --label "ATen path" --length 8192
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ import time
 import torch
 
 import attnmask as am
-from harness import machine_description
+from attnmask.engines import fused
+from harness import machine_description, without_kernel
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -68,6 +77,15 @@ def kernel_table(repeats: int) -> list[str]:
         b = torch.randn(H, D, K, generator=g).to(dt)
         calls[f"{name} bmm q k^T (oneDNN)"] = lambda a=a, b=b: torch.bmm(a, b)
         cells[f"{name} bmm q k^T (oneDNN)"] = H * Q * K
+        # The same block through the engine: the last 128 rows of a 1152-key window, per attended pair.
+        band = am.parse("causal & sliding(1024)")
+        pairs = H * sum(min(1024, K - Q + i + 1) for i in range(Q))
+        engine = lambda q=q, k=k, v=v: am.attention(q, k, v, band, q_offset=K - Q)
+        if fused.usable(dt, D):
+            calls[f"{name} engine, fused kernel, `causal & sliding(1024)` (per attended pair)"] = engine
+        calls[f"{name} engine, ATen path, `causal & sliding(1024)` (per attended pair)"] = without_kernel(engine)
+        for key in list(calls):
+            cells.setdefault(key, pairs)
     ms = _turns(calls, repeats)
     lines = ["| call | ns / score (median) |", "|---|---|"]
     for key, t in ms.items():
@@ -88,7 +106,12 @@ def engine_profile(L: int, repeats: int) -> list[str]:
         for text in ("causal & sliding(1024)", "causal & (sliding(1024) | sink(4))"):
             lay = am.parse(text).compile(L)
             q, k, v = tensors[dt]
-            calls[f"{name} `{text}`"] = lambda q=q, k=k, v=v, lay=lay: am.attention(q, k, v, lay)
+            fn = lambda q=q, k=k, v=v, lay=lay: am.attention(q, k, v, lay)
+            if fused.usable(dt, D):
+                calls[f"{name} `{text}`, fused kernel"] = fn
+                calls[f"{name} `{text}`, ATTNMASK_KERNEL=0"] = without_kernel(fn)
+            else:
+                calls[f"{name} `{text}`, ATen path ({fused.status()['reason'] or 'kernel unusable'})"] = fn
         q, k, v = tensors[dt]
         calls[f"{name} SDPA is_causal"] = lambda q=q, k=k, v=v: torch.nn.functional.scaled_dot_product_attention(
             q, k, v, is_causal=True)
@@ -97,20 +120,68 @@ def engine_profile(L: int, repeats: int) -> list[str]:
               "| case | ms |", "|---|---|"]
     lines += [f"| {k} | {t * 1e3:.1f} |" for k, t in ms.items()]
     for dt in (torch.float32, torch.bfloat16):
+        if fused.usable(dt, D):
+            lines += [""] + kernel_breakdown(tensors[dt], L, repeats)
+    for dt in (torch.float32, torch.bfloat16):
         q, k, v = tensors[dt]
         lay = am.parse("causal & (sliding(1024) | sink(4))").compile(L)
         am.attention(q, k, v, lay)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
             for _ in range(3):
                 am.attention(q, k, v, lay)
+            wall = time.perf_counter() - t0
         rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
         total = sum(e.self_cpu_time_total for e in prof.key_averages())
         lines += ["", f"torch.profiler, {str(dt).replace('torch.', '')} `causal & (sliding(1024) | sink(4))`, "
-                      "3 calls: self CPU time by operator", "",
+                      f"3 calls ({wall * 1e3:.1f} ms wall; the fused kernel, where it ran, is no operator): "
+                      "self CPU time by operator", "",
                   "| operator | calls | self CPU ms | share |", "|---|---|---|---|"]
         for e in rows:
             lines.append(f"| {e.key} | {e.count} | {e.self_cpu_time_total / 1e3:.1f} | "
                          f"{e.self_cpu_time_total / max(total, 1):.0%} |")
+    return lines
+
+
+def kernel_breakdown(tensors, L: int, repeats: int) -> list[str]:
+    """Each engine call split into the wall time inside ``fused.run_items`` and the rest (median of calls).
+
+    ``run_items`` is the kernel (the C call and its thread hand-off); the rest is the engine's
+    Python: plan lookup, output allocation, the float32 -> bf16 cast. Calls running side by
+    side on threads would add up to more than the wall time; these single-mask calls make one."""
+    q, k, v = tensors
+    name = str(q.dtype).replace("torch.", "")
+    spent: list[float] = []
+    original = fused.run_items
+
+    def timed(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return original(*a, **kw)
+        finally:
+            spent.append(time.perf_counter() - t)
+
+    lines = [f"Breakdown, {name}: wall ms per call inside the fused kernel (`fused.run_items`) and around it, "
+             f"median of {repeats} calls", "",
+             "| case | call ms | kernel ms | kernel calls | Python around it ms | kernel share |", "|---|---|---|---|---|---|"]
+    fused.run_items = timed
+    try:
+        for text in ("causal & sliding(1024)", "causal & (sliding(1024) | sink(4))"):
+            lay = am.parse(text).compile(L)
+            am.attention(q, k, v, lay)
+            totals, inside, counts = [], [], []
+            for _ in range(repeats):
+                spent.clear()
+                t = time.perf_counter()
+                am.attention(q, k, v, lay)
+                totals.append(time.perf_counter() - t)
+                inside.append(sum(spent))
+                counts.append(len(spent))
+            tot, ins = statistics.median(totals), statistics.median(inside)
+            lines.append(f"| `{text}` | {tot * 1e3:.2f} | {ins * 1e3:.2f} | {max(counts)} | {(tot - ins) * 1e3:.2f} | "
+                         f"{ins / tot:.0%} |")
+    finally:
+        fused.run_items = original
     return lines
 
 
@@ -123,10 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     machine = machine_description()
+    env = f"ATTNMASK_KERNEL={os.environ['ATTNMASK_KERNEL']} " if "ATTNMASK_KERNEL" in os.environ else ""
     text = [f"## {args.label}", "", f"- Date: {started}", f"- Machine: {machine}",
-            f"- Command: `PYTHONPATH={os.environ.get('PYTHONPATH', '')} python benchmarks/profile_bf16.py "
+            f"- Command: `{env}PYTHONPATH={os.environ.get('PYTHONPATH', '')} python benchmarks/profile_bf16.py "
             + " ".join(argv if argv is not None else sys.argv[1:]) + "`",
-            f"- attnmask from: `{os.path.dirname(am.__file__)}`", "",
+            f"- attnmask from: `{os.path.dirname(am.__file__)}`",
+            f"- ATTNMASK_KERNEL={os.environ.get('ATTNMASK_KERNEL', '(unset)')}", "",
             "### The flash kernel, one window block (q 128 x k 1152, 8 heads, D=64)", ""]
     text += kernel_table(args.repeats)
     text += ["", "### The engine", ""] + engine_profile(args.length, args.repeats)

@@ -272,29 +272,30 @@ static inline T512 int softmax_step(__m512 *m, __m512 *l, float *acc, float *s, 
 
 /* ---- fp32 --------------------------------------------------------------------------------- */
 
-/* s[j] = sum_d qt[d][.] * kp[j][d] for the J keys of a piece (kp: [J][D]; J = 16, or 8 for a narrow one). */
-static inline __attribute__((always_inline)) T512 void qk_f32(const float *qt, const float *kp, int64_t D, __m512 *s,
-                                                               const int J) {
+/* s[j] = sum_d qt[d][.] * kp[j][d] for the J keys of a piece (key j's row at kp + j * ks, ks >= D;
+ * J = 16, or 8 for a narrow one). */
+static inline __attribute__((always_inline)) T512 void qk_f32(const float *qt, const float *kp, int64_t D, int64_t ks,
+                                                               __m512 *s, const int J) {
     __m512 a[16];
     for (int j = 0; j < J; j++) a[j] = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d++) {
         __m512 qv = _mm512_load_ps(qt + d * GROUP);
         const float *kd = kp + d;
-        for (int j = 0; j < J; j++) a[j] = _mm512_fmadd_ps(_mm512_set1_ps(kd[j * D]), qv, a[j]);
+        for (int j = 0; j < J; j++) a[j] = _mm512_fmadd_ps(_mm512_set1_ps(kd[j * ks]), qv, a[j]);
     }
     for (int j = 0; j < J; j++) s[j] = a[j];
 }
 
-/* acc[d][.] += sum over the step's pieces' keys t of p[t][.] * v[t][d]. */
-static inline T512 void pv_f32(const float *p, const float *const *vp, const int64_t *nj, int64_t nb, int64_t D,
-                               float *acc) {
+/* acc[d][.] += sum over the step's pieces' keys t of p[t][.] * v[t][d] (value t's row at vp[b] + t * vs[b]). */
+static inline T512 void pv_f32(const float *p, const float *const *vp, const int64_t *vs, const int64_t *nj, int64_t nb,
+                               int64_t D, float *acc) {
     for (int64_t d0 = 0; d0 < D; d0 += 16) {
         __m512 a[16];
         for (int i = 0; i < 16; i++) a[i] = _mm512_load_ps(acc + (d0 + i) * GROUP);
         for (int64_t b = 0; b < nb; b++)
             for (int64_t t = 0; t < nj[b]; t++) {
                 __m512 pt = _mm512_load_ps(p + (16 * b + t) * GROUP);
-                const float *vt = vp[b] + t * D + d0;
+                const float *vt = vp[b] + t * vs[b] + d0;
                 for (int i = 0; i < 16; i++) a[i] = _mm512_fmadd_ps(pt, _mm512_set1_ps(vt[i]), a[i]);
             }
         for (int i = 0; i < 16; i++) _mm512_store_ps(acc + (d0 + i) * GROUP, a[i]);
@@ -304,7 +305,7 @@ static inline T512 void pv_f32(const float *p, const float *const *vp, const int
 /* ---- bf16 --------------------------------------------------------------------------------- */
 
 static inline __attribute__((always_inline)) TBF16 void qk_bf16(const uint32_t *qt, const uint16_t *kp, int64_t D,
-                                                                  __m512 *s, const int J) {
+                                                                  int64_t ks, __m512 *s, const int J) {
     __m512 a[16];
     for (int j = 0; j < J; j++) a[j] = _mm512_setzero_ps();
     for (int64_t d2 = 0; d2 < D / 2; d2++) {
@@ -312,7 +313,7 @@ static inline __attribute__((always_inline)) TBF16 void qk_bf16(const uint32_t *
         const uint16_t *kd = kp + 2 * d2;
         for (int j = 0; j < J; j++) {
             uint32_t pair;
-            memcpy(&pair, kd + j * D, 4);
+            memcpy(&pair, kd + j * ks, 4);
             a[j] = _mm512_dpbf16_ps(a[j], qv, (__m512bh)_mm512_set1_epi32((int)pair));
         }
     }
@@ -458,8 +459,8 @@ static T512 void bwd_item(const Bwd *B, int64_t z, const int64_t *it, BWork *w) 
             }
             __m512 sv[16], dp[16];
             const int J = nj > 8 ? 16 : 8;
-            if (J == 16) { qk_f32(w->qt, kp, D, sv, 16); qk_f32(w->dot, vp, D, dp, 16); }
-            else { qk_f32(w->qt, kp, D, sv, 8); qk_f32(w->dot, vp, D, dp, 8); }
+            if (J == 16) { qk_f32(w->qt, kp, D, D, sv, 16); qk_f32(w->dot, vp, D, D, dp, 16); }
+            else { qk_f32(w->qt, kp, D, D, sv, 8); qk_f32(w->dot, vp, D, D, dp, 8); }
             for (int j = 0; j < J; j++) {
                 __mmask16 bits = j < nj ? item_bits(&P, it, g, j0 + j, valid) : 0;
                 __m512 pr = exp2_ps(_mm512_sub_ps(_mm512_mask_mul_ps(neg, bits, sv[j], c), lse2));
@@ -469,11 +470,11 @@ static T512 void bwd_item(const Bwd *B, int64_t z, const int64_t *it, BWork *w) 
             }
             const float *kpp = kp;
             if (J == 16) {
-                pv_f32(w->ds, &kpp, &nj, 1, D, w->dqt);
+                pv_f32(w->ds, &kpp, &D, &nj, 1, D, w->dqt);
                 outer_add(w->ds, w->qrows, D, w->dkbuf + p * 16 * D, 16);
                 outer_add(w->p, w->dorows, D, w->dvbuf + p * 16 * D, 16);
             } else {
-                pv_f32(w->ds, &kpp, &nj, 1, D, w->dqt);
+                pv_f32(w->ds, &kpp, &D, &nj, 1, D, w->dqt);
                 outer_add(w->ds, w->qrows, D, w->dkbuf + p * 16 * D, 8);
                 outer_add(w->p, w->dorows, D, w->dvbuf + p * 16 * D, 8);
             }

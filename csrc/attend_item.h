@@ -1,8 +1,8 @@
 /* One item of the item table, for one batch-head z: included twice by attend.c, with
  * ITEM_BF16 0 (float32 inputs) and 1 (bfloat16 inputs). Groups of 16 query rows run one after
  * another; each visits its live 16-key pieces, BATCH at a time: scores, one softmax step,
- * then P @ V. Keys and values of a piece are used in place when they are contiguous rows,
- * else copied once per item into the work buffers (gathered keys, strided tensors, tails,
+ * then P @ V. Keys and values of a piece are read in place (at any row stride) when they are
+ * consecutive rows, else copied once per item into the work buffers (gathered keys, tails,
  * and bf16 values, which P @ V reads as pairs of keys). */
 #if ITEM_BF16
 #define ELEM uint16_t
@@ -41,7 +41,7 @@ static ITEM_TARGET void ITEM_FN(const Problem *P, int64_t z, const int64_t *it, 
                       D * (int64_t)sizeof(ELEM) / 4, w->qt);
         for (int64_t b0 = 0; b0 < nlive; b0 += BATCH) {
             const int64_t nb = nlive - b0 < BATCH ? nlive - b0 : BATCH;
-            int64_t nj[BATCH];
+            int64_t nj[BATCH], vs[BATCH];
 #if ITEM_BF16
             const uint32_t *vp[BATCH];
 #else
@@ -54,8 +54,10 @@ static ITEM_TARGET void ITEM_FN(const Problem *P, int64_t z, const int64_t *it, 
                 const int plain = j0 >= E; /* keys k0 + j0 - E + [0, nj): consecutive rows */
                 const int64_t pos0 = plain ? it[I_K0] + j0 - E : -1;
                 const ELEM *kp;
-                if (plain && nj[b] == 16 && P->kr == D) {
-                    kp = k + pos0 * D;
+                int64_t ks = D; /* in place (any row stride) when the piece is 16 consecutive rows */
+                if (plain && nj[b] == 16) {
+                    kp = k + pos0 * P->kr;
+                    ks = P->kr;
                 } else {
                     ELEM *dst = kbuf + p * 16 * D;
                     if (!(w->packed[p] & 1)) {
@@ -81,11 +83,13 @@ static ITEM_TARGET void ITEM_FN(const Problem *P, int64_t z, const int64_t *it, 
                 }
                 vp[b] = dst;
                 __m512 sv[16];
-                if (nj[b] > 8) qk_bf16((const uint32_t *)w->qt, kp, D, sv, 16);
-                else qk_bf16((const uint32_t *)w->qt, kp, D, sv, 8);
+                if (nj[b] > 8) qk_bf16((const uint32_t *)w->qt, kp, D, ks, sv, 16);
+                else qk_bf16((const uint32_t *)w->qt, kp, D, ks, sv, 8);
 #else
-                if (plain && P->vr == D) {
-                    vp[b] = v + pos0 * D;
+                vs[b] = D;
+                if (plain) {
+                    vp[b] = v + pos0 * P->vr;
+                    vs[b] = P->vr;
                 } else {
                     float *dst = vbuf + p * 16 * D;
                     if (!(w->packed[p] & 2)) {
@@ -96,8 +100,8 @@ static ITEM_TARGET void ITEM_FN(const Problem *P, int64_t z, const int64_t *it, 
                     vp[b] = dst;
                 }
                 __m512 sv[16];
-                if (nj[b] > 8) qk_f32(w->qt, kp, D, sv, 16);
-                else qk_f32(w->qt, kp, D, sv, 8);
+                if (nj[b] > 8) qk_f32(w->qt, kp, D, ks, sv, 16);
+                else qk_f32(w->qt, kp, D, ks, sv, 8);
 #endif
                 for (int64_t j = 0; j < 16; j++) {
                     __mmask16 bits = j < nj[b] ? item_bits(P, it, g, j0 + j, valid) : 0;
@@ -109,7 +113,7 @@ static ITEM_TARGET void ITEM_FN(const Problem *P, int64_t z, const int64_t *it, 
             pack_probs(w->s, 8 * nb, w->pp);
             pv_bf16(w->pp, vp, nj, nb, D, w->acc);
 #else
-            pv_f32(w->s, vp, nj, nb, D, w->acc);
+            pv_f32(w->s, vp, vs, nj, nb, D, w->acc);
 #endif
         }
         store_state(P, it, out, lse, r0, nr, m, l, w->acc);

@@ -77,7 +77,7 @@ MUTANTS: dict[str, tuple[str, list[tuple]]] = {
     "gathered_key_off_by_one": ("the position of a gathered key (sink, key columns) off by one range",
                                 [(C, "if (j < n) return x[2 * i] + j;", "if (j <= n) return x[2 * i] + j;")]),
     "strided_keys_in_place": ("k rows strided by H * D read in place as if contiguous",
-                              [(ITEM, "if (plain && nj[b] == 16 && P->kr == D) {", "if (plain && nj[b] == 16) {")]),
+                              [(ITEM, "                    ks = P->kr;\n", "                    ks = D;\n")]),
     "packed_not_reset": ("copied keys / values kept from the previous item or batch-head",
                          [(ITEM, "    memset(w->packed, 0, (size_t)np);\n", "")]),
     "z_off_swapped": ("batch and head strides swapped",

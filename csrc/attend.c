@@ -215,13 +215,12 @@ static inline T512 void load_state(const Problem *P, const int64_t *it, const fl
     }
     *m = _mm512_loadu_ps(mv);
     *l = _mm512_loadu_ps(lv);
-    for (int64_t d = 0; d < D; d++) _mm512_store_ps(acc + d * GROUP, _mm512_setzero_ps());
-    if (!any) return;
-    for (int64_t r = 0; r < nr; r++) {
-        if (lv[r] == 0.0f) continue;
-        const float *o = out + (it[I_R0] + r0 + r) * P->orow;
-        for (int64_t d = 0; d < D; d++) acc[d * GROUP + r] = o[d];
+    if (!any) {
+        for (int64_t d = 0; d < D; d++) _mm512_store_ps(acc + d * GROUP, _mm512_setzero_ps());
+        return;
     }
+    /* the stored rows, transposed into the lanes (a row that holds nothing yet stores zeros) */
+    rows_to_lanes((const char *)(out + (it[I_R0] + r0) * P->orow), P->orow * 4, nr, D, acc);
 }
 
 /* Row state out: out = acc / l, lse = (m + log2 l) ln 2; rows with no key: zeros and -inf. */

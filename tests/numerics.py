@@ -130,3 +130,15 @@ def gradient_units(q, k, v, dout, scale: float, dlse=None) -> tuple[float, float
         dov = max(dov, scale * float(dlse.detach().abs().max()))
     return (dov * float(k.detach().abs().max()), dov * float(q.detach().abs().max()),
             float(dout.detach().abs().max()))
+
+
+def seeded_randn(shape, seed: int, dtype=torch.float32) -> torch.Tensor:
+    """Standard normal values drawn in float64 from ``seed``, then cast (the same values in every dtype)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def seeded_qkv(B, H, Hkv, Lq, Lk, D, seed: int, dtype=torch.float32):
+    """q [B, H, Lq, D] and k, v [B, Hkv, Lk, D] from seeds seed, seed + 1, seed + 2."""
+    return (seeded_randn((B, H, Lq, D), seed, dtype), seeded_randn((B, Hkv, Lk, D), seed + 1, dtype),
+            seeded_randn((B, Hkv, Lk, D), seed + 2, dtype))

@@ -38,21 +38,11 @@ from hypothesis import strategies as st
 import attnmask as am
 
 from distribution import record
-from numerics import banded_reference, gradient_units, one_thread, output_unit, reference, scaled_error
+from numerics import banded_reference, gradient_units, one_thread, output_unit, reference, scaled_error, seeded_qkv, seeded_randn
 from strategies import LONG_ROWS, build, engine_problems
 
 #: fp32 against float64, scaled to the inputs (measured: <= 3e-7 on these problems).
 FP32_TOL = 1e-5
-
-
-def _randn(shape, seed, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-
-
-def _qkv(B, H, Hkv, Lq, Lk, D, seed, dtype=torch.float32):
-    return (_randn((B, H, Lq, D), seed, dtype), _randn((B, Hkv, Lk, D), seed + 1, dtype),
-            _randn((B, Hkv, Lk, D), seed + 2, dtype))
 
 
 def _check_forward(q, k, v, mask, allowed, *, scale, q_offset=None, block_size=128):
@@ -85,8 +75,8 @@ def _check_backward(q, k, v, mask, allowed, *, scale, q_offset=None, block_size=
                     ref_fn=None, tol=FP32_TOL):
     """am.attention's gradients against float64 autograd through the tests' reference."""
     B, H, Lq, D = q.shape
-    w_out = _randn((B, H, Lq, D), seed + 7, torch.float64)
-    w_lse = _randn((B, H, Lq), seed + 8, torch.float64) if use_lse else None
+    w_out = seeded_randn((B, H, Lq, D), seed + 7, torch.float64)
+    w_lse = seeded_randn((B, H, Lq), seed + 8, torch.float64) if use_lse else None
 
     def engine(q_, k_, v_):
         return am.attention(q_, k_, v_, mask, scale=scale, q_offset=q_offset, enable_gqa=True, return_lse=True,
@@ -121,7 +111,7 @@ def test_fully_masked_rows_inside_merged_blocks(expr, L, block):
     mask = am.parse(expr)
     allowed = mask.to_dense(L)
     assert (~allowed.any(1)).any(), "the case must hold a row with no key"
-    q, k, v = _qkv(2, 4, 2, L, L, 16, seed=L)
+    q, k, v = seeded_qkv(2, 4, 2, L, L, 16, seed=L)
     _check_forward(q, k, v, mask, allowed, scale=0.3, block_size=block)
 
 
@@ -138,7 +128,7 @@ def test_fully_masked_rows_inside_merged_blocks(expr, L, block):
 ])
 def test_long_calls_on_shared_keys_match_float64(expr, keys, L, H, D):
     mask = am.parse(expr)
-    q, k, v = _qkv(1, H, H, L, L, D, seed=D)
+    q, k, v = seeded_qkv(1, H, H, L, L, D, seed=D)
     out = am.attention(q, k, v, mask, scale=D ** -0.5)
     # Every row attends exactly ``keys``: the float64 reference on those keys alone.
     with one_thread():
@@ -171,7 +161,7 @@ def _rows_of(mask: am.Mask, L: int, rows: list[int]) -> torch.Tensor:
 ])
 def test_backward_with_q_offset_on_square_shapes(expr, L, q_offset, use_lse):
     mask = am.parse(expr)
-    q, k, v = _qkv(1, 2, 2, L, L, 8, seed=L + q_offset)
+    q, k, v = seeded_qkv(1, 2, 2, L, L, 8, seed=L + q_offset)
     allowed = mask.to_dense(L, L, q_offset=q_offset)
     _check_backward(q, k, v, mask, allowed, scale=0.35, q_offset=q_offset, block_size=16, use_lse=use_lse)
 
@@ -185,7 +175,7 @@ def test_backward_with_q_offset_on_square_shapes(expr, L, q_offset, use_lse):
 ])
 def test_long_backward_of_a_window_matches_float64(L, w, block):
     mask = am.causal & am.sliding(w)
-    q, k, v = _qkv(1, 1, 1, L, L, 8, seed=3)
+    q, k, v = seeded_qkv(1, 1, 1, L, L, 8, seed=3)
 
     def window(qp, kp):
         return (kp <= qp) & (qp - kp < w)
@@ -212,7 +202,7 @@ def test_long_backward_of_a_window_matches_float64(L, w, block):
 def test_a_key_set_joins_one_of_the_calls_over_its_rows(expr, L, block):
     mask = am.parse(expr)
     allowed = mask.to_dense(L)
-    q, k, v = _qkv(1, 2, 2, L, L, 16, seed=L)
+    q, k, v = seeded_qkv(1, 2, 2, L, L, 16, seed=L)
     _check_forward(q, k, v, mask, allowed, scale=0.25, block_size=block)
     _check_backward(q, k, v, mask, allowed, scale=0.25, block_size=block, seed=L)
 
@@ -227,7 +217,7 @@ def test_a_key_set_joins_one_of_the_calls_over_its_rows(expr, L, block):
 ])
 def test_causal_regions_under_a_long_window_match_float64(L, w, block):
     mask = am.causal & am.sliding(w)
-    q, k, v = _qkv(1, 1, 1, L, L, 8, seed=w)
+    q, k, v = seeded_qkv(1, 1, 1, L, L, 8, seed=w)
     allowed = mask.to_dense(L)
     _check_forward(q, k, v, mask, allowed, scale=0.35, block_size=block)
     _check_backward(q, k, v, mask, allowed, scale=0.35, block_size=block, seed=w)
@@ -246,7 +236,7 @@ def test_causal_regions_under_a_long_window_match_float64(L, w, block):
 ])
 def test_merges_into_rows_not_yet_written_match_float64(expr, Lq, Lk, block):
     mask = am.parse(expr)
-    q, k, v = _qkv(1, 2, 2, Lq, Lk, 8, seed=Lq)
+    q, k, v = seeded_qkv(1, 2, 2, Lq, Lk, 8, seed=Lq)
     _check_forward(q, k, v, mask, mask.to_dense(Lq, Lk), scale=0.25, block_size=block)
 
 
@@ -263,14 +253,14 @@ def test_backward_of_exactly_causal_layouts_written_otherwise(expr):
     mask = am.parse(expr)
     allowed = mask.to_dense(L)
     assert torch.equal(allowed, am.causal.to_dense(L)), "the case must be exactly causal"
-    q, k, v = _qkv(1, 2, 2, L, L, 8, seed=3)
+    q, k, v = seeded_qkv(1, 2, 2, L, L, 8, seed=3)
     _check_backward(q, k, v, mask, allowed, scale=0.35, block_size=16)
 
 
 # -- random problems shaped like real use ---------------------------------------------------------
 
 def _problem_tensors(p: dict):
-    return _qkv(p["B"], p["H"], p["Hkv"], p["Lq"], p["Lk"], p["D"], seed=p["seed"])
+    return seeded_qkv(p["B"], p["H"], p["Hkv"], p["Lq"], p["Lk"], p["D"], seed=p["seed"])
 
 
 def _record(test: str, p: dict, mask: am.Mask, **extra) -> None:

@@ -29,7 +29,7 @@ import attnmask as am
 from attnmask.engines import attention, fused
 from attnmask.engines.autograd import blocksparse_attention_with_grad
 from attnmask.engines.blocksparse import blocksparse_forward
-from numerics import gradient_units, one_thread, output_unit, reference, scaled_error
+from numerics import gradient_units, one_thread, output_unit, reference, scaled_error, seeded_qkv, seeded_randn
 from strategies import build, engine_problems, masks, resolved, shapes
 from test_backward import _out_weights
 
@@ -55,16 +55,6 @@ def kernel_calls():
         yield seen
     finally:
         fused.run_items = run
-
-
-def _randn(shape, seed, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-
-
-def _qkv(B, H, Hkv, Lq, Lk, D, seed, dtype=torch.float32):
-    return (_randn((B, H, Lq, D), seed, dtype), _randn((B, Hkv, Lk, D), seed + 1, dtype),
-            _randn((B, Hkv, Lk, D), seed + 2, dtype))
 
 
 def _forward(q, k, v, mask, *, scale, q_offset=None, block_size=64, out_dtype=None):
@@ -151,7 +141,7 @@ SPREAD = [
 def test_float32_masks_match_float64(expr, Lq, Lk, q_offset, block):
     mask = am.parse(expr)
     Lk = Lq if Lk is None else Lk
-    q, k, v = _qkv(2, 2, 2, Lq, Lk, 32, seed=Lq + Lk)
+    q, k, v = seeded_qkv(2, 2, 2, Lq, Lk, 32, seed=Lq + Lk)
     if expr == "none":
         out, lse = _forward(q, k, v, mask, scale=0.2, block_size=block)
         assert torch.equal(out, torch.zeros_like(out)) and bool((lse == float("-inf")).all())
@@ -163,7 +153,7 @@ def test_float32_masks_match_float64(expr, Lq, Lk, q_offset, block):
 @pytest.mark.parametrize("D", [16, 32, 64, 128, 256])
 @pytest.mark.parametrize("expr", ["causal", "causal & (sliding(45) | sink(3)) | cols(90, 99)"])
 def test_float32_head_dims(D, expr):
-    q, k, v = _qkv(1, 2, 1, 131, 131, D, seed=D)
+    q, k, v = seeded_qkv(1, 2, 1, 131, 131, D, seed=D)
     _check_kernel(q, k, v, am.parse(expr), block_size=32)
 
 
@@ -173,7 +163,7 @@ def test_float32_lengths_off_the_kernel_grid(L):
     # Groups of 16 rows, pieces of 16 keys (narrow ones of <= 8), softmax steps of 4 pieces: each with
     # a short last one.
     for expr in ("causal", "causal & (sliding(20) | sink(1))", "full"):
-        q, k, v = _qkv(1, 1, 1, L, L + 3, 16, seed=L)
+        q, k, v = seeded_qkv(1, 1, 1, L, L + 3, 16, seed=L)
         _check_kernel(q, k, v, am.parse(expr), block_size=16)
 
 
@@ -181,7 +171,7 @@ def test_float32_lengths_off_the_kernel_grid(L):
 def test_float32_batches_gqa_and_per_head_lists():
     heads = [am.causal, am.causal & am.sliding(7), am.document(30, 40, 30) & am.causal,
              am.sink(2) | am.diagonal, am.causal & am.dilated(5, 3), am.prefix_lm(19)]
-    q, k, v = _qkv(2, 6, 3, 100, 100, 32, seed=5)
+    q, k, v = seeded_qkv(2, 6, 3, 100, 100, 32, seed=5)
     _check_kernel(q, k, v, heads, block_size=32)
     _check_kernel(q, k, v, am.causal & (am.sliding(33) | am.sink(4)), block_size=32)
 
@@ -190,9 +180,9 @@ def test_float32_batches_gqa_and_per_head_lists():
 def test_float32_non_contiguous_inputs_as_models_pass_them():
     # [B, L, H, D] projections viewed as [B, H, L, D]: rows strided by H * D, heads by D.
     B, L, H, Hkv, D = 2, 150, 4, 2, 32
-    q = _randn((B, L, H, D), 1).transpose(1, 2)
-    k = _randn((B, L, Hkv, D), 2).transpose(1, 2)
-    v = _randn((B, L, Hkv, D), 3).transpose(1, 2)
+    q = seeded_randn((B, L, H, D), 1).transpose(1, 2)
+    k = seeded_randn((B, L, Hkv, D), 2).transpose(1, 2)
+    v = seeded_randn((B, L, Hkv, D), 3).transpose(1, 2)
     assert not q.is_contiguous() and k.stride(2) == Hkv * D
     for expr in ("causal", "causal & (sliding(30) | sink(5))", "causal & document(40, 60, 50)",
                  "cols(0, 150, 9) | diagonal", "dilated(10, 2)"):
@@ -218,7 +208,7 @@ def test_bfloat16_within_the_dtypes_rounding(expr, L, block):
     # The stick: the float64 result rounded to bf16 (the best any kernel can return); and ATen's
     # bf16 SDPA on the dense mask, the kernel the engine runs without ours.
     mask = am.parse(expr)
-    q, k, v = _qkv(1, 4, 4, L, L, 64, seed=11, dtype=torch.bfloat16)
+    q, k, v = seeded_qkv(1, 4, 4, L, L, 64, seed=11, dtype=torch.bfloat16)
     allowed = mask.to_dense(L)
     ref, ref_lse = reference(q, k, v, allowed, 0.125)
     unit = output_unit(v)
@@ -251,9 +241,9 @@ def test_bfloat16_head_dims_and_lengths(D, L):
     # GQA and rows strided as models pass them. Measured: <= 1.7x the stick.
     mask = am.causal & (am.sliding(20) | am.sink(3)) | am.cols(50, 53)
     B, H, Hkv, Lk = 1, 2, 1, L + 5
-    q = _randn((B, L, H, D), D + L, torch.bfloat16).transpose(1, 2)
-    k = _randn((B, Lk, Hkv, D), D + L + 1, torch.bfloat16).transpose(1, 2)
-    v = _randn((B, Lk, Hkv, D), D + L + 2, torch.bfloat16).transpose(1, 2)
+    q = seeded_randn((B, L, H, D), D + L, torch.bfloat16).transpose(1, 2)
+    k = seeded_randn((B, Lk, Hkv, D), D + L + 1, torch.bfloat16).transpose(1, 2)
+    v = seeded_randn((B, Lk, Hkv, D), D + L + 2, torch.bfloat16).transpose(1, 2)
     allowed = mask.to_dense(L, Lk)
     ref, ref_lse = reference(q, k, v, allowed, D ** -0.5)
     unit = output_unit(v)
@@ -274,7 +264,7 @@ def test_random_engine_problems_match_float64(problem, D):
     # Several query blocks, windows with sinks and key columns, documents, row cuts, GQA, B = 2.
     p = problem
     mask = build(p["spec"])
-    q, k, v = _qkv(p["B"], p["H"], p["Hkv"], p["Lq"], p["Lk"], D, p["seed"])
+    q, k, v = seeded_qkv(p["B"], p["H"], p["Hkv"], p["Lq"], p["Lk"], D, p["seed"])
     allowed = mask.to_dense(p["Lq"], p["Lk"], q_offset=p["q_offset"])
     with kernel_calls() as calls:
         out, lse = _forward(q, k, v, mask, scale=0.3, q_offset=p["q_offset"], block_size=p["block"])
@@ -289,7 +279,7 @@ def test_random_engine_problems_match_float64(problem, D):
 def test_random_language_masks_match_float64(mask, shape, block, seed):
     # Any expression of the language, square or not, any offset (negative too).
     Lq, Lk, q_offset = resolved(shape)
-    q, k, v = _qkv(1, 2, 1, Lq, Lk, 16, seed)
+    q, k, v = seeded_qkv(1, 2, 1, Lq, Lk, 16, seed)
     allowed = mask.to_dense(Lq, Lk, q_offset=q_offset)
     with kernel_calls() as calls:
         out, lse = _forward(q, k, v, mask, scale=0.5, q_offset=shape[2], block_size=block)
@@ -318,7 +308,7 @@ def test_same_bits_on_every_run_and_thread_count(dtype, monkeypatch):
     if not fused.usable(dtype, 64):
         pytest.skip(fused.status()["reason"])
     mask = am.causal & (am.sliding(150) | am.sink(4)) | am.cols(300, 310)
-    q, k, v = _qkv(2, 4, 2, 512, 512, 64, seed=3, dtype=dtype)
+    q, k, v = seeded_qkv(2, 4, 2, 512, 512, 64, seed=3, dtype=dtype)
     splits = _Splits(fused._attend)
     monkeypatch.setattr(fused, "_attend", splits)
     before = torch.get_num_threads()
@@ -344,7 +334,7 @@ def test_per_head_list_gives_each_heads_bits_alone():
     w7, docs = am.causal & am.sliding(7), am.document(30, 40, 30) & am.causal
     heads = [am.causal, am.causal, w7, w7, docs, am.sink(2) | am.diagonal, am.causal & am.dilated(5, 3),
              am.causal & (am.sliding(40) | am.sink(3))]
-    q, k, v = _qkv(2, 8, 2, 100, 100, 32, seed=8)
+    q, k, v = seeded_qkv(2, 8, 2, 100, 100, 32, seed=8)
     with kernel_calls() as calls:
         out, lse = attention(q, k, v, heads, scale=0.2, enable_gqa=True, return_lse=True, block_size=32)
     assert calls
@@ -358,7 +348,7 @@ def test_per_head_list_gives_each_heads_bits_alone():
 
 @kernel
 def test_the_engine_runs_the_kernel_unless_disabled(monkeypatch):
-    q, k, v = _qkv(1, 2, 2, 100, 100, 32, seed=1)
+    q, k, v = seeded_qkv(1, 2, 2, 100, 100, 32, seed=1)
     for expr in ("causal", "causal & document(50, 50)", "causal & (sliding(20) | sink(2))", "dilated(8, 2)"):
         with kernel_calls() as calls:
             _forward(q, k, v, am.parse(expr), scale=0.2)
@@ -381,7 +371,7 @@ def test_head_dims_and_dtypes_the_kernel_does_not_take():
     for dtype, D in ((torch.float32, 8), (torch.float32, 24), (torch.float32, 272), (torch.float16, 32),
                      (torch.float64, 32)):
         assert not fused.usable(dtype, D)
-        q, k, v = _qkv(1, 1, 1, 40, 40, D, seed=D, dtype=dtype)
+        q, k, v = seeded_qkv(1, 1, 1, 40, 40, D, seed=D, dtype=dtype)
         with kernel_calls() as calls:
             _forward(q, k, v, am.causal & am.sliding(9), scale=0.3, block_size=16)
         assert not calls, (dtype, D)
@@ -418,7 +408,7 @@ def test_status_says_why_not(monkeypatch):
 
 @kernel
 def test_the_extension_refuses_bad_head_dims():
-    q, k, v = _qkv(1, 1, 1, 32, 32, 24, seed=0)
+    q, k, v = seeded_qkv(1, 1, 1, 32, 32, 24, seed=0)
     out, lse = torch.zeros(q.shape), torch.full(q.shape[:3], float("-inf"))
     items = fused.causal_items(((0, 32),))
     with pytest.raises(ValueError, match="head dim must be a multiple of 16 up to 256, got 24"):
@@ -443,8 +433,8 @@ def test_the_extension_refuses_bad_head_dims():
 def test_float32_gradients_match_float64(expr, L, block):
     mask = am.parse(expr)
     B, H, Hkv, D = 1, 4, 2, 32
-    q, k, v = _qkv(B, H, Hkv, L, L, D, seed=L)
-    w_out, w_lse = _randn((B, H, L, D), 7, torch.float64), _randn((B, H, L), 8, torch.float64)
+    q, k, v = seeded_qkv(B, H, Hkv, L, L, D, seed=L)
+    w_out, w_lse = seeded_randn((B, H, L, D), 7, torch.float64), seeded_randn((B, H, L), 8, torch.float64)
     allowed = mask.to_dense(L)
     scale = D ** -0.5
 
@@ -583,7 +573,7 @@ BACKWARD_SPREAD = [
 @pytest.mark.parametrize("expr,Lq,Lk,q_offset,block", BACKWARD_SPREAD)
 def test_backward_masks_match_float64(expr, Lq, Lk, q_offset, block):
     Lk = Lq if Lk is None else Lk
-    q, k, v = _qkv(2, 2, 2, Lq, Lk, 32, seed=Lq + Lk)
+    q, k, v = seeded_qkv(2, 2, 2, Lq, Lk, 32, seed=Lq + Lk)
     _check_backward(q, k, v, am.parse(expr), scale=0.2, q_offset=q_offset, block=block, seed=Lq)
 
 
@@ -598,14 +588,14 @@ def _item_kinds(calls):
 
 @kernel
 def test_backward_runs_both_item_paths_and_none_has_no_gradient():
-    q, k, v = _qkv(1, 2, 2, 180, 180, 16, seed=4)
+    q, k, v = seeded_qkv(1, 2, 2, 180, 180, 16, seed=4)
     _, calls = _check_backward(q, k, v, am.causal & am.document(60, 70, 50))
     assert _item_kinds(calls) == ["causal"] and calls[0][0].table.shape[0] == 3, "one causal item per document"
     _, calls = _check_backward(q, k, v, am.document(60, 70, 50))
     assert _item_kinds(calls) == ["plan"]
     _, calls = _check_backward(q, k, v, am.causal & am.dilated(9, 3))
     assert len(calls) == 3, "dilated: one window problem per residue class (strided views)"
-    got, _ = _kernel_grads(q, k, v, am.none, _randn(q.shape, 1, torch.float64), _randn(q.shape[:3], 2, torch.float64),
+    got, _ = _kernel_grads(q, k, v, am.none, seeded_randn(q.shape, 1, torch.float64), seeded_randn(q.shape[:3], 2, torch.float64),
                            scale=0.25)
     assert all(torch.equal(g, torch.zeros_like(g)) for g in got)
 
@@ -613,7 +603,7 @@ def test_backward_runs_both_item_paths_and_none_has_no_gradient():
 @kernel
 @pytest.mark.parametrize("D", [16, 48, 64, 128, 256])
 def test_backward_head_dims(D):
-    q, k, v = _qkv(1, 2, 1, 131, 131, D, seed=D)
+    q, k, v = seeded_qkv(1, 2, 1, 131, 131, D, seed=D)
     for expr in ("causal", "causal & (sliding(45) | sink(3)) | cols(90, 99)"):
         _check_backward(q, k, v, am.parse(expr), block=32, seed=D)
 
@@ -622,7 +612,7 @@ def test_backward_head_dims(D):
 @pytest.mark.parametrize("L", [1, 15, 17, 63, 65, 129])
 def test_backward_lengths_off_the_kernel_grid(L):
     for expr in ("causal", "causal & (sliding(20) | sink(1))", "full"):
-        q, k, v = _qkv(1, 1, 1, L, L + 3, 16, seed=L)
+        q, k, v = seeded_qkv(1, 1, 1, L, L + 3, 16, seed=L)
         _check_backward(q, k, v, am.parse(expr), block=16, seed=L)
 
 
@@ -630,7 +620,7 @@ def test_backward_lengths_off_the_kernel_grid(L):
 def test_backward_batches_gqa_and_per_head_lists():
     # dk / dv of a key head summed over the query heads sharing it (views with stride-0 keys, or runs
     # of per-head layouts), B > 1.
-    q, k, v = _qkv(2, 6, 2, 100, 100, 32, seed=5)
+    q, k, v = seeded_qkv(2, 6, 2, 100, 100, 32, seed=5)
     _check_backward(q, k, v, am.causal & (am.sliding(33) | am.sink(4)), block=32)
     _check_backward(q, k, v, am.document(30, 40, 30), block=16)
     heads = [am.causal, am.causal & am.sliding(7), am.document(30, 40, 30) & am.causal,
@@ -643,8 +633,8 @@ def test_backward_non_contiguous_inputs_as_models_pass_them():
     B, L, H, Hkv, D = 2, 150, 4, 2, 32
     for expr in ("causal & (sliding(30) | sink(5))", "causal & document(40, 60, 50)", "dilated(10, 2)"):
         mask = am.parse(expr)
-        leaves = [_randn((B, L, h, D), i).requires_grad_() for i, h in ((1, H), (2, Hkv), (3, Hkv))]
-        w = _randn((B, H, L, D), 4, torch.float64)
+        leaves = [seeded_randn((B, L, h, D), i).requires_grad_() for i, h in ((1, H), (2, Hkv), (3, Hkv))]
+        w = seeded_randn((B, H, L, D), 4, torch.float64)
         with backward_calls() as calls:
             out = attention(*(t.transpose(1, 2) for t in leaves), mask, scale=0.2, enable_gqa=True,
                             backend="blocksparse", block_size=32)
@@ -661,7 +651,7 @@ def test_backward_non_contiguous_inputs_as_models_pass_them():
 @pytest.mark.parametrize("dout_kind", ["dense", "lse-only", "zero-rows", "tiny-rows"])
 def test_backward_lse_gradient(dout_kind):
     # A loss on lse folds into delta (rows whose dout cannot carry it: a second kernel pass).
-    q, k, v = _qkv(2, 4, 2, 70, 100, 32, seed=6)
+    q, k, v = seeded_qkv(2, 4, 2, 70, 100, 32, seed=6)
     mask = am.causal & (am.sliding(30) | am.sink(2)) - am.rows(40, 46)
     _, calls = _check_backward(q, k, v, mask, q_offset=30, block=16, w_out=dout_kind, seed=7)
     assert len(calls) == (2 if dout_kind in ("zero-rows", "tiny-rows") else 1), len(calls)
@@ -673,7 +663,7 @@ def test_backward_bfloat16_within_the_dtypes_stick():
     # gradients of the bf16 inputs, rounded to bf16), as tests/test_backward.py holds the ATen path.
     expr = "(causal & document(100, 200, 300)) | sink(8) | cols(400, 420)"
     mask, L, D = am.parse(expr), 600, 32
-    q, k, v = _qkv(1, 2, 2, L, L, D, seed=5, dtype=torch.bfloat16)
+    q, k, v = seeded_qkv(1, 2, 2, L, L, D, seed=5, dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(9)
     w_out = torch.randn(q.shape, generator=g, dtype=torch.float64)
     w_lse = torch.randn(q.shape[:3], generator=g, dtype=torch.float64)
@@ -691,7 +681,7 @@ def test_backward_bfloat16_within_the_dtypes_stick():
 def test_backward_random_engine_problems_match_float64(problem, dout_kind):
     # Windows with sinks and key columns, documents, row cuts, GQA, B = 2, offsets; a loss on lse too.
     p = problem
-    q, k, v = _qkv(p["B"], p["H"], p["Hkv"], p["Lq"], p["Lk"], 16, p["seed"])
+    q, k, v = seeded_qkv(p["B"], p["H"], p["Hkv"], p["Lq"], p["Lk"], 16, p["seed"])
     mask = build(p["spec"])
     if not mask.to_dense(p["Lq"], p["Lk"], q_offset=p["q_offset"]).any():
         return                           # nothing to attend: no kernel call to check
@@ -705,7 +695,7 @@ def test_backward_random_engine_problems_match_float64(problem, dout_kind):
 def test_backward_random_language_masks_match_float64(mask, shape, block, seed):
     # Any expression of the language, square or not, any offset (negative too); 2 query heads on a key head.
     Lq, Lk, q_offset = resolved(shape)
-    q, k, v = _qkv(1, 2, 1, Lq, Lk, 16, seed)
+    q, k, v = seeded_qkv(1, 2, 1, Lq, Lk, 16, seed)
     if not mask.to_dense(Lq, Lk, q_offset=q_offset).any():
         return
     _check_backward(q, k, v, mask, scale=0.5, q_offset=shape[2], block=block, seed=seed)
@@ -728,8 +718,8 @@ def test_backward_same_bits_on_every_run_and_thread_count(monkeypatch):
     # 3 key heads shared by 2 query heads each: z ranges must not split a key head's query heads,
     # whose dk / dv are summed by one thread in a fixed order.
     mask = am.causal & (am.sliding(150) | am.sink(4)) | am.cols(300, 310)
-    q, k, v = _qkv(1, 6, 3, 512, 512, 32, seed=3)
-    w_out, w_lse = _randn(q.shape, 4, torch.float64), _randn(q.shape[:3], 5, torch.float64)
+    q, k, v = seeded_qkv(1, 6, 3, 512, 512, 32, seed=3)
+    w_out, w_lse = seeded_randn(q.shape, 4, torch.float64), seeded_randn(q.shape[:3], 5, torch.float64)
     splits = _BackwardSplits(fused._attend)
     monkeypatch.setattr(fused, "_attend", splits)
     before = torch.get_num_threads()
@@ -759,8 +749,8 @@ def test_backward_per_head_runs_same_bits_and_key_heads_whole_per_thread(monkeyp
     monkeypatch.setattr(ag, "run_tasks", lambda ts, costs: tasks.append(len(ts)) or run_tasks(ts, costs))
     w1, w2 = am.causal & (am.sliding(150) | am.sink(4)), am.causal & am.document(200, 312)
     heads = [w1, w2, w2, w1, w1, w2]
-    q, k, v = _qkv(1, 6, 2, 512, 512, 32, seed=4)
-    w_out, w_lse = _randn(q.shape, 5, torch.float64), _randn(q.shape[:3], 6, torch.float64)
+    q, k, v = seeded_qkv(1, 6, 2, 512, 512, 32, seed=4)
+    w_out, w_lse = seeded_randn(q.shape, 5, torch.float64), seeded_randn(q.shape[:3], 6, torch.float64)
     before = torch.get_num_threads()
     results, threads_of, task_counts = [], [], []
     try:
@@ -785,14 +775,14 @@ def test_backward_per_head_runs_same_bits_and_key_heads_whole_per_thread(monkeyp
 
 @kernel
 def test_backward_runs_the_kernel_unless_disabled(monkeypatch):
-    q, k, v = _qkv(1, 2, 2, 100, 100, 32, seed=1)
+    q, k, v = seeded_qkv(1, 2, 2, 100, 100, 32, seed=1)
     for expr in ("causal", "causal & document(50, 50)", "causal & (sliding(20) | sink(2))", "dilated(8, 2)"):
         _check_backward(q, k, v, am.parse(expr))
     monkeypatch.setenv("ATTNMASK_KERNEL", "0")
     assert not fused.usable_backward(torch.float32, 32)
     for expr in ("causal", "causal & document(50, 50)", "causal & (sliding(20) | sink(2))", "dilated(8, 2)"):
         mask = am.parse(expr)
-        w_out, w_lse = _randn(q.shape, 2, torch.float64), _randn(q.shape[:3], 3, torch.float64)
+        w_out, w_lse = seeded_randn(q.shape, 2, torch.float64), seeded_randn(q.shape[:3], 3, torch.float64)
         got, calls = _kernel_grads(q, k, v, mask, w_out, w_lse, scale=0.2)
         assert not calls, expr
         want = _reference_grads(q, k, v, mask.to_dense(100), w_out, w_lse, 0.2)

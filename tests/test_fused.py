@@ -302,6 +302,22 @@ class _Splits:
         return self.module.run(*args)
 
 
+def _at_thread_counts(run, splits, field: str, counts=(1, 2, 1, 2)):
+    """run() at each torch thread count in turn (the count restored after): its results, and the
+    sorted z ranges the kernel calls recorded in ``splits.<field>`` during each run."""
+    before = torch.get_num_threads()
+    results, ranges = [], []
+    try:
+        for threads in counts:
+            torch.set_num_threads(threads)
+            setattr(splits, field, [])
+            results.append(run())
+            ranges.append(sorted(getattr(splits, field)))
+    finally:
+        torch.set_num_threads(before)
+    return results, ranges
+
+
 @kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_same_bits_on_every_run_and_thread_count(dtype, monkeypatch):
@@ -311,16 +327,7 @@ def test_same_bits_on_every_run_and_thread_count(dtype, monkeypatch):
     q, k, v = seeded_qkv(2, 4, 2, 512, 512, 64, seed=3, dtype=dtype)
     splits = _Splits(fused._attend)
     monkeypatch.setattr(fused, "_attend", splits)
-    before = torch.get_num_threads()
-    results, ranges = [], []
-    try:
-        for threads in (1, 2, 1, 2):
-            torch.set_num_threads(threads)
-            splits.ranges = []
-            results.append(_forward(q, k, v, mask, scale=0.125))
-            ranges.append(sorted(splits.ranges))
-    finally:
-        torch.set_num_threads(before)
+    results, ranges = _at_thread_counts(lambda: _forward(q, k, v, mask, scale=0.125), splits, "ranges")
     assert ranges[0] == [(0, 8)] and len(ranges[1]) == 2, f"1 thread runs the 8 batch-heads, 2 split them: {ranges}"
     for out, lse in results[1:]:
         assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
@@ -722,16 +729,8 @@ def test_backward_same_bits_on_every_run_and_thread_count(monkeypatch):
     w_out, w_lse = seeded_randn(q.shape, 4, torch.float64), seeded_randn(q.shape[:3], 5, torch.float64)
     splits = _BackwardSplits(fused._attend)
     monkeypatch.setattr(fused, "_attend", splits)
-    before = torch.get_num_threads()
-    results, ranges = [], []
-    try:
-        for threads in (1, 2, 1, 2):
-            torch.set_num_threads(threads)
-            splits.backward_ranges = []
-            results.append(_kernel_grads(q, k, v, mask, w_out, w_lse, scale=0.125)[0])
-            ranges.append(sorted(splits.backward_ranges))
-    finally:
-        torch.set_num_threads(before)
+    results, ranges = _at_thread_counts(lambda: _kernel_grads(q, k, v, mask, w_out, w_lse, scale=0.125)[0],
+                                        splits, "backward_ranges")
     assert ranges[0] == [(0, 6)] and len(ranges[1]) == 2, f"1 thread runs the 6 batch-heads, 2 split them: {ranges}"
     assert all(a % 2 == 0 and b % 2 == 0 for a, b in ranges[1]), f"a key head's query heads split: {ranges[1]}"
     for got in results[1:]:

@@ -85,8 +85,9 @@ KEY_SET_JOIN_RUNS = 3
 #: small calls, serialised by the GIL, eats the gain), benchmarks/results/model_shapes.md.
 SIDE_BY_SIDE_PAIRS = 1 << 22
 #: The same with the fused kernel (engines/fused.py), which holds no GIL for a whole head problem:
-#: side by side pays from small work on. Measured (lead, under the CPU lock, 2 threads) on SmolLM2's
-#: nine masks at L = 1024 (1.4M pairs): see benchmarks/results/model_shapes.md.
+#: side by side pays from small work on. A probe of the lead's under the CPU lock (SmolLM2's nine
+#: masks at L = 1024, 1.4M pairs, fp32, a noisy machine): 4.2-6.7 ms side by side against 7.2-7.7
+#: one after another; benchmarks/results/model_shapes.md has the figures with it.
 SIDE_BY_SIDE_PAIRS_FUSED = 1 << 17
 #: ``causal & document(...)`` runs one is_causal call per document when documents average at least
 #: this many rows (below, the calls' fixed costs outweigh the plan's merged calls).

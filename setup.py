@@ -12,7 +12,7 @@ setup(
         Extension(
             "attnmask.engines._attend",
             sources=["csrc/attend.c"],
-            extra_compile_args=["-O3", "-std=gnu11", "-fno-math-errno", "-Wall", "-Wno-unused-function"],
+            extra_compile_args=["-O3", "-std=gnu11", "-fno-math-errno", "-Wall"],
             optional=True,
         )
     ]

@@ -41,7 +41,6 @@ typedef struct {
     int64_t Y;
     int64_t qx, qy, qr, kx, ky, kr, vx, vy, vr, ox, oy, orow, lx, ly, lr;
     int64_t D;
-    int bf16;
     float c; /* scale * log2(e): scores are kept in base 2 */
     const int64_t *items;
     int64_t n_items;
@@ -71,13 +70,6 @@ static inline T512 __m512 exp2_ps(__m512 x) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-01f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
-}
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
 }
 
 static inline int64_t z_off(const Problem *P, int64_t z, int64_t sx, int64_t sy) {
@@ -404,7 +396,7 @@ typedef struct {
 } BWork;
 
 static T512 void bwd_item(const Bwd *B, int64_t z, const int64_t *it, BWork *w) {
-    const int64_t D = B->D, rows = it[I_ROWS], E = it[I_E], np = piece_count(it);
+    const int64_t D = B->D, rows = it[I_ROWS], np = piece_count(it);
     Problem P; /* the forward's view of the item, for key_pos / item_bits / live_pieces */
     P.extras = B->extras;
     P.masks = B->masks;
@@ -506,7 +498,6 @@ static T512 void bwd_item(const Bwd *B, int64_t z, const int64_t *it, BWork *w) 
             }
         }
     }
-    (void)E;
 }
 
 static int cpu_has(int bf16) {
@@ -569,7 +560,6 @@ static PyObject *py_run(PyObject *self, PyObject *args) {
     P.qx = s[0], P.qy = s[1], P.qr = s[2], P.kx = s[3], P.ky = s[4], P.kr = s[5], P.vx = s[6], P.vy = s[7];
     P.vr = s[8], P.ox = s[9], P.oy = s[10], P.orow = s[11], P.lx = s[12], P.ly = s[13], P.lr = s[14];
     P.D = D;
-    P.bf16 = bf16;
     P.c = (float)c;
     P.items = (const int64_t *)(uintptr_t)items;
     P.n_items = n_items;

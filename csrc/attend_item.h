@@ -41,11 +41,12 @@ static ITEM_TARGET void ITEM_FN(const Problem *P, int64_t z, const int64_t *it, 
                       D * (int64_t)sizeof(ELEM) / 4, w->qt);
         for (int64_t b0 = 0; b0 < nlive; b0 += BATCH) {
             const int64_t nb = nlive - b0 < BATCH ? nlive - b0 : BATCH;
-            int64_t nj[BATCH], vs[BATCH];
+            int64_t nj[BATCH];
 #if ITEM_BF16
             const uint32_t *vp[BATCH];
 #else
             const float *vp[BATCH];
+            int64_t vs[BATCH]; /* the values' row stride per piece */
 #endif
             for (int64_t b = 0; b < nb; b++) {
                 const int64_t p = w->live[b0 + b];

@@ -92,10 +92,6 @@ class Items:
         self.addresses = torch.tensor([b.data_ptr() for b in self.bits] or [0], dtype=torch.int64)
         self.scores = int(sum(r[1] * (r[8] + r[3]) for r in rows))
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size()
-                   for t in [self.table, self.extras, self.addresses, *self.bits])
-
 
 def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """bool [rows, N] -> uint16 bits [ceil(rows / 16), N]: bit r of [g, j] is mask[16 g + r, j]."""

@@ -273,9 +273,14 @@ def test_random_engine_problems_match_float64(problem, D):
     _check(out, lse, ref, ref_lse, v)
 
 
+#: Any expression of the language at small shapes (any offset, negative too), a block size, a seed:
+#: the cases of both directions' random-language properties.
+_LANGUAGE_CASES = (masks(max_leaves=5), shapes(max_len=70, max_offset=40), st.sampled_from([16, (16, 32), 32]),
+                   st.integers(0, 2**16))
+
+
 @kernel
-@given(masks(max_leaves=5), shapes(max_len=70, max_offset=40), st.sampled_from([16, (16, 32), 32]),
-       st.integers(0, 2**16))
+@given(*_LANGUAGE_CASES)
 def test_random_language_masks_match_float64(mask, shape, block, seed):
     # Any expression of the language, square or not, any offset (negative too).
     Lq, Lk, q_offset = resolved(shape)
@@ -697,8 +702,7 @@ def test_backward_random_engine_problems_match_float64(problem, dout_kind):
 
 
 @kernel
-@given(masks(max_leaves=5), shapes(max_len=70, max_offset=40), st.sampled_from([16, (16, 32), 32]),
-       st.integers(0, 2**16))
+@given(*_LANGUAGE_CASES)
 def test_backward_random_language_masks_match_float64(mask, shape, block, seed):
     # Any expression of the language, square or not, any offset (negative too); 2 query heads on a key head.
     Lq, Lk, q_offset = resolved(shape)

@@ -20,7 +20,9 @@ float32 buffers (float64 for float64 inputs), so gradients are bit-identical
 run to run. The work of each range is PyTorch's fused CPU flash backward kernel
 (``aten._scaled_dot_product_flash_attention_for_cpu_backward``, all batch
 elements and heads in one call), fed float32 copies of bf16/fp16 inputs so that
-every sum is accumulated in float32. A gradient that also flows into the
+every sum is accumulated in float32; or, where it runs, the fused kernel's
+backward over the forward plan's items (:mod:`.fused`), which reads bf16 inputs
+as they are and accumulates in float32 too. A gradient that also flows into the
 returned lse runs the same kernel calls: the kernel has no input for dlse, but
 it reads the output only to form delta, so each row's output is shifted in one
 component until its delta is ``rowsum(dO * O) - dlse`` (``_fold_lse_gradient``;
@@ -327,7 +329,8 @@ def blocksparse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     q [B, H, Lq, D], k/v [B, Hkv, Lk, D], out/dout [B, H, Lq, D], lse (and the
     optional gradient of lse, dlse) [B, H, Lq]; query head h uses key head
     h // (H // Hkv); head_layout int64 [B, H] indexes ``layouts``. Extra memory:
-    float32 copies of the inputs when they are bf16/fp16, float32 gradient
+    float32 copies of the inputs when they are fp16 (bf16 too where the fused kernel does not
+    run its bf16 backward), float32 gradient
     buffers, and one key range's scores at a time: O((Lq + Lk) * D), no N^2.
 
         >>> import torch, attnmask as am
@@ -341,10 +344,14 @@ def blocksparse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     """
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    # float64 stays float64 (gradcheck); everything else computes and accumulates in float32.
+    # float64 stays float64 (gradcheck); everything else accumulates in float32. The fused kernel's
+    # backward reads bf16 inputs as they are; elsewhere they are upcast to float32 copies. The output
+    # only forms delta and stays in the accumulation dtype (the forward saved it in float32).
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kd = q.dtype if q.dtype == torch.bfloat16 and fused.usable_backward(q.dtype, D) else cd
     # Contiguous copies only where needed (a model's permuted q/k/v), so strided views can batch items.
-    q_, k_, v_, o_, do_ = (x.to(cd).contiguous() for x in (q, k, v, out, dout))
+    q_, k_, v_, do_ = (x.to(kd).contiguous() for x in (q, k, v, dout))
+    o_ = out.to(cd).contiguous()
     empty = torch.isneginf(lse)
     lse0 = lse.to(cd).masked_fill(empty, 0.0)
     dq = torch.zeros(B, H, Lq, D, dtype=cd)

@@ -12,6 +12,7 @@ setup(
         Extension(
             "attnmask.engines._attend",
             sources=["csrc/attend.c"],
+            depends=["csrc/attend_item.h", "csrc/attend_bwd_item.h"],
             extra_compile_args=["-O3", "-std=gnu11", "-fno-math-errno", "-Wall"],
             optional=True,
         )

@@ -377,31 +377,71 @@ static inline int64_t bz(const Bwd *B, int which, int64_t z) {
     return (z / B->Y) * B->s[which][0] + (z % B->Y) * B->s[which][1];
 }
 
-/* dst[t][d] += sum_r w[t][r] * rows[r][d] for the J keys of a piece (w: [16][GROUP], rows: [16][D]). */
-static inline __attribute__((always_inline)) T512 void outer_add(const float *wt, const float *rowsv, int64_t D,
-                                                                  float *dst, const int J) {
+/* dst[t][d] += sum over the n groups i, rows r of w_i[t][r] * rows_i[r][d], for the J keys of a
+ * piece (w_i: [16][GROUP] P or dS of group i; rows_i: [16][D] its Q or dO rows). The piece's
+ * accumulators are loaded and stored once for all the groups. */
+static inline __attribute__((always_inline)) T512 void outer_add_f32(const float *const *wt, const float *const *rowsv,
+                                                                      int n, int64_t D, float *dst, const int J) {
     for (int64_t d0 = 0; d0 < D; d0 += 16) {
         __m512 a[16];
         for (int t = 0; t < J; t++) a[t] = _mm512_load_ps(dst + t * D + d0);
-        for (int r = 0; r < GROUP; r++) {
-            __m512 x = _mm512_load_ps(rowsv + r * D + d0);
-            for (int t = 0; t < J; t++) a[t] = _mm512_fmadd_ps(_mm512_set1_ps(wt[t * GROUP + r]), x, a[t]);
-        }
+        for (int i = 0; i < n; i++)
+            for (int r = 0; r < GROUP; r++) {
+                __m512 x = _mm512_load_ps(rowsv[i] + r * D + d0);
+                for (int t = 0; t < J; t++) a[t] = _mm512_fmadd_ps(_mm512_set1_ps(wt[i][t * GROUP + r]), x, a[t]);
+            }
         for (int t = 0; t < J; t++) _mm512_store_ps(dst + t * D + d0, a[t]);
     }
 }
 
+/* dst[i][d] = (a[d], b[d]) for the row pairs (2i, 2i + 1) of n bf16 rows at base + r * rs
+ * (rows past n are zeros): the operand layout of dot products that run over pairs of rows. */
+static inline T512 void pair_rows(const uint16_t *base, int64_t rs, int64_t n, int64_t D, uint32_t *dst) {
+    for (int64_t i = 0; i < 8; i++) {
+        const uint16_t *a = 2 * i < n ? base + 2 * i * rs : NULL, *b = 2 * i + 1 < n ? base + (2 * i + 1) * rs : NULL;
+        for (int64_t d = 0; d < D; d += 16) {
+            __m512i x = a ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(a + d))) : _mm512_setzero_si512();
+            __m512i y = b ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(b + d))) : _mm512_setzero_si512();
+            _mm512_storeu_si512((void *)(dst + i * D + d), _mm512_or_si512(x, _mm512_slli_epi32(y, 16)));
+        }
+    }
+}
+
+/* The bf16 outer_add: dst[t][d] += sum over groups i, row pairs r2 of w_i[t][r2] . pairs_i[r2][d]
+ * (w_i: [16][8] P or dS of group i as bf16 pairs of rows; pairs_i: [8][D] its Q or dO row pairs). */
+static inline __attribute__((always_inline)) TBF16 void outer_add_bf16(const uint32_t *const *wt,
+                                                                        const uint32_t *const *pairs, int n, int64_t D,
+                                                                        float *dst, const int J) {
+    for (int64_t d0 = 0; d0 < D; d0 += 16) {
+        __m512 a[16];
+        for (int t = 0; t < J; t++) a[t] = _mm512_load_ps(dst + t * D + d0);
+        for (int i = 0; i < n; i++)
+            for (int r2 = 0; r2 < 8; r2++) {
+                __m512bh x = (__m512bh)_mm512_loadu_si512((const void *)(pairs[i] + r2 * D + d0));
+                for (int t = 0; t < J; t++)
+                    a[t] = _mm512_dpbf16_ps(a[t], x, (__m512bh)_mm512_set1_epi32((int)wt[i][t * 8 + r2]));
+            }
+        for (int t = 0; t < J; t++) _mm512_store_ps(dst + t * D + d0, a[t]);
+    }
+}
+
+#define ROWBLOCK 4 /* groups of rows whose dK / dV of a piece are summed in one visit */
+
 typedef struct {
+    /* per group of a row block: [ROWBLOCK][D][GROUP] lanes (fp32, or bf16 pairs along d) of Q, dO,
+     * dQ^T; [ROWBLOCK][16][D] Q and dO rows as the gradient products' operand (fp32 rows, or
+     * [8][D] bf16 pairs of rows) */
     float *qt, *dot, *dqt, *qrows, *dorows;
-    float *kbuf, *vbuf, *dkbuf, *dvbuf;
+    float *kbuf, *vbuf, *dkbuf, *dvbuf; /* [pieces][16][D]: copied keys / values, dK / dV of the item */
     uint32_t *kpairs; /* bf16: [pieces][8][D] pairs of keys (dQ's dot products run over pairs of keys) */
-    uint8_t *packed;
-    int32_t *live;
-    float p[16 * GROUP] __attribute__((aligned(64)));
-    float ds[BATCH * 16 * GROUP] __attribute__((aligned(64))); /* dS of a batch of pieces (dQ runs once per batch) */
-    uint32_t prow[16 * 8] __attribute__((aligned(64)));  /* bf16: P[t] as pairs of rows, [t][8] */
-    uint32_t dsrow[16 * 8] __attribute__((aligned(64))); /* bf16: dS[t] as pairs of rows */
-    uint32_t dspp[BATCH * 8 * GROUP] __attribute__((aligned(64))); /* bf16: dS as pairs of keys per lane */
+    uint8_t *packed;  /* [pieces]: first visit done in this item */
+    uint8_t *mark;    /* [pieces]: bit i, live for group i of the row block */
+    int32_t *live;    /* [pieces] */
+    float p[ROWBLOCK * 16 * GROUP] __attribute__((aligned(64)));          /* fp32: P of the piece, per group */
+    float ds[ROWBLOCK * BATCH * 16 * GROUP] __attribute__((aligned(64))); /* dS per group and batch piece */
+    uint32_t prow[ROWBLOCK * 16 * 8] __attribute__((aligned(64)));  /* bf16: P[t] as pairs of rows, per group */
+    uint32_t dsrow[ROWBLOCK * 16 * 8] __attribute__((aligned(64))); /* bf16: dS[t] as pairs of rows */
+    uint32_t dspp[ROWBLOCK * BATCH * 8 * GROUP] __attribute__((aligned(64))); /* bf16: dS as pairs of keys */
 } BWork;
 
 /* An item's dK (times scale) and dV into the gradients, piece by piece in key order. */
@@ -425,254 +465,16 @@ static inline T512 void flush_piece_grads(const Bwd *B, const Problem *P, const 
     }
 }
 
-static T512 void bwd_item(const Bwd *B, int64_t z, const int64_t *it, BWork *w) {
-    const int64_t D = B->D, rows = it[I_ROWS], np = piece_count(it);
-    Problem P; /* the forward's view of the item, for key_pos / item_bits / live_pieces */
-    P.extras = B->extras;
-    P.masks = B->masks;
-    const float *q = (const float *)B->q + bz(B, B_Q, z), *k = (const float *)B->k + bz(B, B_K, z);
-    const float *v = (const float *)B->v + bz(B, B_V, z);
-    const float *dout = (const float *)B->dout + bz(B, B_DO, z), *lse = B->lse + bz(B, B_LSE, z);
-    const float *delta = B->delta + bz(B, B_DELTA, z);
-    float *dq = B->dq + bz(B, B_DQ, z), *dk = B->dk + bz(B, B_DK, z), *dv = B->dv + bz(B, B_DV, z);
-    const int64_t kr = B->s[B_K][2], vr = B->s[B_V][2];
-    const __m512 c = _mm512_set1_ps(B->c), neg = _mm512_set1_ps(-INFINITY);
-    memset(w->packed, 0, (size_t)np);
-    for (int64_t g = 0; g * GROUP < rows; g++) {
-        const int64_t r0 = g * GROUP, nr = rows - r0 < GROUP ? rows - r0 : GROUP, row0 = it[I_R0] + r0;
-        const uint16_t valid = (uint16_t)(nr >= 16 ? 0xFFFFu : (1u << nr) - 1);
-        const int64_t nlive = live_pieces(&P, it, g, valid, w->live);
-        if (!nlive) continue;
-        rows_to_lanes((const char *)(q + row0 * B->s[B_Q][2]), B->s[B_Q][2] * 4, nr, D, w->qt);
-        rows_to_lanes((const char *)(dout + row0 * B->s[B_DO][2]), B->s[B_DO][2] * 4, nr, D, w->dot);
-        float lv[GROUP], dv_[GROUP];
-        for (int64_t r = 0; r < GROUP; r++) {
-            lv[r] = r < nr ? lse[(row0 + r) * B->s[B_LSE][2]] * 1.4426950408889634f : 0.0f;
-            dv_[r] = r < nr ? delta[(row0 + r) * B->s[B_DELTA][2]] : 0.0f;
-            if (r < nr) {
-                memcpy(w->qrows + r * D, q + (row0 + r) * B->s[B_Q][2], D * 4);
-                memcpy(w->dorows + r * D, dout + (row0 + r) * B->s[B_DO][2], D * 4);
-            } else {
-                memset(w->qrows + r * D, 0, D * 4);
-                memset(w->dorows + r * D, 0, D * 4);
-            }
-        }
-        const __m512 lse2 = _mm512_loadu_ps(lv), dlt = _mm512_loadu_ps(dv_);
-        for (int64_t d = 0; d < D; d++) _mm512_store_ps(w->dqt + d * GROUP, _mm512_setzero_ps());
-        for (int64_t b0 = 0; b0 < nlive; b0 += BATCH) {
-            const int64_t nb = nlive - b0 < BATCH ? nlive - b0 : BATCH;
-            const float *kps[BATCH];
-            int64_t njs[BATCH], kss[BATCH];
-            for (int64_t b = 0; b < nb; b++) {
-                const int64_t p = w->live[b0 + b];
-                int64_t j0, nj;
-                piece_keys(it, p, &j0, &nj);
-                /* keys and values in place when the piece is 16 consecutive rows, else copied once per
-                 * item (zero rows past nj) */
-                const float *kp = w->kbuf + p * 16 * D, *vp = w->vbuf + p * 16 * D;
-                int64_t ks = D, vs = D;
-                const int plain = j0 >= it[I_E] && nj == 16;
-                if (plain) {
-                    const int64_t pos0 = it[I_K0] + j0 - it[I_E];
-                    kp = k + pos0 * kr, vp = v + pos0 * vr, ks = kr, vs = vr;
-                }
-                if (!(w->packed[p] & 1)) { /* first visit in this item: zero its dK / dV */
-                    if (!plain)
-                        for (int64_t j = 0; j < 16; j++) {
-                            float *kd = w->kbuf + (p * 16 + j) * D, *vd = w->vbuf + (p * 16 + j) * D;
-                            if (j < nj) {
-                                int64_t pos = key_pos(&P, it, j0 + j);
-                                memcpy(kd, k + pos * kr, D * 4);
-                                memcpy(vd, v + pos * vr, D * 4);
-                            } else {
-                                memset(kd, 0, D * 4);
-                                memset(vd, 0, D * 4);
-                            }
-                        }
-                    memset(w->dkbuf + p * 16 * D, 0, 16 * D * 4);
-                    memset(w->dvbuf + p * 16 * D, 0, 16 * D * 4);
-                    w->packed[p] = 1;
-                }
-                kps[b] = kp, njs[b] = nj, kss[b] = ks;
-                float *ds = w->ds + b * 16 * GROUP;
-                __m512 sv[16], dp[16];
-                const int J = nj > 8 ? 16 : 8;
-                if (J == 16) { qk_f32(w->qt, kp, D, ks, sv, 16); qk_f32(w->dot, vp, D, vs, dp, 16); }
-                else { qk_f32(w->qt, kp, D, ks, sv, 8); qk_f32(w->dot, vp, D, vs, dp, 8); }
-                for (int j = 0; j < J; j++) {
-                    __mmask16 bits = j < nj ? item_bits(&P, it, g, j0 + j, valid) : 0;
-                    __m512 pr = exp2_ps(_mm512_sub_ps(_mm512_mask_mul_ps(neg, bits, sv[j], c), lse2));
-                    pr = _mm512_maskz_mov_ps(bits, pr); /* exactly 0 off the mask, whatever lse is */
-                    _mm512_store_ps(w->p + j * GROUP, pr);
-                    _mm512_store_ps(ds + j * GROUP, _mm512_mul_ps(pr, _mm512_sub_ps(dp[j], dlt)));
-                }
-                if (J == 16) {
-                    outer_add(ds, w->qrows, D, w->dkbuf + p * 16 * D, 16);
-                    outer_add(w->p, w->dorows, D, w->dvbuf + p * 16 * D, 16);
-                } else {
-                    outer_add(ds, w->qrows, D, w->dkbuf + p * 16 * D, 8);
-                    outer_add(w->p, w->dorows, D, w->dvbuf + p * 16 * D, 8);
-                }
-            }
-            pv_f32(w->ds, kps, kss, njs, nb, D, w->dqt); /* dQ^T += dS K over the batch */
-        }
-        /* dQ rows += (dQ^T)^T * scale */
-        const __m512 sc = _mm512_set1_ps(B->scale);
-        for (int64_t d0 = 0; d0 < D; d0 += 16) {
-            __m512 r[16];
-            for (int i = 0; i < 16; i++) r[i] = _mm512_load_ps(w->dqt + (d0 + i) * GROUP);
-            transpose16(r);
-            for (int64_t i = 0; i < nr; i++) {
-                float *o = dq + (row0 + i) * B->s[B_DQ][2] + d0;
-                _mm512_storeu_ps(o, _mm512_fmadd_ps(r[i], sc, _mm512_loadu_ps(o)));
-            }
-        }
-    }
-    flush_piece_grads(B, &P, it, np, w, dk, dv);
-}
-
-/* dst[i][d] = (a[d], b[d]) for the row pairs (2i, 2i + 1) of n bf16 rows at base + r * rs
- * (rows past n are zeros): the operand layout of dot products that run over pairs of rows. */
-static inline T512 void pair_rows(const uint16_t *base, int64_t rs, int64_t n, int64_t D, uint32_t *dst) {
-    for (int64_t i = 0; i < 8; i++) {
-        const uint16_t *a = 2 * i < n ? base + 2 * i * rs : NULL, *b = 2 * i + 1 < n ? base + (2 * i + 1) * rs : NULL;
-        for (int64_t d = 0; d < D; d += 16) {
-            __m512i x = a ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(a + d))) : _mm512_setzero_si512();
-            __m512i y = b ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(b + d))) : _mm512_setzero_si512();
-            _mm512_storeu_si512((void *)(dst + i * D + d), _mm512_or_si512(x, _mm512_slli_epi32(y, 16)));
-        }
-    }
-}
-
-/* dst[t][d] += sum over row pairs i of w[t][i] . pairs[i][d], for the J keys of a piece
- * (w: [16][8] bf16 pairs of rows of P or dS; pairs: [8][D] pairs of rows of Q or dO). */
-static inline __attribute__((always_inline)) TBF16 void outer_add_bf16(const uint32_t *wt, const uint32_t *pairs,
-                                                                        int64_t D, float *dst, const int J) {
-    for (int64_t d0 = 0; d0 < D; d0 += 16) {
-        __m512 a[16];
-        for (int t = 0; t < J; t++) a[t] = _mm512_load_ps(dst + t * D + d0);
-        for (int i = 0; i < 8; i++) {
-            __m512bh x = (__m512bh)_mm512_loadu_si512((const void *)(pairs + i * D + d0));
-            for (int t = 0; t < J; t++)
-                a[t] = _mm512_dpbf16_ps(a[t], x, (__m512bh)_mm512_set1_epi32((int)wt[t * 8 + i]));
-        }
-        for (int t = 0; t < J; t++) _mm512_store_ps(dst + t * D + d0, a[t]);
-    }
-}
-
-static TBF16 void bwd_item_bf16(const Bwd *B, int64_t z, const int64_t *it, BWork *w) {
-    const int64_t D = B->D, rows = it[I_ROWS], np = piece_count(it);
-    Problem P;
-    P.extras = B->extras;
-    P.masks = B->masks;
-    const uint16_t *q = (const uint16_t *)B->q + bz(B, B_Q, z), *k = (const uint16_t *)B->k + bz(B, B_K, z);
-    const uint16_t *v = (const uint16_t *)B->v + bz(B, B_V, z), *dout = (const uint16_t *)B->dout + bz(B, B_DO, z);
-    const float *lse = B->lse + bz(B, B_LSE, z), *delta = B->delta + bz(B, B_DELTA, z);
-    float *dq = B->dq + bz(B, B_DQ, z), *dk = B->dk + bz(B, B_DK, z), *dv = B->dv + bz(B, B_DV, z);
-    const int64_t kr = B->s[B_K][2], vr = B->s[B_V][2], qr = B->s[B_Q][2], dr = B->s[B_DO][2];
-    const __m512 c = _mm512_set1_ps(B->c), neg = _mm512_set1_ps(-INFINITY);
-    uint16_t *kbuf = (uint16_t *)w->kbuf, *vbuf = (uint16_t *)w->vbuf;
-    uint32_t *qpairs = (uint32_t *)w->qrows, *dopairs = (uint32_t *)w->dorows;
-    memset(w->packed, 0, (size_t)np);
-    for (int64_t g = 0; g * GROUP < rows; g++) {
-        const int64_t r0 = g * GROUP, nr = rows - r0 < GROUP ? rows - r0 : GROUP, row0 = it[I_R0] + r0;
-        const uint16_t valid = (uint16_t)(nr >= 16 ? 0xFFFFu : (1u << nr) - 1);
-        const int64_t nlive = live_pieces(&P, it, g, valid, w->live);
-        if (!nlive) continue;
-        /* Q and dO twice: lanes are rows (pairs along d) for S and dP; pairs of rows for dK and dV */
-        rows_to_lanes((const char *)(q + row0 * qr), qr * 2, nr, D / 2, w->qt);
-        rows_to_lanes((const char *)(dout + row0 * dr), dr * 2, nr, D / 2, w->dot);
-        pair_rows(q + row0 * qr, qr, nr, D, qpairs);
-        pair_rows(dout + row0 * dr, dr, nr, D, dopairs);
-        float lv[GROUP], dv_[GROUP];
-        for (int64_t r = 0; r < GROUP; r++) {
-            lv[r] = r < nr ? lse[(row0 + r) * B->s[B_LSE][2]] * 1.4426950408889634f : 0.0f;
-            dv_[r] = r < nr ? delta[(row0 + r) * B->s[B_DELTA][2]] : 0.0f;
-        }
-        const __m512 lse2 = _mm512_loadu_ps(lv), dlt = _mm512_loadu_ps(dv_);
-        for (int64_t d = 0; d < D; d++) _mm512_store_ps(w->dqt + d * GROUP, _mm512_setzero_ps());
-        for (int64_t b0 = 0; b0 < nlive; b0 += BATCH) {
-            const int64_t nb = nlive - b0 < BATCH ? nlive - b0 : BATCH;
-            const uint32_t *kps[BATCH];
-            int64_t njs[BATCH];
-            for (int64_t b = 0; b < nb; b++) {
-                const int64_t p = w->live[b0 + b];
-                int64_t j0, nj;
-                piece_keys(it, p, &j0, &nj);
-                /* keys and values in place when the piece is 16 consecutive rows, else copied once per
-                 * item (zero rows past nj); the key pairs built once per item */
-                const uint16_t *kp = kbuf + p * 16 * D, *vp = vbuf + p * 16 * D;
-                int64_t ks = D, vs = D;
-                const int plain = j0 >= it[I_E] && nj == 16;
-                if (plain) {
-                    const int64_t pos0 = it[I_K0] + j0 - it[I_E];
-                    kp = k + pos0 * kr, vp = v + pos0 * vr, ks = kr, vs = vr;
-                }
-                uint32_t *kpp = w->kpairs + p * 8 * D;
-                if (!(w->packed[p] & 1)) { /* first visit in this item: its key pairs; dK / dV zeroed */
-                    if (!plain)
-                        for (int64_t j = 0; j < 16; j++) {
-                            uint16_t *kd = kbuf + (p * 16 + j) * D, *vd = vbuf + (p * 16 + j) * D;
-                            if (j < nj) {
-                                int64_t pos = key_pos(&P, it, j0 + j);
-                                memcpy(kd, k + pos * kr, D * 2);
-                                memcpy(vd, v + pos * vr, D * 2);
-                            } else {
-                                memset(kd, 0, D * 2);
-                                memset(vd, 0, D * 2);
-                            }
-                        }
-                    pair_rows(kp, ks, 16, D, kpp);
-                    memset(w->dkbuf + p * 16 * D, 0, 16 * D * 4);
-                    memset(w->dvbuf + p * 16 * D, 0, 16 * D * 4);
-                    w->packed[p] = 1;
-                }
-                kps[b] = kpp, njs[b] = nj;
-                float *ds = w->ds + b * 16 * GROUP;
-                __m512 sv[16], dp[16];
-                const int J = nj > 8 ? 16 : 8;
-                if (J == 16) {
-                    qk_bf16((const uint32_t *)w->qt, kp, D, ks, sv, 16);
-                    qk_bf16((const uint32_t *)w->dot, vp, D, vs, dp, 16);
-                } else {
-                    qk_bf16((const uint32_t *)w->qt, kp, D, ks, sv, 8);
-                    qk_bf16((const uint32_t *)w->dot, vp, D, vs, dp, 8);
-                }
-                for (int j = 0; j < J; j++) {
-                    __mmask16 bits = j < nj ? item_bits(&P, it, g, j0 + j, valid) : 0;
-                    __m512 pr = exp2_ps(_mm512_sub_ps(_mm512_mask_mul_ps(neg, bits, sv[j], c), lse2));
-                    pr = _mm512_maskz_mov_ps(bits, pr); /* exactly 0 off the mask, whatever lse is */
-                    __m512 d = _mm512_maskz_mul_ps(bits, pr, _mm512_sub_ps(dp[j], dlt));
-                    _mm512_store_ps(ds + j * GROUP, d);
-                    /* 16 bf16 in lane order are 8 pairs of rows */
-                    _mm256_store_si256((__m256i *)(w->prow + j * 8), (__m256i)_mm512_cvtneps_pbh(pr));
-                    _mm256_store_si256((__m256i *)(w->dsrow + j * 8), (__m256i)_mm512_cvtneps_pbh(d));
-                }
-                /* dS as pairs of keys for dQ; a narrow piece's odd last key pairs with a zero */
-                pack_probs(ds, (nj + 1) / 2, w->dspp + b * 8 * GROUP);
-                if (J == 16) {
-                    outer_add_bf16(w->dsrow, qpairs, D, w->dkbuf + p * 16 * D, 16);
-                    outer_add_bf16(w->prow, dopairs, D, w->dvbuf + p * 16 * D, 16);
-                } else {
-                    outer_add_bf16(w->dsrow, qpairs, D, w->dkbuf + p * 16 * D, 8);
-                    outer_add_bf16(w->prow, dopairs, D, w->dvbuf + p * 16 * D, 8);
-                }
-            }
-            pv_bf16(w->dspp, kps, njs, nb, D, w->dqt); /* dQ^T += dS K over the batch */
-        }
-        const __m512 sc = _mm512_set1_ps(B->scale);
-        for (int64_t d0 = 0; d0 < D; d0 += 16) {
-            __m512 r[16];
-            for (int i = 0; i < 16; i++) r[i] = _mm512_load_ps(w->dqt + (d0 + i) * GROUP);
-            transpose16(r);
-            for (int64_t i = 0; i < nr; i++) {
-                float *o = dq + (row0 + i) * B->s[B_DQ][2] + d0;
-                _mm512_storeu_ps(o, _mm512_fmadd_ps(r[i], sc, _mm512_loadu_ps(o)));
-            }
-        }
-    }
-    flush_piece_grads(B, &P, it, np, w, dk, dv);
-}
+#define BWD_BF16 0
+#define OUTER_ADD outer_add_f32
+#include "attend_bwd_item.h"
+#undef OUTER_ADD
+#undef BWD_BF16
+#define BWD_BF16 1
+#define OUTER_ADD outer_add_bf16
+#include "attend_bwd_item.h"
+#undef OUTER_ADD
+#undef BWD_BF16
 
 static int cpu_has(int bf16) {
     unsigned a, b, c, d;
@@ -813,9 +615,9 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
         if (n > np) np = n;
     }
     BWork w;
-    size_t lane = (size_t)D * GROUP * 4, piece = (size_t)np * 16 * D * 4;
+    size_t lane = (size_t)ROWBLOCK * D * GROUP * 4, piece = (size_t)np * 16 * D * 4;
     size_t spk = ((size_t)np + 63) & ~(size_t)63, sl = ((size_t)np * 4 + 63) & ~(size_t)63;
-    char *mem = aligned_alloc(64, 5 * lane + 5 * piece + spk + sl);
+    char *mem = aligned_alloc(64, 5 * lane + 5 * piece + 2 * spk + sl);
     if (!mem) return PyErr_NoMemory();
     w.qt = (float *)mem; w.dot = (float *)(mem + lane); w.dqt = (float *)(mem + 2 * lane);
     w.qrows = (float *)(mem + 3 * lane); w.dorows = (float *)(mem + 4 * lane);
@@ -823,12 +625,13 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
     w.dkbuf = (float *)(mem + 5 * lane + 2 * piece); w.dvbuf = (float *)(mem + 5 * lane + 3 * piece);
     w.kpairs = (uint32_t *)(mem + 5 * lane + 4 * piece);
     w.packed = (uint8_t *)(mem + 5 * lane + 5 * piece);
-    w.live = (int32_t *)(mem + 5 * lane + 5 * piece + spk);
+    w.mark = (uint8_t *)(mem + 5 * lane + 5 * piece + spk);
+    w.live = (int32_t *)(mem + 5 * lane + 5 * piece + 2 * spk);
     Py_BEGIN_ALLOW_THREADS
     for (int64_t z = z0; z < z1; z++)
         for (int64_t i = 0; i < n_items; i++) {
             if (B.bf16) bwd_item_bf16(&B, z, B.items + i * I_COLS, &w);
-            else bwd_item(&B, z, B.items + i * I_COLS, &w);
+            else bwd_item_f32(&B, z, B.items + i * I_COLS, &w);
         }
     Py_END_ALLOW_THREADS
     free(mem);

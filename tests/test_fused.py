@@ -470,9 +470,16 @@ def test_float32_gradients_match_float64(expr, L, block):
 # -- the kernel's own backward (float32 and bfloat16) -------------------------------------------
 #
 # The autograd runs the kernel's backward (fused.run_backward) wherever the kernel runs the forward:
-# float32, and bfloat16 inputs as they are (fp16 is upcast to float32). bf16 gradients are held
-# to 3x the stick: float64 gradients of the bf16 inputs, rounded to bf16 (the best a kernel can
-# return), as tests/test_backward.py holds the ATen path. Each test first confirms it ran.
+# float32, and bfloat16 inputs as they are (fp16 is upcast to float32). Each test first confirms it ran.
+#
+# bf16: the kernel follows FlashAttention's bf16 recipe (P and dS rounded to bf16 for the three
+# gradient products, fp32 sums), so it is held as the bf16 forward is: against the same-dtype dense
+# reference, ATen's bf16 SDPA backward on the dense mask (at most 1.5x its error; measured <= 1.3x
+# over BACKWARD_SPREAD), and against the stick, the float64 gradients of the bf16 inputs rounded to
+# bf16 (at most 4x; measured 1.0-3.4x, where ATen's bf16 backward is 1.0-4.6x on the same problems).
+# The ATen path (ATTNMASK_KERNEL=0, which upcasts to float32) keeps its 3x-stick standard in
+# tests/test_backward.py.
+BF16_STICKS, BF16_ATEN = 4.0, 1.5
 
 @contextlib.contextmanager
 def backward_calls():
@@ -530,6 +537,9 @@ def _check_backward(q, k, v, mask, *, scale=None, q_offset=None, block=32, w_out
     if isinstance(w_out, str):
         w_out = _out_weights(w_out, q.shape, g)
     w_lse = torch.randn((B, H, Lq), generator=g, dtype=torch.float64)
+    bf16 = q.dtype == torch.bfloat16
+    if bf16:                           # ATen's SDPA has no lse gradient: compare on the output's loss
+        w_lse = torch.zeros_like(w_lse)
     got, calls = _kernel_grads(q, k, v, mask, w_out, w_lse, scale=scale, q_offset=q_offset, block=block)
     assert calls, "the kernel backward was not called"
     assert all(c[4] == q.dtype for c in calls), f"the kernel backward ran on {calls[0][4]}, not {q.dtype}"
@@ -537,14 +547,16 @@ def _check_backward(q, k, v, mask, *, scale=None, q_offset=None, block=32, w_out
     want = _reference_grads(q, k, v, allowed, w_out, w_lse, scale)
     zero = torch.zeros(q.shape, dtype=torch.float64)
     units = gradient_units(q, k, v, zero if w_out is None else w_out, scale, dlse=w_lse)
-    for name, a, r, unit in zip(("dq", "dk", "dv"), got, want, units):
+    aten = _aten_bf16_grads(q, k, v, allowed, w_out, scale) if bf16 else (None,) * 3
+    for name, a, r, unit, b in zip(("dq", "dk", "dv"), got, want, units, aten):
         assert a.dtype == q.dtype and a.shape == r.shape and torch.isfinite(a).all(), name
         if name == "dv" and w_out is None:
             continue                   # no dout: dv must be exactly 0 (below)
         err = scaled_error(a, r, unit)
-        if q.dtype == torch.bfloat16:
-            stick = scaled_error(r.to(torch.bfloat16), r, unit)
-            assert err <= 3 * stick, f"{name}: error {err:.2e} > 3 x stick {stick:.2e}"
+        if bf16:
+            stick, err_aten = scaled_error(r.to(torch.bfloat16), r, unit), scaled_error(b, r, unit)
+            assert err <= BF16_STICKS * stick, f"{name}: error {err:.2e} > {BF16_STICKS} x stick {stick:.2e}"
+            assert err <= BF16_ATEN * err_aten, f"{name}: error {err:.2e} > {BF16_ATEN} x ATen's bf16 {err_aten:.2e}"
         else:
             assert err < tol, f"{name}: error {err:.2e}"
     dq, dk, dv = got
@@ -556,6 +568,21 @@ def _check_backward(q, k, v, mask, *, scale=None, q_offset=None, block=32, w_out
     if w_out is None:
         assert torch.equal(dv, torch.zeros_like(dv)), "dv without a dout must be exactly 0"
     return got, calls
+
+
+def _aten_bf16_grads(q, k, v, allowed, w_out, scale):
+    """dq, dk, dv of ATen's bf16 SDPA on the dense mask for the loss sum(out * w_out) (rows with no key
+    give NaN there: they are left out of the loss)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    rep = q.shape[1] // k.shape[1]
+    with one_thread():
+        out = F.scaled_dot_product_attention(leaves[0], *(t.repeat_interleave(rep, 1) for t in leaves[1:]),
+                                             attn_mask=allowed, scale=scale)
+        if w_out is None:
+            return [torch.zeros_like(t) for t in leaves]
+        rows = allowed.any(-1, keepdim=True)
+        grads = torch.autograd.grad((out.double().nan_to_num(0.0) * w_out * rows).sum(), leaves)
+    return [g.nan_to_num(0.0) for g in grads]
 
 
 BACKWARD_SPREAD = [
@@ -698,8 +725,8 @@ def test_backward_lse_gradient(dout_kind):
 
 @kernel
 def test_backward_bfloat16_within_the_dtypes_stick():
-    # bf16 inputs run the kernel's bf16 backward: within 3x the stick (float64 gradients of the bf16
-    # inputs, rounded to bf16), with an lse gradient too.
+    # bf16 inputs run the kernel's bf16 backward, with an lse gradient too (which ATen's SDPA cannot
+    # take): within BF16_STICKS x the stick (measured 1.3, 1.7 and 2.0x for dq, dk, dv).
     expr = "(causal & document(100, 200, 300)) | sink(8) | cols(400, 420)"
     mask, L, D = am.parse(expr), 600, 32
     q, k, v = seeded_qkv(1, 2, 2, L, L, D, seed=5, dtype=torch.bfloat16)
@@ -712,7 +739,7 @@ def test_backward_bfloat16_within_the_dtypes_stick():
     for name, a, r, unit in zip(("dq", "dk", "dv"), got, want, gradient_units(q, k, v, w_out, D ** -0.5, dlse=w_lse)):
         assert a.dtype == torch.bfloat16 and torch.isfinite(a).all()
         stick, err = scaled_error(r.to(torch.bfloat16), r, unit), scaled_error(a, r, unit)
-        assert err <= 3 * stick, f"{name}: error {err:.2e} > 3 x stick {stick:.2e}"
+        assert err <= BF16_STICKS * stick, f"{name}: error {err:.2e} > {BF16_STICKS} x stick {stick:.2e}"
 
 
 @kernel
@@ -751,8 +778,8 @@ class _BackwardSplits(_Splits):
         return self.module.backward(*args)
 
 
-@kernel_bf16
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@kernel
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=kernel_bf16)])
 def test_backward_same_bits_on_every_run_and_thread_count(monkeypatch, dtype):
     # 3 key heads shared by 2 query heads each: z ranges must not split a key head's query heads,
     # whose dk / dv are summed by one thread in a fixed order.

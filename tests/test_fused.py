@@ -695,22 +695,26 @@ def test_backward_batches_gqa_and_per_head_lists():
 
 
 @kernel
-def test_backward_non_contiguous_inputs_as_models_pass_them():
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=kernel_bf16)])
+def test_backward_non_contiguous_inputs_as_models_pass_them(dtype):
+    # [B, L, H, D] tensors transposed: keys read in place at a row stride of Hkv * D.
     B, L, H, Hkv, D = 2, 150, 4, 2, 32
     for expr in ("causal & (sliding(30) | sink(5))", "causal & document(40, 60, 50)", "dilated(10, 2)"):
         mask = am.parse(expr)
-        leaves = [seeded_randn((B, L, h, D), i).requires_grad_() for i, h in ((1, H), (2, Hkv), (3, Hkv))]
+        leaves = [seeded_randn((B, L, h, D), i, dtype).requires_grad_() for i, h in ((1, H), (2, Hkv), (3, Hkv))]
         w = seeded_randn((B, H, L, D), 4, torch.float64)
         with backward_calls() as calls:
             out = attention(*(t.transpose(1, 2) for t in leaves), mask, scale=0.2, enable_gqa=True,
                             backend="blocksparse", block_size=32)
             got = torch.autograd.grad((out.double() * w).sum(), leaves)
-        assert calls, expr
+        assert calls and all(c[4] == dtype for c in calls), expr
         want = _reference_grads(*(t.transpose(1, 2) for t in leaves), mask.to_dense(L), w, torch.zeros(B, H, L), 0.2)
         units = gradient_units(*(t.transpose(1, 2) for t in leaves), w, 0.2)
         for name, a, r, unit in zip(("dq", "dk", "dv"), got, want, units):
-            err = scaled_error(a, r.transpose(1, 2), unit)
-            assert err < FP32_TOL, f"{expr} {name}: error {err:.2e}"
+            r = r.transpose(1, 2)
+            err = scaled_error(a, r, unit)
+            tol = BF16_STICKS * scaled_error(r.to(dtype), r, unit) if dtype == torch.bfloat16 else FP32_TOL
+            assert err <= tol, f"{expr} {name}: error {err:.2e} > {tol:.2e}"
 
 
 @kernel

@@ -1,4 +1,4 @@
-"""Named mutants of the fused kernel (csrc/attend.c, attend_item.h) and its wiring: does tests/test_fused.py notice each?
+"""Named mutants of the fused kernel (csrc/attend.c, attend_item.h, attend_bwd_item.h) and its wiring: does tests/test_fused.py notice each?
 
 Each mutant is one plausible bug (a mask bit, the causal lane shift, the merge of a non-first
 item, the tail of a 16-key piece, a buffer shared by threads, ...), written as exact text
@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-C, ITEM = "csrc/attend.c", "csrc/attend_item.h"
+C, ITEM, BWD = "csrc/attend.c", "csrc/attend_item.h", "csrc/attend_bwd_item.h"
 FUSED, BS = "src/attnmask/engines/fused.py", "src/attnmask/engines/blocksparse.py"
 AG = "src/attnmask/engines/autograd.py"
 
@@ -101,49 +101,68 @@ MUTANTS: dict[str, tuple[str, list[tuple]]] = {
                               "    if fused.usable(q.dtype, q.shape[-1]):",
                           "                   scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:\n"
                           "    if fused.usable(q.dtype, q.shape[-1]) and 0 not in k.stride()[:2]:")]),
-    # -- the backward (bwd_item, run_backward) --
+    # -- the backward (attend_bwd_item.h, both dtypes; flush_piece_grads; run_backward) --
     "bwd_ds_no_delta": ("backward: dS = P dP, delta (rowsum(dO * O)) left out",
-                        [(C, "_mm512_mul_ps(pr, _mm512_sub_ps(dp[j], dlt))", "_mm512_mul_ps(pr, dp[j])")]),
+                        [(BWD, "_mm512_maskz_mul_ps(bits, pr, _mm512_sub_ps(dp[j], dlt[gi]))",
+                          "_mm512_maskz_mul_ps(bits, pr, dp[j])")]),
     "bwd_dk_no_scale": ("backward: dK added without the softmax scale",
                         [(C, "_mm512_fmadd_ps(_mm512_load_ps(x + d0), sc, _mm512_loadu_ps(a + d0))",
                           "_mm512_add_ps(_mm512_load_ps(x + d0), _mm512_loadu_ps(a + d0))")]),
     "bwd_dv_uses_ds": ("backward: dV += dS^T dO instead of P^T dO",
-                       [(C, "outer_add(w->p, w->dorows", "outer_add(w->ds, w->dorows")]),
+                       [(BWD, "OUTER_ADD(wp, rdo", "OUTER_ADD(wds, rdo")]),
     "bwd_lse_base_e": ("backward: the lse (natural log) not converted to base 2 for P = exp2(S c - lse2)",
-                       [(C, "lse[(row0 + r) * B->s[B_LSE][2]] * 1.4426950408889634f",
+                       [(BWD, "lse[(row0 + r) * B->s[B_LSE][2]] * 1.4426950408889634f",
                          "lse[(row0 + r) * B->s[B_LSE][2]]")]),
     "bwd_lse_row_stride": ("backward: the lse read as contiguous rows (dilated passes strided views)",
-                           [(C, "lse[(row0 + r) * B->s[B_LSE][2]]", "lse[row0 + r]")]),
+                           [(BWD, "lse[(row0 + r) * B->s[B_LSE][2]]", "lse[row0 + r]")]),
     "bwd_dk_wrong_key": ("backward: a piece's dK flushed to its neighbouring key (dV right)",
                          [(C, "float *a = dk + pos * B->s[B_DK][2]",
-                           "float *a = dk + key_pos(&P, it, j0 + (j + 1) % nj) * B->s[B_DK][2]")]),
+                           "float *a = dk + key_pos(P, it, j0 + (j + 1) % nj) * B->s[B_DK][2]")]),
     "bwd_gathered_dropped": ("backward: the gradients of gathered keys (sinks, key columns) never flushed",
-                             [(C, "for (int64_t j = 0; j < nj; j++) {\n            int64_t pos = key_pos(&P, it, j0 + j);\n            float *a",
-                               "for (int64_t j = 0; j0 >= E && j < nj; j++) {\n            int64_t pos = key_pos(&P, it, j0 + j);\n            float *a")]),
+                             [(C, "for (int64_t j = 0; j < nj; j++) {\n            int64_t pos = key_pos(P, it, j0 + j);\n            float *a",
+                               "for (int64_t j = 0; j0 >= it[I_E] && j < nj; j++) {\n            int64_t pos = key_pos(P, it, j0 + j);\n            float *a")]),
     "bwd_dq_row_off": ("backward: the dQ transpose stored one row off",
-                       [(C, "_mm512_storeu_ps(o, _mm512_fmadd_ps(r[i], sc,", "_mm512_storeu_ps(o, _mm512_fmadd_ps(r[(i + 1) % 16], sc,")]),
-    "bwd_dq_not_zeroed": ("backward: a group's dQ accumulator starts from the previous group's",
-                          [(C, "        for (int64_t d = 0; d < D; d++) _mm512_store_ps(w->dqt + d * GROUP, _mm512_setzero_ps());\n", "")]),
+                       [(BWD, "_mm512_storeu_ps(o, _mm512_fmadd_ps(r[i], sc,", "_mm512_storeu_ps(o, _mm512_fmadd_ps(r[(i + 1) % 16], sc,")]),
+    "bwd_dq_not_zeroed": ("backward: a group's dQ accumulator starts from the previous block's",
+                          [(BWD, "            for (int64_t d = 0; d < D; d++) _mm512_store_ps(w->dqt + gi * lane_sz + d * GROUP, _mm512_setzero_ps());\n", "")]),
     "bwd_narrow_piece_short": ("backward: a piece of 9 keys computed as a narrow (8-key) one",
-                               [(C, "const int J = nj > 8 ? 16 : 8;", "const int J = nj > 9 ? 16 : 8;")]),
+                               [(BWD, "const int J = nj > 8 ? 16 : 8;", "const int J = nj > 9 ? 16 : 8;")]),
     "bwd_packed_not_reset": ("backward: dK / dV buffers and copied keys kept from the previous item",
-                             [(C, "    memset(w->packed, 0, (size_t)np);\n    for (int64_t g = 0; g * GROUP < rows; g++) {\n        const int64_t r0 = g * GROUP, nr = rows - r0 < GROUP ? rows - r0 : GROUP, row0",
-                               "    for (int64_t g = 0; g * GROUP < rows; g++) {\n        const int64_t r0 = g * GROUP, nr = rows - r0 < GROUP ? rows - r0 : GROUP, row0")]),
+                             [(BWD, "    memset(w->packed, 0, (size_t)np);\n    for (int64_t g0 = 0;", "    for (int64_t g0 = 0;")]),
     "bwd_dk_row_stride": ("backward: dK / dV rows written as contiguous (dilated passes strided views)",
                           [(C, "float *a = dk + pos * B->s[B_DK][2], *b = dv + pos * B->s[B_DV][2];",
                             "float *a = dk + pos * D, *b = dv + pos * D;")]),
     "bwd_dq_row_stride": ("backward: dQ rows written as contiguous (dilated passes strided views)",
-                          [(C, "float *o = dq + (row0 + i) * B->s[B_DQ][2] + d0;", "float *o = dq + (row0 + i) * D + d0;")]),
+                          [(BWD, "float *o = dq + (row0 + i) * B->s[B_DQ][2] + d0;", "float *o = dq + (row0 + i) * D + d0;")]),
+    "bwd_block_wrong_group": ("backward: a group's live pieces marked for the next group of its row block",
+                              [(BWD, "w->mark[w->live[b]] |= (uint8_t)(1u << gi);",
+                                "w->mark[w->live[b]] |= (uint8_t)(1u << ((gi + 1) % ng));")]),
+    "bwd_dq_batch_first_mark": ("backward: dQ of a batch asks only whether its first piece is live for the group",
+                                [(BWD, "njg[b] = (w->mark[w->live[b0 + b]] >> gi) & 1 ? njs[b] : 0;",
+                                  "njg[b] = (w->mark[w->live[b0]] >> gi) & 1 ? njs[b] : 0;")]),
+    "bwd_empty_group_flushed": ("backward: a group with no live piece flushes a dQ accumulator it never zeroed",
+                                [(BWD, "            if (!has[gi]) continue;\n", "")]),
+    "bwd_bf16_key_pairs_stride": ("bf16 backward: key pairs of an in-place piece read at stride D, not the keys' row stride",
+                                  [(BWD, "pair_rows(kp, ks, 16, D, w->kpairs + p * 8 * D);",
+                                    "pair_rows(kp, D, 16, D, w->kpairs + p * 8 * D);")]),
+    "bwd_bf16_odd_key_pair": ("bf16 backward: dQ drops the odd last key of a piece (its dS pair not packed)",
+                              [(BWD, "pack_probs(ds, (nj + 1) / 2,", "pack_probs(ds, nj / 2,")]),
+    "bwd_bf16_dv_weights_ds": ("bf16 backward: P's bf16 row pairs taken from dS",
+                               [(BWD, "_mm256_store_si256((__m256i *)(prow + j * 8), (__m256i)_mm512_cvtneps_pbh(pr));",
+                                 "_mm256_store_si256((__m256i *)(prow + j * 8), (__m256i)_mm512_cvtneps_pbh(d));")]),
     "bwd_gqa_split": ("backward: threads split the query heads of one key head (their dK / dV race)",
                       [(FUSED, "cuts = [X * i // n * Y for i in range(n + 1)]", "cuts = [X * Y * i // n for i in range(n + 1)]")]),
     "bwd_key_head_runs_split": ("backward: per-head runs of one key head on different workers (their dK / dV race)",
                                 [(AG, "by_key_head.setdefault((run[0].start, run[0].stop, run[3]), [])",
                                   "by_key_head.setdefault((run[0].start, run[0].stop, run[3], run[1]), [])")]),
     "bwd_on_aten": ("the autograd never reaches the kernel backward (ATen's runs)",
-                    [(FUSED, "    return dtype == torch.float32 and usable(torch.float32, head_dim)", "    return False")]),
+                    [(FUSED, "    return usable(dtype, head_dim)\n", "    return False\n")]),
+    "bwd_bf16_upcast": ("the autograd upcasts bf16 to float32 for the kernel backward (its bf16 body never runs)",
+                        [(AG, "    kd = q.dtype if q.dtype == torch.bfloat16 and fused.usable_backward(q.dtype, D) else cd",
+                          "    kd = cd")]),
     "bwd_env_ignored": ("ATTNMASK_KERNEL=0 does not turn the kernel backward off",
-                        [(FUSED, "    return dtype == torch.float32 and usable(torch.float32, head_dim)",
-                          "    return dtype == torch.float32 and _supports(False) and head_dim % 16 == 0 and 0 < head_dim <= 256")]),
+                        [(FUSED, "    return usable(dtype, head_dim)\n",
+                          "    return dtype in _DTYPES and _supports(_DTYPES[dtype]) and head_dim % 16 == 0 and 0 < head_dim <= 256\n")]),
     "unbuilt": ("no extension at all (a failed build)", []),
 }
 

@@ -361,17 +361,18 @@ static inline TBF16 void pv_bf16(const uint32_t *pp, const uint32_t *const *vp, 
  * products (as FlashAttention's bf16 backward does on GPUs). */
 typedef struct {
     const char *q, *k, *v, *dout; /* float32, or bfloat16 when bf16 */
-    const float *lse, *delta;
+    const float *lse, *out, *dlse; /* dlse NULL: no gradient into lse */
     float *dq, *dk, *dv;
     int bf16;
-    int64_t s[9][3]; /* x, y, row strides of q, k, v, dout, lse, delta, dq, dk, dv */
+    int64_t s[9][3]; /* x, y, row strides of q, k, v, dout, lse, out, dq, dk, dv */
+    int64_t sdl[3];  /* of dlse */
     int64_t Y, D;
     float c, scale;
     const int64_t *items, *extras, *masks;
     int64_t n_items;
 } Bwd;
 
-enum { B_Q, B_K, B_V, B_DO, B_LSE, B_DELTA, B_DQ, B_DK, B_DV };
+enum { B_Q, B_K, B_V, B_DO, B_LSE, B_O, B_DQ, B_DK, B_DV };
 
 static inline int64_t bz(const Bwd *B, int which, int64_t z) {
     return (z / B->Y) * B->s[which][0] + (z % B->Y) * B->s[which][1];
@@ -462,6 +463,37 @@ static inline T512 void flush_piece_grads(const Bwd *B, const Problem *P, const 
                 _mm512_storeu_ps(b + d0, _mm512_add_ps(_mm512_load_ps(y + d0), _mm512_loadu_ps(b + d0)));
             }
         }
+    }
+}
+
+/* delta[r] = rowsum(dO[r] * O[r]) - dlse[r] for the nr rows of a group from row row0 (0 past nr):
+ * the FlashAttention backward's row term, with the gradient into lse folded in. */
+static inline T512 void group_delta(const Bwd *B, int64_t z, int64_t row0, int64_t nr, float *dl) {
+    const int64_t D = B->D, dr = B->s[B_DO][2], orow = B->s[B_O][2];
+    const float *o = B->out + bz(B, B_O, z);
+    for (int64_t r = 0; r < GROUP; r++) {
+        if (r >= nr) {
+            dl[r] = 0.0f;
+            continue;
+        }
+        __m512 acc = _mm512_setzero_ps();
+        const float *orw = o + (row0 + r) * orow;
+        for (int64_t d = 0; d < D; d += 16) {
+            __m512 x;
+            if (B->bf16) {
+                const uint16_t *g = (const uint16_t *)B->dout + bz(B, B_DO, z) + (row0 + r) * dr + d;
+                x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)g)), 16));
+            } else {
+                x = _mm512_loadu_ps((const float *)B->dout + bz(B, B_DO, z) + (row0 + r) * dr + d);
+            }
+            acc = _mm512_fmadd_ps(x, _mm512_loadu_ps(orw + d), acc);
+        }
+        float t = _mm512_reduce_add_ps(acc);
+        if (B->dlse) {
+            const float *g = B->dlse + (z / B->Y) * B->sdl[0] + (z % B->Y) * B->sdl[1];
+            t -= g[(row0 + r) * B->sdl[2]];
+        }
+        dl[r] = t;
     }
 }
 
@@ -573,8 +605,9 @@ static PyObject *py_run(PyObject *self, PyObject *args) {
 }
 
 /* backward(params, n_items, z0, z1): params is an int64 array (see engines/fused.py run_backward):
- * 9 pointers, 27 strides, Y, D, items, extras, masks, c and scale as float64 bit patterns, then
- * whether q, k, v and dout are bfloat16. */
+ * 9 pointers (q, k, v, dout, lse, out, dq, dk, dv), 27 strides, Y, D, items, extras, masks, c and
+ * scale as float64 bit patterns, whether q, k, v and dout are bfloat16, then dlse's pointer (0:
+ * none) and 3 strides. */
 static PyObject *py_backward(PyObject *self, PyObject *args) {
     unsigned long long pa;
     long long n_items, z0, z1;
@@ -595,7 +628,9 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
 #if HAVE_AVX512
     B.q = (const char *)(intptr_t)a[0]; B.k = (const char *)(intptr_t)a[1]; B.v = (const char *)(intptr_t)a[2];
     B.dout = (const char *)(intptr_t)a[3]; B.lse = (const float *)(intptr_t)a[4];
-    B.delta = (const float *)(intptr_t)a[5];
+    B.out = (const float *)(intptr_t)a[5];
+    B.dlse = (const float *)(intptr_t)a[44];
+    for (int j = 0; j < 3; j++) B.sdl[j] = a[45 + j];
     B.dq = (float *)(intptr_t)a[6]; B.dk = (float *)(intptr_t)a[7]; B.dv = (float *)(intptr_t)a[8];
     for (int i = 0; i < 9; i++)
         for (int j = 0; j < 3; j++) B.s[i][j] = a[9 + 3 * i + j];

@@ -22,7 +22,7 @@ static BWD_TARGET void BWD_FN(const Bwd *B, int64_t z, const int64_t *it, BWork 
     P.masks = B->masks;
     const ELEM *q = (const ELEM *)B->q + bz(B, B_Q, z), *k = (const ELEM *)B->k + bz(B, B_K, z);
     const ELEM *v = (const ELEM *)B->v + bz(B, B_V, z), *dout = (const ELEM *)B->dout + bz(B, B_DO, z);
-    const float *lse = B->lse + bz(B, B_LSE, z), *delta = B->delta + bz(B, B_DELTA, z);
+    const float *lse = B->lse + bz(B, B_LSE, z);
     float *dq = B->dq + bz(B, B_DQ, z), *dk = B->dk + bz(B, B_DK, z), *dv = B->dv + bz(B, B_DV, z);
     const int64_t kr = B->s[B_K][2], vr = B->s[B_V][2], qr = B->s[B_Q][2], dr = B->s[B_DO][2];
     const __m512 c = _mm512_set1_ps(B->c), neg = _mm512_set1_ps(-INFINITY), sc = _mm512_set1_ps(B->scale);
@@ -47,14 +47,13 @@ static BWD_TARGET void BWD_FN(const Bwd *B, int64_t z, const int64_t *it, BWork 
             for (int64_t b = 0; b < nlive; b++) w->mark[w->live[b]] |= (uint8_t)(1u << gi);
             has[gi] = nlive > 0;
             any |= nlive > 0;
+            if (!nlive) continue;
             float lv[GROUP], dl[GROUP];
-            for (int64_t r = 0; r < GROUP; r++) {
+            for (int64_t r = 0; r < GROUP; r++)
                 lv[r] = r < nr[gi] ? lse[(row0 + r) * B->s[B_LSE][2]] * 1.4426950408889634f : 0.0f;
-                dl[r] = r < nr[gi] ? delta[(row0 + r) * B->s[B_DELTA][2]] : 0.0f;
-            }
+            group_delta(B, z, row0, nr[gi], dl);
             lse2[gi] = _mm512_loadu_ps(lv);
             dlt[gi] = _mm512_loadu_ps(dl);
-            if (!nlive) continue;
             rows_to_lanes((const char *)(q + row0 * qr), qr * (int64_t)sizeof(ELEM), nr[gi],
                           D * (int64_t)sizeof(ELEM) / 4, w->qt + gi * lane_sz);
             rows_to_lanes((const char *)(dout + row0 * dr), dr * (int64_t)sizeof(ELEM), nr[gi],

@@ -487,9 +487,9 @@ def backward_calls():
     the calling thread, dk's address, q's dtype)."""
     seen, run = [], fused.run_backward
 
-    def counted(items, q, k, v, dout, lse, delta, dq, dk, *args):
+    def counted(items, q, k, v, out, dout, lse, dlse, dq, dk, *args):
         seen.append((items, tuple(q.shape), threading.get_ident(), dk.data_ptr(), q.dtype))
-        return run(items, q, k, v, dout, lse, delta, dq, dk, *args)
+        return run(items, q, k, v, out, dout, lse, dlse, dq, dk, *args)
     fused.run_backward = counted
     try:
         yield seen
@@ -725,31 +725,30 @@ def test_backward_non_contiguous_inputs_as_models_pass_them(dtype):
 @kernel
 @pytest.mark.parametrize("dout_kind", ["dense", "lse-only", "zero-rows", "tiny-rows"])
 def test_backward_lse_gradient(dout_kind):
-    # A loss on lse goes into the delta the kernel is given, delta = rowsum(dO * O) - dlse: one pass
-    # for every dout (rows whose dout is 0 or subnormal too), exact against float64; on rows whose
-    # dout is 0 that delta is exactly -dlse (0 on rows with no key).
+    # A loss on lse goes to the kernel as dlse, which forms delta = rowsum(dO * O) - dlse itself: one
+    # pass for every dout (rows whose dout is 0 or subnormal too), exact against float64; the dlse it
+    # is given is exactly the loss's (0 on rows with no key, whose lse is constant).
     B, H, Lq = 2, 4, 70
     q, k, v = seeded_qkv(B, H, 2, Lq, 100, 32, seed=6)
     mask = am.causal & (am.sliding(30) | am.sink(2)) - am.rows(40, 46)
     g = torch.Generator().manual_seed(7)
     w_out = _out_weights(dout_kind, q.shape, g)
     w_lse = torch.randn((B, H, Lq), generator=g, dtype=torch.float64)
-    deltas, run = [], fused.run_backward
+    given, run = [], fused.run_backward
 
-    def recorded(items, q_, k_, v_, dout, lse, delta, *args):
-        deltas.append(delta.reshape(B, H, Lq).clone())
-        return run(items, q_, k_, v_, dout, lse, delta, *args)
+    def recorded(items, q_, k_, v_, out, dout, lse, dlse, *args):
+        given.append(dlse.reshape(B, H, Lq).clone())
+        return run(items, q_, k_, v_, out, dout, lse, dlse, *args)
     fused.run_backward = recorded
     try:
         _, calls = _check_backward(q, k, v, mask, q_offset=30, block=16, w_out=w_out, w_lse=w_lse)
     finally:
         fused.run_backward = run
-    assert len(calls) == len(deltas) == 1, len(calls)
+    assert len(calls) == len(given) == 1, len(calls)
     zero = torch.ones(B, H, Lq, dtype=torch.bool) if w_out is None else (w_out == 0).all(-1)
     assert zero.any() == (dout_kind in ("lse-only", "zero-rows"))
     empty = ~_allowed(mask, Lq, 100, 30).any(-1).expand(B, H, Lq)
-    want = torch.where(empty, 0.0, -w_lse.float())
-    assert torch.equal(deltas[0][zero], want[zero])
+    assert torch.equal(given[0], torch.where(empty, 0.0, w_lse.float()))
 
 
 @kernel

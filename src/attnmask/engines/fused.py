@@ -173,31 +173,33 @@ def usable_backward(dtype: torch.dtype, head_dim: int) -> bool:
     return usable(dtype, head_dim)
 
 
-def run_backward(items: Items, q, k, v, dout, lse, delta, dq, dk, dv, scale: float) -> None:
+def run_backward(items: Items, q, k, v, out, dout, lse, dlse, dq, dk, dv, scale: float) -> None:
     """Accumulate the gradients of ``items`` into dq [X, Y, Lq, D], dk / dv [X, Y, Lk, D] (float32, in place).
 
     q, dout [X, Y, Lq, D], k, v [X, Y, Lk, D] all float32 or all bfloat16 (stride 0 on Y where
-    query heads share a key head); lse (the forward's, 0 on rows with no key) and delta
-    [X, Y, Lq] float32: delta = rowsum(dout * out), less the gradient of lse where there is one.
-    bf16 inputs round P and dS to bf16 for the gradient products (see csrc/attend.c).
+    query heads share a key head); out [X, Y, Lq, D] float32 (the forward's, read only for delta);
+    lse (the forward's, 0 on rows with no key) and dlse (the gradient into lse, or None) [X, Y, Lq]
+    float32. The kernel forms delta = rowsum(dout * out) - dlse per row itself (no [X, Y, Lq, D]
+    temporary). bf16 inputs round P and dS to bf16 for the gradient products (see csrc/attend.c).
     The Y heads of one x run on one thread, so dk / dv of a shared key head are summed in a fixed
     order; x ranges are split over threads when the work is large enough.
     """
     X, Y, Lq, D = q.shape
-    tensors = (q, k, v, dout, lse, delta, dq, dk, dv)
+    tensors = (q, k, v, dout, lse, out, dq, dk, dv)
     bf16 = q.dtype == torch.bfloat16
-    for i, t in enumerate(tensors):
+    for i, t in enumerate(tensors + (() if dlse is None else (dlse,))):
         want = torch.bfloat16 if bf16 and i < 4 else torch.float32
         if t.dtype != want or (t.dim() == 4 and t.stride(-1) != 1):
-            raise ValueError("the fused backward needs q, k, v, dout all float32 or all bfloat16, float32 lse, "
-                             "delta and gradients, with the head dim contiguous")
+            raise ValueError("the fused backward needs q, k, v, dout all float32 or all bfloat16, float32 out, "
+                             "lse, dlse and gradients, with the head dim contiguous")
     strides = []
     for t in tensors:
         strides += list(t.stride()[:3])
     floats = np.array([scale * _LOG2E, scale], dtype=np.float64).view(np.int64).tolist()
+    dl = [0, 0, 0, 0] if dlse is None else [dlse.data_ptr(), *dlse.stride()[:3]]
     params = torch.tensor([t.data_ptr() for t in tensors] + strides
                           + [Y, D, items.table.data_ptr(), items.extras.data_ptr(), items.addresses.data_ptr()]
-                          + floats + [int(bf16)], dtype=torch.int64)
+                          + floats + [int(bf16)] + dl, dtype=torch.int64)
     n = min(torch.get_num_threads(), X, max(1, items.scores * X * Y // PARALLEL_SCORES))
     if n <= 1:
         _attend.backward(params.data_ptr(), items.table.shape[0], 0, X * Y)

@@ -10,7 +10,7 @@ the three warm calls is shown too, since on a shared machine one slow second cal
 first call's extra cost.
 
 torch's own first ``Tensor.backward(gradient)`` imports sympy (``torch.autograd._make_grads`` ->
-``torch.fx.experimental.symbolic_shapes``: 0.3-0.4 s on the project's machine, for any op; a
+``torch.fx.experimental.symbolic_shapes``: 0.3-0.5 s on the project's machine, for any op; a
 scalar ``loss.backward()`` does not). It is not the engine's first-use cost, so a forward +
 backward case pays it first on an unrelated three-element tensor and reports it apart
 ("torch first backward ms", like the import); ``--torch-first-use-inside`` leaves it inside

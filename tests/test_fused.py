@@ -630,16 +630,19 @@ def _reference_grads(q, k, v, allowed, w_out, w_lse, scale):
         return torch.autograd.grad(_loss(out, lse, w_out, w_lse), leaves, allow_unused=True, materialize_grads=True)
 
 
-def _check_backward(q, k, v, mask, *, scale=None, q_offset=None, block=32, w_out="dense", seed=0, tol=FP32_TOL):
+def _check_backward(q, k, v, mask, *, scale=None, q_offset=None, block=32, w_out="dense", w_lse=None, seed=0,
+                    tol=FP32_TOL):
     """The kernel backward ran, and its dq, dk, dv are within ``tol`` of float64 autograd (scaled);
-    rows with no key get dq exactly 0, keys no row sees dk = dv exactly 0."""
+    rows with no key get dq exactly 0, keys no row sees dk = dv exactly 0. ``w_out`` (a kind of
+    _out_weights, a tensor or None) and ``w_lse`` (drawn from ``seed`` when None) weigh the loss."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     scale = D ** -0.5 if scale is None else scale
     g = torch.Generator().manual_seed(seed)
     if isinstance(w_out, str):
         w_out = _out_weights(w_out, q.shape, g)
-    w_lse = torch.randn((B, H, Lq), generator=g, dtype=torch.float64)
+    if w_lse is None:
+        w_lse = torch.randn((B, H, Lq), generator=g, dtype=torch.float64)
     got, calls = _kernel_grads(q, k, v, mask, w_out, w_lse, scale=scale, q_offset=q_offset, block=block)
     assert calls, "the kernel backward was not called"
     allowed = _allowed(mask, Lq, Lk, q_offset).expand(B, H, Lq, Lk)
@@ -775,11 +778,31 @@ def test_backward_non_contiguous_inputs_as_models_pass_them():
 @kernel
 @pytest.mark.parametrize("dout_kind", ["dense", "lse-only", "zero-rows", "tiny-rows"])
 def test_backward_lse_gradient(dout_kind):
-    # A loss on lse folds into delta (rows whose dout cannot carry it: a second kernel pass).
-    q, k, v = seeded_qkv(2, 4, 2, 70, 100, 32, seed=6)
+    # A loss on lse goes into the delta the kernel is given, delta = rowsum(dO * O) - dlse: one pass
+    # for every dout (rows whose dout is 0 or subnormal too), exact against float64; on rows whose
+    # dout is 0 that delta is exactly -dlse (0 on rows with no key).
+    B, H, Lq = 2, 4, 70
+    q, k, v = seeded_qkv(B, H, 2, Lq, 100, 32, seed=6)
     mask = am.causal & (am.sliding(30) | am.sink(2)) - am.rows(40, 46)
-    _, calls = _check_backward(q, k, v, mask, q_offset=30, block=16, w_out=dout_kind, seed=7)
-    assert len(calls) == (2 if dout_kind in ("zero-rows", "tiny-rows") else 1), len(calls)
+    g = torch.Generator().manual_seed(7)
+    w_out = _out_weights(dout_kind, q.shape, g)
+    w_lse = torch.randn((B, H, Lq), generator=g, dtype=torch.float64)
+    deltas, run = [], fused.run_backward
+
+    def recorded(items, q_, k_, v_, dout, lse, delta, *args):
+        deltas.append(delta.reshape(B, H, Lq).clone())
+        return run(items, q_, k_, v_, dout, lse, delta, *args)
+    fused.run_backward = recorded
+    try:
+        _, calls = _check_backward(q, k, v, mask, q_offset=30, block=16, w_out=w_out, w_lse=w_lse)
+    finally:
+        fused.run_backward = run
+    assert len(calls) == len(deltas) == 1, len(calls)
+    zero = torch.ones(B, H, Lq, dtype=torch.bool) if w_out is None else (w_out == 0).all(-1)
+    assert zero.any() == (dout_kind in ("lse-only", "zero-rows"))
+    empty = ~_allowed(mask, Lq, 100, 30).any(-1).expand(B, H, Lq)
+    want = torch.where(empty, 0.0, -w_lse.float())
+    assert torch.equal(deltas[0][zero], want[zero])
 
 
 @kernel

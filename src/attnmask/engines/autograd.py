@@ -21,10 +21,11 @@ run to run. The work of each range is PyTorch's fused CPU flash backward kernel
 (``aten._scaled_dot_product_flash_attention_for_cpu_backward``, all batch
 elements and heads in one call), fed float32 copies of bf16/fp16 inputs so that
 every sum is accumulated in float32. A gradient that also flows into the
-returned lse runs the same kernel calls: the kernel has no input for dlse, but
-it reads the output only to form delta, so each row's output is shifted in one
-component until its delta is ``rowsum(dO * O) - dlse`` (``_fold_lse_gradient``;
-rows whose dO is 0 get a second pass of their own).
+returned lse needs delta = ``rowsum(dO * O) - dlse``: the fused kernel takes delta
+itself, so it gets exactly that (one pass, whatever dO is); ATen's kernel has no
+input for dlse and forms delta from O, so on that path each row's output is
+shifted in one component until its delta is that (``_fold_lse_gradient``; rows
+whose dO is 0 get a second pass of their own).
 
 GQA: gradients of a key/value head are summed over the query heads that share
 it. Rows with no allowed key have lse = -inf in the forward; the backward uses
@@ -73,11 +74,13 @@ def _plan(layout: BlockLayout) -> Plan:
     return plan_for(layout, BACKWARD)
 
 
-def _one_layout(q, k, v, out, dout, lse0, layout: BlockLayout, scale: float, dq, dk, dv) -> None:
+def _one_layout(q, k, v, out, dout, lse0, delta, layout: BlockLayout, scale: float, dq, dk, dv) -> None:
     """Accumulate the gradients of one layout's heads into dq, dk, dv (all in the compute dtype).
 
-    q/out/dout [b, h, Lq, D], lse0 [b, h, Lq], k/v [b, hk, Lk, D] with h a multiple of hk. ``out``
-    is only read for delta = rowsum(dout * out) (see :func:`_fold_lse_gradient`).
+    q/out/dout [b, h, Lq, D], lse0 [b, h, Lq], k/v [b, hk, Lk, D] with h a multiple of hk. The
+    fused kernel runs when ``delta`` [b, h, Lq] (rowsum(dout * out) - dlse) is given, and then
+    ``out`` is not read; the ATen path (delta None) reads ``out`` only to form delta (see
+    :func:`_fold_lse_gradient`).
     ``dilated(w, d)`` pairs only positions of one residue class mod d, where it is a sliding
     window of w: it runs as d window problems on strided views (as the forward does), so it
     costs the w keys a row keeps, not the w * d positions they span.
@@ -95,10 +98,11 @@ def _one_layout(q, k, v, out, dout, lse0, layout: BlockLayout, scale: float, dq,
             sub = (causal & sliding(w)).compile(len(range(i0, Lq, d)), len(range(r, Lk, d)),
                                                q_offset=(q_offset + i0 - r) // d, block_size=layout.block_size)
             qr, kr = (slice(None), slice(None), slice(i0, None, d)), (slice(None), slice(None), slice(r, None, d))
-            _one_layout(q[qr], k[kr], v[kr], out[qr], dout[qr], lse0[qr], sub, scale, dq[qr], dk[kr], dv[kr])
+            _one_layout(q[qr], k[kr], v[kr], None if out is None else out[qr], dout[qr], lse0[qr],
+                        None if delta is None else delta[qr], sub, scale, dq[qr], dk[kr], dv[kr])
         return
-    if fused.usable_backward(q.dtype, q.shape[-1]):
-        _one_layout_fused(q, k, v, out, dout, lse0, layout, scale, dq, dk, dv)
+    if delta is not None:
+        _one_layout_fused(q, k, v, dout, lse0, delta, layout, scale, dq, dk, dv)
         return
     segments = _causal_segments(layout)
     if segments is not None:
@@ -112,8 +116,9 @@ def _one_layout(q, k, v, out, dout, lse0, layout: BlockLayout, scale: float, dq,
     _run_ops(_plan(layout), q, k, v, out, dout, lse0, scale, dq, dk, dv)
 
 
-def _one_layout_fused(q, k, v, out, dout, lse0, layout: BlockLayout, scale: float, dq, dk, dv) -> None:
-    """The fused kernel's backward (engines/fused.py) over the forward's items (:func:`kernel_items`).
+def _one_layout_fused(q, k, v, dout, lse0, delta, layout: BlockLayout, scale: float, dq, dk, dv) -> None:
+    """The fused kernel's backward (engines/fused.py) over the forward's items (:func:`kernel_items`),
+    given delta [b, h, Lq].
 
     The forward's items cover every attended (row, key) pair exactly once, so their
     contributions sum to the exact gradient; query heads that share a key head are viewed as
@@ -123,7 +128,6 @@ def _one_layout_fused(q, k, v, out, dout, lse0, layout: BlockLayout, scale: floa
     hk, Lk = k.shape[1], k.shape[2]
     rep = h // hk
     items, _ = kernel_items(layout)
-    delta = (dout * out).sum(-1)
 
     def heads(t):                      # [b, h, L, .] -> [b * hk, rep, L, .] (a view: strides allow it)
         s = t.stride()
@@ -138,7 +142,7 @@ def _one_layout_fused(q, k, v, out, dout, lse0, layout: BlockLayout, scale: floa
     views = [heads(t) for t in (q, dout, lse0, delta, dq)] + [keys(t) for t in (k, v, dk, dv)]
     if any(x is None for x in views):
         for i in range(b):             # batch elements whose strides do not merge: one at a time
-            _one_layout_fused(q[i:i + 1], k[i:i + 1], v[i:i + 1], out[i:i + 1], dout[i:i + 1], lse0[i:i + 1],
+            _one_layout_fused(q[i:i + 1], k[i:i + 1], v[i:i + 1], dout[i:i + 1], lse0[i:i + 1], delta[i:i + 1],
                               layout, scale, dq[i:i + 1], dk[i:i + 1], dv[i:i + 1])
         return
     qv, dov, lv, dlv, dqv, kv, vv, dkv, dvv = views
@@ -349,18 +353,23 @@ def blocksparse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
         used = torch.unique(head_layout).tolist()
         work = sum(layouts[li].attended_pairs() * int((head_layout == li).sum()) for li in used)
 
-        def run(out_, dout_, v_run, dv_run) -> None:
-            _backward_layouts(q_, k_, v_run, out_, dout_, lse0, layouts, head_layout, used, scale, dq, dk, dv_run)
+        def run(out_, dout_, delta, v_run, dv_run) -> None:
+            _backward_layouts(q_, k_, v_run, out_, dout_, lse0, delta, layouts, head_layout, used, scale,
+                              dq, dk, dv_run)
 
+        # Rows with no key have a constant lse: no gradient flows through it.
+        dlse_ = None if dlse is None else dlse.to(cd).nan_to_num(0.0, 0.0, 0.0).masked_fill(empty, 0.0)
         with threads_for(work):
-            if dlse is None:
-                run(o_, do_, v_, dv)
+            if fused.usable_backward(cd, D):
+                # The fused kernel takes delta itself: the lse gradient is in it, one pass for any dout.
+                delta = (do_ * o_).sum(-1)
+                run(None, do_, delta if dlse_ is None else delta.sub_(dlse_), v_, dv)
+            elif dlse_ is None:
+                run(o_, do_, None, v_, dv)
             else:
-                # Rows with no key have a constant lse: no gradient flows through it.
-                dlse_ = dlse.to(cd).nan_to_num(0.0, 0.0, 0.0).masked_fill(empty, 0.0)
                 o_shifted, alone = _fold_lse_gradient(o_, do_, dlse_)
                 if bool(do_.any()):
-                    run(o_shifted, do_, v_, dv)
+                    run(o_shifted, do_, None, v_, dv)
                 if alone is not None:
                     # dlse alone on rows whose dout cannot carry it: dS = P * dlse is the kernel's
                     # dS = P * (dO V^T - rowsum(dO * O)) with V = 0, dO = e_0 and O = -dlse e_0
@@ -369,7 +378,7 @@ def blocksparse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
                     o_alone = torch.zeros_like(o_)
                     do_alone[..., 0] = alone.to(cd)
                     o_alone[..., 0] = dlse_.neg()
-                    run(o_alone, do_alone, torch.zeros_like(v_), torch.zeros_like(dv))
+                    run(o_alone, do_alone, None, torch.zeros_like(v_), torch.zeros_like(dv))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -378,7 +387,8 @@ def _fold_lse_gradient(out: torch.Tensor, dout: torch.Tensor,
     """(out', alone): ``rowsum(dout * out') = rowsum(dout * out) - dlse`` on every row it can, and the rest.
 
     A gradient into lse adds ``dlse * P`` to dS: the backward is FlashAttention's with delta
-    = rowsum(dO * O) - dlse. The fused kernel reads O only to form that delta, so shifting one
+    = rowsum(dO * O) - dlse. The ATen path needs this (the fused kernel is given delta): ATen's
+    kernel has no input for dlse and reads O only to form delta, so shifting one
     component of each row of O (the one where dO is largest, j) by ``-dlse / dO_j`` runs it
     exactly, with no extra pass. The rounding stays that of the delta itself: fl(O_j - dlse / dO_j)
     * dO_j is off by eps * (|O_j dO_j| + |dlse|). ``alone`` (bool [B, H, Lq], None when empty) marks
@@ -397,10 +407,11 @@ def _fold_lse_gradient(out: torch.Tensor, dout: torch.Tensor,
     return out_, (alone if bool(alone.any()) else None)
 
 
-def _backward_layouts(q_, k_, v_, o_, do_, lse0, layouts, head_layout, used, scale, dq, dk, dv) -> None:
-    """Run every layout's heads; dq, dk, dv (compute dtype) are accumulated in place."""
+def _backward_layouts(q_, k_, v_, o_, do_, lse0, delta, layouts, head_layout, used, scale, dq, dk, dv) -> None:
+    """Run every layout's heads; dq, dk, dv (compute dtype) are accumulated in place (``delta``: see
+    :func:`_one_layout`)."""
     if len(used) == 1:
-        _one_layout(q_, k_, v_, o_, do_, lse0, layouts[used[0]], scale, dq, dk, dv)
+        _one_layout(q_, k_, v_, o_, do_, lse0, delta, layouts[used[0]], scale, dq, dk, dv)
         return
     # Heads with different layouts: each run of neighbouring heads with one layout inside a kv
     # group runs on views (no gather, no K/V repetition); dK/dV of a kv head are accumulated run
@@ -408,10 +419,11 @@ def _backward_layouts(q_, k_, v_, o_, do_, lse0, layouts, head_layout, used, sca
     runs = head_runs(head_layout, k_.shape[1])
 
     def one(bs, h0, h1, j, li) -> None:
-        _one_layout(q_[bs, h0:h1], k_[bs, j:j + 1], v_[bs, j:j + 1], o_[bs, h0:h1], do_[bs, h0:h1],
-                    lse0[bs, h0:h1], layouts[li], scale, dq[bs, h0:h1], dk[bs, j:j + 1], dv[bs, j:j + 1])
+        _one_layout(q_[bs, h0:h1], k_[bs, j:j + 1], v_[bs, j:j + 1], None if o_ is None else o_[bs, h0:h1],
+                    do_[bs, h0:h1], lse0[bs, h0:h1], None if delta is None else delta[bs, h0:h1], layouts[li],
+                    scale, dq[bs, h0:h1], dk[bs, j:j + 1], dv[bs, j:j + 1])
 
-    if fused.usable_backward(q_.dtype, q_.shape[-1]) and torch.get_num_threads() > 1:
+    if delta is not None and torch.get_num_threads() > 1:
         # The fused kernel holds no GIL: the runs of different key heads (disjoint dK / dV) run
         # side by side; the runs of one key head stay on one worker, in order.
         by_key_head: dict[tuple, list] = {}

@@ -132,7 +132,7 @@ class Plan:
         return hit
 
 
-#: Plans of both directions, keyed by the layout's value (mask, shape, offset, blocks) and the
+#: Plans of every direction, keyed by the layout's value (mask, shape, offset, blocks) and the
 #: direction, bounded in bytes (masks, ops, and the masks' additive copies once made). Masks are
 #: interned (plans of one mask at every length hold the same tiles), so each is counted once: 30
 #: layers of nine different masks at 256 / 512 / 1K, both directions, hold ~39 MB, ~136 MB with
@@ -149,7 +149,7 @@ def _layout_key(layout: BlockLayout) -> tuple:
 def plan_for(layout: BlockLayout, direction: Direction = FORWARD) -> Plan:
     """The cached execution plan of ``layout`` for a pass (built once, O(runs + partial tiles)).
 
-    One planner for both directions; ``direction`` (:data:`~attnmask.engines.costs.FORWARD` or
+    One planner for every direction; ``direction`` (:data:`~attnmask.engines.costs.FORWARD`, ``KERNEL`` or
     ``BACKWARD``) says how rows are cut (see :mod:`attnmask.engines.costs`).
 
         >>> import attnmask as am

@@ -204,6 +204,25 @@ def test_ops_merging_into_rows_no_op_wrote_yet():
         assert scaled_error(attention(q, k, v, lay, scale=0.3), ref, output_unit(v)) < 1e-5
 
 
+@pytest.mark.parametrize("expr", ["causal & sliding(1024)", "causal & (sliding(1024) | sink(4))"])
+def test_window_plans_evaluate_one_tile_per_offset_class(expr, monkeypatch):
+    # A mask of q - k alone (structure class D; a sink's rest after the key-set split) has one
+    # tile per class of q0 - k0 and clipping: planning a 16K window evaluates a few tiles, not
+    # its 255 partial ones (the planner's share of a first call).
+    import attnmask.engines.blocksparse as bs_mod
+    from attnmask.layout import BlockLayout
+    evaluated, tile_masks = [], BlockLayout.tile_masks
+    monkeypatch.setattr(BlockLayout, "tile_masks",
+                        lambda self, qb, kb: evaluated.append(len(qb)) or tile_masks(self, qb, kb))
+    lay = am.parse(expr).compile(16384, block_size=128)
+    bs_mod.plans.clear()
+    try:
+        plan = bs_mod.plan_for(lay)
+    finally:
+        bs_mod.plans.clear()
+    assert plan.ops and 0 < sum(evaluated) <= 4, evaluated
+
+
 def test_plan_masks_stay_bounded_when_every_tile_is_partial():
     # Every tile of causal - cols(0, N, 2) is partial: masks one block tall and as wide as the
     # causal prefix summed to N^2 / 2 cells (135M at 16K). Stretches cut at fixed key positions

@@ -136,6 +136,17 @@ SPREAD = [
 ]
 
 
+@pytest.mark.parametrize("rows,N", [(1, 1), (16, 5), (17, 64), (64, 1087), (100, 33), (255, 3)])
+def test_packed_mask_bits(rows, N):
+    # The kernel's mask format: bit r of word [g, j] is mask[16 g + r, j]; rows past the mask are 0.
+    mask = torch.rand(rows, N, generator=torch.Generator().manual_seed(rows * N)) < 0.5
+    padded = torch.zeros(-(-rows // 16) * 16, N, dtype=torch.int64)
+    padded[:rows] = mask
+    want = sum(padded[r::16] << r for r in range(16))
+    got = fused._pack_bits(mask)
+    assert got.dtype == torch.uint16 and got.is_contiguous() and torch.equal(got.to(torch.int64), want)
+
+
 @kernel
 @pytest.mark.parametrize("expr,Lq,Lk,q_offset,block", SPREAD)
 def test_float32_masks_match_float64(expr, Lq, Lk, q_offset, block):

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from ..errors import MaskValueError
+from ..kinds import StructureClass
 from ..layout import BlockLayout
 from .cache import ByteLRU, interned, tensor_bytes
 from ..threads import SMALL_OP as _SMALL_OP, SMALL_WORK as _SMALL_WORK, run_tasks, single_thread, threads_for
@@ -252,7 +253,7 @@ class _Builder:
     def eval_tiles(self, need: list[tuple[int, int]]) -> None:
         """Evaluate partial tiles once (in chunks) and give identical tiles one id."""
         lay, bq, bk = self.layout, self.bq, self.bk
-        if lay.mask.structure_class() in ("d", "const"):
+        if lay.mask.structure_class() in (StructureClass.D, StructureClass.CONST):
             # A mask of q - k alone has the same tile wherever q0 - k0 (and the clipping) agree:
             # evaluate one tile per class (a sliding window has two, whatever the length).
             rep: dict[tuple[int, int, int], tuple[int, int]] = {}
@@ -545,7 +546,6 @@ def _without_key_sets(mask, small) -> tuple:
     of differences (where removing a union's part only removes pairs). With T the terms'
     keys, the rest W is inside the mask and holds every pair of it whose key is not in T.
     """
-    from ..kinds import StructureClass
     from ..masks import Difference, Intersection, Union
     if isinstance(mask, Union):
         kept, dropped = [], []
@@ -594,7 +594,6 @@ def _key_set_split(layout: BlockLayout) -> tuple[BlockLayout, np.ndarray, torch.
     mask = layout.mask
     if mask.has_mask_mod():
         return None
-    from ..kinds import StructureClass
     kv_len = layout.kv_len
     kpos = torch.arange(kv_len)[None, :]
     zero = torch.zeros(1, 1, dtype=torch.int64)

@@ -205,6 +205,119 @@ def test_float32_non_contiguous_inputs_as_models_pass_them():
         _check(out, lse, ref, ref_lse, v)
 
 
+# -- the plans made for the kernel (costs.KERNEL) ---------------------------------------------------
+
+#: Shapes at the engine's default 128-row blocks, where the kernel's plans differ from the ATen
+#: path's: key sets joined into every item (a wide window's too), 128-row items, windows and
+#: lengths off the 16 grid, per-head lists, q_len != kv_len, short documents as causal items.
+KERNEL_PLANS = [
+    # (expression, Lq, Lk, q_offset)
+    ("causal & sliding(64)", 1000, None, None),
+    ("causal & (sliding(64) | sink(4))", 1000, None, None),
+    ("causal & (sliding(300) | sink(4))", 700, None, None),              # the ATen path: key-set calls
+    ("causal & (sliding(77) | sink(5))", 509, None, None),
+    ("causal & (sliding(256) | cols(7) | cols(333) | cols(600))", 900, None, None),
+    ("causal & (sliding(128) | cols(0, 8))", 600, None, None),
+    ("causal & (sliding(100) | sink(4))", 200, 650, None),               # queries the last 200 positions
+    ("causal & (sliding(40) | sink(3))", 150, 400, 100),
+    ("causal & document(30, 45, 17, 200, 61)", 400, None, None),        # short documents: causal items
+    ("(causal & document(100, 150, 250)) | sink(6)", 500, None, None),   # rows cut at document starts
+    ("causal - (rows(300, 600, 50) - diagonal) | sink(2)", 640, None, None),
+]
+
+
+def _coverage(items, masks, Lq, Lk) -> torch.Tensor:
+    """How many times the item table covers each (row, key): int [Lq, Lk] (the plan must give the mask)."""
+    count = torch.zeros((Lq, Lk), dtype=torch.int64)
+    extras = items.extras.tolist()
+    for r0, rows, k0, span, mi, flags, x0, xn, E in items.table.tolist():
+        keys = [j for a, b in extras[x0:x0 + xn] for j in range(a, b)] + list(range(k0, k0 + span))
+        assert len(keys) == E + span
+        if mi >= 0:
+            cells = masks[mi].long()
+        elif flags & 1:
+            cells = torch.ones((rows, span), dtype=torch.int64).tril_()
+        else:
+            cells = torch.ones((rows, E + span), dtype=torch.int64)
+        count[r0:r0 + rows].index_add_(1, torch.tensor(keys, dtype=torch.int64), cells)
+    return count
+
+
+@kernel
+@pytest.mark.parametrize("expr,Lq,Lk,q_offset", KERNEL_PLANS)
+def test_kernel_plans_cover_every_pair_once_and_match_float64(expr, Lq, Lk, q_offset):
+    from attnmask.engines.blocksparse import kernel_items, plan_for
+    from attnmask.engines.costs import KERNEL
+    mask = am.parse(expr)
+    Lk = Lq if Lk is None else Lk
+    lay = mask.compile(Lq, Lk, q_offset=q_offset)
+    items, covered = kernel_items(lay)
+    plan = plan_for(lay, KERNEL)
+    dense = mask.to_dense(Lq, Lk, q_offset=q_offset)
+    assert torch.equal(_coverage(items, plan.masks if items is plan.kernel_items else [], Lq, Lk), dense.long())
+    assert covered == bool(dense.any(1).all()) or not covered
+    if items is plan.kernel_items:
+        t = items.table
+        # no rows stored and reloaded for a key set: every key-set cell joined an item of the rest
+        assert not bool((t[:, 3] == 0).any()), "a key-set item of its own"
+        assert bool((t[:, 5] & 2 == 2).all()) or "rows(" in expr, "an item continues rows an earlier one wrote"
+    q, k, v = seeded_qkv(1, 6, 2, Lq, Lk, 32, seed=Lq + Lk)
+    _check_kernel(q, k, v, mask, scale=0.2, q_offset=q_offset, block_size=128)
+    _check_backward(q, k, v, mask, scale=0.2, q_offset=q_offset, block=128, seed=Lq)
+
+
+@kernel
+def test_kernel_plans_at_models_shapes_per_head():
+    # SmolLM2's nine per-head masks (H=9, Hkv=3), the benchmark's, at a length off the 16 grid.
+    texts = ["causal & (sliding(32) | sink(4))", "causal & (sliding(64) | sink(4))",
+             "causal & (sliding(128) | sink(4))", "causal & (sliding(256) | sink(4))", "causal & sliding(64)",
+             "causal & (sliding(16) | sink(1))", "causal & (sliding(512) | sink(4))", "causal",
+             "causal & (sliding(128) | cols(0, 8))"]
+    heads = [am.parse(t) for t in texts]
+    q, k, v = seeded_qkv(1, 9, 3, 601, 601, 64, seed=9)
+    _check_kernel(q, k, v, heads, scale=0.125, block_size=128)
+    _check_backward(q, k, v, heads, scale=0.125, block=128, seed=9)
+
+
+@kernel
+def test_kernel_plans_are_their_own_direction_and_the_aten_plans_unchanged(monkeypatch):
+    # The kernel runs plan_for(layout, KERNEL); the ATen path (ATTNMASK_KERNEL=0) still plans FORWARD:
+    # 64-row pieces, and a wide window's sink as key-set calls of its own merged by LSE.
+    from attnmask.engines import blocksparse
+    from attnmask.engines.costs import FORWARD, KERNEL
+    lay = am.parse("causal & (sliding(300) | sink(4))").compile(700)
+    aten, mine = blocksparse.plan_for(lay, FORWARD), blocksparse.plan_for(lay, KERNEL)
+    assert aten is not mine and blocksparse.plan_for(lay, KERNEL) is mine
+    assert any(op.span == 0 for op in aten.ops) and not any(op.span == 0 for op in mine.ops)
+    assert max(op.rows for op in aten.ops if op.span) == 64 and max(op.rows for op in mine.ops) == 128
+    q, k, v = seeded_qkv(1, 2, 2, 700, 700, 32, seed=3)
+    made = []
+    real = blocksparse.plan_for
+    monkeypatch.setattr(blocksparse, "plan_for", lambda layout, direction=FORWARD: made.append(direction)
+                        or real(layout, direction))
+    _forward(q, k, v, am.parse("causal & (sliding(300) | sink(4))"), scale=0.2, block_size=128)
+    assert made == [KERNEL]
+    monkeypatch.setenv("ATTNMASK_KERNEL", "0")
+    made.clear()
+    _forward(q, k, v, am.parse("causal & (sliding(300) | sink(4))"), scale=0.2, block_size=128)
+    assert made == [FORWARD]
+
+
+@kernel
+def test_item_scores_count_the_pieces_the_kernel_visits():
+    # Items.scores picks thread counts: a causal item counts its triangle's pieces, not its
+    # rectangle; a window its live pieces (sliding(64): 5 of them per 16 rows, 4 keys of a sink 1 more).
+    from attnmask.engines.blocksparse import kernel_items
+    L = 1024
+    causal, _ = kernel_items(am.causal.compile(L))
+    groups = L // 16
+    assert causal.scores == 256 * groups * (groups + 1) // 2
+    window, _ = kernel_items((am.causal & am.sliding(64)).compile(L))
+    sink, _ = kernel_items((am.causal & (am.sliding(64) | am.sink(4))).compile(L))
+    assert window.scores == 256 * (5 * groups - 10)          # the first 4 groups see fewer pieces
+    assert sink.scores == window.scores + 256 * (groups - 4)  # groups whose window no longer holds the sink
+
+
 # -- bfloat16: within the dtype's own rounding ------------------------------------------------------
 
 @kernel_bf16

@@ -42,7 +42,7 @@ import torch
 from ..errors import MaskValueError
 from ..layout import BlockLayout
 from ..threads import run_tasks, threads_for
-from .blocksparse import Plan, _causal_segments, _dilation, blocksparse_forward, head_runs, plan_for
+from .blocksparse import Plan, _causal_segments, _dilation, blocksparse_forward, head_runs, kernel_items, plan_for
 from . import costs, fused
 from .costs import BACKWARD, KEY_MAJOR_ROWS, KEYS_PER_CALL
 
@@ -120,7 +120,8 @@ def _one_layout(q, k, v, out, dout, lse0, layout: BlockLayout, scale: float, dq,
 
 
 def _one_layout_fused(q, k, v, out, dout, lse0, dlse, layout: BlockLayout, scale: float, dq, dk, dv) -> None:
-    """The fused kernel's backward (engines/fused.py) over the forward plan's items (dlse [b, h, Lq] or None).
+    """The fused kernel's backward (engines/fused.py) over the forward's items (:func:`kernel_items`),
+    dlse [b, h, Lq] or None.
 
     The forward's items cover every attended (row, key) pair exactly once, so their
     contributions sum to the exact gradient; query heads that share a key head are viewed as
@@ -129,12 +130,7 @@ def _one_layout_fused(q, k, v, out, dout, lse0, dlse, layout: BlockLayout, scale
     b, h, Lq, D = q.shape
     hk, Lk = k.shape[1], k.shape[2]
     rep = h // hk
-    segments = _causal_segments(layout)
-    if segments is not None:
-        items = fused.causal_items(tuple(segments))
-    else:
-        plan = plan_for(layout)
-        items = fused.causal_items(((0, Lq),)) if plan.causal else fused.plan_items(plan)
+    items, _ = kernel_items(layout)
 
     def heads(t):                      # [b, h, L, .] -> [b * hk, rep, L, .] (a view: strides allow it)
         s = t.stride()

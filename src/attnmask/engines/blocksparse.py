@@ -55,9 +55,9 @@ from ..layout import BlockLayout
 from .cache import ByteLRU, interned, tensor_bytes
 from ..threads import SMALL_OP as _SMALL_OP, SMALL_WORK as _SMALL_WORK, run_tasks, single_thread, threads_for
 from . import costs, fused
-from .costs import BACKWARD, FORWARD, Direction
+from .costs import BACKWARD, FORWARD, KERNEL, Direction
 
-__all__ = ["blocksparse_forward", "plan_for", "Plan", "head_runs", "plans"]
+__all__ = ["blocksparse_forward", "plan_for", "kernel_items", "Plan", "head_runs", "plans"]
 
 _FULL, _PARTIAL = 2, 1
 # Tiles evaluated per tile_masks call while planning (bounds the planner's memory).
@@ -133,7 +133,7 @@ class Plan:
         return hit
 
 
-#: Plans of both directions, keyed by the layout's value (mask, shape, offset, blocks) and the
+#: Plans of every direction, keyed by the layout's value (mask, shape, offset, blocks) and the
 #: direction, bounded in bytes (masks, ops, and the masks' additive copies once made). Masks are
 #: interned (plans of one mask at every length hold the same tiles), so each is counted once: 30
 #: layers of nine different masks at 256 / 512 / 1K, both directions, hold ~39 MB, ~136 MB with
@@ -150,7 +150,7 @@ def _layout_key(layout: BlockLayout) -> tuple:
 def plan_for(layout: BlockLayout, direction: Direction = FORWARD) -> Plan:
     """The cached execution plan of ``layout`` for a pass (built once, O(runs + partial tiles)).
 
-    One planner for both directions; ``direction`` (:data:`~attnmask.engines.costs.FORWARD` or
+    One planner for every direction; ``direction`` (:data:`~attnmask.engines.costs.FORWARD`, ``KERNEL`` or
     ``BACKWARD``) says how rows are cut (see :mod:`attnmask.engines.costs`).
 
         >>> import attnmask as am
@@ -234,7 +234,9 @@ class _Builder:
     def __init__(self, layout: BlockLayout, direction: Direction = FORWARD):
         self.layout = layout
         self.direction = direction
-        if direction.fixed_rows is None:
+        if direction.kernel:
+            self.chunks = lambda m, fine=False, n=direction.fixed_rows: _kernel_row_chunks(m, n)
+        elif direction.fixed_rows is None:
             self.chunks = _row_chunks
         else:
             self.chunks = lambda m, fine=False, n=direction.fixed_rows: _fixed_row_chunks(m, n, fine)
@@ -353,7 +355,9 @@ class _Builder:
         if not small or (len(small) == 1 and not large):
             return out
         e = sum(it[3] for it in small)
-        if large and all(span + e <= costs.GATHER_SPAN_ROWS * n for _, n, _, span, _, _ in large):
+        # (the fused kernel reads gathered keys as pieces of their own: no copy per call to weigh)
+        if large and (self.direction.kernel
+                      or all(span + e <= costs.GATHER_SPAN_ROWS * n for _, n, _, span, _, _ in large)):
             folded = self._fold(small, large)
             if folded is not None:
                 return folded
@@ -451,14 +455,7 @@ def _row_chunks(m: torch.Tensor, fine: bool = False) -> list[tuple[int, int]]:
     keys for the second's rows), minus the cost of smaller kernel calls (costs.kernel_cost).
     """
     rows = m.shape[0]
-    any_row = m.any(1)
-    first = torch.where(any_row, m.int().argmax(1), m.shape[1])
-    last = torch.where(any_row, m.shape[1] - 1 - m.flip(1).int().argmax(1), -1)
-    # A boundary: row r's keys all lie right of every key of the rows above it (the running
-    # maximum restarts there on its own: the new rows reach further right).
-    reach = last.cummax(0).values
-    cut = any_row[1:] & (first[1:] > reach[:-1]) & (reach[:-1] >= 0)
-    starts = [0] + (cut.nonzero().flatten() + 1).tolist()
+    starts = _boundaries(m)
     # Narrow windows want shorter pieces (sliding(16): 79 keys a row for 64-row pieces, 31 for
     # 16): with ``fine``, every height from SUB_ROWS down to MIN_SUB_ROWS by halves is weighed.
     ends = starts[1:] + [rows]
@@ -468,6 +465,29 @@ def _row_chunks(m: torch.Tensor, fine: bool = False) -> list[tuple[int, int]]:
 
     whole = [(0, rows)], costs.kernel_cost(rows, _span(m.any(0))) * costs.SPLIT_GAIN
     return _cheapest_height(m, pieces, costs.kernel_cost, costs.SUB_ROWS, costs.MIN_SUB_ROWS, fine, whole)
+
+
+def _boundaries(m: torch.Tensor) -> list[int]:
+    """Rows of a partial mask where a piece must start: 0, and every row whose keys all lie right of
+    every key of the rows above it (a document or chunk boundary inside the block)."""
+    any_row = m.any(1)
+    first = torch.where(any_row, m.int().argmax(1), m.shape[1])
+    last = torch.where(any_row, m.shape[1] - 1 - m.flip(1).int().argmax(1), -1)
+    # (the running maximum restarts there on its own: the new rows reach further right)
+    reach = last.cummax(0).values
+    cut = any_row[1:] & (first[1:] > reach[:-1]) & (reach[:-1] >= 0)
+    return [0] + (cut.nonzero().flatten() + 1).tolist()
+
+
+def _kernel_row_chunks(m: torch.Tensor, height: int) -> list[tuple[int, int]]:
+    """The fused kernel's row chunks: every ``height`` rows from each boundary (:func:`_boundaries`).
+
+    The kernel visits only the live 16 x 16 pieces of an item, so taller items cost no extra
+    scores (their keys are trimmed per 16-row group by the mask bits); they mean fewer items and
+    fewer copies of gathered keys (and, in bf16, of packed values) per row."""
+    starts = _boundaries(m)
+    ends = starts[1:] + [m.shape[0]]
+    return [(r, min(height, b - r)) for a, b in zip(starts, ends) for r in range(a, b, height)]
 
 
 def _fixed_row_chunks(m: torch.Tensor, height: int, fine: bool = False) -> list[tuple[int, int]]:
@@ -633,7 +653,7 @@ class _MaskBook:
         return mid, rid
 
 
-def _with_key_set(base: Plan, keys: np.ndarray, cells: torch.Tensor) -> Plan:
+def _with_key_set(base: Plan, keys: np.ndarray, cells: torch.Tensor, direction: Direction = FORWARD) -> Plan:
     """The plan of the rest with the key set's keys gathered (``cells``: bool [q_len, keys]).
 
     Where an op of the rest is narrow (its keys plus the key set's at most
@@ -641,7 +661,9 @@ def _with_key_set(base: Plan, keys: np.ndarray, cells: torch.Tensor) -> Plan:
     the gathered keys join that op's calls (one copy of the keys it reads, no extra call, no
     merge). The cells left run as key-set calls of ``costs.KEY_SET_ROWS`` rows against the
     gathered keys, merged by LSE after every op of the rest (a wide window: copying its keys
-    for the join would cost more than the merge).
+    for the join would cost more than the merge). For the fused kernel (``direction.kernel``)
+    every op joins them whatever its width: the kernel reads them as pieces of their own, and a
+    key-set call would store and reload every row it covers.
     """
     book = _MaskBook(list(base.masks), list(base.row_empty))
     ranges: list[tuple[int, int]] = []
@@ -656,7 +678,7 @@ def _with_key_set(base: Plan, keys: np.ndarray, cells: torch.Tensor) -> Plan:
     ops = []
     for op in base.ops:
         own = op.span + sum(b_ - a_ for a_, b_ in op.extra)
-        if op.causal or own + E > costs.GATHER_SPAN_ROWS * op.rows:
+        if op.causal or (not direction.kernel and own + E > costs.GATHER_SPAN_ROWS * op.rows):
             ops.append(op)
             continue
         # The op's items in runs with equal key-set cells (a window's first items see the sink
@@ -668,7 +690,10 @@ def _with_key_set(base: Plan, keys: np.ndarray, cells: torch.Tensor) -> Plan:
                 runs[-1][1] = g + 1
             else:
                 runs.append([g, g + 1])
-        if len(runs) > costs.KEY_SET_JOIN_RUNS or not bool(left[op.r0:rows_of[-1].stop].any()):
+        most = costs.KEY_SET_JOIN_RUNS
+        if direction.kernel:
+            most = max(most, costs.KERNEL_JOIN_CELLS // (op.rows * (own + E)))
+        if len(runs) > most or not bool(left[op.r0:rows_of[-1].stop].any()):
             ops.append(op)
             continue
         mine = torch.ones((op.rows, own), dtype=torch.bool) if op.mask is None else base.masks[op.mask]
@@ -713,7 +738,7 @@ def _build_plan(layout: BlockLayout, direction: Direction = FORWARD) -> Plan:
             L = layout.q_len
             base = Plan([Op(r0=0, dr=0, rows=L, k0=0, dk=0, span=L, G=1, mask=None, causal=True, rows_empty=None,
                             first=True)], [], [], False, {}, True)
-        return _with_key_set(base, keys, cells)
+        return _with_key_set(base, keys, cells, direction)
     bq, bk = layout.block_size
     q_len, kv_len, nqb = layout.q_len, layout.kv_len, layout.n_q_blocks
     runs = block_runs(layout)
@@ -1117,6 +1142,9 @@ def _layout_jobs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bloc
     """
     dil = _dilation(layout.mask)
     if dil is None or dil[1] == 1:
+        if fused.usable(q.dtype, q.shape[-1]):
+            items, covered = kernel_items(layout)
+            return [lambda: _forward_fused(q, k, v, items, covered, scale, out, lse)]
         segments = _causal_segments(layout)
         if segments is not None and len(segments) * costs.MIN_SEGMENT_ROWS <= layout.q_len:
             # causal & document(...): each document is its own causal problem, one top-left
@@ -1145,9 +1173,34 @@ def _layout_jobs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bloc
             continue
         sub = sub_mask.compile(len(range(i0, Lq, d)), len(range(r, Lk, d)), q_offset=(q_offset + i0 - r) // d,
                                block_size=layout.block_size)
-        jobs.append(lambda i0=i0, r=r, plan=plan_for(sub): _forward_plain(
-            q[:, :, i0::d], k[:, :, r::d], v[:, :, r::d], plan, scale, out[:, :, i0::d], lse[:, :, i0::d]))
+        qs, ks, vs, os_, ls = q[:, :, i0::d], k[:, :, r::d], v[:, :, r::d], out[:, :, i0::d], lse[:, :, i0::d]
+        if fused.usable(q.dtype, q.shape[-1]):
+            items, covered = kernel_items(sub)
+            jobs.append(lambda qs=qs, ks=ks, vs=vs, os_=os_, ls=ls, items=items, covered=covered: _forward_fused(
+                qs, ks, vs, items, covered, scale, os_, ls))
+        else:
+            jobs.append(lambda qs=qs, ks=ks, vs=vs, os_=os_, ls=ls, plan=plan_for(sub): _forward_plain(
+                qs, ks, vs, plan, scale, os_, ls))
     return jobs
+
+
+def kernel_items(layout: BlockLayout) -> tuple[fused.Items, bool]:
+    """The fused kernel's item table of ``layout`` (not a dilated one: see :func:`_layout_jobs`), and
+    whether its items write every row (else rows no item writes must start at zeros / -inf).
+
+    The one choice of a table, for the forward and the kernel's backward (which runs the same
+    items: they cover every attended pair exactly once): causal segments (``causal``,
+    ``causal & document(...)``) are one top-left causal item each (the kernel visits only their
+    triangles, however short the documents); a plan that is exactly causal is one causal item;
+    anything else is the items of the plan for the kernel (:data:`~attnmask.engines.costs.KERNEL`).
+    """
+    segments = _causal_segments(layout)
+    if segments is not None:
+        return fused.causal_items(tuple(segments)), sum(b - a for a, b in segments) == layout.q_len
+    plan = plan_for(layout, KERNEL)
+    if plan.causal:
+        return fused.causal_items(((0, layout.q_len),)), True
+    return fused.plan_items(plan), plan.covered
 
 
 def _forward_fused(q, k, v, items, covered: bool, scale: float, out, lse) -> None:
@@ -1164,11 +1217,6 @@ def _forward_fused(q, k, v, items, covered: bool, scale: float, out, lse) -> Non
 
 def _forward_segments(q, k, v, segments: list[tuple[int, int]], L: int, scale: float, out, lse) -> None:
     """One is_causal call per segment [a, b) of rows and keys; rows outside every segment attend nothing."""
-    if fused.usable(q.dtype, q.shape[-1]):
-        segments = tuple(segments)
-        _forward_fused(q, k, v, fused.causal_items(segments), sum(b - a for a, b in segments) == L,
-                       scale, out, lse)
-        return
     covered = 0
     for a, b in segments:
         o, l = _flash(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], 0.0, True, scale=scale)
@@ -1185,10 +1233,7 @@ def _forward_segments(q, k, v, segments: list[tuple[int, int]], L: int, scale: f
 
 def _forward_plain(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Plan,
                    scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
-    if fused.usable(q.dtype, q.shape[-1]):
-        items = fused.causal_items(((0, q.shape[2]),)) if plan.causal else fused.plan_items(plan)
-        _forward_fused(q, k, v, items, plan.covered, scale, out, lse)
-        return
+    """A plan through ATen's flash calls (the fused kernel's path is :func:`kernel_items`)."""
     if plan.causal:
         o, l = _flash(q, k, v, 0.0, True, scale=scale)
         out.copy_(o)

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Direction", "FORWARD", "BACKWARD", "kernel_cost", "causal_call_cost", "pieces_cost",
+__all__ = ["Direction", "FORWARD", "BACKWARD", "KERNEL", "KERNEL_ROWS", "kernel_cost", "causal_call_cost", "pieces_cost",
            "KERNEL_SLICE_FACTORS", "SUB_ROWS", "MIN_SUB_ROWS", "FINE_PIECES_REPEATS", "SPLIT_GAIN", "REGION_GAIN", "SPLIT_FULL_BLOCKS", "ONE_CALL_BLOCKS",
-           "GATHER_KEYS", "GATHER_SPAN_ROWS", "KEY_SET_KEYS", "KEY_SET_ROWS", "KEY_SET_CELLS", "KEY_SET_JOIN_RUNS", "SIDE_BY_SIDE_PAIRS", "SIDE_BY_SIDE_PAIRS_FUSED", "MIN_SEGMENT_ROWS", "CHUNK_BYTES", "KEYS_PER_CALL", "KEY_MAJOR_ROWS",
+           "GATHER_KEYS", "GATHER_SPAN_ROWS", "KEY_SET_KEYS", "KEY_SET_ROWS", "KEY_SET_CELLS", "KEY_SET_JOIN_RUNS", "KERNEL_JOIN_CELLS", "SIDE_BY_SIDE_PAIRS", "SIDE_BY_SIDE_PAIRS_FUSED", "MIN_SEGMENT_ROWS", "CHUNK_BYTES", "KEYS_PER_CALL", "KEY_MAJOR_ROWS",
            "BACKWARD_ROW_COSTS", "MIN_BACKWARD_ROWS", "backward_cost"]
 
 #: Relative cost per score of the forward kernel by its query slice (256, 64, 32 rows: calls of
@@ -78,6 +78,10 @@ KEY_SET_CELLS = 1 << 26
 #: A narrow op of the rest takes the key set's keys into its own calls when its items fall into at
 #: most this many runs of equal key-set cells (each run becomes one op).
 KEY_SET_JOIN_RUNS = 3
+#: ... or, in plans for the fused kernel, as many runs as keep the op's joined masks (runs x rows x
+#: keys booleans) under this many: a window's items that see key columns at different offsets each
+#: get a mask of their own instead of a key-set item that stores and reloads their rows.
+KERNEL_JOIN_CELLS = 1 << 22
 #: Head problems of a per-head mask list run side by side on worker threads (one intra-op thread
 #: each, ``threads.run_tasks``) when their attended pairs x heads sum to at least this. Measured
 #: under the CPU lock, SmolLM2's nine masks (H=9, Hkv=3, D=64, fp32), median ms side by side /
@@ -165,7 +169,9 @@ class Direction:
 
     ``fixed_rows``: partial segments are cut into row pieces of exactly this height
     (None: the forward's cost model decides, ``SUB_ROWS`` pieces when cheaper);
-    ``gather``: small key sets join their block's larger calls (``GATHER_KEYS``).
+    ``gather``: small key sets join their block's larger calls (``GATHER_KEYS``);
+    ``kernel``: the plan is for the fused kernel (``engines/fused.py``), not ATen's flash calls:
+    key sets always join the items that cover their rows (see :data:`KERNEL`).
 
         >>> BACKWARD.fixed_rows, FORWARD.fixed_rows is None
         (128, True)
@@ -173,6 +179,7 @@ class Direction:
     name: str
     fixed_rows: int | None
     gather: bool = True
+    kernel: bool = False
 
 
 #: The forward pass: row pieces by the kernel cost model, key sets gathered.
@@ -181,6 +188,16 @@ FORWARD = Direction("forward", None)
 #: except in segments that repeat (one batched call), where a shorter height may cost less
 #: (narrow windows: ``backward_cost``).
 BACKWARD = Direction("backward", 128)
+
+#: Rows of the fused kernel's items (a multiple of its 16-row groups; see KERNEL).
+KERNEL_ROWS = 128
+#: Plans the fused kernel runs (engines/fused.py), forward and backward: it visits only the live
+#: 16-row x 16-key pieces of an item and gathered keys cost their own pieces, so what ATen's
+#: calls weigh (query slices, a copy of K/V per call, a call and a merge per key set) does not
+#: apply. Row pieces are KERNEL_ROWS tall (cut where a document or chunk boundary falls inside a
+#: block); key sets and small items always join the items that cover their rows, so no rows are
+#: stored and reloaded for a sink or a few columns.
+KERNEL = Direction("kernel", KERNEL_ROWS, kernel=True)
 
 #: The backward kernel's cost per row of an item by its height: (per key, per row), fitted to
 #: N=8192, fp32, 2 threads, quiet (benchmarks/results/backward.md, 2026-12-01): sliding(1024) /

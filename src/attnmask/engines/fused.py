@@ -83,14 +83,42 @@ def usable(dtype: torch.dtype, head_dim: int) -> bool:
 class Items:
     """An item table ready for the kernel: int64 [n, COLUMNS] rows, the gathered ranges and packed masks.
 
-    ``scores`` is the number of (row, key) cells the items span (the work, for threading)."""
+    ``scores`` is the work, for threading: the scores of the 16-row x 16-key pieces the kernel
+    visits (those with a mask bit for the group's rows; the causal triangle's pieces 0..g)."""
 
     def __init__(self, rows: list[list[int]], extras: list[tuple[int, int]], masks: list[torch.Tensor]):
         self.table = torch.tensor(rows, dtype=torch.int64).reshape(-1, _attend.COLUMNS if _attend else 9)
         self.extras = torch.tensor(extras or [(0, 0)], dtype=torch.int64)
         self.bits = [_pack_bits(m) for m in masks]
         self.addresses = torch.tensor([b.data_ptr() for b in self.bits] or [0], dtype=torch.int64)
-        self.scores = int(sum(r[1] * (r[8] + r[3]) for r in rows))
+        live: dict[tuple[int, int], int] = {}
+        pieces = 0
+        for r in rows:
+            n, span, mask, flags, E = r[1], r[3], r[4], r[5], r[8]
+            G, np_ = -(-n // 16), -(-E // 16) + -(-span // 16)
+            if mask >= 0:
+                if (mask, E) not in live:
+                    live[(mask, E)] = _live_pieces(self.bits[mask], E)
+                pieces += live[(mask, E)]
+            elif flags & _CAUSAL:
+                pieces += sum(min(g + 1, np_) for g in range(G))
+            else:
+                pieces += G * np_
+        self.scores = 256 * pieces
+
+
+def _live_pieces(bits: torch.Tensor, E: int) -> int:
+    """(group, piece) pairs with a mask bit, of packed bits [G, E + span]: the kernel's pieces are the
+    gathered keys' [0, E) in 16s, then the span's from E in 16s."""
+    b = bits.numpy() != 0
+    count = 0
+    for part in (b[:, :E], b[:, E:]):
+        G, N = part.shape
+        if N:
+            padded = np.zeros((G, -(-N // 16) * 16), dtype=bool)
+            padded[:, :N] = part
+            count += int(padded.reshape(G, -1, 16).any(-1).sum())
+    return count
 
 
 def _pack_bits(mask: torch.Tensor) -> torch.Tensor:

@@ -236,23 +236,29 @@ static inline T512 void store_state(const Problem *P, const int64_t *it, float *
         lse[(it[I_R0] + r0 + i) * P->lr] = lv[i] > 0.0f ? (mv[i] + log2f(lv[i])) * 0.6931471805599453f : -INFINITY;
 }
 
-/* One softmax step over nk masked base-2 scores (s: [nk][GROUP]): updates m and l, turns the
- * scores into probabilities in place and rescales the accumulator. 0 when no lane has a key yet. */
-static inline T512 int softmax_step(__m512 *m, __m512 *l, float *acc, float *s, int64_t nk, int64_t D) {
+/* One softmax step over the masked base-2 scores of nb pieces (s: [nb][16][GROUP]; piece b's keys
+ * in its first nj[b] slots, an odd count followed by one masked slot): updates m and l, turns those
+ * scores into probabilities in place and rescales the accumulator. 0 when no lane has a key yet.
+ * Only the keys a piece has are visited, so a 4-key sink costs 4 keys, not 16. */
+static inline T512 int softmax_step(__m512 *m, __m512 *l, float *acc, float *s, const int64_t *nj, int64_t nb,
+                                    int64_t D) {
     const __m512 neg = _mm512_set1_ps(-INFINITY);
     __m512 mt = neg;
-    for (int64_t j = 0; j < nk; j++) mt = _mm512_max_ps(mt, _mm512_load_ps(s + j * GROUP));
+    for (int64_t b = 0; b < nb; b++)
+        for (int64_t j = 0; j < nj[b]; j++) mt = _mm512_max_ps(mt, _mm512_load_ps(s + (16 * b + j) * GROUP));
     __m512 mnew = _mm512_max_ps(*m, mt);
     __mmask16 has = _mm512_cmp_ps_mask(mnew, neg, _CMP_NEQ_OQ);
     if (!has) return 0;
     __m512 muse = _mm512_mask_blend_ps(has, _mm512_setzero_ps(), mnew); /* no (-inf) - (-inf) */
     __m512 alpha = exp2_ps(_mm512_sub_ps(*m, muse));
     __m512 sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < nk; j++) {
-        __m512 p = exp2_ps(_mm512_sub_ps(_mm512_load_ps(s + j * GROUP), muse));
-        sum = _mm512_add_ps(sum, p);
-        _mm512_store_ps(s + j * GROUP, p);
-    }
+    for (int64_t b = 0; b < nb; b++)
+        for (int64_t j = 0; j < ((nj[b] + 1) & ~1); j++) { /* the masked slot after an odd count: exactly 0 */
+            float *sj = s + (16 * b + j) * GROUP;
+            __m512 p = exp2_ps(_mm512_sub_ps(_mm512_load_ps(sj), muse));
+            sum = _mm512_add_ps(sum, p);
+            _mm512_store_ps(sj, p);
+        }
     *l = _mm512_fmadd_ps(*l, alpha, sum);
     *m = mnew;
     if (_mm512_cmp_ps_mask(alpha, _mm512_set1_ps(1.0f), _CMP_NEQ_UQ))
@@ -264,7 +270,7 @@ static inline T512 int softmax_step(__m512 *m, __m512 *l, float *acc, float *s, 
 /* ---- fp32 --------------------------------------------------------------------------------- */
 
 /* s[j] = sum_d qt[d][.] * kp[j][d] for the J keys of a piece (key j's row at kp + j * ks, ks >= D;
- * J = 16, or 8 for a narrow one). */
+ * J = 16, or 8 or 4 for a narrow one). */
 static inline __attribute__((always_inline)) T512 void qk_f32(const float *qt, const float *kp, int64_t D, int64_t ks,
                                                                __m512 *s, const int J) {
     __m512 a[16];

@@ -85,7 +85,8 @@ static ITEM_TARGET void ITEM_FN(const Problem *P, int64_t z, const int64_t *it, 
                 vp[b] = dst;
                 __m512 sv[16];
                 if (nj[b] > 8) qk_bf16((const uint32_t *)w->qt, kp, D, ks, sv, 16);
-                else qk_bf16((const uint32_t *)w->qt, kp, D, ks, sv, 8);
+                else if (nj[b] > 4) qk_bf16((const uint32_t *)w->qt, kp, D, ks, sv, 8);
+                else qk_bf16((const uint32_t *)w->qt, kp, D, ks, sv, 4);
 #else
                 vs[b] = D;
                 if (plain) {
@@ -102,16 +103,19 @@ static ITEM_TARGET void ITEM_FN(const Problem *P, int64_t z, const int64_t *it, 
                 }
                 __m512 sv[16];
                 if (nj[b] > 8) qk_f32(w->qt, kp, D, ks, sv, 16);
-                else qk_f32(w->qt, kp, D, ks, sv, 8);
+                else if (nj[b] > 4) qk_f32(w->qt, kp, D, ks, sv, 8);
+                else qk_f32(w->qt, kp, D, ks, sv, 4);
 #endif
-                for (int64_t j = 0; j < 16; j++) {
+                /* the piece's keys, and one masked slot after an odd count (a bf16 pair's zero half) */
+                for (int64_t j = 0; j < ((nj[b] + 1) & ~1); j++) {
                     __mmask16 bits = j < nj[b] ? item_bits(P, it, g, j0 + j, valid) : 0;
                     _mm512_store_ps(w->s + (16 * b + j) * GROUP, _mm512_mask_mul_ps(neg, bits, sv[j], c));
                 }
             }
-            if (!softmax_step(&m, &l, w->acc, w->s, 16 * nb, D)) continue;
+            if (!softmax_step(&m, &l, w->acc, w->s, nj, nb, D)) continue;
 #if ITEM_BF16
-            pack_probs(w->s, 8 * nb, w->pp);
+            for (int64_t b = 0; b < nb; b++)
+                pack_probs(w->s + 16 * b * GROUP, (nj[b] + 1) / 2, w->pp + 8 * b * GROUP);
             pv_bf16(w->pp, vp, nj, nb, D, w->acc);
 #else
             pv_f32(w->s, vp, vs, nj, nb, D, w->acc);

@@ -91,16 +91,17 @@ MUTANTS: dict[str, tuple[str, list[tuple]]] = {
                            [(C, "if (D <= 0 || D > MAX_D || D % 16) {", "if (D <= 0 || D > MAX_D) {")]),
     "env_ignored": ("ATTNMASK_KERNEL=0 does not turn the kernel off",
                     [(FUSED, '    if os.environ.get("ATTNMASK_KERNEL", "1") == "0":\n        return False\n', "")]),
-    "segments_on_aten": ("causal segments never reach the kernel",
-                         [(BS, '    """One is_causal call per segment [a, b) of rows and keys; rows outside every segment '
-                               'attend nothing."""\n    if fused.usable(q.dtype, q.shape[-1]):',
-                           '    """One is_causal call per segment [a, b) of rows and keys; rows outside every segment '
-                           'attend nothing."""\n    if False:')]),
+    "segments_on_aten": ("causal segments (causal & documents) never become one causal item each",
+                         [(BS, "    if segments is not None:\n        return fused.causal_items(tuple(segments)), ",
+                           "    if False:\n        return fused.causal_items(tuple(segments)), ")]),
     "stride0_on_aten": ("k / v broadcast with stride 0 (GQA, runs of per-head masks) refused by the kernel",
-                        [(BS, "                   scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:\n"
-                              "    if fused.usable(q.dtype, q.shape[-1]):",
-                          "                   scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:\n"
-                          "    if fused.usable(q.dtype, q.shape[-1]) and 0 not in k.stride()[:2]:")]),
+                        [(BS, "    if dil is None or dil[1] == 1:\n        if fused.usable(q.dtype, q.shape[-1]):",
+                          "    if dil is None or dil[1] == 1:\n        if fused.usable(q.dtype, q.shape[-1]) and 0 not in k.stride()[:2]:")]),
+    "narrow_piece_4_keys": ("a piece of 5 keys scored as a 4-key one",
+                            [(ITEM, "else if (nj[b] > 4) qk_", "else if (nj[b] > 5) qk_")]),
+    "softmax_odd_slot_skipped": ("bf16: the masked slot after an odd key count not exponentiated (its -inf pairs into P @ V)",
+                                 [(C, "for (int64_t j = 0; j < ((nj[b] + 1) & ~1); j++) { /* the masked slot",
+                                   "for (int64_t j = 0; j < nj[b]; j++) { /* the masked slot")]),
     # -- the backward (attend_bwd_item.h, both dtypes; flush_piece_grads; run_backward) --
     "bwd_ds_no_delta": ("backward: dS = P dP, delta (rowsum(dO * O)) left out",
                         [(BWD, "_mm512_maskz_mul_ps(bits, pr, _mm512_sub_ps(dp[j], dlt[gi]))",

@@ -28,6 +28,7 @@ import argparse
 import datetime
 import os
 import shlex
+import random
 import statistics
 import sys
 import time
@@ -52,13 +53,20 @@ def _columns(n: int, count: int = 32) -> str:
 
 
 def _median_rounds(calls: dict, repeats: int) -> dict[str, float]:
-    """Median ms per call, the calls taking turns round by round (one warm-up each)."""
+    """Median ms per call, the calls taking turns round by round (one warm-up each).
+
+    Each round takes the calls in a new order (a seeded shuffle): on the project's machine the
+    attnmask call right after SDPA's ran slower, whichever mask it was (benchmarks/results/
+    model_shapes.md, 2026-12-02), so no call may always follow the same one."""
     with torch.no_grad():
         for fn in calls.values():
             fn()
         times: dict[str, list[float]] = {k: [] for k in calls}
+        labels, shuffle = list(calls), random.Random(0)
         for _ in range(repeats):
-            for label, fn in calls.items():
+            shuffle.shuffle(labels)
+            for label in labels:
+                fn = calls[label]
                 t0 = time.perf_counter()
                 fn()
                 times[label].append((time.perf_counter() - t0) * 1e3)

@@ -3,9 +3,10 @@
 The block-sparse engine runs every plan through the kernel when ``fused.usable(dtype, D)``;
 these tests make sure it does, and that what it returns is exact: float32 out and lse within
 1e-5 of float64 attention from ``Mask.to_dense`` (``numerics.reference``), bfloat16 within the
-dtype's own rounding, the same bits on every run and thread count; and the kernel's float32
-backward (``fused.run_backward``, which the autograd runs wherever the kernel runs) the same:
-dq, dk, dv within 1e-5 of float64 autograd, bf16 inputs within the dtype's stick, fixed bits.
+dtype's own rounding, the same bits on every run and thread count; and the kernel's backward
+(``fused.run_backward``, which the autograd runs wherever the kernel runs) the same: float32
+dq, dk, dv within 1e-5 of float64 autograd, bf16 within 1.5x the error of ATen's bf16 backward
+and 4x the stick (BF16_STICKS, BF16_ATEN), fixed bits.
 Everything but the build guard is skipped where the kernel cannot run (no AVX-512, or
 ``ATTNMASK_KERNEL=0``); the build guard makes a broken build turn the suite red instead of
 silently running the ATen path.

@@ -13,7 +13,8 @@
  *     max and sum are plain vertical operations and every key is one broadcast operand;
  *   - skips every 16-row x 16-key piece whose mask bits are all zero;
  *   - for bf16 inputs uses AVX512-BF16 dot products (pairs of bf16 products summed into
- *     fp32), the probabilities rounded to bf16 for P @ V as ATen's bf16 kernel does.
+ *     fp32), the probabilities rounded to bf16 for P @ V as ATen's bf16 kernel does;
+ *   - runs the backward over the same items (attend_bwd_item.h), bf16 inputs as they are.
  * Scores, the softmax and all accumulators are fp32. The order of every reduction is fixed
  * by the item table, never by the thread count (the caller splits work by batch-head).
  *
@@ -353,7 +354,7 @@ static inline TBF16 void pv_bf16(const uint32_t *pp, const uint32_t *const *vp, 
 #include "attend_item.h"
 #undef ITEM_BF16
 
-/* ---- backward (float32) ------------------------------------------------------------------- */
+/* ---- backward (float32 and bfloat16) ---------------------------------------------------------- */
 
 /* The FlashAttention backward over the same item table, float32 or bfloat16 inputs: per group of
  * 16 rows and live piece of keys,

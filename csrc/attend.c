@@ -318,6 +318,16 @@ static inline __attribute__((always_inline)) TBF16 void qk_bf16(const uint32_t *
     for (int j = 0; j < J; j++) s[j] = a[j];
 }
 
+/* dst[d] = (a[d], b[d]): two bf16 rows as pairs (a NULL row is zeros), the operand of a dot product
+ * over the two (pairs of keys for P @ V and dQ, pairs of rows for dK and dV). */
+static inline T512 void pair_two(const uint16_t *a, const uint16_t *b, int64_t D, uint32_t *dst) {
+    for (int64_t d = 0; d < D; d += 16) {
+        __m512i x = a ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(a + d))) : _mm512_setzero_si512();
+        __m512i y = b ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(b + d))) : _mm512_setzero_si512();
+        _mm512_storeu_si512((void *)(dst + d), _mm512_or_si512(x, _mm512_slli_epi32(y, 16)));
+    }
+}
+
 /* bf16 pairs of probabilities: lane r of pair t2 holds (p[2 t2][r], p[2 t2 + 1][r]). */
 static inline TBF16 void pack_probs(const float *p, int64_t nt2, uint32_t *pp) {
     const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
@@ -405,14 +415,8 @@ static inline __attribute__((always_inline)) T512 void outer_add_f32(const float
 /* dst[i][d] = (a[d], b[d]) for the row pairs (2i, 2i + 1) of n bf16 rows at base + r * rs
  * (rows past n are zeros): the operand layout of dot products that run over pairs of rows. */
 static inline T512 void pair_rows(const uint16_t *base, int64_t rs, int64_t n, int64_t D, uint32_t *dst) {
-    for (int64_t i = 0; i < 8; i++) {
-        const uint16_t *a = 2 * i < n ? base + 2 * i * rs : NULL, *b = 2 * i + 1 < n ? base + (2 * i + 1) * rs : NULL;
-        for (int64_t d = 0; d < D; d += 16) {
-            __m512i x = a ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(a + d))) : _mm512_setzero_si512();
-            __m512i y = b ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(b + d))) : _mm512_setzero_si512();
-            _mm512_storeu_si512((void *)(dst + i * D + d), _mm512_or_si512(x, _mm512_slli_epi32(y, 16)));
-        }
-    }
+    for (int64_t i = 0; i < 8; i++)
+        pair_two(2 * i < n ? base + 2 * i * rs : NULL, 2 * i + 1 < n ? base + (2 * i + 1) * rs : NULL, D, dst + i * D);
 }
 
 /* The bf16 outer_add: dst[t][d] += sum over groups i, row pairs r2 of w_i[t][r2] . pairs_i[r2][d]
@@ -515,7 +519,7 @@ static inline T512 void group_delta(const Bwd *B, int64_t z, int64_t row0, int64
 #undef OUTER_ADD
 #undef BWD_BF16
 
-static int cpu_has(int bf16) {
+static int cpu_probe(int bf16) {
     unsigned a, b, c, d;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
     int f = (b >> 16) & 1, dq = (b >> 17) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1;
@@ -528,6 +532,15 @@ static int cpu_has(int bf16) {
     if (!bf16) return 1;
     if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return 0;
     return (a >> 5) & 1; /* AVX512_BF16 */
+}
+
+/* The probe once per process: CPUID traps to the hypervisor on virtual machines (measured 22 us a
+ * call on the project's machine), and every engine call asks. Threads racing here store the same
+ * value. */
+static int cpu_has(int bf16) {
+    static int known[2] = {-1, -1};
+    if (known[bf16 != 0] < 0) known[bf16 != 0] = cpu_probe(bf16);
+    return known[bf16 != 0];
 }
 #else
 #define HAVE_AVX512 0

@@ -77,8 +77,7 @@ static ITEM_TARGET void ITEM_FN(const Problem *P, int64_t z, const int64_t *it, 
                         const int64_t a = 2 * t2, b1 = 2 * t2 + 1;
                         const uint16_t *v0 = a < nj[b] ? v + key_pos(P, it, j0 + a) * P->vr : NULL;
                         const uint16_t *v1 = b1 < nj[b] ? v + key_pos(P, it, j0 + b1) * P->vr : NULL;
-                        for (int64_t d = 0; d < D; d++)
-                            dst[t2 * D + d] = (v0 ? (uint32_t)v0[d] : 0u) | (v1 ? (uint32_t)v1[d] << 16 : 0u);
+                        pair_two(v0, v1, D, dst + t2 * D);
                     }
                     w->packed[p] |= 2;
                 }

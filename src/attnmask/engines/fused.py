@@ -100,8 +100,9 @@ class Items:
                 if (mask, E) not in live:
                     live[(mask, E)] = _live_pieces(self.bits[mask], E)
                 pieces += live[(mask, E)]
-            elif flags & _CAUSAL:
-                pieces += sum(min(g + 1, np_) for g in range(G))
+            elif flags & _CAUSAL:            # group g visits pieces 0..g: a triangle, then full rows
+                m = min(G, np_)
+                pieces += m * (m + 1) // 2 + (G - m) * np_
             else:
                 pieces += G * np_
         self.scores = 256 * pieces

@@ -14,6 +14,7 @@ setup(
             sources=["csrc/attend.c"],
             depends=["csrc/attend_item.h", "csrc/attend_bwd_item.h"],
             extra_compile_args=["-O3", "-std=gnu11", "-fno-math-errno", "-Wall"],
+            libraries=["dl"],  # dlopen of torch's OpenMP runtime (part of libc from glibc 2.34)
             optional=True,
         )
     ]

@@ -23,6 +23,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <dlfcn.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -555,55 +556,107 @@ static PyObject *py_supports(PyObject *self, PyObject *args) {
     return PyBool_FromLong(cpu_has(bf16));
 }
 
-/* run(q, k, v, out, lse, Y, strides(15), D, bf16, c, items, n_items, extras, masks, z0, z1) */
-static PyObject *py_run(PyObject *self, PyObject *args) {
-    unsigned long long q, k, v, out, lse, items, extras, masks;
-    Problem P;
-    long long s[15], Y, D, n_items, z0, z1;
-    int bf16;
-    double c;
-    if (!PyArg_ParseTuple(args, "KKKKKL(LLLLLLLLLLLLLLL)LpdKLKKLL", &q, &k, &v, &out, &lse, &Y, &s[0], &s[1], &s[2],
-                          &s[3], &s[4], &s[5], &s[6], &s[7], &s[8], &s[9], &s[10], &s[11], &s[12], &s[13], &s[14],
-                          &D, &bf16, &c, &items, &n_items, &extras, &masks, &z0, &z1))
-        return NULL;
+/* ---- jobs: the kernel's calls, run on the caller's OpenMP team ----------------------------------
+ *
+ * A job is one item table over a range of batch-heads: an int64 row [kind, params, n_items, z0, z1]
+ * (kind 0 the forward, 1 the backward; params an int64 array, below). jobs() runs a list of them,
+ * the GIL released, on n threads: each thread takes the next job from a shared counter until none
+ * is left (the caller sorts them costliest first). A job's bits do not depend on which thread ran
+ * it or on n: jobs write disjoint outputs (the backward's jobs hold whole x ranges, so the dK / dV
+ * sums of a shared key head have one order).
+ *
+ * The threads are torch's own OpenMP team, started with GOMP_parallel of the libgomp torch loaded
+ * (use_openmp(path) finds it; engines/fused.py passes the path). Why not threads of our own: after
+ * every parallel torch op the team's threads spin for a while waiting for the next region, and a
+ * kernel running on other threads competes with them for the cores (measured: nine per-head masks
+ * at L = 1024, 6.6 ms after SDPA calls on Python worker threads, 4.7 ms with OMP_WAIT_POLICY=PASSIVE).
+ * On the team's threads the spinning ends as the work arrives. Without the symbol (another OpenMP
+ * runtime), the caller runs jobs(..., 1, counter) on threads of its own sharing one counter. */
+
+/* Forward params (27 int64): q, k, v, out, lse pointers; 15 strides (x, y, row of q, k, v, out,
+ * lse); Y, D, items, extras, masks; c (= scale * log2 e) as a float64 bit pattern; bf16. */
+enum { FA_Y = 20, FA_D, FA_ITEMS, FA_EXTRAS, FA_MASKS, FA_C, FA_BF16, FA_COUNT };
+/* Backward params (48 int64): 9 pointers (q, k, v, dout, lse, out, dq, dk, dv), 27 strides, Y, D,
+ * items, extras, masks, c and scale as float64 bit patterns, whether q, k, v and dout are bfloat16,
+ * then dlse's pointer (0: none) and 3 strides. */
+enum { BA_Y = 36, BA_D, BA_ITEMS, BA_EXTRAS, BA_MASKS, BA_C, BA_SCALE, BA_BF16, BA_DLSE, BA_COUNT = 48 };
+enum { J_KIND, J_PARAMS, J_ITEMS, J_Z0, J_Z1, J_COLS };
+
+static double f64_at(const int64_t *a, int i) {
+    double x;
+    memcpy(&x, a + i, 8);
+    return x;
+}
+
+static int64_t max_pieces(const int64_t *items, int64_t n_items) {
+    int64_t np = 1;
+    for (int64_t i = 0; i < n_items; i++) {
+        int64_t n = piece_count(items + i * I_COLS);
+        if (n > np) np = n;
+    }
+    return np;
+}
+
+/* Whether job j can run here; else a Python exception is set (the GIL is held). */
+static int check_job(const int64_t *job) {
+    const int64_t *a = (const int64_t *)(intptr_t)job[J_PARAMS];
+    if (job[J_KIND] != 0 && job[J_KIND] != 1) {
+        PyErr_Format(PyExc_ValueError, "job kind must be 0 (forward) or 1 (backward), got %lld", (long long)job[J_KIND]);
+        return 0;
+    }
+    if (!a) {
+        PyErr_SetString(PyExc_ValueError, "a job needs its params");
+        return 0;
+    }
+    int bwd = job[J_KIND] == 1;
+    int64_t Y = a[bwd ? BA_Y : FA_Y], D = a[bwd ? BA_D : FA_D];
+    int bf16 = a[bwd ? BA_BF16 : FA_BF16] != 0;
     if (Y < 1) {
         PyErr_SetString(PyExc_ValueError, "Y must be >= 1");
-        return NULL;
+        return 0;
     }
     if (D <= 0 || D > MAX_D || D % 16) {
-        PyErr_Format(PyExc_ValueError, "head dim must be a multiple of 16 up to %d, got %lld", MAX_D, D);
-        return NULL;
+        PyErr_Format(PyExc_ValueError, "head dim must be a multiple of 16 up to %d, got %lld", MAX_D, (long long)D);
+        return 0;
+    }
+    if (job[J_Z0] < 0 || job[J_Z1] < job[J_Z0] || (bwd && (job[J_Z0] % Y || job[J_Z1] % Y))) {
+        PyErr_SetString(PyExc_ValueError, "a job's batch-heads must be a range (whole x ranges for the backward)");
+        return 0;
     }
     if (!cpu_has(bf16)) {
         PyErr_SetString(PyExc_RuntimeError, bf16 ? "this CPU has no AVX512-BF16" : "this CPU has no AVX-512");
-        return NULL;
+        return 0;
     }
+    return 1;
+}
+
 #if HAVE_AVX512
-    P.q = (const char *)(uintptr_t)q;
-    P.k = (const char *)(uintptr_t)k;
-    P.v = (const char *)(uintptr_t)v;
-    P.out = (float *)(uintptr_t)out;
-    P.lse = (float *)(uintptr_t)lse;
-    P.Y = Y;
+/* One forward job; 0 if its work buffers could not be allocated. */
+static int forward_job(const int64_t *a, int64_t n_items, int64_t z0, int64_t z1) {
+    Problem P;
+    P.q = (const char *)(intptr_t)a[0];
+    P.k = (const char *)(intptr_t)a[1];
+    P.v = (const char *)(intptr_t)a[2];
+    P.out = (float *)(intptr_t)a[3];
+    P.lse = (float *)(intptr_t)a[4];
+    const int64_t *s = a + 5;
     P.qx = s[0], P.qy = s[1], P.qr = s[2], P.kx = s[3], P.ky = s[4], P.kr = s[5], P.vx = s[6], P.vy = s[7];
     P.vr = s[8], P.ox = s[9], P.oy = s[10], P.orow = s[11], P.lx = s[12], P.ly = s[13], P.lr = s[14];
-    P.D = D;
-    P.c = (float)c;
-    P.items = (const int64_t *)(uintptr_t)items;
+    P.Y = a[FA_Y];
+    P.D = a[FA_D];
+    P.items = (const int64_t *)(intptr_t)a[FA_ITEMS];
+    P.extras = (const int64_t *)(intptr_t)a[FA_EXTRAS];
+    P.masks = (const int64_t *)(intptr_t)a[FA_MASKS];
+    P.c = (float)f64_at(a, FA_C);
     P.n_items = n_items;
-    P.extras = (const int64_t *)(uintptr_t)extras;
-    P.masks = (const int64_t *)(uintptr_t)masks;
-    int64_t np = 1;
-    for (int64_t i = 0; i < n_items; i++) {
-        int64_t n = piece_count(P.items + i * I_COLS);
-        if (n > np) np = n;
-    }
+    const int bf16 = a[FA_BF16] != 0;
+    const int64_t D = P.D, np = max_pieces(P.items, n_items);
     Work w;
     size_t sq = MAX_D * GROUP * 4, sacc = MAX_D * GROUP * 4, spp = BATCH * 8 * GROUP * 4;
     size_t sk = (size_t)np * 16 * D * 4, sv = (size_t)np * 16 * D * 4, spk = ((size_t)np + 63) & ~(size_t)63;
     size_t sl = ((size_t)np * 4 + 63) & ~(size_t)63;
     char *mem = aligned_alloc(64, sq + sacc + spp + sk + sv + spk + sl);
-    if (!mem) return PyErr_NoMemory();
+    if (!mem) return 0;
     w.qt = (float *)mem;
     w.acc = (float *)(mem + sq);
     w.pp = (uint32_t *)(mem + sq + sacc);
@@ -611,69 +664,42 @@ static PyObject *py_run(PyObject *self, PyObject *args) {
     w.vbuf = mem + sq + sacc + spp + sk;
     w.packed = (uint8_t *)(mem + sq + sacc + spp + sk + sv);
     w.live = (int32_t *)(mem + sq + sacc + spp + sk + sv + spk);
-    Py_BEGIN_ALLOW_THREADS
     for (int64_t z = z0; z < z1; z++)
-        for (int64_t i = 0; i < P.n_items; i++) {
+        for (int64_t i = 0; i < n_items; i++) {
             const int64_t *it = P.items + i * I_COLS;
             if (bf16) run_item_bf16(&P, z, it, &w);
             else run_item_f32(&P, z, it, &w);
         }
-    Py_END_ALLOW_THREADS
     free(mem);
-#endif
-    Py_RETURN_NONE;
+    return 1;
 }
 
-/* backward(params, n_items, z0, z1): params is an int64 array (see engines/fused.py run_backward):
- * 9 pointers (q, k, v, dout, lse, out, dq, dk, dv), 27 strides, Y, D, items, extras, masks, c and
- * scale as float64 bit patterns, whether q, k, v and dout are bfloat16, then dlse's pointer (0:
- * none) and 3 strides. */
-static PyObject *py_backward(PyObject *self, PyObject *args) {
-    unsigned long long pa;
-    long long n_items, z0, z1;
-    if (!PyArg_ParseTuple(args, "KLLL", &pa, &n_items, &z0, &z1)) return NULL;
-    const int64_t *a = (const int64_t *)(uintptr_t)pa;
+/* One backward job; 0 if its work buffers could not be allocated. */
+static int backward_job(const int64_t *a, int64_t n_items, int64_t z0, int64_t z1) {
     Bwd B;
-    B.Y = a[36];
-    B.D = a[37];
-    if (B.D <= 0 || B.D > MAX_D || B.D % 16 || B.Y < 1) {
-        PyErr_Format(PyExc_ValueError, "head dim must be a multiple of 16 up to %d, got %lld", MAX_D, (long long)B.D);
-        return NULL;
-    }
-    B.bf16 = a[43] != 0;
-    if (!cpu_has(B.bf16)) {
-        PyErr_SetString(PyExc_RuntimeError, B.bf16 ? "this CPU has no AVX512-BF16" : "this CPU has no AVX-512");
-        return NULL;
-    }
-#if HAVE_AVX512
+    B.Y = a[BA_Y];
+    B.D = a[BA_D];
+    B.bf16 = a[BA_BF16] != 0;
     B.q = (const char *)(intptr_t)a[0]; B.k = (const char *)(intptr_t)a[1]; B.v = (const char *)(intptr_t)a[2];
     B.dout = (const char *)(intptr_t)a[3]; B.lse = (const float *)(intptr_t)a[4];
     B.out = (const float *)(intptr_t)a[5];
-    B.dlse = (const float *)(intptr_t)a[44];
-    for (int j = 0; j < 3; j++) B.sdl[j] = a[45 + j];
+    B.dlse = (const float *)(intptr_t)a[BA_DLSE];
+    for (int j = 0; j < 3; j++) B.sdl[j] = a[BA_DLSE + 1 + j];
     B.dq = (float *)(intptr_t)a[6]; B.dk = (float *)(intptr_t)a[7]; B.dv = (float *)(intptr_t)a[8];
     for (int i = 0; i < 9; i++)
         for (int j = 0; j < 3; j++) B.s[i][j] = a[9 + 3 * i + j];
-    B.items = (const int64_t *)(intptr_t)a[38];
-    B.extras = (const int64_t *)(intptr_t)a[39];
-    B.masks = (const int64_t *)(intptr_t)a[40];
-    double cd, sd;
-    memcpy(&cd, a + 41, 8);
-    memcpy(&sd, a + 42, 8);
-    B.c = (float)cd;
-    B.scale = (float)sd;
+    B.items = (const int64_t *)(intptr_t)a[BA_ITEMS];
+    B.extras = (const int64_t *)(intptr_t)a[BA_EXTRAS];
+    B.masks = (const int64_t *)(intptr_t)a[BA_MASKS];
+    B.c = (float)f64_at(a, BA_C);
+    B.scale = (float)f64_at(a, BA_SCALE);
     B.n_items = n_items;
-    const int64_t D = B.D;
-    int64_t np = 1;
-    for (int64_t i = 0; i < n_items; i++) {
-        int64_t n = piece_count(B.items + i * I_COLS);
-        if (n > np) np = n;
-    }
+    const int64_t D = B.D, np = max_pieces(B.items, n_items);
     BWork w;
     size_t lane = (size_t)ROWBLOCK * D * GROUP * 4, piece = (size_t)np * 16 * D * 4;
     size_t spk = ((size_t)np + 63) & ~(size_t)63, sl = ((size_t)np * 4 + 63) & ~(size_t)63;
     char *mem = aligned_alloc(64, 5 * lane + 5 * piece + 2 * spk + sl);
-    if (!mem) return PyErr_NoMemory();
+    if (!mem) return 0;
     w.qt = (float *)mem; w.dot = (float *)(mem + lane); w.dqt = (float *)(mem + 2 * lane);
     w.qrows = (float *)(mem + 3 * lane); w.dorows = (float *)(mem + 4 * lane);
     w.kbuf = (float *)(mem + 5 * lane); w.vbuf = (float *)(mem + 5 * lane + piece);
@@ -682,21 +708,97 @@ static PyObject *py_backward(PyObject *self, PyObject *args) {
     w.packed = (uint8_t *)(mem + 5 * lane + 5 * piece);
     w.mark = (uint8_t *)(mem + 5 * lane + 5 * piece + spk);
     w.live = (int32_t *)(mem + 5 * lane + 5 * piece + 2 * spk);
-    Py_BEGIN_ALLOW_THREADS
     for (int64_t z = z0; z < z1; z++)
         for (int64_t i = 0; i < n_items; i++) {
             if (B.bf16) bwd_item_bf16(&B, z, B.items + i * I_COLS, &w);
             else bwd_item_f32(&B, z, B.items + i * I_COLS, &w);
         }
-    Py_END_ALLOW_THREADS
     free(mem);
+    return 1;
+}
 #endif
+
+typedef struct {
+    const int64_t *jobs;
+    const int64_t *starts; /* chain c is jobs [starts[c], starts[c + 1]) */
+    int64_t n_chains;
+    int64_t *next;         /* the shared counter: the next chain to take */
+    int *failed;           /* set when a job's buffers could not be allocated */
+} Drain;
+
+static void drain(void *arg) {
+    Drain *d = (Drain *)arg;
+#if HAVE_AVX512
+    for (;;) {
+        int64_t c = __atomic_fetch_add(d->next, 1, __ATOMIC_RELAXED);
+        if (c >= d->n_chains) return;
+        for (int64_t j = d->starts[c]; j < d->starts[c + 1]; j++) {
+            const int64_t *job = d->jobs + j * J_COLS;
+            const int64_t *a = (const int64_t *)(intptr_t)job[J_PARAMS];
+            int ok = job[J_KIND] == 0 ? forward_job(a, job[J_ITEMS], job[J_Z0], job[J_Z1])
+                                      : backward_job(a, job[J_ITEMS], job[J_Z0], job[J_Z1]);
+            if (!ok) __atomic_store_n(d->failed, 1, __ATOMIC_RELAXED);
+        }
+    }
+#else
+    (void)d;
+#endif
+}
+
+typedef void (*gomp_parallel_t)(void (*)(void *), void *, unsigned, unsigned);
+static gomp_parallel_t gomp_parallel = NULL;
+
+/* use_openmp(path): take GOMP_parallel from the OpenMP runtime at path if this process has already
+ * loaded it (RTLD_NOLOAD: never a second runtime). Returns whether it did. */
+static PyObject *py_use_openmp(PyObject *self, PyObject *args) {
+    const char *path;
+    if (!PyArg_ParseTuple(args, "s", &path)) return NULL;
+    void *h = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
+    gomp_parallel = h ? (gomp_parallel_t)dlsym(h, "GOMP_parallel") : NULL;
+    return PyBool_FromLong(gomp_parallel != NULL);
+}
+
+/* jobs(jobs, starts, n_chains, counter, n_threads): run the job table (see above) on n_threads of
+ * the OpenMP team (n_threads 1: on this thread). Chain c is jobs [starts[c], starts[c + 1]), run in
+ * order by one thread; threads take chains from the int64 at counter, which must start at 0 (threads
+ * of the caller's own may share one counter, each calling with n_threads 1). */
+static PyObject *py_jobs(PyObject *self, PyObject *args) {
+    unsigned long long jp, sp, cp;
+    long long n_chains, n_threads;
+    if (!PyArg_ParseTuple(args, "KKLKL", &jp, &sp, &n_chains, &cp, &n_threads)) return NULL;
+    const int64_t *jobs = (const int64_t *)(uintptr_t)jp, *starts = (const int64_t *)(uintptr_t)sp;
+    if (n_threads < 1 || (n_threads > 1 && !gomp_parallel)) {
+        PyErr_SetString(PyExc_ValueError, "n_threads must be 1, or more where use_openmp found the runtime");
+        return NULL;
+    }
+    if (n_chains < 0 || (n_chains && (!starts || starts[0] != 0))) {
+        PyErr_SetString(PyExc_ValueError, "chains must start at job 0");
+        return NULL;
+    }
+    for (int64_t c = 0; c < n_chains; c++)
+        if (starts[c + 1] < starts[c]) {
+            PyErr_SetString(PyExc_ValueError, "chain starts must not decrease");
+            return NULL;
+        }
+    if (n_chains && starts[n_chains] && !jobs) {
+        PyErr_SetString(PyExc_ValueError, "chains of jobs need a job table");
+        return NULL;
+    }
+    for (int64_t j = 0; n_chains && j < starts[n_chains]; j++)
+        if (!check_job(jobs + j * J_COLS)) return NULL;
+    int failed = 0;
+    Drain d = {jobs, starts, n_chains, (int64_t *)(uintptr_t)cp, &failed};
+    Py_BEGIN_ALLOW_THREADS
+    if (n_threads > 1) gomp_parallel(drain, &d, (unsigned)n_threads, 0);
+    else drain(&d);
+    Py_END_ALLOW_THREADS
+    if (failed) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
-    {"backward", py_backward, METH_VARARGS, "The backward of an item table (see engines/fused.py)."},
-    {"run", py_run, METH_VARARGS, "Run an item table over batch-heads [z0, z1) (see engines/fused.py)."},
+    {"jobs", py_jobs, METH_VARARGS, "Run a table of forward / backward jobs (see engines/fused.py)."},
+    {"use_openmp", py_use_openmp, METH_VARARGS, "use_openmp(path): run jobs on that OpenMP runtime's team."},
     {"supports", py_supports, METH_VARARGS, "supports(bf16): whether this CPU can run the kernel."},
     {NULL, NULL, 0, NULL},
 };
@@ -710,6 +812,9 @@ PyMODINIT_FUNC PyInit__attend(void) {
         PyModule_AddIntConstant(m, "COLUMNS", I_COLS);
         PyModule_AddIntConstant(m, "GROUP", GROUP);
         PyModule_AddIntConstant(m, "MAX_D", MAX_D);
+        PyModule_AddIntConstant(m, "JOB_COLUMNS", J_COLS);
+        PyModule_AddIntConstant(m, "FORWARD_PARAMS", FA_COUNT);
+        PyModule_AddIntConstant(m, "BACKWARD_PARAMS", BA_COUNT);
     }
     return m;
 }

@@ -41,9 +41,10 @@ import torch
 
 from ..errors import MaskValueError
 from ..layout import BlockLayout
-from ..threads import run_tasks, threads_for
+from ..threads import threads_for
 from .blocksparse import Plan, _causal_segments, _dilation, blocksparse_forward, head_runs, kernel_items, plan_for
-from . import costs, fused
+from . import costs
+from . import fused as _fused
 from .costs import BACKWARD, KEY_MAJOR_ROWS, KEYS_PER_CALL
 
 __all__ = ["blocksparse_attention_with_grad", "blocksparse_backward"]
@@ -77,7 +78,7 @@ def _plan(layout: BlockLayout) -> Plan:
 
 
 def _one_layout(q, k, v, out, dout, lse0, layout: BlockLayout, scale: float, dq, dk, dv, *,
-                dlse=None, fused: bool = False) -> None:
+                dlse=None, fused: bool = False, calls: list | None = None) -> None:
     """Accumulate the gradients of one layout's heads into dq, dk, dv (all in the compute dtype).
 
     q/out/dout [b, h, Lq, D], lse0 [b, h, Lq], k/v [b, hk, Lk, D] with h a multiple of hk. ``out``
@@ -87,7 +88,15 @@ def _one_layout(q, k, v, out, dout, lse0, layout: BlockLayout, scale: float, dq,
     ``dilated(w, d)`` pairs only positions of one residue class mod d, where it is a sliding
     window of w: it runs as d window problems on strided views (as the forward does), so it
     costs the w keys a row keeps, not the w * d positions they span.
+    ``calls``: a list to append the fused kernel's calls to, run by the caller in order on one
+    thread (:func:`_backward_layouts`); None runs them here, side by side (they write disjoint
+    gradients: the residues of a dilated window, or batch elements).
     """
+    if fused and calls is None:
+        calls = []
+        _one_layout(q, k, v, out, dout, lse0, layout, scale, dq, dk, dv, dlse=dlse, fused=True, calls=calls)
+        _fused.run([[call] for call in calls])
+        return
     dil = _dilation(layout.mask)
     if dil is not None and dil[1] > 1:
         from ..primitives import causal, sliding
@@ -102,10 +111,10 @@ def _one_layout(q, k, v, out, dout, lse0, layout: BlockLayout, scale: float, dq,
                                                q_offset=(q_offset + i0 - r) // d, block_size=layout.block_size)
             qr, kr = (slice(None), slice(None), slice(i0, None, d)), (slice(None), slice(None), slice(r, None, d))
             _one_layout(q[qr], k[kr], v[kr], out[qr], dout[qr], lse0[qr], sub, scale, dq[qr], dk[kr], dv[kr],
-                        dlse=None if dlse is None else dlse[qr], fused=fused)
+                        dlse=None if dlse is None else dlse[qr], fused=fused, calls=calls)
         return
     if fused:
-        _one_layout_fused(q, k, v, out, dout, lse0, dlse, layout, scale, dq, dk, dv)
+        _fused_backward_calls(q, k, v, out, dout, lse0, dlse, layout, scale, dq, dk, dv, calls)
         return
     segments = _causal_segments(layout)
     if segments is not None:
@@ -119,9 +128,10 @@ def _one_layout(q, k, v, out, dout, lse0, layout: BlockLayout, scale: float, dq,
     _run_ops(_plan(layout), q, k, v, out, dout, lse0, scale, dq, dk, dv)
 
 
-def _one_layout_fused(q, k, v, out, dout, lse0, dlse, layout: BlockLayout, scale: float, dq, dk, dv) -> None:
-    """The fused kernel's backward (engines/fused.py) over the forward's items (:func:`kernel_items`),
-    dlse [b, h, Lq] or None.
+def _fused_backward_calls(q, k, v, out, dout, lse0, dlse, layout: BlockLayout, scale: float, dq, dk, dv,
+                          calls: list) -> None:
+    """Append the fused kernel's backward calls (engines/fused.py) over the forward's items
+    (:func:`kernel_items`) to ``calls``; dlse [b, h, Lq] or None.
 
     The forward's items cover every attended (row, key) pair exactly once, so their
     contributions sum to the exact gradient; query heads that share a key head are viewed as
@@ -146,12 +156,12 @@ def _one_layout_fused(q, k, v, out, dout, lse0, dlse, layout: BlockLayout, scale
     dlv = None if dlse is None else heads(dlse)
     if any(x is None for x in views) or (dlse is not None and dlv is None):
         for i in range(b):             # batch elements whose strides do not merge: one at a time
-            _one_layout_fused(q[i:i + 1], k[i:i + 1], v[i:i + 1], out[i:i + 1], dout[i:i + 1], lse0[i:i + 1],
-                              None if dlse is None else dlse[i:i + 1], layout, scale, dq[i:i + 1], dk[i:i + 1],
-                              dv[i:i + 1])
+            _fused_backward_calls(q[i:i + 1], k[i:i + 1], v[i:i + 1], out[i:i + 1], dout[i:i + 1],
+                                  lse0[i:i + 1], None if dlse is None else dlse[i:i + 1], layout, scale,
+                                  dq[i:i + 1], dk[i:i + 1], dv[i:i + 1], calls)
         return
     qv, ov, dov, lv, dqv, kv, vv, dkv, dvv = views
-    fused.run_backward(items, qv, kv, vv, ov, dov, lv, dlv, dqv, dkv, dvv, scale)
+    calls.append(_fused.backward_call(items, qv, kv, vv, ov, dov, lv, dlv, dqv, dkv, dvv, scale))
 
 
 def _view(t: torch.Tensor, start: int, step: int, G: int, n: int) -> torch.Tensor | None:
@@ -350,7 +360,7 @@ def blocksparse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
     # backward reads bf16 inputs as they are; elsewhere they are upcast to float32 copies. The output
     # only forms delta and stays in the accumulation dtype (the forward saved it in float32).
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32
-    kd = q.dtype if q.dtype == torch.bfloat16 and fused.usable_backward(q.dtype, D) else cd
+    kd = q.dtype if q.dtype == torch.bfloat16 and _fused.usable_backward(q.dtype, D) else cd
     # Contiguous copies only where needed (a model's permuted q/k/v), so strided views can batch items.
     q_, k_, v_, do_ = (x.to(kd).contiguous() for x in (q, k, v, dout))
     o_ = out.to(cd).contiguous()
@@ -370,7 +380,7 @@ def blocksparse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
         # Rows with no key have a constant lse: no gradient flows through it.
         dlse_ = None if dlse is None else dlse.to(cd).nan_to_num(0.0, 0.0, 0.0).masked_fill(empty, 0.0)
         with threads_for(work):
-            if fused.usable_backward(kd, D):
+            if _fused.usable_backward(kd, D):
                 # The fused kernel forms delta = rowsum(dO * O) - dlse itself: one pass for any dout.
                 run(o_, do_, v_, dv, dlse=dlse_, fused=True)
             elif dlse_ is None:
@@ -428,23 +438,19 @@ def _backward_layouts(q_, k_, v_, o_, do_, lse0, layouts, head_layout, used, sca
     # after run in a fixed order, so the sums are deterministic.
     runs = head_runs(head_layout, k_.shape[1])
 
-    def one(bs, h0, h1, j, li) -> None:
+    def one(bs, h0, h1, j, li, calls=None) -> None:
         _one_layout(q_[bs, h0:h1], k_[bs, j:j + 1], v_[bs, j:j + 1], o_[bs, h0:h1], do_[bs, h0:h1],
                     lse0[bs, h0:h1], layouts[li], scale, dq[bs, h0:h1], dk[bs, j:j + 1], dv[bs, j:j + 1],
-                    dlse=None if dlse is None else dlse[bs, h0:h1], fused=fused)
+                    dlse=None if dlse is None else dlse[bs, h0:h1], fused=fused, calls=calls)
 
-    if fused and torch.get_num_threads() > 1:
-        # The fused kernel holds no GIL: the runs of different key heads (disjoint dK / dV) run
-        # side by side; the runs of one key head stay on one worker, in order.
-        by_key_head: dict[tuple, list] = {}
+    if fused:
+        # The fused kernel's calls as one run: the runs of one key head are one chain (one thread,
+        # in order: they add into its dK / dV); chains of different key heads run side by side.
+        chains: dict[tuple, list] = {}
         for run in runs:
-            by_key_head.setdefault((run[0].start, run[0].stop, run[3]), []).append(run)
-        groups = list(by_key_head.values())
-        cost = [sum(layouts[r[4]].attended_pairs() * (r[2] - r[1]) * (r[0].stop - r[0].start) for r in g)
-                for g in groups]
-        if len(groups) > 1 and sum(cost) >= costs.SIDE_BY_SIDE_PAIRS_FUSED:
-            run_tasks([lambda g=g: [one(*r) for r in g] for g in groups], cost)
-            return
+            one(*run, calls=chains.setdefault((run[0].start, run[0].stop, run[3]), []))
+        _fused.run(list(chains.values()))
+        return
     for run in runs:
         one(*run)
 

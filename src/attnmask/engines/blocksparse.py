@@ -43,6 +43,7 @@ the plan knows those rows and fixes them).
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 import hashlib
 from dataclasses import dataclass
 
@@ -1125,15 +1126,48 @@ def _causal_segments(layout: BlockLayout) -> list[tuple[int, int]] | None:
 def _forward_one_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
                         scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
     """q [X, Y, Lq, D], k/v [X, Y, Lk, D] (possibly stride-0 expanded) -> fills out, lse in place."""
-    for job in _layout_jobs(q, k, v, layout, scale, out, lse):
-        job()
+    jobs = _layout_jobs(q, k, v, layout, scale, out, lse)
+    for job in jobs:
+        if not isinstance(job, _KernelJob):
+            job()
+    _run_kernel_jobs([job for job in jobs if isinstance(job, _KernelJob)], scale)
+
+
+class _KernelJob(NamedTuple):
+    """A forward through the fused kernel: ``items`` on q/k/v into out / lse (``covered``: whether
+    its items write every row; see :func:`kernel_items`)."""
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    items: fused.Items
+    covered: bool
+    out: torch.Tensor
+    lse: torch.Tensor
+
+
+def _run_kernel_jobs(jobs: list[_KernelJob], scale: float) -> None:
+    """Kernel jobs with disjoint outputs as one :func:`fused.run` (its threads take them costliest first)."""
+    calls, copies = [], []
+    for j in jobs:
+        acc = j.out if j.out.dtype == torch.float32 else torch.empty(j.out.shape, dtype=torch.float32)
+        if not j.covered:
+            # Rows no item writes have no key: zeros and lse -inf.
+            acc.zero_()
+            j.lse.fill_(float("-inf"))
+        calls.append([fused.forward_call(j.items, j.q, j.k, j.v, scale, acc, j.lse)])
+        if acc is not j.out:
+            copies.append((j.out, acc))
+    fused.run(calls)
+    for out, acc in copies:
+        out.copy_(acc)
 
 
 def _layout_jobs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
                  scale: float, out: torch.Tensor, lse: torch.Tensor) -> list:
-    """The forward of one layout as calls to make in order, planned here (the caller's thread).
+    """The forward of one layout as jobs with disjoint outputs, planned here (the caller's thread):
+    kernel jobs (:class:`_KernelJob`, for :func:`_run_kernel_jobs`) and calls to make.
 
-    Every compile and plan look-up happens now, so the jobs may run on a worker
+    Every compile and plan look-up happens now, so the calls may run on a worker
     (:func:`attnmask.threads.run_tasks`; the layout cache is not thread-safe).
 
     ``dilated(w, d)`` only pairs positions of one residue class mod d, where it is a
@@ -1143,8 +1177,7 @@ def _layout_jobs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bloc
     dil = _dilation(layout.mask)
     if dil is None or dil[1] == 1:
         if fused.usable(q.dtype, q.shape[-1]):
-            items, covered = kernel_items(layout)
-            return [lambda: _forward_fused(q, k, v, items, covered, scale, out, lse)]
+            return [_KernelJob(q, k, v, *kernel_items(layout), out, lse)]
         segments = _causal_segments(layout)
         if segments is not None and len(segments) * costs.MIN_SEGMENT_ROWS <= layout.q_len:
             # causal & document(...): each document is its own causal problem, one top-left
@@ -1175,9 +1208,7 @@ def _layout_jobs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Bloc
                                block_size=layout.block_size)
         qs, ks, vs, os_, ls = q[:, :, i0::d], k[:, :, r::d], v[:, :, r::d], out[:, :, i0::d], lse[:, :, i0::d]
         if fused.usable(q.dtype, q.shape[-1]):
-            items, covered = kernel_items(sub)
-            jobs.append(lambda qs=qs, ks=ks, vs=vs, os_=os_, ls=ls, items=items, covered=covered: _forward_fused(
-                qs, ks, vs, items, covered, scale, os_, ls))
+            jobs.append(_KernelJob(qs, ks, vs, *kernel_items(sub), os_, ls))
         else:
             jobs.append(lambda qs=qs, ks=ks, vs=vs, os_=os_, ls=ls, plan=plan_for(sub): _forward_plain(
                 qs, ks, vs, plan, scale, os_, ls))
@@ -1201,18 +1232,6 @@ def kernel_items(layout: BlockLayout) -> tuple[fused.Items, bool]:
     if plan.causal:
         return fused.causal_items(((0, layout.q_len),)), True
     return fused.plan_items(plan), plan.covered
-
-
-def _forward_fused(q, k, v, items, covered: bool, scale: float, out, lse) -> None:
-    """An item table through the fused kernel (engines/fused.py), into float32 out / lse."""
-    acc = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32)
-    if not covered:
-        # Rows no item writes have no key: zeros and lse -inf.
-        acc.zero_()
-        lse.fill_(float("-inf"))
-    fused.run_items(items, q, k, v, scale, acc, lse)
-    if acc is not out:
-        out.copy_(acc)
 
 
 def _forward_segments(q, k, v, segments: list[tuple[int, int]], L: int, scale: float, out, lse) -> None:
@@ -1323,23 +1342,27 @@ def _forward_groups(q, k, v, layouts, head_layout, used, scale, out, lse):
     # Heads (or batch elements) with different layouts: each run of neighbouring heads with one
     # layout inside a kv group is one problem on views (q[b, h0:h1] against k[b, j] broadcast with
     # a zero stride), so nothing is gathered and GQA never repeats K/V. The problems write
-    # disjoint rows of out / lse: with enough work (costs.SIDE_BY_SIDE_PAIRS) they run side by
+    # disjoint rows of out / lse. Kernel problems are one fused.run (its threads take them
+    # costliest first); ATen problems with enough work (costs.SIDE_BY_SIDE_PAIRS) run side by
     # side, one intra-op thread each (run_tasks: small per-head calls gain little from a second
     # intra-op thread, while two problems at once run nearly twice as fast).
-    tasks, work = [], []
+    kernel_jobs, tasks, work = [], [], []
     for bs, h0, h1, j, li in head_runs(head_layout, Hkv):
         n = h1 - h0
         kv_shape = (bs.stop - bs.start, n, Lk, D)
         jobs = _layout_jobs(q[bs, h0:h1], k[bs, j:j + 1].expand(kv_shape), v[bs, j:j + 1].expand(kv_shape),
                             layouts[li], scale, out[bs, h0:h1], lse[bs, h0:h1])
-        tasks.append(lambda jobs=jobs: [job() for job in jobs])
-        work.append(layouts[li].attended_pairs() * (bs.stop - bs.start) * n)
-    side_by_side = costs.SIDE_BY_SIDE_PAIRS_FUSED if fused.usable(q.dtype, D) else costs.SIDE_BY_SIDE_PAIRS
-    if sum(work) >= side_by_side:
+        kernel_jobs += [job for job in jobs if isinstance(job, _KernelJob)]
+        calls = [job for job in jobs if not isinstance(job, _KernelJob)]
+        if calls:
+            tasks.append(lambda calls=calls: [call() for call in calls])
+            work.append(layouts[li].attended_pairs() * (bs.stop - bs.start) * n)
+    if sum(work) >= costs.SIDE_BY_SIDE_PAIRS:
         run_tasks(tasks, work)
     else:
         for task in tasks:
             task()
+    _run_kernel_jobs(kernel_jobs, scale)
     return out, lse
 
 

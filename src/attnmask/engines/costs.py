@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 __all__ = ["Direction", "FORWARD", "BACKWARD", "KERNEL", "KERNEL_ROWS", "kernel_cost", "causal_call_cost", "pieces_cost",
            "KERNEL_SLICE_FACTORS", "SUB_ROWS", "MIN_SUB_ROWS", "FINE_PIECES_REPEATS", "SPLIT_GAIN", "REGION_GAIN", "SPLIT_FULL_BLOCKS", "ONE_CALL_BLOCKS",
-           "GATHER_KEYS", "GATHER_SPAN_ROWS", "KEY_SET_KEYS", "KEY_SET_ROWS", "KEY_SET_CELLS", "KEY_SET_JOIN_RUNS", "KERNEL_JOIN_CELLS", "SIDE_BY_SIDE_PAIRS", "SIDE_BY_SIDE_PAIRS_FUSED", "MIN_SEGMENT_ROWS", "CHUNK_BYTES", "KEYS_PER_CALL", "KEY_MAJOR_ROWS",
+           "GATHER_KEYS", "GATHER_SPAN_ROWS", "KEY_SET_KEYS", "KEY_SET_ROWS", "KEY_SET_CELLS", "KEY_SET_JOIN_RUNS", "KERNEL_JOIN_CELLS", "SIDE_BY_SIDE_PAIRS", "MIN_SEGMENT_ROWS", "CHUNK_BYTES", "KEYS_PER_CALL", "KEY_MAJOR_ROWS",
            "BACKWARD_ROW_COSTS", "MIN_BACKWARD_ROWS", "backward_cost"]
 
 #: Relative cost per score of the forward kernel by its query slice (256, 64, 32 rows: calls of
@@ -82,17 +82,12 @@ KEY_SET_JOIN_RUNS = 3
 #: keys booleans) under this many: a window's items that see key columns at different offsets each
 #: get a mask of their own instead of a key-set item that stores and reloads their rows.
 KERNEL_JOIN_CELLS = 1 << 22
-#: Head problems of a per-head mask list run side by side on worker threads (one intra-op thread
-#: each, ``threads.run_tasks``) when their attended pairs x heads sum to at least this. Measured
-#: under the CPU lock, SmolLM2's nine masks (H=9, Hkv=3, D=64, fp32), median ms side by side /
+#: Head problems of a per-head mask list on the ATen path run side by side on worker threads (one
+#: intra-op thread each, ``threads.run_tasks``) when their attended pairs x heads sum to at least
+#: this (the fused kernel's problems are one ``fused.run``). Measured under the CPU lock, SmolLM2's nine masks (H=9, Hkv=3, D=64, fp32), median ms side by side /
 #: in turn: L=4096 (9.5M pairs) 44.4 / 56.3; L=1024 (1.4M pairs) 13.9 / 12.9 (Python's share of
 #: small calls, serialised by the GIL, eats the gain), benchmarks/results/model_shapes.md.
 SIDE_BY_SIDE_PAIRS = 1 << 22
-#: The same with the fused kernel (engines/fused.py), which holds no GIL for a whole head problem:
-#: side by side pays from small work on. A probe of the lead's under the CPU lock (SmolLM2's nine
-#: masks at L = 1024, 1.4M pairs, fp32, a noisy machine): 4.2-6.7 ms side by side against 7.2-7.7
-#: one after another; benchmarks/results/model_shapes.md has the figures with it.
-SIDE_BY_SIDE_PAIRS_FUSED = 1 << 17
 #: ``causal & document(...)`` runs one is_causal call per document when documents average at least
 #: this many rows (below, the calls' fixed costs outweigh the plan's merged calls).
 MIN_SEGMENT_ROWS = 256

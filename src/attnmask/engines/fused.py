@@ -30,7 +30,8 @@ import torch
 
 from ..threads import run_tasks
 
-__all__ = ["status", "usable", "usable_backward", "run_items", "run_backward", "plan_items", "causal_items"]
+__all__ = ["status", "usable", "usable_backward", "forward_call", "backward_call", "run", "run_items", "run_backward",
+           "plan_items", "causal_items", "Call"]
 
 try:                                     # built by `pip install -e .` (setup.py); optional
     from . import _attend
@@ -173,53 +174,56 @@ def causal_items(segments: tuple[tuple[int, int], ...]) -> Items:
     return Items([[a, b - a, a, b - a, -1, _CAUSAL | _FIRST, 0, 0, 0] for a, b in segments], [], [])
 
 
-def run_items(items: Items, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-              out: torch.Tensor, lse: torch.Tensor) -> None:
-    """Run ``items`` on q [X, Y, Lq, D], k/v [X, Y, Lk, D] (any strides, D contiguous; stride 0 allowed
-    on X and Y), writing out [X, Y, Lq, D] float32 and lse [X, Y, Lq] float32 in place.
+class Call:
+    """One kernel call, packed for the C side: an item table over ``units`` batch-head ranges.
+
+    ``kind`` 0 is the forward, 1 the backward. A unit is the batch-heads one thread must run in
+    order: one z for the forward, the Y heads of one x for the backward (they add into one key
+    head's dK / dV). ``cost`` is the scores of one unit. ``keep`` holds what the pointers in
+    ``params`` point into; ``dtype`` and ``head_dim`` say what it runs (for tests and profiles).
+    """
+
+    __slots__ = ("kind", "params", "n_items", "units", "unit", "cost", "keep", "dtype", "head_dim")
+
+    def __init__(self, kind, params, items: Items, units: int, unit: int, keep, dtype, head_dim):
+        self.kind, self.params, self.n_items = kind, params, items.table.shape[0]
+        self.units, self.unit, self.cost = units, unit, items.scores * unit
+        self.keep, self.dtype, self.head_dim = (items, keep), dtype, head_dim
+
+
+def forward_call(items: Items, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 out: torch.Tensor, lse: torch.Tensor) -> Call:
+    """The call of ``items`` on q [X, Y, Lq, D], k/v [X, Y, Lk, D] (any strides, D contiguous; stride 0
+    allowed on X and Y), to write out [X, Y, Lq, D] float32 and lse [X, Y, Lq] float32 in place (:func:`run`).
 
     Rows no item writes are left as they are (the caller zero-fills when the plan does not cover
-    every row). Batch-heads are split over ``torch.get_num_threads()`` threads when the work is
-    large enough; each batch-head's bits do not depend on the split.
+    every row).
     """
     X, Y, Lq, D = q.shape
-    assert out.dtype == torch.float32 and lse.dtype == torch.float32
-    tensors = []
+    if out.dtype != torch.float32 or lse.dtype != torch.float32:
+        raise ValueError("the fused kernel writes float32 out and lse")
     for t in (q, k, v, out):
         if t.stride(-1) != 1:
             raise ValueError("the fused kernel needs the head dim contiguous")
-        tensors.append(t)
     strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()]
-    bf16 = q.dtype == torch.bfloat16
-    args = (q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), Y, tuple(strides), D, bf16,
-            scale * _LOG2E, items.table.data_ptr(), items.table.shape[0], items.extras.data_ptr(),
-            items.addresses.data_ptr())
-    Z = X * Y
-    n = min(torch.get_num_threads(), Z, max(1, items.scores * Z // PARALLEL_SCORES))
-    if n <= 1:
-        _attend.run(*args, 0, Z)
-        return
-    cuts = [Z * i // n for i in range(n + 1)]
-    run_tasks([lambda a=a, b=b: _attend.run(*args, a, b) for a, b in zip(cuts, cuts[1:])],
-              [b - a for a, b in zip(cuts, cuts[1:])])
+    c = np.array([scale * _LOG2E], dtype=np.float64).view(np.int64).tolist()
+    params = torch.tensor([q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), *strides,
+                           Y, D, items.table.data_ptr(), items.extras.data_ptr(), items.addresses.data_ptr(),
+                           *c, int(q.dtype == torch.bfloat16)], dtype=torch.int64)
+    return Call(0, params, items, X * Y, 1, (q, k, v, out, lse), q.dtype, D)
 
 
-def usable_backward(dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether the kernel's backward runs inputs of ``dtype`` here: float32 and bfloat16, on the
-    forward's conditions (float16 inputs are upcast to float32 by the autograd)."""
-    return usable(dtype, head_dim)
-
-
-def run_backward(items: Items, q, k, v, out, dout, lse, dlse, dq, dk, dv, scale: float) -> None:
-    """Accumulate the gradients of ``items`` into dq [X, Y, Lq, D], dk / dv [X, Y, Lk, D] (float32, in place).
+def backward_call(items: Items, q, k, v, out, dout, lse, dlse, dq, dk, dv, scale: float) -> Call:
+    """The call that accumulates the gradients of ``items`` into dq [X, Y, Lq, D], dk / dv [X, Y, Lk, D]
+    (float32, in place; :func:`run`).
 
     q, dout [X, Y, Lq, D], k, v [X, Y, Lk, D] all float32 or all bfloat16 (stride 0 on Y where
     query heads share a key head); out [X, Y, Lq, D] float32 (the forward's, read only for delta);
     lse (the forward's, 0 on rows with no key) and dlse (the gradient into lse, or None) [X, Y, Lq]
     float32. The kernel forms delta = rowsum(dout * out) - dlse per row itself (no [X, Y, Lq, D]
     temporary). bf16 inputs round P and dS to bf16 for the gradient products (see csrc/attend.c).
-    The Y heads of one x run on one thread, so dk / dv of a shared key head are summed in a fixed
-    order; x ranges are split over threads when the work is large enough.
+    The Y heads of one x are one unit (one thread, in order), so dk / dv of a shared key head are
+    summed in a fixed order.
     """
     X, Y, Lq, D = q.shape
     tensors = (q, k, v, dout, lse, out, dq, dk, dv)
@@ -237,10 +241,83 @@ def run_backward(items: Items, q, k, v, out, dout, lse, dlse, dq, dk, dv, scale:
     params = torch.tensor([t.data_ptr() for t in tensors] + strides
                           + [Y, D, items.table.data_ptr(), items.extras.data_ptr(), items.addresses.data_ptr()]
                           + floats + [int(bf16)] + dl, dtype=torch.int64)
-    n = min(torch.get_num_threads(), X, max(1, items.scores * X * Y // PARALLEL_SCORES))
-    if n <= 1:
-        _attend.backward(params.data_ptr(), items.table.shape[0], 0, X * Y)
+    return Call(1, params, items, X, Y, (tensors, dlse), q.dtype, D)
+
+
+def _openmp_runtime() -> bool:
+    """Whether the kernel's jobs run on torch's own OpenMP team (see csrc/attend.c, "jobs"): torch's
+    parallel backend is OpenMP and the runtime it loaded exports GOMP_parallel (libgomp; LLVM's
+    and Intel's runtimes export it too)."""
+    if _attend is None or "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return False
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    names = sorted(os.listdir(lib)) if os.path.isdir(lib) else []
+    for name in names:
+        if name.startswith(("libgomp", "libiomp5", "libomp")) and ".so" in name:
+            if _attend.use_openmp(os.path.join(lib, name)):
+                return True
+    # A torch linked against the system's runtime: its soname, already loaded by torch.
+    return any(_attend.use_openmp(name) for name in ("libgomp.so.1", "libiomp5.so", "libomp.so"))
+
+
+_OPENMP = _openmp_runtime()
+#: Jobs per thread a single call is cut into (more than one: a core the machine lends elsewhere
+#: for a while delays one job, not a whole share of the call).
+JOBS_PER_THREAD = 4
+
+
+def run(chains: list[list[Call]]) -> None:
+    """Run kernel calls: each chain's calls in order on one thread, different chains side by side.
+
+    Different chains must write disjoint outputs. A chain of one call is cut into jobs of whole
+    units (batch-heads; the backward's x ranges) when the work is large enough. Jobs are taken
+    costliest first by ``torch.get_num_threads()`` threads (torch's OpenMP team where
+    :data:`_OPENMP`, else worker threads of :func:`attnmask.threads.run_tasks`). No call's bits
+    depend on the thread count or on which thread ran it.
+    """
+    chains = [c for c in chains if c]
+    total = sum(call.cost * call.units for chain in chains for call in chain)
+    if not total:
         return
-    cuts = [X * i // n * Y for i in range(n + 1)]
-    run_tasks([lambda a=a, b=b: _attend.backward(params.data_ptr(), items.table.shape[0], a, b)
-               for a, b in zip(cuts, cuts[1:])], [b - a for a, b in zip(cuts, cuts[1:])])
+    n = min(torch.get_num_threads(), max(1, total // PARALLEL_SCORES))
+    jobs: list[tuple[float, list[list[int]]]] = []       # (cost, rows) per chain of jobs
+    for chain in chains:
+        if len(chain) == 1 and n > 1:
+            call = chain[0]
+            cut = min(call.units, max(1, -(-call.cost * call.units * n * JOBS_PER_THREAD // total)))
+            bounds = [call.units * i // cut for i in range(cut + 1)]
+            for a, b in zip(bounds, bounds[1:]):
+                jobs.append((call.cost * (b - a), [[call.kind, call.params.data_ptr(), call.n_items,
+                                                    a * call.unit, b * call.unit]]))
+        else:
+            jobs.append((sum(c.cost * c.units for c in chain),
+                         [[c.kind, c.params.data_ptr(), c.n_items, 0, c.units * c.unit] for c in chain]))
+    jobs.sort(key=lambda j: -j[0])                       # stable: a fixed order for equal costs
+    rows = [row for _, chain_rows in jobs for row in chain_rows]
+    starts = np.cumsum([0] + [len(r) for _, r in jobs])
+    table = torch.tensor(rows, dtype=torch.int64)
+    groups = torch.from_numpy(starts.astype(np.int64))
+    counter = torch.zeros(1, dtype=torch.int64)
+    n = min(n, len(jobs))
+    args = (table.data_ptr(), groups.data_ptr(), len(jobs), counter.data_ptr())
+    if n <= 1 or _OPENMP:
+        _attend.jobs(*args, max(1, n))
+        return
+    run_tasks([lambda: _attend.jobs(*args, 1)] * n, [1] * n)
+
+
+def run_items(items: Items, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+              out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Run ``items`` (:func:`forward_call`, then :func:`run`)."""
+    run([[forward_call(items, q, k, v, scale, out, lse)]])
+
+
+def usable_backward(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the kernel's backward runs inputs of ``dtype`` here: float32 and bfloat16, on the
+    forward's conditions (float16 inputs are upcast to float32 by the autograd)."""
+    return usable(dtype, head_dim)
+
+
+def run_backward(items: Items, q, k, v, out, dout, lse, dlse, dq, dk, dv, scale: float) -> None:
+    """Accumulate the gradients of ``items`` (:func:`backward_call`, then :func:`run`)."""
+    run([[backward_call(items, q, k, v, out, dout, lse, dlse, dq, dk, dv, scale)]])

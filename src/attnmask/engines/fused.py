@@ -9,6 +9,10 @@ per thread, continuing each row's online softmax from what earlier items stored,
 and AVX512-BF16 dot products for bf16 inputs (fp32 accumulation, probabilities rounded to
 bf16 for P @ V, as ATen's bf16 kernel does).
 
+Every call goes through :func:`run` (a list of chains of :class:`Call`; a per-head list's
+problems, or a backward's key heads, are one run), and the C side runs the job table on torch's
+own OpenMP team (csrc/attend.c, "jobs", says why).
+
 When it is used (``usable``): the extension was built, the CPU has AVX-512 (and AVX512-BF16
 for bf16 inputs), the dtype is float32 or bfloat16, the head dim a multiple of 16 up to 256,
 and ``ATTNMASK_KERNEL`` is not ``0``. Otherwise the engine runs the ATen path, and

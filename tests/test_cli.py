@@ -217,6 +217,7 @@ def test_version_says_whether_the_fused_kernel_runs(capsys, monkeypatch):
     assert code == 0 and out.startswith(f"attnmask {am.__version__} (fused CPU kernel: ")
     runs = [name for name in ("float32", "bfloat16") if st[name]]
     assert (", ".join(runs) if runs else "off") in out
+    assert (st["threads"] in out) == bool(runs)
     monkeypatch.setenv("ATTNMASK_KERNEL", "0")
     code, out, _ = run(capsys, "--version")
     assert code == 0 and "fused CPU kernel: off; disabled by ATTNMASK_KERNEL=0" in out

@@ -174,7 +174,7 @@ class _VersionAction(argparse._VersionAction):
         from .engines import fused
         st = fused.status()
         runs = [name for name in ("float32", "bfloat16") if st[name]]
-        kernel = f"fused CPU kernel: {', '.join(runs)}" if runs else "fused CPU kernel: off"
+        kernel = f"fused CPU kernel: {', '.join(runs)}, on {st['threads']}" if runs else "fused CPU kernel: off"
         self.version = f"{self.version} ({kernel}{'; ' + st['reason'] if st['reason'] else ''})"
         super().__call__(parser, namespace, values, option_string)
 

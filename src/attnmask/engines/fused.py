@@ -56,10 +56,11 @@ def _supports(bf16: bool) -> bool:
 
 
 def status() -> dict:
-    """Whether the kernel is built and usable here, per dtype, with the reason when not.
+    """Whether the kernel is built and usable here, per dtype, with the reason when not, and whose
+    threads run it (``threads``: torch's OpenMP team, or worker threads of ours; see :func:`run`).
 
         >>> sorted(status())
-        ['bfloat16', 'built', 'enabled', 'float32', 'reason']
+        ['bfloat16', 'built', 'enabled', 'float32', 'reason', 'threads']
     """
     enabled = os.environ.get("ATTNMASK_KERNEL", "1") != "0"
     if _attend is None:
@@ -73,7 +74,8 @@ def status() -> dict:
     else:
         reason = ""
     return {"built": _attend is not None, "enabled": enabled,
-            "float32": enabled and _supports(False), "bfloat16": enabled and _supports(True), "reason": reason}
+            "float32": enabled and _supports(False), "bfloat16": enabled and _supports(True), "reason": reason,
+            "threads": "torch's OpenMP team" if _OPENMP else "worker threads (torch is not an OpenMP build)"}
 
 
 def usable(dtype: torch.dtype, head_dim: int) -> bool:

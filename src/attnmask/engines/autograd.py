@@ -37,6 +37,8 @@ Double backward is not implemented and says so (:class:`MaskValueError`).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..errors import MaskValueError
@@ -379,7 +381,9 @@ def blocksparse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
 
         # Rows with no key have a constant lse: no gradient flows through it.
         dlse_ = None if dlse is None else dlse.to(cd).nan_to_num(0.0, 0.0, 0.0).masked_fill(empty, 0.0)
-        with threads_for(work):
+        # The fused kernel picks its own thread count per call (fused.run); the clamp is for the
+        # ATen path's many small ops.
+        with threads_for(work) if not _fused.usable_backward(kd, D) else contextlib.nullcontext():
             if _fused.usable_backward(kd, D):
                 # The fused kernel forms delta = rowsum(dO * O) - dlse itself: one pass for any dout.
                 run(o_, do_, v_, dv, dlse=dlse_, fused=True)

@@ -42,6 +42,7 @@ the plan knows those rows and fixes them).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import NamedTuple
 import hashlib
@@ -1316,8 +1317,11 @@ def blocksparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
         raise MaskValueError(f"head_layout must be [B, H] = [{B}, {H}], got {list(head_layout.shape)}")
     used = torch.unique(head_layout).tolist()
     # Attended pairs x heads: exact from structure, no plan needed (dilated masks never plan the original).
-    work = sum(layouts[li].attended_pairs() * int((head_layout == li).sum()) for li in used)
-    with threads_for(work, _SMALL_WORK):
+    # The fused kernel picks its own thread count per call (fused.run); the clamp is for the
+    # ATen path's many small ops.
+    work = 0 if fused.usable(q.dtype, D) else sum(
+        layouts[li].attended_pairs() * int((head_layout == li).sum()) for li in used)
+    with threads_for(work, _SMALL_WORK) if work else contextlib.nullcontext():
         return _forward_groups(q, k, v, layouts, head_layout, used, scale, out, lse)
 
 

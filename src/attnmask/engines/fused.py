@@ -47,8 +47,10 @@ except ImportError as exc:               # noqa: F841 (reported by status())
 _DTYPES = {torch.float32: False, torch.bfloat16: True}
 _FIRST, _CAUSAL = 2, 1
 _LOG2E = 1.4426950408889634
-#: Below this many scores per thread a call stays on one thread (a task hand-off costs ~20 us).
-PARALLEL_SCORES = 1 << 17
+#: Below this many scores per thread a call stays on one thread. Handing jobs to torch's warm
+#: OpenMP team costs a few us: measured (fused.run_items, causal, D=64, fp32, median of 400) 2 heads
+#: x 64 rows (5K scores) 29 us on one thread, 26 on two; 8 x 64 (20K) 66 / 53; 8 x 128 (74K) 169 / 100.
+PARALLEL_SCORES = 1 << 12
 
 
 def _supports(bf16: bool) -> bool:
@@ -186,7 +188,8 @@ class Call:
     ``kind`` 0 is the forward, 1 the backward. A unit is the batch-heads one thread must run in
     order: one z for the forward, the Y heads of one x for the backward (they add into one key
     head's dK / dV). ``cost`` is the scores of one unit. ``keep`` holds what the pointers in
-    ``params`` point into; ``dtype`` and ``head_dim`` say what it runs (for tests and profiles).
+    ``params`` (int64, numpy: a few us cheaper to make than a tensor) point into; ``dtype`` and
+    ``head_dim`` say what it runs (for tests and profiles).
     """
 
     __slots__ = ("kind", "params", "n_items", "units", "unit", "cost", "keep", "dtype", "head_dim")
@@ -213,9 +216,9 @@ def forward_call(items: Items, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             raise ValueError("the fused kernel needs the head dim contiguous")
     strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()]
     c = np.array([scale * _LOG2E], dtype=np.float64).view(np.int64).tolist()
-    params = torch.tensor([q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), *strides,
-                           Y, D, items.table.data_ptr(), items.extras.data_ptr(), items.addresses.data_ptr(),
-                           *c, int(q.dtype == torch.bfloat16)], dtype=torch.int64)
+    params = np.array([q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), *strides,
+                       Y, D, items.table.data_ptr(), items.extras.data_ptr(), items.addresses.data_ptr(),
+                       *c, int(q.dtype == torch.bfloat16)], dtype=np.int64)
     return Call(0, params, items, X * Y, 1, (q, k, v, out, lse), q.dtype, D)
 
 
@@ -244,9 +247,9 @@ def backward_call(items: Items, q, k, v, out, dout, lse, dlse, dq, dk, dv, scale
         strides += list(t.stride()[:3])
     floats = np.array([scale * _LOG2E, scale], dtype=np.float64).view(np.int64).tolist()
     dl = [0, 0, 0, 0] if dlse is None else [dlse.data_ptr(), *dlse.stride()[:3]]
-    params = torch.tensor([t.data_ptr() for t in tensors] + strides
-                          + [Y, D, items.table.data_ptr(), items.extras.data_ptr(), items.addresses.data_ptr()]
-                          + floats + [int(bf16)] + dl, dtype=torch.int64)
+    params = np.array([t.data_ptr() for t in tensors] + strides
+                      + [Y, D, items.table.data_ptr(), items.extras.data_ptr(), items.addresses.data_ptr()]
+                      + floats + [int(bf16)] + dl, dtype=np.int64)
     return Call(1, params, items, X, Y, (tensors, dlse), q.dtype, D)
 
 
@@ -293,19 +296,17 @@ def run(chains: list[list[Call]]) -> None:
             cut = min(call.units, max(1, -(-call.cost * call.units * n * JOBS_PER_THREAD // total)))
             bounds = [call.units * i // cut for i in range(cut + 1)]
             for a, b in zip(bounds, bounds[1:]):
-                jobs.append((call.cost * (b - a), [[call.kind, call.params.data_ptr(), call.n_items,
+                jobs.append((call.cost * (b - a), [[call.kind, call.params.ctypes.data, call.n_items,
                                                     a * call.unit, b * call.unit]]))
         else:
             jobs.append((sum(c.cost * c.units for c in chain),
-                         [[c.kind, c.params.data_ptr(), c.n_items, 0, c.units * c.unit] for c in chain]))
+                         [[c.kind, c.params.ctypes.data, c.n_items, 0, c.units * c.unit] for c in chain]))
     jobs.sort(key=lambda j: -j[0])                       # stable: a fixed order for equal costs
-    rows = [row for _, chain_rows in jobs for row in chain_rows]
-    starts = np.cumsum([0] + [len(r) for _, r in jobs])
-    table = torch.tensor(rows, dtype=torch.int64)
-    groups = torch.from_numpy(starts.astype(np.int64))
-    counter = torch.zeros(1, dtype=torch.int64)
+    table = np.array([row for _, chain_rows in jobs for row in chain_rows], dtype=np.int64)
+    starts = np.cumsum([0] + [len(r) for _, r in jobs], dtype=np.int64)
+    counter = np.zeros(1, dtype=np.int64)
     n = min(n, len(jobs))
-    args = (table.data_ptr(), groups.data_ptr(), len(jobs), counter.data_ptr())
+    args = (table.ctypes.data, starts.ctypes.data, len(jobs), counter.ctypes.data)
     if n <= 1 or _OPENMP:
         _attend.jobs(*args, max(1, n))
         return

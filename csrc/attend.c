@@ -573,9 +573,12 @@ static PyObject *py_supports(PyObject *self, PyObject *args) {
  * On the team's threads the spinning ends as the work arrives. Without the symbol (another OpenMP
  * runtime), the caller runs jobs(..., 1, counter) on threads of its own sharing one counter. */
 
-/* Forward params (27 int64): q, k, v, out, lse pointers; 15 strides (x, y, row of q, k, v, out,
- * lse); Y, D, items, extras, masks; c (= scale * log2 e) as a float64 bit pattern; bf16. */
-enum { FA_Y = 20, FA_D, FA_ITEMS, FA_EXTRAS, FA_MASKS, FA_C, FA_BF16, FA_COUNT };
+/* Forward params (32 int64): q, k, v, out, lse pointers; 15 strides (x, y, row of q, k, v, out,
+ * lse); Y, D, items, extras, masks; c (= scale * log2 e) as a float64 bit pattern; bf16; then
+ * out16, a bfloat16 output (0: none; out is then a float32 scratch of one z's rows made here), its
+ * 3 strides, the rows per z, and whether rows no item writes are zeros (the scratch is zeroed). */
+enum { FA_Y = 20, FA_D, FA_ITEMS, FA_EXTRAS, FA_MASKS, FA_C, FA_BF16, FA_OUT16, FA_O16S = 28, FA_ROWS = 31,
+       FA_ZERO, FA_COUNT };
 /* Backward params (48 int64): 9 pointers (q, k, v, dout, lse, out, dq, dk, dv), 27 strides, Y, D,
  * items, extras, masks, c and scale as float64 bit patterns, whether q, k, v and dout are bfloat16,
  * then dlse's pointer (0: none) and 3 strides. */
@@ -627,10 +630,29 @@ static int check_job(const int64_t *job) {
         PyErr_SetString(PyExc_RuntimeError, bf16 ? "this CPU has no AVX512-BF16" : "this CPU has no AVX-512");
         return 0;
     }
+    if (!bwd && a[FA_OUT16] && (!bf16 || a[FA_ROWS] < 0)) {
+        PyErr_SetString(PyExc_ValueError, "a bfloat16 output needs bfloat16 inputs and rows >= 0");
+        return 0;
+    }
     return 1;
 }
 
 #if HAVE_AVX512
+/* dst rows (stride ds) = src [rows][D] float32 rounded to bfloat16 to nearest even, by the integer
+ * rule of torch's own conversion (denormals kept, where VCVTNEPS2BF16 would flush them; NaN
+ * becomes 0x7FC0). */
+static T512 void round_rows(const float *src, int64_t rows, int64_t D, uint16_t *dst, int64_t ds) {
+    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF), nan = _mm512_set1_epi32(0x7FC0);
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t d = 0; d < D; d += 16) {
+            __m512 x = _mm512_loadu_ps(src + r * D + d);
+            __m512i u = _mm512_castps_si512(x);
+            __m512i t = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+            t = _mm512_mask_mov_epi32(_mm512_srli_epi32(t, 16), _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), nan);
+            _mm256_storeu_si256((__m256i *)(dst + r * ds + d), _mm512_cvtepi32_epi16(t));
+        }
+}
+
 /* One forward job; 0 if its work buffers could not be allocated. */
 static int forward_job(const int64_t *a, int64_t n_items, int64_t z0, int64_t z1) {
     Problem P;
@@ -651,12 +673,24 @@ static int forward_job(const int64_t *a, int64_t n_items, int64_t z0, int64_t z1
     P.n_items = n_items;
     const int bf16 = a[FA_BF16] != 0;
     const int64_t D = P.D, np = max_pieces(P.items, n_items);
+    /* A bf16 output: the items run on a float32 scratch of one z's rows (the online softmax keeps
+     * its state there between items), rounded into out16 once the z is done. */
+    uint16_t *out16 = (uint16_t *)(intptr_t)a[FA_OUT16];
+    const int64_t rows = out16 ? a[FA_ROWS] : 0;
     Work w;
     size_t sq = MAX_D * GROUP * 4, sacc = MAX_D * GROUP * 4, spp = BATCH * 8 * GROUP * 4;
     size_t sk = (size_t)np * 16 * D * 4, sv = (size_t)np * 16 * D * 4, spk = ((size_t)np + 63) & ~(size_t)63;
-    size_t sl = ((size_t)np * 4 + 63) & ~(size_t)63;
-    char *mem = aligned_alloc(64, sq + sacc + spp + sk + sv + spk + sl);
+    size_t sl = ((size_t)np * 4 + 63) & ~(size_t)63, so = ((size_t)rows * D * 4 + 63) & ~(size_t)63;
+    char *mem = aligned_alloc(64, sq + sacc + spp + sk + sv + spk + sl + so);
     if (!mem) return 0;
+    if (out16) {
+        P.out = (float *)(mem + sq + sacc + spp + sk + sv + spk + sl);
+        P.ox = P.oy = 0;
+        P.orow = D;
+        /* Rows no item writes are the same rows in every z (one item table): zeroed once, they stay
+         * zeros. (Not caught by a mutant: fresh allocations of this size are mostly zero pages.) */
+        if (a[FA_ZERO]) memset(P.out, 0, (size_t)rows * D * 4);
+    }
     w.qt = (float *)mem;
     w.acc = (float *)(mem + sq);
     w.pp = (uint32_t *)(mem + sq + sacc);
@@ -664,12 +698,15 @@ static int forward_job(const int64_t *a, int64_t n_items, int64_t z0, int64_t z1
     w.vbuf = mem + sq + sacc + spp + sk;
     w.packed = (uint8_t *)(mem + sq + sacc + spp + sk + sv);
     w.live = (int32_t *)(mem + sq + sacc + spp + sk + sv + spk);
-    for (int64_t z = z0; z < z1; z++)
+    for (int64_t z = z0; z < z1; z++) {
         for (int64_t i = 0; i < n_items; i++) {
             const int64_t *it = P.items + i * I_COLS;
             if (bf16) run_item_bf16(&P, z, it, &w);
             else run_item_f32(&P, z, it, &w);
         }
+        if (out16) round_rows(P.out, rows, D, out16 + (z / P.Y) * a[FA_O16S] + (z % P.Y) * a[FA_O16S + 1],
+                              a[FA_O16S + 2]);
+    }
     free(mem);
     return 1;
 }

@@ -50,9 +50,9 @@ def kernel_calls():
     still runs."""
     seen, make = [], fused.forward_call
 
-    def counted(items, q, *args):
+    def counted(items, q, *args, **kwargs):
         seen.append((q.dtype, q.shape[-1]))
-        return make(items, q, *args)
+        return make(items, q, *args, **kwargs)
     fused.forward_call = counted
     try:
         yield seen
@@ -358,6 +358,32 @@ def test_bfloat16_within_the_dtypes_rounding(expr, L, block):
     assert scaled_error(out32, ref, unit) <= stick
     gain = float((out32.double() * ref).sum() / (ref * ref).sum())
     assert abs(gain - 1) < 2e-4, f"output biased by {gain - 1:+.2e}"
+
+
+@kernel_bf16
+@pytest.mark.parametrize("heads", ["one", "per-head"])
+def test_bfloat16_output_is_the_float32_output_rounded(heads):
+    # The kernel rounds a bf16 output itself (from a float32 scratch per batch-head): bit for bit
+    # torch's rounding of the float32 output, through per-head views (strided heads), a dilated
+    # window (rows strided by d), GQA, rows no item writes (exact zeros), and denormal outputs (which
+    # VCVTNEPS2BF16 would flush to zero: flat scores, and values of random sign just above the least
+    # normal number, whose averages fall below it).
+    # Mutation caught: rounding by truncation; the scratch not zeroed for uncovered rows.
+    masks = [am.causal & (am.sliding(40) | am.sink(3)) - am.rows(30, 50), am.dilated(16, 3),
+             am.causal & am.document(60, 77, 63), am.cols(5, 9) | am.diagonal]
+    mask = masks if heads == "per-head" else masks[0]
+    q, k, v = seeded_qkv(2, 4, 2, 200, 200, 32, seed=21, dtype=torch.bfloat16)
+    tiny = (torch.sign(v.float()) * (1.2e-38 + v.float().abs().clamp(max=1) * 1.2e-38)).bfloat16()
+    for qq, vv in ((q, v), (torch.zeros_like(q), tiny)):
+        with kernel_calls() as calls:
+            out, lse = _forward(qq, k, vv, mask, scale=0.2, block_size=32)
+        assert calls and out.dtype == torch.bfloat16
+        out32, lse32 = _forward(qq, k, vv, mask, scale=0.2, block_size=32, out_dtype=torch.float32)
+        assert torch.equal(out.view(torch.int16), out32.to(torch.bfloat16).view(torch.int16))
+        assert torch.equal(lse, lse32)
+        assert (out32[:, :, 30:50] == 0).all() if heads == "one" else (out32[:, 0, 30:50] == 0).all()
+    small = out32.abs()
+    assert bool(((small > 0) & (small < 1.1754944e-38)).any()), "the denormal case has denormal outputs"
 
 
 @kernel_bf16

@@ -161,6 +161,14 @@ MUTANTS: dict[str, tuple[str, list[tuple]]] = {
     "bwd_key_head_runs_split": ("backward: per-head runs of one key head in different chains (their dK / dV race)",
                                 [(AG, "chains.setdefault((run[0].start, run[0].stop, run[3]), [])",
                                   "chains.setdefault((run[0].start, run[0].stop, run[3], run[1]), [])")]),
+    # -- a bf16 output rounded by the kernel (round_rows) --
+    "bf16_out_truncated": ("the bf16 output truncated, not rounded to nearest even",
+                           [(C, "__m512i t = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));",
+                             "__m512i t = u;")]),
+    "bf16_out_flushes_denormals": ("the bf16 output rounded by VCVTNEPS2BF16 (denormals flushed to zero)",
+                                   [(C, "static T512 void round_rows(", "static TBF16 void round_rows("),
+                                    (C, "            _mm256_storeu_si256((__m256i *)(dst + r * ds + d), _mm512_cvtepi32_epi16(t));",
+                                     "            (void)t; _mm256_storeu_si256((__m256i *)(dst + r * ds + d), (__m256i)_mm512_cvtneps_pbh(x));")]),
     # -- the job table (csrc/attend.c "jobs", fused.run) --
     "jobs_chain_first_only": ("a thread runs only the first job of each chain it takes",
                               [(C, "for (int64_t j = d->starts[c]; j < d->starts[c + 1]; j++) {",

@@ -1147,20 +1147,22 @@ class _KernelJob(NamedTuple):
 
 
 def _run_kernel_jobs(jobs: list[_KernelJob], scale: float) -> None:
-    """Kernel jobs with disjoint outputs as one :func:`fused.run` (its threads take them costliest first)."""
-    calls, copies = [], []
+    """Kernel jobs with disjoint outputs as one :func:`fused.run` (its threads take them costliest first).
+
+    A bf16 output is written by the kernel itself (from a float32 scratch per batch-head); rows no
+    item writes get zeros and lse -inf."""
+    calls = []
     for j in jobs:
-        acc = j.out if j.out.dtype == torch.float32 else torch.empty(j.out.shape, dtype=torch.float32)
+        out = j.out if j.out.dtype in (torch.float32, j.q.dtype) else torch.empty(j.out.shape, dtype=torch.float32)
         if not j.covered:
-            # Rows no item writes have no key: zeros and lse -inf.
-            acc.zero_()
             j.lse.fill_(float("-inf"))
-        calls.append([fused.forward_call(j.items, j.q, j.k, j.v, scale, acc, j.lse)])
-        if acc is not j.out:
-            copies.append((j.out, acc))
-    fused.run(calls)
-    for out, acc in copies:
-        out.copy_(acc)
+            if out.dtype == torch.float32:
+                out.zero_()
+        calls.append((j, out, fused.forward_call(j.items, j.q, j.k, j.v, scale, out, j.lse, zero_rows=not j.covered)))
+    fused.run([[call] for _, _, call in calls])
+    for j, out, _ in calls:
+        if out is not j.out:
+            j.out.copy_(out)
 
 
 def _layout_jobs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,

@@ -201,24 +201,30 @@ class Call:
 
 
 def forward_call(items: Items, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                 out: torch.Tensor, lse: torch.Tensor) -> Call:
+                 out: torch.Tensor, lse: torch.Tensor, *, zero_rows: bool = False) -> Call:
     """The call of ``items`` on q [X, Y, Lq, D], k/v [X, Y, Lk, D] (any strides, D contiguous; stride 0
-    allowed on X and Y), to write out [X, Y, Lq, D] float32 and lse [X, Y, Lq] float32 in place (:func:`run`).
+    allowed on X and Y), to write out [X, Y, Lq, D] and lse [X, Y, Lq] float32 in place (:func:`run`).
 
-    Rows no item writes are left as they are (the caller zero-fills when the plan does not cover
-    every row).
+    ``out`` is float32, or bfloat16 for bf16 inputs: then the items run on a float32 scratch of
+    one batch-head's rows and the kernel rounds it into ``out`` (no [X, Y, Lq, D] float32 tensor,
+    no copy after). Rows no item writes are left as they are, or, for a bf16 ``out`` with
+    ``zero_rows``, written as zeros (with a float32 ``out`` the caller zero-fills them).
     """
     X, Y, Lq, D = q.shape
-    if out.dtype != torch.float32 or lse.dtype != torch.float32:
-        raise ValueError("the fused kernel writes float32 out and lse")
+    bf16 = q.dtype == torch.bfloat16
+    if lse.dtype != torch.float32 or not (out.dtype == torch.float32 or (bf16 and out.dtype == torch.bfloat16)):
+        raise ValueError("the fused kernel writes float32 lse and out (bfloat16 out for bfloat16 inputs)")
     for t in (q, k, v, out):
         if t.stride(-1) != 1:
             raise ValueError("the fused kernel needs the head dim contiguous")
-    strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *lse.stride()]
+    out16 = out.dtype == torch.bfloat16
+    strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *((0, 0, 0) if out16 else out.stride()[:3]),
+               *lse.stride()]
     c = np.array([scale * _LOG2E], dtype=np.float64).view(np.int64).tolist()
-    params = np.array([q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), *strides,
-                       Y, D, items.table.data_ptr(), items.extras.data_ptr(), items.addresses.data_ptr(),
-                       *c, int(q.dtype == torch.bfloat16)], dtype=np.int64)
+    tail = [out.data_ptr(), *out.stride()[:3], Lq, int(zero_rows)] if out16 else [0, 0, 0, 0, 0, 0]
+    params = np.array([q.data_ptr(), k.data_ptr(), v.data_ptr(), 0 if out16 else out.data_ptr(), lse.data_ptr(),
+                       *strides, Y, D, items.table.data_ptr(), items.extras.data_ptr(), items.addresses.data_ptr(),
+                       *c, int(bf16), *tail], dtype=np.int64)
     return Call(0, params, items, X * Y, 1, (q, k, v, out, lse), q.dtype, D)
 
 

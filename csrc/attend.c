@@ -565,13 +565,16 @@ static PyObject *py_supports(PyObject *self, PyObject *args) {
  * it or on n: jobs write disjoint outputs (the backward's jobs hold whole x ranges, so the dK / dV
  * sums of a shared key head have one order).
  *
- * The threads are torch's own OpenMP team, started with GOMP_parallel of the libgomp torch loaded
- * (use_openmp(path) finds it; engines/fused.py passes the path). Why not threads of our own: after
- * every parallel torch op the team's threads spin for a while waiting for the next region, and a
- * kernel running on other threads competes with them for the cores (measured: nine per-head masks
- * at L = 1024, 6.6 ms after SDPA calls on Python worker threads, 4.7 ms with OMP_WAIT_POLICY=PASSIVE).
- * On the team's threads the spinning ends as the work arrives. Without the symbol (another OpenMP
- * runtime), the caller runs jobs(..., 1, counter) on threads of its own sharing one counter. */
+ * The threads are torch's own OpenMP team: GOMP_parallel taken from the OpenMP runtime torch's
+ * libtorch_cpu is linked to (use_openmp(path of libtorch_cpu) looks it up among that library's
+ * dependencies; engines/fused.py passes the path), always with the calling thread's default team
+ * size, the team torch's own parallel ops use (a smaller team would make libgomp end the surplus
+ * threads and torch's next op create them again). Why not threads of our own: after every parallel
+ * torch op the team's threads spin for a while waiting for the next region, and a kernel running on
+ * other threads competed with them for the cores (measured: nine per-head masks at L = 1024,
+ * 6.6 ms after SDPA calls on Python worker threads, 4.7 ms with OMP_WAIT_POLICY=PASSIVE, 3.2 ms on
+ * the team). Without the runtime, the caller runs jobs(..., 0) on threads of its own sharing one
+ * counter. */
 
 /* Forward params (32 int64): q, k, v, out, lse pointers; 15 strides (x, y, row of q, k, v, out,
  * lse); Y, D, items, extras, masks; c (= scale * log2 e) as a float64 bit pattern; bf16; then
@@ -761,10 +764,13 @@ typedef struct {
     int64_t n_chains;
     int64_t *next;         /* the shared counter: the next chain to take */
     int *failed;           /* set when a job's buffers could not be allocated */
+    int (*team_size)(void); /* omp_get_num_threads of the runtime, or NULL (one thread) */
+    int team;               /* the size of the team that ran the table */
 } Drain;
 
 static void drain(void *arg) {
     Drain *d = (Drain *)arg;
+    if (d->team_size) __atomic_store_n(&d->team, d->team_size(), __ATOMIC_RELAXED);
 #if HAVE_AVX512
     for (;;) {
         int64_t c = __atomic_fetch_add(d->next, 1, __ATOMIC_RELAXED);
@@ -784,32 +790,47 @@ static void drain(void *arg) {
 
 typedef void (*gomp_parallel_t)(void (*)(void *), void *, unsigned, unsigned);
 static gomp_parallel_t gomp_parallel = NULL;
+static int (*omp_team_size)(void) = NULL;
 
-/* use_openmp(path): take GOMP_parallel from the OpenMP runtime at path if this process has already
- * loaded it (RTLD_NOLOAD: never a second runtime). Returns whether it did. */
+/* use_openmp(path): take GOMP_parallel and omp_get_num_threads from the library at path or its
+ * dependencies, if this process has already loaded it (RTLD_NOLOAD: never a second runtime).
+ * Returns whether it did; else jobs() runs only on the calling thread. */
 static PyObject *py_use_openmp(PyObject *self, PyObject *args) {
     const char *path;
     if (!PyArg_ParseTuple(args, "s", &path)) return NULL;
     void *h = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
-    gomp_parallel = h ? (gomp_parallel_t)dlsym(h, "GOMP_parallel") : NULL;
+    gomp_parallel_t p = h ? (gomp_parallel_t)dlsym(h, "GOMP_parallel") : NULL;
+    int (*n)(void) = h ? (int (*)(void))dlsym(h, "omp_get_num_threads") : NULL;
+    gomp_parallel = p && n ? p : NULL;
+    omp_team_size = p && n ? n : NULL;
     return PyBool_FromLong(gomp_parallel != NULL);
 }
 
-/* jobs(jobs, starts, n_chains, counter, n_threads): run the job table (see above) on n_threads of
- * the OpenMP team (n_threads 1: on this thread). Chain c is jobs [starts[c], starts[c + 1]), run in
- * order by one thread; threads take chains from the int64 at counter, which must start at 0 (threads
- * of the caller's own may share one counter, each calling with n_threads 1). */
+/* jobs(jobs, starts, n_chains, counter, team) -> the number of threads that ran it: the job table
+ * (see above) on the calling thread's OpenMP team (team true; its default size, as torch's own
+ * parallel ops), or on this thread. Chain c is jobs [starts[c], starts[c + 1]), run in order by
+ * one thread; threads take chains from the int64 at counter, which must start at 0 (threads of the
+ * caller's own may share one counter, each calling with team false). */
 static PyObject *py_jobs(PyObject *self, PyObject *args) {
     unsigned long long jp, sp, cp;
-    long long n_chains, n_threads;
-    if (!PyArg_ParseTuple(args, "KKLKL", &jp, &sp, &n_chains, &cp, &n_threads)) return NULL;
+    long long n_chains;
+    int team;
+    if (!PyArg_ParseTuple(args, "KKLKp", &jp, &sp, &n_chains, &cp, &team)) return NULL;
     const int64_t *jobs = (const int64_t *)(uintptr_t)jp, *starts = (const int64_t *)(uintptr_t)sp;
-    if (n_threads < 1 || (n_threads > 1 && !gomp_parallel)) {
-        PyErr_SetString(PyExc_ValueError, "n_threads must be 1, or more where use_openmp found the runtime");
+    /* One read of the runtime (use_openmp may change it on another thread once the GIL is released). */
+    gomp_parallel_t parallel = gomp_parallel;
+    int (*team_size)(void) = omp_team_size;
+    if (team && !parallel) {
+        PyErr_SetString(PyExc_ValueError, "a team needs the OpenMP runtime (use_openmp found none)");
         return NULL;
     }
     if (n_chains < 0 || (n_chains && (!starts || starts[0] != 0))) {
         PyErr_SetString(PyExc_ValueError, "chains must start at job 0");
+        return NULL;
+    }
+    if (!n_chains) return PyLong_FromLong(0);
+    if (!cp) {
+        PyErr_SetString(PyExc_ValueError, "jobs need a counter");
         return NULL;
     }
     for (int64_t c = 0; c < n_chains; c++)
@@ -817,20 +838,20 @@ static PyObject *py_jobs(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "chain starts must not decrease");
             return NULL;
         }
-    if (n_chains && starts[n_chains] && !jobs) {
+    if (starts[n_chains] && !jobs) {
         PyErr_SetString(PyExc_ValueError, "chains of jobs need a job table");
         return NULL;
     }
-    for (int64_t j = 0; n_chains && j < starts[n_chains]; j++)
+    for (int64_t j = 0; j < starts[n_chains]; j++)
         if (!check_job(jobs + j * J_COLS)) return NULL;
     int failed = 0;
-    Drain d = {jobs, starts, n_chains, (int64_t *)(uintptr_t)cp, &failed};
+    Drain d = {jobs, starts, n_chains, (int64_t *)(uintptr_t)cp, &failed, team ? team_size : NULL, 1};
     Py_BEGIN_ALLOW_THREADS
-    if (n_threads > 1) gomp_parallel(drain, &d, (unsigned)n_threads, 0);
+    if (team) parallel(drain, &d, 0, 0);
     else drain(&d);
     Py_END_ALLOW_THREADS
     if (failed) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return PyLong_FromLong(d.team);
 }
 
 static PyMethodDef methods[] = {

@@ -20,6 +20,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import textwrap
+import sys
+import subprocess
 
 import pytest
 import torch
@@ -456,13 +459,13 @@ class _Splits:
         self.module, self.ranges, self.backward_ranges = module, [], []
         self.COLUMNS, self.supports = module.COLUMNS, module.supports
 
-    def jobs(self, table, starts, n_chains, counter, n_threads):
+    def jobs(self, table, starts, n_chains, counter, team):
         n_jobs = (ctypes.c_int64 * (n_chains + 1)).from_address(starts)[n_chains]
         rows = list((ctypes.c_int64 * (n_jobs * self.module.JOB_COLUMNS)).from_address(table))
         for j in range(n_jobs):
             kind, _, _, z0, z1 = rows[j * self.module.JOB_COLUMNS:(j + 1) * self.module.JOB_COLUMNS]
             (self.backward_ranges if kind == 1 else self.ranges).append((z0, z1))
-        return self.module.jobs(table, starts, n_chains, counter, n_threads)
+        return self.module.jobs(table, starts, n_chains, counter, team)
 
 
 def _a_partition(ranges, n: int) -> bool:
@@ -510,29 +513,70 @@ def _torch_ships_libgomp() -> bool:
 
 @kernel
 @pytest.mark.skipif(not _torch_ships_libgomp(), reason="torch here is not the OpenMP build with its own libgomp")
-def test_the_kernel_runs_on_torchs_openmp_team():
-    # torch's own wheels: the jobs go to torch's OpenMP team (csrc/attend.c, "jobs"), not to threads
-    # of ours that would compete with the team's spinning threads.
+def test_the_kernel_runs_on_torchs_openmp_team(monkeypatch):
+    # torch's own wheels: the jobs go to torch's OpenMP team (csrc/attend.c, "jobs"), the caller's
+    # whole team as torch's own ops use it, not to threads of ours that would compete with the
+    # team's spinning threads. Mutation caught: the table drained inline, not on the team.
     assert fused._OPENMP
+    monkeypatch.setattr(fused, "PARALLEL_SCORES", 1)
+    q, k, v = seeded_qkv(1, 4, 4, 64, 64, 16, seed=2)
+    items = fused.causal_items(((0, 64),))
+    out, lse = torch.empty(q.shape), torch.empty(q.shape[:3])
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, 3, 1):
+            torch.set_num_threads(threads)
+            assert fused.run([[fused.forward_call(items, q, k, v, 0.25, out, lse)]]) == threads
+    finally:
+        torch.set_num_threads(before)
+    counter = torch.zeros(1, dtype=torch.int64)
+    assert fused._attend.jobs(0, 0, 0, counter.data_ptr(), True) == 0        # no chains: nothing to run
+
+
+@kernel
+def test_a_forked_child_runs_the_kernel(tmp_path):
+    # A child made by os.fork() has torch's OpenMP runtime but not its team's threads (libgomp would
+    # wait on them for ever): its kernel calls go to worker threads of its own. The parent first runs
+    # parallel regions (a torch op, the kernel), as a training script before a forking DataLoader.
+    # (torch's own parallel ops hang in such a child too: libgomp's limit, not ours to mend.)
+    script = tmp_path / "fork.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, sys, torch, attnmask as am
+        from attnmask.engines import fused
+        torch.set_num_threads(2)
+        q = k = v = torch.randn(1, 4, 512, 32)
+        want = am.attention(q, k, v, am.causal & am.sliding(100))
+        (torch.randn(512, 512) @ torch.randn(512, 512)).sum()
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(20)
+            got = am.attention(q, k, v, am.causal & am.sliding(100))
+            ok = not fused._OPENMP and (got.numpy() == want.numpy()).all()   # (torch.equal is a parallel op)
+            os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        sys.exit(os.waitstatus_to_exitcode(status))
+    """))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"the child exited {r.returncode} (-14 or 14: it hung): {r.stderr[-2000:]}"
 
 
 @kernel
 def test_jobs_refuse_threads_without_a_runtime_and_bad_chains():
     try:
         assert not fused._attend.use_openmp("/nonexistent/libgomp.so.1")
-        with pytest.raises(ValueError, match="n_threads must be 1, or more where use_openmp found the runtime"):
-            fused._attend.jobs(0, 0, 0, 0, 2)
+        with pytest.raises(ValueError, match="a team needs the OpenMP runtime"):
+            fused._attend.jobs(0, 0, 0, 0, True)
     finally:
         assert fused._openmp_runtime() == fused._OPENMP      # the module's choice restored
     starts, counter = torch.tensor([1, 1]), torch.zeros(1, dtype=torch.int64)
     with pytest.raises(ValueError, match="chains must start at job 0"):
-        fused._attend.jobs(0, starts.data_ptr(), 1, counter.data_ptr(), 1)
+        fused._attend.jobs(0, starts.data_ptr(), 1, counter.data_ptr(), False)
     starts = torch.tensor([0, 2, 1])
     with pytest.raises(ValueError, match="chain starts must not decrease"):
-        fused._attend.jobs(0, starts.data_ptr(), 2, counter.data_ptr(), 1)
+        fused._attend.jobs(0, starts.data_ptr(), 2, counter.data_ptr(), False)
     starts = torch.tensor([0, 1])
     with pytest.raises(ValueError, match="chains of jobs need a job table"):
-        fused._attend.jobs(0, starts.data_ptr(), 1, counter.data_ptr(), 1)
+        fused._attend.jobs(0, starts.data_ptr(), 1, counter.data_ptr(), False)
 
 
 @kernel
@@ -672,7 +716,7 @@ def _raw_jobs(Y, D, kind=0, z=(0, 0)):
     params[20 if kind != 1 else 36], params[21 if kind != 1 else 37] = Y, D
     table = torch.tensor([[kind, params.data_ptr(), 0, *z]], dtype=torch.int64)
     starts, counter = torch.tensor([0, 1]), torch.zeros(1, dtype=torch.int64)
-    fused._attend.jobs(table.data_ptr(), starts.data_ptr(), 1, counter.data_ptr(), 1)
+    fused._attend.jobs(table.data_ptr(), starts.data_ptr(), 1, counter.data_ptr(), False)
 
 
 # -- the backward through the public attention (kernel forward and backward) -----------------------
@@ -1084,6 +1128,35 @@ def test_backward_per_head_runs_same_bits_and_key_heads_whole_per_thread(monkeyp
         torch.set_num_threads(before)
     for got in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(got, results[0]))
+
+
+@kernel
+def test_backward_per_head_one_key_head_chains_per_batch_element(monkeypatch):
+    # MQA (one key head) with per-head masks over a batch of 3: the calls of each batch element are
+    # a chain of their own (their dk / dv rows are disjoint), so the key head is not one thread's
+    # alone; every call of a chain writes one element's dk. The same bits at 1 and 2 threads.
+    chains, run = [], fused.run
+    monkeypatch.setattr(fused, "run", lambda cs: chains.append([list(chain) for chain in cs]) or run(cs))
+    heads = [am.causal & (am.sliding(50) | am.sink(2)), am.causal, am.causal & am.document(100, 156), am.causal]
+    q, k, v = seeded_qkv(3, 4, 1, 256, 256, 32, seed=9)
+    w_out, w_lse = seeded_randn(q.shape, 10, torch.float64), seeded_randn(q.shape[:3], 11, torch.float64)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            chains.clear()
+            got, calls = _kernel_grads(q, k, v, heads, w_out, w_lse, scale=0.2)
+            results.append(got)
+            dk_of = {id(c[2]): c[3] for c in calls}
+            backward = [ch for ch in chains if any(c.kind == 1 for chain in ch for c in chain)]
+            assert len(backward) == 1 and len(backward[0]) == 3, f"a chain per batch element: {backward}"
+            keys = [{dk_of[id(c)] for c in chain} for chain in backward[0]]
+            assert all(len(d) == 1 for d in keys) and len(set.union(*keys)) == 3, keys
+            assert sorted(map(len, backward[0])) == [4, 4, 4], "each element's four per-head runs, in one chain"
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 @kernel

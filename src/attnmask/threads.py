@@ -18,9 +18,9 @@ heads, never a reduction), so a clamp another thread lifts early costs speed,
 not bits.
 
 :func:`run_tasks` runs independent pieces of work (the heads of a per-head mask
-list on the ATen path; the fused kernel's jobs where torch is not an OpenMP
-build: the kernel otherwise runs on torch's own OpenMP team, see
-``engines/fused.py``) on as many Python threads as torch has intra-op threads, each on ONE
+list on the ATen path; the fused kernel's jobs where torch's OpenMP runtime is
+not found, or in a forked child: the kernel otherwise runs on torch's own
+OpenMP team, see ``engines/fused.py``) on as many Python threads as torch has intra-op threads, each on ONE
 intra-op thread: small kernel calls gain little from a second intra-op thread
 (measured: nine per-head problems at L = 1024 ran 11.1 ms on one thread, 9.9 on
 two), while two such calls side by side on two cores take the time of one. The

@@ -90,14 +90,15 @@ def _one_layout(q, k, v, out, dout, lse0, layout: BlockLayout, scale: float, dq,
     ``dilated(w, d)`` pairs only positions of one residue class mod d, where it is a sliding
     window of w: it runs as d window problems on strided views (as the forward does), so it
     costs the w keys a row keeps, not the w * d positions they span.
-    ``calls``: a list to append the fused kernel's calls to, run by the caller in order on one
-    thread (:func:`_backward_layouts`); None runs them here, side by side (they write disjoint
-    gradients: the residues of a dilated window, or batch elements).
+    ``calls``: a list to append the fused kernel's calls to, as (batch element or None, call)
+    (:func:`_fused_backward_calls`), run by the caller (:func:`_backward_layouts`); None runs them
+    here, side by side (they write disjoint gradients: the residues of a dilated window, or batch
+    elements).
     """
     if fused and calls is None:
         calls = []
         _one_layout(q, k, v, out, dout, lse0, layout, scale, dq, dk, dv, dlse=dlse, fused=True, calls=calls)
-        _fused.run([[call] for call in calls])
+        _fused.run([[call] for _, call in calls])
         return
     dil = _dilation(layout.mask)
     if dil is not None and dil[1] > 1:
@@ -131,9 +132,10 @@ def _one_layout(q, k, v, out, dout, lse0, layout: BlockLayout, scale: float, dq,
 
 
 def _fused_backward_calls(q, k, v, out, dout, lse0, dlse, layout: BlockLayout, scale: float, dq, dk, dv,
-                          calls: list) -> None:
+                          calls: list, batch: int | None = None) -> None:
     """Append the fused kernel's backward calls (engines/fused.py) over the forward's items
-    (:func:`kernel_items`) to ``calls``; dlse [b, h, Lq] or None.
+    (:func:`kernel_items`) to ``calls`` as (``batch``, call): the batch element a call is limited
+    to (index into q's batch), or None for all of them; dlse [b, h, Lq] or None.
 
     The forward's items cover every attended (row, key) pair exactly once, so their
     contributions sum to the exact gradient; query heads that share a key head are viewed as
@@ -160,10 +162,10 @@ def _fused_backward_calls(q, k, v, out, dout, lse0, dlse, layout: BlockLayout, s
         for i in range(b):             # batch elements whose strides do not merge: one at a time
             _fused_backward_calls(q[i:i + 1], k[i:i + 1], v[i:i + 1], out[i:i + 1], dout[i:i + 1],
                                   lse0[i:i + 1], None if dlse is None else dlse[i:i + 1], layout, scale,
-                                  dq[i:i + 1], dk[i:i + 1], dv[i:i + 1], calls)
+                                  dq[i:i + 1], dk[i:i + 1], dv[i:i + 1], calls, i)
         return
     qv, ov, dov, lv, dqv, kv, vv, dkv, dvv = views
-    calls.append(_fused.backward_call(items, qv, kv, vv, ov, dov, lv, dlv, dqv, dkv, dvv, scale))
+    calls.append((batch, _fused.backward_call(items, qv, kv, vv, ov, dov, lv, dlv, dqv, dkv, dvv, scale)))
 
 
 def _view(t: torch.Tensor, start: int, step: int, G: int, n: int) -> torch.Tensor | None:
@@ -450,10 +452,22 @@ def _backward_layouts(q_, k_, v_, o_, do_, lse0, layouts, head_layout, used, sca
     if fused:
         # The fused kernel's calls as one run: the runs of one key head are one chain (one thread,
         # in order: they add into its dK / dV); chains of different key heads run side by side.
-        chains: dict[tuple, list] = {}
+        # Where every call of a key head is limited to one batch element (per-head runs of a batch
+        # take one call per element), each element's calls are a chain of their own (disjoint dK /
+        # dV rows), so one key head (MQA) still runs on every thread.
+        tagged: dict[tuple, list] = {}
         for run in runs:
-            one(*run, calls=chains.setdefault((run[0].start, run[0].stop, run[3]), []))
-        _fused.run(list(chains.values()))
+            one(*run, calls=tagged.setdefault((run[0].start, run[0].stop, run[3]), []))
+        chains = []
+        for calls in tagged.values():
+            if all(b is not None for b, _ in calls):
+                by_batch: dict[int, list] = {}
+                for b, call in calls:
+                    by_batch.setdefault(b, []).append(call)
+                chains += by_batch.values()
+            else:
+                chains.append([call for _, call in calls])
+        _fused.run(chains)
         return
     for run in runs:
         one(*run)

@@ -77,7 +77,7 @@ def status() -> dict:
         reason = ""
     return {"built": _attend is not None, "enabled": enabled,
             "float32": enabled and _supports(False), "bfloat16": enabled and _supports(True), "reason": reason,
-            "threads": "torch's OpenMP team" if _OPENMP else "worker threads (torch is not an OpenMP build)"}
+            "threads": "torch's OpenMP team" if _OPENMP else "worker threads (torch's OpenMP runtime not found)"}
 
 
 def usable(dtype: torch.dtype, head_dim: int) -> bool:
@@ -261,39 +261,51 @@ def backward_call(items: Items, q, k, v, out, dout, lse, dlse, dq, dk, dv, scale
 
 def _openmp_runtime() -> bool:
     """Whether the kernel's jobs run on torch's own OpenMP team (see csrc/attend.c, "jobs"): torch's
-    parallel backend is OpenMP and the runtime it loaded exports GOMP_parallel (libgomp; LLVM's
-    and Intel's runtimes export it too)."""
+    parallel backend is OpenMP, and GOMP_parallel is found among the dependencies of torch's
+    libtorch_cpu (so the runtime is the one torch uses: libgomp here; LLVM's and Intel's runtimes
+    export the symbol too), never another runtime another library happens to have loaded."""
     if _attend is None or "parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return False
     lib = os.path.join(os.path.dirname(torch.__file__), "lib")
     names = sorted(os.listdir(lib)) if os.path.isdir(lib) else []
-    for name in names:
-        if name.startswith(("libgomp", "libiomp5", "libomp")) and ".so" in name:
-            if _attend.use_openmp(os.path.join(lib, name)):
-                return True
-    # A torch linked against the system's runtime: its soname, already loaded by torch.
-    return any(_attend.use_openmp(name) for name in ("libgomp.so.1", "libiomp5.so", "libomp.so"))
+    return any(_attend.use_openmp(os.path.join(lib, name)) for name in names
+               if name.startswith("libtorch_cpu.") and (".so" in name or name.endswith(".dylib")))
 
 
 _OPENMP = _openmp_runtime()
+
+
+def _forked_child() -> None:
+    # A child made by os.fork() has the runtime but not the team's threads: libgomp would wait on
+    # them for ever. Its kernel calls run on worker threads (threads.run_tasks makes new ones).
+    global _OPENMP
+    _OPENMP = False
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked_child)
 #: Jobs per thread a single call is cut into (more than one: a core the machine lends elsewhere
 #: for a while delays one job, not a whole share of the call).
 JOBS_PER_THREAD = 4
 
 
-def run(chains: list[list[Call]]) -> None:
-    """Run kernel calls: each chain's calls in order on one thread, different chains side by side.
+def run(chains: list[list[Call]]) -> int:
+    """Run kernel calls: each chain's calls in order on one thread, different chains side by side;
+    returns the number of threads they ran on (the team's size; 1: this thread alone).
 
     Different chains must write disjoint outputs. A chain of one call is cut into jobs of whole
     units (batch-heads; the backward's x ranges) when the work is large enough. Jobs are taken
     costliest first by ``torch.get_num_threads()`` threads (torch's OpenMP team where
     :data:`_OPENMP`, else worker threads of :func:`attnmask.threads.run_tasks`). No call's bits
-    depend on the thread count or on which thread ran it.
+    depend on the thread count or on which thread ran it. Each Python thread that calls has a team
+    of its own (as for torch's ops), so concurrent callers share the cores.
+    A job whose work buffers cannot be allocated raises MemoryError once the others have run; a
+    backward's gradients then hold part of their sums (do not retry into the same buffers).
     """
     chains = [c for c in chains if c]
     total = sum(call.cost * call.units for chain in chains for call in chain)
     if not total:
-        return
+        return 1
     n = min(torch.get_num_threads(), max(1, total // PARALLEL_SCORES))
     jobs: list[tuple[float, list[list[int]]]] = []       # (cost, rows) per chain of jobs
     for chain in chains:
@@ -314,9 +326,10 @@ def run(chains: list[list[Call]]) -> None:
     n = min(n, len(jobs))
     args = (table.ctypes.data, starts.ctypes.data, len(jobs), counter.ctypes.data)
     if n <= 1 or _OPENMP:
-        _attend.jobs(*args, max(1, n))
-        return
-    run_tasks([lambda: _attend.jobs(*args, 1)] * n, [1] * n)
+        # The team is the calling thread's whole team (as torch's own ops use it), whatever n.
+        return _attend.jobs(*args, n > 1)
+    run_tasks([lambda: _attend.jobs(*args, False)] * n, [1] * n)
+    return n
 
 
 def run_items(items: Items, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

@@ -650,8 +650,51 @@ def test_the_engine_runs_the_kernel_unless_disabled(monkeypatch):
 
 
 @kernel
+@pytest.mark.parametrize("heads", ["one", "per-head"])
+def test_float16_runs_the_float32_kernel_on_upcast_copies(heads, monkeypatch):
+    # No CPU path computes in fp16 here: the forward runs the float32 kernel on exact upcast copies
+    # and rounds its output once, so the error is the fp16 rounding of the float32-exact result
+    # (ATen's fp16 flash path, the route before, took 5x the float32 kernel's time at 8K).
+    masks = [am.causal & (am.sliding(30) | am.sink(2)) - am.rows(10, 20), am.causal & am.document(50, 70)]
+    mask = masks if heads == "per-head" else masks[0]
+    q, k, v = seeded_qkv(1, 2, 2, 120, 120, 32, seed=31, dtype=torch.float16)
+    with kernel_calls() as calls:
+        out, lse = _forward(q, k, v, mask, scale=0.2, block_size=32)
+    assert calls and all(c == (torch.float32, 32) for c in calls), calls
+    assert out.dtype == torch.float16 and lse.dtype == torch.float32
+    ref, ref_lse = reference(q, k, v, _allowed(mask, 120, 120, None), 0.2)
+    unit = output_unit(v)
+    assert scaled_error(out, ref, unit) <= scaled_error(ref.to(torch.float16), ref, unit) + FP32_TOL
+    live = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), live) and scaled_error(lse[live], ref_lse[live], 1.0) < FP32_TOL
+    assert (out[..., 10:20, :] == 0).all() if heads == "one" else (out[:, 0, 10:20] == 0).all()
+    out32, _ = _forward(q, k, v, mask, scale=0.2, block_size=32, out_dtype=torch.float32)
+    assert out32.dtype == torch.float32 and torch.equal(out32.to(torch.float16), out)
+    monkeypatch.setenv("ATTNMASK_KERNEL", "0")
+    with kernel_calls() as calls:
+        _forward(q, k, v, mask, scale=0.2, block_size=32)
+    assert not calls
+
+
+@kernel
+def test_float16_gradients_run_the_float32_kernel():
+    # fp16 with gradients: the float32 kernel forward and backward on upcast copies; the gradients
+    # are the float32-exact ones rounded to fp16 (within the stick, the float64 gradients rounded).
+    mask = am.causal & (am.sliding(30) | am.sink(2))
+    q, k, v = seeded_qkv(1, 4, 2, 96, 96, 32, seed=41, dtype=torch.float16)
+    w_out, w_lse = seeded_randn(q.shape, 42, torch.float64), seeded_randn(q.shape[:3], 43, torch.float64)
+    with kernel_calls() as fwd:
+        got, bwd = _kernel_grads(q, k, v, mask, w_out, w_lse, scale=0.2)
+    assert fwd and all(c[0] == torch.float32 for c in fwd) and bwd and all(c[4] == torch.float32 for c in bwd)
+    want = _reference_grads(q, k, v, mask.to_dense(96), w_out, w_lse, 0.2)
+    for name, a, r, unit in zip(("dq", "dk", "dv"), got, want, gradient_units(q, k, v, w_out, 0.2, dlse=w_lse)):
+        assert a.dtype == torch.float16, name
+        assert scaled_error(a, r, unit) <= scaled_error(r.to(torch.float16), r, unit) + FP32_TOL, name
+
+
+@kernel
 def test_head_dims_and_dtypes_the_kernel_does_not_take():
-    for dtype, D in ((torch.float32, 8), (torch.float32, 24), (torch.float32, 272), (torch.float16, 32),
+    for dtype, D in ((torch.float32, 8), (torch.float32, 24), (torch.float32, 272), (torch.float16, 24),
                      (torch.float64, 32)):
         assert not fused.usable(dtype, D)
         q, k, v = seeded_qkv(1, 1, 1, 40, 40, D, seed=D, dtype=dtype)

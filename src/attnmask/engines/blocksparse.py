@@ -1314,8 +1314,8 @@ def blocksparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
         return q.new_zeros(q.shape, dtype=out_dtype or q.dtype), torch.full((B, H, Lq), float("-inf"), dtype=lse_dtype(q.dtype))
     if q.dtype == torch.float16 and fused.usable(torch.float32, D):
         # float16: no CPU path here computes in it (ATen's fp16 route took 5.3x the float32
-        # kernel's time at 8K: benchmarks/probe_fp16.py); the float32 kernel on upcast copies (exact; 2x q, k, v's bytes),
-        # its float32 output rounded once, as the backward does.
+        # kernel's time at 8K: benchmarks/probe_fp16.py); the float32 kernel on upcast copies
+        # (exact; 2x q, k, v's bytes), its float32 output rounded once, as the backward does.
         o32, lse = blocksparse_forward(q.float(), k.float(), v.float(), layouts, head_layout, scale)
         return (o32 if out_dtype == torch.float32 else o32.to(out_dtype or q.dtype)), lse
     out = torch.empty(q.shape, dtype=out_dtype or q.dtype)

@@ -284,6 +284,7 @@ def _forked_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forked_child)
+
 #: Jobs per thread a single call is cut into (more than one: a core the machine lends elsewhere
 #: for a while delays one job, not a whole share of the call).
 JOBS_PER_THREAD = 4

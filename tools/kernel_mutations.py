@@ -83,8 +83,8 @@ MUTANTS: dict[str, tuple[str, list[tuple]]] = {
     "z_off_swapped": ("batch and head strides swapped",
                       [(C, "return (z / P->Y) * sx + (z % P->Y) * sy;", "return (z % P->Y) * sx + (z / P->Y) * sy;")]),
     "shared_work_buffer": ("one work buffer kept for every call (threads overwrite each other's)",
-                           [(C, "char *mem = aligned_alloc(64, sq + sacc + spp + sk + sv + spk + sl);",
-                             "static char *mem; static size_t have; size_t need = sq + sacc + spp + sk + sv + spk + sl; "
+                           [(C, "char *mem = aligned_alloc(64, sq + sacc + spp + sk + sv + spk + sl + so);",
+                             "static char *mem; static size_t have; size_t need = sq + sacc + spp + sk + sv + spk + sl + so; "
                              "if (need > have) { free(mem); mem = aligned_alloc(64, need); have = need; }"),
                             (C, "    free(mem);\n", "")]),
     "head_dim_unchecked": ("a head dim not a multiple of 16 accepted",
@@ -189,7 +189,7 @@ MUTANTS: dict[str, tuple[str, list[tuple]]] = {
     "bwd_on_aten": ("the autograd never reaches the kernel backward (ATen's runs)",
                     [(FUSED, "    return usable(dtype, head_dim)\n", "    return False\n")]),
     "bwd_bf16_upcast": ("the autograd upcasts bf16 to float32 for the kernel backward (its bf16 body never runs)",
-                        [(AG, "    kd = q.dtype if q.dtype == torch.bfloat16 and fused.usable_backward(q.dtype, D) else cd",
+                        [(AG, "    kd = q.dtype if q.dtype == torch.bfloat16 and _fused.usable_backward(q.dtype, D) else cd",
                           "    kd = cd")]),
     "bwd_env_ignored": ("ATTNMASK_KERNEL=0 does not turn the kernel backward off",
                         [(FUSED, "    return usable(dtype, head_dim)\n",

@@ -707,8 +707,7 @@ static int forward_job(const int64_t *a, int64_t n_items, int64_t z0, int64_t z1
             if (bf16) run_item_bf16(&P, z, it, &w);
             else run_item_f32(&P, z, it, &w);
         }
-        if (out16) round_rows(P.out, rows, D, out16 + (z / P.Y) * a[FA_O16S] + (z % P.Y) * a[FA_O16S + 1],
-                              a[FA_O16S + 2]);
+        if (out16) round_rows(P.out, rows, D, out16 + z_off(&P, z, a[FA_O16S], a[FA_O16S + 1]), a[FA_O16S + 2]);
     }
     free(mem);
     return 1;

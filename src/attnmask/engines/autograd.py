@@ -385,8 +385,9 @@ def blocksparse_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out:
         dlse_ = None if dlse is None else dlse.to(cd).nan_to_num(0.0, 0.0, 0.0).masked_fill(empty, 0.0)
         # The fused kernel picks its own thread count per call (fused.run); the clamp is for the
         # ATen path's many small ops.
-        with threads_for(work) if not _fused.usable_backward(kd, D) else contextlib.nullcontext():
-            if _fused.usable_backward(kd, D):
+        kernel = _fused.usable_backward(kd, D)
+        with contextlib.nullcontext() if kernel else threads_for(work):
+            if kernel:
                 # The fused kernel forms delta = rowsum(dO * O) - dlse itself: one pass for any dout.
                 run(o_, do_, v_, dv, dlse=dlse_, fused=True)
             elif dlse_ is None:

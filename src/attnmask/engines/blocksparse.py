@@ -44,9 +44,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import NamedTuple
 import hashlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -1127,11 +1127,10 @@ def _causal_segments(layout: BlockLayout) -> list[tuple[int, int]] | None:
 def _forward_one_layout(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
                         scale: float, out: torch.Tensor, lse: torch.Tensor) -> None:
     """q [X, Y, Lq, D], k/v [X, Y, Lk, D] (possibly stride-0 expanded) -> fills out, lse in place."""
-    jobs = _layout_jobs(q, k, v, layout, scale, out, lse)
-    for job in jobs:
-        if not isinstance(job, _KernelJob):
-            job()
-    _run_kernel_jobs([job for job in jobs if isinstance(job, _KernelJob)], scale)
+    kernel_jobs, calls = _split_jobs(_layout_jobs(q, k, v, layout, scale, out, lse))
+    for call in calls:
+        call()
+    _run_kernel_jobs(kernel_jobs, scale)
 
 
 class _KernelJob(NamedTuple):
@@ -1146,23 +1145,26 @@ class _KernelJob(NamedTuple):
     lse: torch.Tensor
 
 
+def _split_jobs(jobs: list) -> tuple[list[_KernelJob], list]:
+    """:func:`_layout_jobs`'s jobs as (kernel jobs, calls to make)."""
+    kernel = [job for job in jobs if isinstance(job, _KernelJob)]
+    return kernel, [job for job in jobs if not isinstance(job, _KernelJob)]
+
+
 def _run_kernel_jobs(jobs: list[_KernelJob], scale: float) -> None:
     """Kernel jobs with disjoint outputs as one :func:`fused.run` (its threads take them costliest first).
 
-    A bf16 output is written by the kernel itself (from a float32 scratch per batch-head); rows no
-    item writes get zeros and lse -inf."""
+    Outputs are float32 or the inputs' dtype (:func:`blocksparse_forward` upcasts fp16); a bf16
+    output is written by the kernel itself (from a float32 scratch per batch-head). Rows no item
+    writes get zeros and lse -inf."""
     calls = []
     for j in jobs:
-        out = j.out if j.out.dtype in (torch.float32, j.q.dtype) else torch.empty(j.out.shape, dtype=torch.float32)
         if not j.covered:
             j.lse.fill_(float("-inf"))
-            if out.dtype == torch.float32:
-                out.zero_()
-        calls.append((j, out, fused.forward_call(j.items, j.q, j.k, j.v, scale, out, j.lse, zero_rows=not j.covered)))
-    fused.run([[call] for _, _, call in calls])
-    for j, out, _ in calls:
-        if out is not j.out:
-            j.out.copy_(out)
+            if j.out.dtype == torch.float32:
+                j.out.zero_()
+        calls.append([fused.forward_call(j.items, j.q, j.k, j.v, scale, j.out, j.lse, zero_rows=not j.covered)])
+    fused.run(calls)
 
 
 def _layout_jobs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
@@ -1327,9 +1329,9 @@ def blocksparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     # Attended pairs x heads: exact from structure, no plan needed (dilated masks never plan the original).
     # The fused kernel picks its own thread count per call (fused.run); the clamp is for the
     # ATen path's many small ops.
-    work = 0 if fused.usable(q.dtype, D) else sum(
-        layouts[li].attended_pairs() * int((head_layout == li).sum()) for li in used)
-    with threads_for(work, _SMALL_WORK) if work else contextlib.nullcontext():
+    kernel = fused.usable(q.dtype, D)
+    work = 0 if kernel else sum(layouts[li].attended_pairs() * int((head_layout == li).sum()) for li in used)
+    with contextlib.nullcontext() if kernel else threads_for(work, _SMALL_WORK):
         return _forward_groups(q, k, v, layouts, head_layout, used, scale, out, lse)
 
 
@@ -1364,8 +1366,8 @@ def _forward_groups(q, k, v, layouts, head_layout, used, scale, out, lse):
         kv_shape = (bs.stop - bs.start, n, Lk, D)
         jobs = _layout_jobs(q[bs, h0:h1], k[bs, j:j + 1].expand(kv_shape), v[bs, j:j + 1].expand(kv_shape),
                             layouts[li], scale, out[bs, h0:h1], lse[bs, h0:h1])
-        kernel_jobs += [job for job in jobs if isinstance(job, _KernelJob)]
-        calls = [job for job in jobs if not isinstance(job, _KernelJob)]
+        kernel, calls = _split_jobs(jobs)
+        kernel_jobs += kernel
         if calls:
             tasks.append(lambda calls=calls: [call() for call in calls])
             work.append(layouts[li].attended_pairs() * (bs.stop - bs.start) * n)
